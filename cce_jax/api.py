@@ -1,0 +1,290 @@
+"""The public functional API: ``linear_cross_entropy`` and ``filter_stats``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cce_jax import checks, reference, xla_chunked
+from cce_jax.block_sizes import BlockSizes
+from cce_jax.options import LossOptions
+
+# Every implementation has this signature:
+#   fn(e (N, D), c, labels (N,), bias (V,) | None, opts, return_lse)
+#     -> per-token loss (N,) f32, or (loss, lse) when return_lse.
+TokenLossFn = Callable[..., Any]
+
+_IMPLEMENTATIONS: dict[str, TokenLossFn] = {
+    "xla": xla_chunked.xla_token_loss,
+    "reference": reference.reference_token_loss,
+}
+_PLANNED = {"pallas_gpu": "the Pallas GPU kernels", "pallas_tpu": "the Pallas TPU kernels"}
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """The implementation ``impl`` names on ``backend`` (default: JAX's default backend)."""
+  checks.check_choice("impl", impl, checks.IMPLS)
+  if impl == "auto":
+    del backend  # "xla" is the fastest implementation available on every backend today.
+    return "xla"
+  if impl in _PLANNED:
+    raise NotImplementedError(
+        f"impl={impl!r} ({_PLANNED[impl]}) is not available in this version; use impl='xla' "
+        "(every backend) or impl='auto'."
+    )
+  return impl
+
+
+def _shifted_labels(labels: jax.Array, shift: int, ignore_index: int) -> jax.Array:
+  """Position i gets labels[..., i + shift]; the last ``shift`` positions are ignored."""
+  if shift == 0:
+    return labels
+  tail = jnp.full((*labels.shape[:-1], shift), ignore_index, labels.dtype)
+  return jnp.concatenate([labels[..., shift:], tail], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl"))
+def _linear_cross_entropy(
+    e: jax.Array,
+    c: jax.Array,
+    labels: jax.Array,
+    bias: jax.Array | None,
+    *,
+    opts: LossOptions,
+    reduction: str,
+    shift: int,
+    return_lse: bool,
+    impl: str,
+):
+  batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
+  out_shape = (*batch_shape, seq_len - shift)
+  labels = _shifted_labels(labels.astype(jnp.int32), shift, opts.ignore_index)
+  counted = labels[..., : seq_len - shift] != opts.ignore_index
+  if 0 in out_shape:
+    # No token: the loss is 0 (not 0/0) and every gradient is zero.
+    loss = jnp.zeros(out_shape if reduction == "none" else (), jnp.float32)
+    return (loss, jnp.zeros(out_shape, jnp.float32)) if return_lse else loss
+
+  out = _IMPLEMENTATIONS[impl](
+      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts, return_lse
+  )
+  token_loss, lse = out if return_lse else (out, None)
+  token_loss = token_loss.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
+  if reduction == "none":
+    loss = token_loss
+  elif reduction == "sum":
+    loss = jnp.sum(token_loss)
+  else:
+    loss = jnp.sum(token_loss) / jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+  if return_lse:
+    return loss, lse.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
+  return loss
+
+
+def _prepare(e, c, labels, bias, options: dict[str, Any]) -> tuple[LossOptions, int]:
+  layout = checks.check_choice(
+      "classifier_layout", options.pop("classifier_layout"), checks.CLASSIFIER_LAYOUTS
+  )
+  num_classes, _ = checks.check_arrays(e, c, labels, bias, layout)
+  shift = checks.check_shift(options.pop("shift"), labels.shape[-1])
+  opts = checks.build_options(dtype=e.dtype, classifier_layout=layout, **options)
+  return opts, shift
+
+
+def linear_cross_entropy(
+    e: jax.Array,
+    c: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    shift: int | bool = 0,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    filter_eps: float | str | None = "auto",
+    filter_e_grad: bool = True,
+    filter_c_grad: bool = True,
+    return_lse: bool = False,
+    impl: str = "auto",
+    interpret: bool = False,
+    classifier_layout: str = "vd",
+    block_sizes: BlockSizes | None = None,
+    sort_vocab: bool = True,
+    check_labels: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""Cross-entropy of the logits ``e @ c.T`` against integer labels, without the logits.
+
+  For token ``n`` with hidden state ``e_n``, classifier rows ``c_v`` and label ``t_n``:
+
+  .. math::
+    z_{nv} = s \tanh((e_n \cdot c_v + b_v) / s), \quad L_n = \log \sum_v e^{z_{nv}},
+
+    \ell_n = L_n - (1 - a) z_{n t_n} - \frac{a}{V} \sum_v z_{nv} + k L_n^2,
+
+  with ``s = softcap`` (``z = x`` when None), ``a = label_smoothing``, ``k = z_loss``, and
+  ``loss_n = 0`` where ``t_n == ignore_index``. All reductions run in float32. The N x V logit
+  matrix is never stored: the forward streams over vocabulary blocks, the backward recomputes
+  them block by block and skips the matrix products of blocks whose softmax gradient is
+  negligible (``filter_eps``). The exact statement of loss and gradient is ``shared/MATH.md``.
+
+  With ``filter_eps=None`` this equals the masked mean of
+  ``optax.softmax_cross_entropy_with_integer_labels(e @ c.T, labels)`` up to float rounding.
+
+  Args:
+    e: hidden states, shape (..., T, D), float32, bfloat16 or float16 (float64 also works).
+    c: classifier (or tied embedding table), shape (V, D), same dtype as ``e``; shape (D, V)
+      with ``classifier_layout="dv"`` (a Flax ``Dense`` kernel), which is read in place: no
+      transposed copy is made.
+    labels: integer targets, shape (..., T) (``e.shape[:-1]``).
+    bias: optional classifier bias, shape (V,), any float dtype.
+    ignore_index: label value of tokens that carry no loss and no gradient.
+    softcap: logit soft-capping value ``s`` (Gemma 2 uses 30.0), or None.
+    reduction: ``"mean"`` over non-ignored tokens (0.0 when there are none, with zero
+      gradients), ``"sum"``, or ``"none"`` (per-token losses, 0.0 at ignored tokens).
+    shift: ``k`` (``True`` means 1): position ``i`` of ``e`` predicts ``labels[..., i + k]``
+      inside each sequence, i.e. ``e[..., :-k, :]`` against ``labels[..., k:]``, without
+      copying ``e``. Per-token outputs then have shape (..., T - k).
+    z_loss: weight ``k`` of the ``k * lse**2`` term added per non-ignored token.
+    label_smoothing: weight ``a`` of the uniform target over the V classes, in [0, 1).
+    filter_eps: the backward skips a tile whose every softmax-gradient entry is below this
+      (``shared/MATH.md`` gives the rule). ``"auto"`` is ``finfo(e.dtype).eps / 32`` (2**-12
+      for bfloat16); None is exact. The forward value never changes. See ``filter_c_grad``.
+    filter_e_grad: apply filtering to the gradient of ``e``.
+    filter_c_grad: apply filtering to the gradient of ``c``. Filtering drops many tiny
+      entries from each row of dC, which early in training (near-uniform softmax) can remove
+      most of the gradient of rare classes: set False when pretraining from scratch.
+    return_lse: also return the per-token log-sum-exp (f32, shape of the ``"none"`` output,
+      true values at ignored tokens too), which is differentiable.
+    impl: ``"auto"`` (best available: ``"xla"`` today), ``"xla"`` (chunked pure JAX, every
+      backend), ``"reference"`` (materialized f32 logits; for tests and small problems), or
+      ``"pallas_gpu"`` / ``"pallas_tpu"`` (not in this version: NotImplementedError).
+    interpret: run a Pallas implementation in interpret mode; ignored by the others.
+    classifier_layout: ``"vd"`` when ``c`` is (V, D), ``"dv"`` when it is (D, V).
+    block_sizes: tile sizes of the chunked implementation (:class:`BlockSizes`); the defaults
+      are correct for every size.
+    sort_vocab: let the backward visit classes by descending average logit so that skippable
+      tiles cluster. Never changes the result beyond rounding.
+    check_labels: raise ValueError for a label outside [0, V) that is not ``ignore_index``.
+      Without it such a token's loss is NaN (so is the mean, and so are the gradients): never
+      a plausible finite value. Under ``jax.jit`` the check runs on the device values through
+      ``jax.debug.callback`` and surfaces as a ``JaxRuntimeError`` carrying the message.
+
+  Returns:
+    The loss, float32: a scalar for ``"mean"``/``"sum"``, shape (..., T - shift) for
+    ``"none"``; with ``return_lse`` the pair ``(loss, lse)``.
+
+  Raises:
+    TypeError: an argument of the wrong type or dtype (the message names it).
+    ValueError: inconsistent shapes or an out-of-range option (the message names it).
+    NotImplementedError: an implementation this version does not ship.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, cce_jax
+    >>> e = jax.random.normal(jax.random.key(0), (2, 5, 16))   # (B, T, D)
+    >>> c = jax.random.normal(jax.random.key(1), (100, 16))    # (V, D)
+    >>> labels = jax.random.randint(jax.random.key(2), (2, 5), 0, 100)
+    >>> loss = cce_jax.linear_cross_entropy(e, c, labels, shift=1)
+    >>> loss.shape, loss.dtype
+    ((), dtype('float32'))
+  """
+  opts, shift = _prepare(
+      e,
+      c,
+      labels,
+      bias,
+      dict(
+          ignore_index=ignore_index,
+          softcap=softcap,
+          z_loss=z_loss,
+          label_smoothing=label_smoothing,
+          filter_eps=filter_eps,
+          filter_e_grad=filter_e_grad,
+          filter_c_grad=filter_c_grad,
+          sort_vocab=sort_vocab,
+          classifier_layout=classifier_layout,
+          block_sizes=block_sizes,
+          shift=shift,
+      ),
+  )
+  reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
+  return_lse = checks.check_bool("return_lse", return_lse)
+  checks.check_bool("interpret", interpret)
+  impl = resolve_impl(impl)
+  if checks.check_bool("check_labels", check_labels):
+    checks.check_label_values(
+        labels[..., shift:], c.shape[opts.vocab_axis], opts.ignore_index
+    )
+  return _linear_cross_entropy(
+      e, c, labels, bias, opts=opts, reduction=reduction, shift=shift,
+      return_lse=return_lse, impl=impl,
+  )
+
+
+def filter_stats(
+    e: jax.Array,
+    c: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    shift: int | bool = 0,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    filter_eps: float | str | None = "auto",
+    filter_e_grad: bool = True,
+    filter_c_grad: bool = True,
+    classifier_layout: str = "vd",
+    block_sizes: BlockSizes | None = None,
+    sort_vocab: bool = True,
+) -> dict[str, jax.Array]:
+  """How many backward tiles of ``linear_cross_entropy(impl="xla")`` filtering skips.
+
+  Takes the same arguments as :func:`linear_cross_entropy` (those that affect the backward's
+  tiling and its skip rule) and runs the same forward and the same per-tile predicate as its
+  backward, without the matrix products.
+
+  Returns:
+    ``{"skipped_tiles": () int32, "total_tiles": () int32, "skipped_fraction": () float32}``;
+    0 skipped when filtering is off (``filter_eps=None``, both ``filter_*_grad`` False, or
+    softcap with label smoothing).
+  """
+  opts, shift = _prepare(
+      e,
+      c,
+      labels,
+      bias,
+      dict(
+          ignore_index=ignore_index,
+          softcap=softcap,
+          z_loss=z_loss,
+          label_smoothing=label_smoothing,
+          filter_eps=filter_eps,
+          filter_e_grad=filter_e_grad,
+          filter_c_grad=filter_c_grad,
+          sort_vocab=sort_vocab,
+          classifier_layout=classifier_layout,
+          block_sizes=block_sizes,
+          shift=shift,
+      ),
+  )
+  skipped, total = _filter_tile_counts(e, c, labels, bias, opts=opts, shift=shift)
+  return {
+      "skipped_tiles": skipped,
+      "total_tiles": total,
+      "skipped_fraction": skipped.astype(jnp.float32) / total.astype(jnp.float32),
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "shift"))
+def _filter_tile_counts(e, c, labels, bias, *, opts: LossOptions, shift: int):
+  labels = _shifted_labels(labels.astype(jnp.int32), shift, opts.ignore_index)
+  return xla_chunked.filter_tile_counts(
+      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts
+  )

@@ -1,0 +1,44 @@
+"""Tile sizes of the chunked implementations.
+
+The chunked "xla" implementation walks the (token, vocabulary) plane in tiles of
+``token_block x vocab_block`` logits; only a handful of such f32 tiles are ever alive, so they
+bound the temporary memory together with the (N, D) f32 gradient accumulator of ``e``. A block
+larger than the problem is clamped to it, and sizes that are not a multiple of a block are
+handled by an overlapping, masked last block, so no block size is ever needed for correctness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes for the chunked implementations.
+
+  Attributes:
+    token_block: tokens per tile (rows of ``e``).
+    vocab_block: classes per tile (rows of ``c``).
+
+  Raises:
+    TypeError: a size that is not an int.
+    ValueError: a size that is not positive.
+  """
+
+  token_block: int = 1024
+  vocab_block: int = 2048
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"BlockSizes.{field.name} must be an int, got {type(value).__name__} ({value!r})."
+        )
+      if value <= 0:
+        raise ValueError(f"BlockSizes.{field.name} must be positive, got {value}.")
+
+  @classmethod
+  def get_default(cls) -> BlockSizes:
+    """The defaults: small enough to bound memory, large enough for efficient matmuls."""
+    return cls()

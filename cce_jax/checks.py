@@ -1,0 +1,214 @@
+"""Argument checking for the public API: every error names the argument and what was seen.
+
+All checks run at trace time on shapes, dtypes and Python values, except the optional label
+range check, which needs the label values (see :func:`check_label_values`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cce_jax import loss_math
+from cce_jax.block_sizes import BlockSizes
+from cce_jax.options import LossOptions
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+CLASSIFIER_LAYOUTS = ("vd", "dv")
+_FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _describe(x: Any) -> str:
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  if shape is None:
+    return f"{type(x).__name__} {x!r}"
+  return f"shape {tuple(shape)} and dtype {dtype}"
+
+
+def _require_array(name: str, x: Any) -> None:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.")
+
+
+def check_arrays(
+    e: Any, c: Any, labels: Any, bias: Any, classifier_layout: str
+) -> tuple[int, int]:
+  """Checks the arrays' ranks, shapes and dtypes; returns (num_classes, hidden).
+
+  Raises:
+    TypeError: a non-array, a non-float ``e``/``c``/``bias``, ``e`` and ``c`` of different
+      dtypes, or non-integer ``labels``.
+    ValueError: inconsistent shapes.
+  """
+  for name, x in (("e", e), ("c", c), ("labels", labels)):
+    _require_array(name, x)
+  if e.ndim < 2:
+    raise ValueError(f"`e` must have shape (..., T, D) with at least 2 dims, got {_describe(e)}.")
+  if c.ndim != 2:
+    dims = "(V, D)" if classifier_layout == "vd" else "(D, V)"
+    raise ValueError(f"`c` must have shape {dims}, got {_describe(c)}.")
+  if not any(e.dtype == d for d in _FLOAT_DTYPES):
+    raise TypeError(f"`e` must be float32, bfloat16, float16 or float64, got {_describe(e)}.")
+  if c.dtype != e.dtype:
+    raise TypeError(
+        f"`c` and `e` must have the same dtype, got c {c.dtype} and e {e.dtype}; cast one "
+        "explicitly (a silent cast of c would copy the whole classifier)."
+    )
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"`labels` must be an integer array, got {_describe(labels)}.")
+  hidden = e.shape[-1]
+  vocab_axis = 0 if classifier_layout == "vd" else 1
+  num_classes = c.shape[vocab_axis]
+  if c.shape[1 - vocab_axis] != hidden:
+    raise ValueError(
+        f"`c` (classifier_layout={classifier_layout!r}) must have D={hidden} (the last dim of "
+        f"e) on axis {1 - vocab_axis}, got c {_describe(c)} and e {_describe(e)}."
+        + (" Did you mean classifier_layout='dv'?" if c.shape[0] == hidden else "")
+        + (" Did you mean classifier_layout='vd'?" if c.shape[1] == hidden else "")
+    )
+  if num_classes == 0:
+    raise ValueError(f"`c` must have at least one class, got {_describe(c)}.")
+  if tuple(labels.shape) != tuple(e.shape[:-1]):
+    raise ValueError(
+        f"`labels` must have shape e.shape[:-1] = {tuple(e.shape[:-1])}, got "
+        f"{_describe(labels)} (e has {_describe(e)})."
+    )
+  if bias is not None:
+    _require_array("bias", bias)
+    if tuple(bias.shape) != (num_classes,):
+      raise ValueError(f"`bias` must have shape (V,) = ({num_classes},), got {_describe(bias)}.")
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise TypeError(f"`bias` must be a float array, got {_describe(bias)}.")
+  return num_classes, hidden
+
+
+def _check_float(name: str, value: Any, *, low: float, high: float, high_open: bool) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    raise TypeError(f"`{name}` must be a Python float, got {type(value).__name__} ({value!r}).")
+  value = float(value)
+  above = value >= high if high_open else value > high
+  if not math.isfinite(value) or value < low or above:
+    bracket = ")" if high_open else "]"
+    raise ValueError(f"`{name}` must be in [{low}, {high}{bracket}, got {value}.")
+  return value
+
+
+def check_shift(shift: Any, seq_len: int) -> int:
+  """``shift`` as an int in [0, T]; True means 1."""
+  if isinstance(shift, bool):
+    shift = int(shift)
+  if not isinstance(shift, (int, np.integer)):
+    raise TypeError(f"`shift` must be an int or bool, got {type(shift).__name__} ({shift!r}).")
+  shift = int(shift)
+  if not 0 <= shift <= seq_len:
+    raise ValueError(
+        f"`shift` must be in [0, T] with T={seq_len} (the second-last dim of e), got {shift}."
+    )
+  return shift
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+  return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} ({value!r}).")
+  return bool(value)
+
+
+def resolve_filter_eps(filter_eps: Any, dtype) -> float | None:
+  """``"auto"`` -> ``finfo(dtype).eps / 32``; None stays None (exact); else a float >= 0."""
+  if filter_eps is None:
+    return None
+  if isinstance(filter_eps, str):
+    if filter_eps != "auto":
+      raise ValueError(f'`filter_eps` must be a float, "auto" or None, got {filter_eps!r}.')
+    return loss_math.default_filter_eps(dtype)
+  return _check_float("filter_eps", filter_eps, low=0.0, high=1.0, high_open=False)
+
+
+def build_options(
+    *,
+    dtype,
+    ignore_index: Any,
+    softcap: Any,
+    z_loss: Any,
+    label_smoothing: Any,
+    filter_eps: Any,
+    filter_e_grad: Any,
+    filter_c_grad: Any,
+    sort_vocab: Any,
+    classifier_layout: str,
+    block_sizes: Any,
+) -> LossOptions:
+  """Validates the scalar options and bundles them into the static :class:`LossOptions`."""
+  if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(
+        f"`ignore_index` must be an int, got {type(ignore_index).__name__} ({ignore_index!r})."
+    )
+  if softcap is not None:
+    softcap = _check_float("softcap", softcap, low=0.0, high=math.inf, high_open=True)
+    if softcap == 0.0:
+      raise ValueError("`softcap` must be positive (or None for no softcap), got 0.0.")
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default()
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError(
+        f"`block_sizes` must be a cce_jax.BlockSizes, got {type(block_sizes).__name__}."
+    )
+  return LossOptions(
+      ignore_index=int(ignore_index),
+      softcap=softcap,
+      z_loss=_check_float("z_loss", z_loss, low=0.0, high=math.inf, high_open=True),
+      label_smoothing=_check_float(
+          "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True
+      ),
+      filter_eps=resolve_filter_eps(filter_eps, dtype),
+      filter_e_grad=check_bool("filter_e_grad", filter_e_grad),
+      filter_c_grad=check_bool("filter_c_grad", filter_c_grad),
+      sort_vocab=check_bool("sort_vocab", sort_vocab),
+      classifier_layout=classifier_layout,
+      block_sizes=block_sizes,
+  )
+
+
+def _label_error(labels: np.ndarray, num_classes: int, ignore_index: int) -> str | None:
+  bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+  if not bad.any():
+    return None
+  position = tuple(int(i) for i in np.argwhere(bad)[0])
+  return (
+      f"`labels` holds {int(bad.sum())} value(s) outside [0, V) = [0, {num_classes}) that are "
+      f"not ignore_index={ignore_index}; the first is {int(labels[position])} at index "
+      f"{position}."
+  )
+
+
+def _raise_label_error(labels: np.ndarray, num_classes: int, ignore_index: int) -> None:
+  message = _label_error(np.asarray(labels), num_classes, ignore_index)
+  if message is not None:
+    raise ValueError(message)
+
+
+def check_label_values(labels: jax.Array, num_classes: int, ignore_index: int) -> None:
+  """Raises ValueError for a label outside [0, V) that is not ``ignore_index``.
+
+  Concrete labels are checked at once. Traced labels (under ``jax.jit``) are checked when the
+  computation runs, through ``jax.debug.callback``: the ValueError then reaches the caller
+  wrapped in a ``jax.errors.JaxRuntimeError`` that carries the same message.
+  """
+  if isinstance(labels, jax.core.Tracer):
+    jax.debug.callback(
+        _raise_label_error, labels, num_classes=num_classes, ignore_index=ignore_index
+    )
+  else:
+    _raise_label_error(labels, num_classes, ignore_index)
