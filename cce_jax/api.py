@@ -89,7 +89,7 @@ def _prepare(e, c, labels, bias, options: dict[str, Any]) -> tuple[LossOptions, 
   layout = checks.check_choice(
       "classifier_layout", options.pop("classifier_layout"), checks.CLASSIFIER_LAYOUTS
   )
-  num_classes, _ = checks.check_arrays(e, c, labels, bias, layout)
+  checks.check_arrays(e, c, labels, bias, layout)
   shift = checks.check_shift(options.pop("shift"), labels.shape[-1])
   opts = checks.build_options(dtype=e.dtype, classifier_layout=layout, **options)
   return opts, shift
