@@ -1,0 +1,515 @@
+"""CPU speed benchmark of ``cce_jax.linear_cross_entropy(impl="xla")``.
+
+Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. ``e`` and
+``c``) time of:
+
+* ``baseline``: masked mean of ``optax.softmax_cross_entropy_with_integer_labels`` on the
+  materialized f32 logits ``(e @ c.T).astype(float32)``;
+* ``jax-cce``: ``jax_cce.linear_cross_entropy(e, c, labels)`` (PyPI package, its defaults);
+* ``xla``: ``cce_jax.linear_cross_entropy(e, c, labels, impl="xla")`` (default options);
+* with ``--extra``: ``xla-exact`` (``filter_eps=None``) and ``xla-nosort``
+  (``sort_vocab=False``).
+
+Each time is the median of ``--repeats`` calls after one warm-up call (compilation excluded).
+Absolute times only mean something per machine; the ratios are what matter on CPU.
+
+Full run (tens of minutes on a small CPU; needs an otherwise idle machine):
+  python benchmarks/speed.py --extra --markdown --json benchmarks/speed.json
+Smoke run:
+  python benchmarks/speed.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax_cce
+import optax
+
+import cce_jax
+from cce_jax import synthetic
+
+DEFAULT_SHAPES = "4096x1024x32768:f32,4096x1024x32768:bf16"
+QUICK_SHAPES = "1024x256x8192:f32,1024x256x8192:bf16"
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] = {
+    "uniform": synthetic.uniform_inputs,
+    "trained": synthetic.trained_like_inputs,
+}
+IGNORE_INDEX = -100
+# Goals on the loss+grad time: xla / baseline per distribution, and xla <= jax-cce everywhere.
+BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One benchmark problem size: N tokens, hidden size D, V classes, and the input dtype."""
+
+  n: int
+  d: int
+  v: int
+  dtype: str
+
+  @property
+  def label(self) -> str:
+    return f"{self.n}x{self.d}x{self.v}"
+
+
+def parse_shapes(text: str) -> list[Shape]:
+  """Parses ``"NxDxV:dtype,..."`` (dtype one of f32, bf16, f16; f32 when omitted)."""
+  shapes = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    dims, _, dtype = item.partition(":")
+    dtype = dtype or "f32"
+    if dtype not in DTYPES:
+      raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} in {item!r}: use {list(DTYPES)}")
+    try:
+      n, d, v = (int(x) for x in dims.lower().split("x"))
+    except ValueError as err:
+      raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected NxDxV[:dtype]") from err
+    if min(n, d, v) <= 0:
+      raise argparse.ArgumentTypeError(f"bad shape {item!r}: sizes must be positive")
+    shapes.append(Shape(n, d, v, dtype))
+  if not shapes:
+    raise argparse.ArgumentTypeError("no shape given")
+  return shapes
+
+
+def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+  """Masked mean of optax's cross-entropy on the materialized f32 logits."""
+  logits = (e @ c.T).astype(jnp.float32)
+  valid = labels != IGNORE_INDEX
+  per_token = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(valid, labels, 0)
+  )
+  per_token = jnp.where(valid, per_token, 0.0)
+  return jnp.sum(per_token) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+  """The jax-cce package with its default options."""
+  return jax_cce.linear_cross_entropy(e, c, labels)
+
+
+def xla_loss(**options: Any) -> LossFn:
+  """``cce_jax.linear_cross_entropy(impl="xla")`` with ``options`` over the defaults."""
+
+  def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+    return cce_jax.linear_cross_entropy(
+        e, c, labels, impl="xla", ignore_index=IGNORE_INDEX, **options
+    )
+
+  return loss
+
+
+# name -> (loss function, cce_jax options for filter_stats, or None when not a cce_jax impl).
+IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
+    "baseline": (baseline_loss, None),
+    "jax-cce": (jax_cce_loss, None),
+    "xla": (xla_loss(), {}),
+    "xla-exact": (xla_loss(filter_eps=None), {"filter_eps": None}),
+    "xla-nosort": (xla_loss(sort_vocab=False), {"sort_vocab": False}),
+}
+EXTRA_IMPLS = ("xla-exact", "xla-nosort")
+
+
+def time_fn(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, list[float], Any]:
+  """Seconds of the warm-up (compile) call, of each timed call, and the last output."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return first, times, out
+
+
+def make_inputs(shape: Shape, distribution: str, seed: int):
+  """``e``, ``c``, labels of ``shape`` drawn from ``distribution``, already on the device."""
+  key = jax.random.fold_in(jax.random.key(seed), list(DISTRIBUTIONS).index(distribution))
+  gen = DISTRIBUTIONS[distribution]
+  return jax.block_until_ready(gen(key, shape.n, shape.d, shape.v, dtype=DTYPES[shape.dtype]))
+
+
+def _error(err: Exception) -> str:
+  return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def auto_filter_eps(dtype) -> tuple[float, str | None]:
+  """cce_jax's ``filter_eps="auto"`` for ``dtype``, or its documented value and the error."""
+  try:
+    return cce_jax.default_filter_eps(dtype), None
+  except Exception as err:  # reported, not hidden
+    return float(jnp.finfo(dtype).eps) / 32.0, _error(err)
+
+
+def describe_inputs(e, c, labels, summary_tokens: int) -> dict[str, Any]:
+  """``softmax_summary`` on the first ``summary_tokens`` tokens, at 2**-12 and at the auto eps."""
+  k = min(summary_tokens, e.shape[0])
+  auto_eps, auto_eps_error = auto_filter_eps(e.dtype)
+  summary = synthetic.softmax_summary(e[:k], c, labels[:k])
+  summary["fraction_below_auto_eps"] = synthetic.softmax_summary(
+      e[:k], c, labels[:k], eps=auto_eps
+  )["fraction_below_eps"]
+  summary.update(tokens=k, eps=2.0**-12, auto_eps=auto_eps)
+  if auto_eps_error:
+    summary["auto_eps_error"] = auto_eps_error
+  return summary
+
+
+def skipped_fraction(e, c, labels, options: dict[str, Any]) -> float | str:
+  """Fraction of backward tiles ``impl="xla"`` with ``options`` skips, or the error message."""
+  try:
+    stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, **options)
+    return float(stats["skipped_fraction"])
+  except Exception as err:  # reported in the output and the JSON
+    return _error(err)
+
+
+def _fmt_skip(value: float | str) -> str:
+  return f"{value:.4f}" if isinstance(value, float) else f"error ({value})"
+
+
+def time_impl(name: str, e, c, labels, repeats: int) -> dict[str, Any]:
+  """Loss and loss+grad timings of one impl; ``{"error": ...}`` when it raises."""
+  fn = IMPLS[name][0]
+  loss_jit = jax.jit(fn)
+  grad_jit = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+  try:
+    loss_first, loss_times, loss_value = time_fn(loss_jit, (e, c, labels), repeats)
+    grad_first, grad_times, (grad_value, _) = time_fn(grad_jit, (e, c, labels), repeats)
+  except Exception as err:  # reported in the table and the JSON
+    return {"error": _error(err)}
+  return {
+      "loss_ms": 1e3 * statistics.median(loss_times),
+      "loss_grad_ms": 1e3 * statistics.median(grad_times),
+      "loss_min_ms": 1e3 * min(loss_times),
+      "loss_grad_min_ms": 1e3 * min(grad_times),
+      "loss_times_ms": [1e3 * t for t in loss_times],
+      "loss_grad_times_ms": [1e3 * t for t in grad_times],
+      "loss_first_call_s": loss_first,
+      "loss_grad_first_call_s": grad_first,
+      "loss_value": float(loss_value),
+      "loss_value_from_grad": float(grad_value),
+  }
+
+
+def run_case(
+    shape: Shape, distribution: str, impls: list[str], args: argparse.Namespace
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Benchmarks every impl of ``impls`` on one (shape, distribution); returns info and rows."""
+  e, c, labels = make_inputs(shape, distribution, args.seed)
+  print(f"\n== {shape.label} {shape.dtype} {distribution} ==", flush=True)
+  summary = describe_inputs(e, c, labels, args.summary_tokens)
+  print(
+      f"  softmax summary (first {summary['tokens']} tokens): "
+      f"mean entropy {summary['mean_entropy_nats']:.3f} nats, "
+      f"median target prob {summary['median_target_prob']:.3f}, "
+      f"below 2**-12 {summary['fraction_below_eps']:.4f}, "
+      f"below auto filter_eps {summary['auto_eps']:.3g} {summary['fraction_below_auto_eps']:.4f}"
+  )
+  if "auto_eps_error" in summary:
+    print(
+        f"  WARNING: cce_jax.default_filter_eps({shape.dtype}) raised "
+        f"{summary['auto_eps_error']}; used finfo.eps/32 for the summary"
+    )
+
+  # Skipped fraction per cce_jax option set (sorted items), computed once per case.
+  skips: dict[tuple, float | str] = {}
+
+  def skip_for(options: dict[str, Any]) -> float | str:
+    key = tuple(sorted(options.items()))
+    if key not in skips:
+      skips[key] = skipped_fraction(e, c, labels, options)
+    return skips[key]
+
+  skip_sorted = skip_for({})
+  skip_unsorted = skip_for({"sort_vocab": False})
+  print(
+      f"  xla skipped backward tiles: {_fmt_skip(skip_sorted)} with vocab sort, "
+      f"{_fmt_skip(skip_unsorted)} without (sort_vocab=False)"
+  )
+  info = {
+      "shape": shape.label,
+      "dtype": shape.dtype,
+      "distribution": distribution,
+      "softmax_summary": summary,
+      "xla_skipped_fraction": skip_sorted,
+      "xla_skipped_fraction_nosort": skip_unsorted,
+  }
+
+  rows = []
+  for name in impls:
+    options = IMPLS[name][1]
+    row = {
+        "shape": shape.label,
+        "dtype": shape.dtype,
+        "distribution": distribution,
+        "impl": name,
+        **time_impl(name, e, c, labels, args.repeats),
+    }
+    skip = None if options is None else skip_for(options)
+    row["skipped_fraction"] = skip if isinstance(skip, float) else None
+    rows.append(row)
+    if "error" in row:
+      print(f"  {name:<11} ERROR {row['error']}", flush=True)
+      continue
+    print(
+        f"  {name:<11} loss {row['loss_ms']:9.2f} ms   loss+grad {row['loss_grad_ms']:9.2f} ms"
+        f"   (first calls {row['loss_first_call_s']:.2f} s / {row['loss_grad_first_call_s']:.2f} s)"
+        f"   loss = {row['loss_value']:.6f}",
+        flush=True,
+    )
+
+  ok = {row["impl"]: row for row in rows if "error" not in row}
+  base, ref = ok.get("baseline"), ok.get("jax-cce")
+  for row in rows:
+    timed = "error" not in row
+    row["ratio_vs_baseline"] = (
+        row["loss_grad_ms"] / base["loss_grad_ms"] if base and timed else None
+    )
+    is_xla = row["impl"].startswith("xla")
+    row["ratio_vs_jax_cce"] = (
+        row["loss_grad_ms"] / ref["loss_grad_ms"] if ref and timed and is_xla else None
+    )
+  if base:
+    diffs = {name: abs(r["loss_value"] - base["loss_value"]) for name, r in ok.items()}
+    info["loss_abs_diff_vs_baseline"] = diffs
+    print(
+        "  |loss - baseline loss|: "
+        + ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items())
+    )
+  return info, rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+TABLE_HEADER = (
+    "shape",
+    "dtype",
+    "distribution",
+    "impl",
+    "loss ms",
+    "loss+grad ms",
+    "l+g / baseline",
+    "xla / jax-cce",
+    "skipped",
+)
+
+
+def table_cells(row: dict[str, Any]) -> list[str]:
+  """The printed cells of one result row."""
+  return [
+      row["shape"],
+      row["dtype"],
+      row["distribution"],
+      row["impl"],
+      _fmt(row.get("loss_ms"), ".2f") if "error" not in row else "error",
+      _fmt(row.get("loss_grad_ms"), ".2f") if "error" not in row else "error",
+      _fmt(row["ratio_vs_baseline"], ".3f"),
+      _fmt(row["ratio_vs_jax_cce"], ".3f"),
+      _fmt(row["skipped_fraction"], ".4f"),
+  ]
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool) -> str:
+  """The result table, aligned plain text or Markdown."""
+  cells = [table_cells(row) for row in rows]
+  numeric = [False] * 4 + [True] * 5
+  if markdown:
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |"]
+    lines.append("|" + "|".join("---:" if num else "---" for num in numeric) + "|")
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join(lines)
+  widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(TABLE_HEADER)]
+
+  def join(items: list[str] | tuple[str, ...]) -> str:
+    return "  ".join(
+        item.rjust(w) if num else item.ljust(w)
+        for item, w, num in zip(items, widths, numeric, strict=True)
+    )
+
+  lines = [join(TABLE_HEADER), join(["-" * w for w in widths])]
+  lines += [join(line) for line in cells]
+  return "\n".join(lines)
+
+
+def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """PASS/FAIL of each goal on each (shape, dtype, distribution) that has the needed impls."""
+  cases: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+  for row in rows:
+    cases.setdefault((row["shape"], row["dtype"], row["distribution"]), {})[row["impl"]] = row
+  goals = []
+  for (shape, dtype, dist), by_impl in cases.items():
+    xla = by_impl.get("xla")
+    if xla is None:
+      continue
+    where = f"{shape} {dtype} {dist}"
+    if "baseline" in by_impl and dist in BASELINE_GOALS:
+      limit = BASELINE_GOALS[dist]
+      ratio = xla["ratio_vs_baseline"]
+      goals.append({
+          "goal": f"loss+grad xla/baseline <= {limit} ({where})",
+          "value": ratio,
+          "passed": ratio is not None and ratio <= limit,
+      })
+    if "jax-cce" in by_impl:
+      ratio = xla["ratio_vs_jax_cce"]
+      goals.append({
+          "goal": f"loss+grad xla/jax-cce <= 1.0 ({where})",
+          "value": ratio,
+          "passed": ratio is not None and ratio <= 1.0,
+      })
+  return goals
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers were measured on."""
+  device = jax.devices()[0]
+  return {
+      "jax_version": jax.__version__,
+      "jaxlib_version": _package_version("jaxlib"),
+      "jax_cce_version": _package_version("jax-cce"),
+      "optax_version": _package_version("optax"),
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+  }
+
+
+def _package_version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+      "--shapes",
+      type=parse_shapes,
+      default=None,
+      help=f"comma-separated NxDxV:dtype list, dtype in {list(DTYPES)} (default: {DEFAULT_SHAPES})",
+  )
+  parser.add_argument(
+      "--quick", action="store_true", help=f"smoke run on small shapes ({QUICK_SHAPES})"
+  )
+  parser.add_argument(
+      "--distributions",
+      default=",".join(DISTRIBUTIONS),
+      help=f"comma-separated input distributions (default: {','.join(DISTRIBUTIONS)})",
+  )
+  parser.add_argument(
+      "--extra", action="store_true", help="also time xla-exact and xla-nosort"
+  )
+  parser.add_argument(
+      "--repeats", type=int, default=5, help="timed calls per measurement (default: 5)"
+  )
+  parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
+  parser.add_argument(
+      "--summary-tokens",
+      type=int,
+      default=512,
+      help="tokens used by the softmax summary of the inputs (default: 512)",
+  )
+  parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+  parser.add_argument(
+      "--markdown", action="store_true", help="print the final table as a Markdown table"
+  )
+  args = parser.parse_args(argv)
+  if args.quick and args.shapes is not None:
+    parser.error("--quick and --shapes are exclusive")
+  if args.shapes is None:
+    args.shapes = parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+  args.distributions = [d.strip() for d in args.distributions.split(",") if d.strip()]
+  for dist in args.distributions:
+    if dist not in DISTRIBUTIONS:
+      parser.error(f"unknown distribution {dist!r}: use {list(DISTRIBUTIONS)}")
+  if args.repeats < 1:
+    parser.error("--repeats must be >= 1")
+  if args.summary_tokens < 1:
+    parser.error("--summary-tokens must be >= 1")
+  return args
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  env = environment()
+  print(
+      f"jax {env['jax_version']} (jaxlib {env['jaxlib_version']}), backend {env['backend']}, "
+      f"device {env['device_kind']} x{env['device_count']}, "
+      f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
+  )
+  print("Absolute times are only meaningful on this machine; the ratios are what matter.")
+  impls = ["baseline", "jax-cce", "xla"] + (list(EXTRA_IMPLS) if args.extra else [])
+  print(
+      f"impls: {', '.join(impls)}; shapes: "
+      f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "
+      f"distributions: {', '.join(args.distributions)}; median of {args.repeats} after 1 warm-up"
+  )
+
+  cases, rows = [], []
+  for shape in args.shapes:
+    for dist in args.distributions:
+      info, case_rows = run_case(shape, dist, impls, args)
+      cases.append(info)
+      rows += case_rows
+
+  goals = check_goals(rows)
+  print()
+  print(format_table(rows, args.markdown))
+  print()
+  for goal in goals:
+    value = "not measured (an impl raised)" if goal["value"] is None else f"{goal['value']:.3f}"
+    print(f"{'PASS' if goal['passed'] else 'FAIL'}  {goal['goal']}: {value}")
+  if goals:
+    passed = sum(goal["passed"] for goal in goals)
+    print(f"{passed}/{len(goals)} goals passed")
+
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(
+          {
+              "environment": env,
+              "argv": sys.argv[1:] if argv is None else argv,
+              "repeats": args.repeats,
+              "seed": args.seed,
+              "cases": cases,
+              "rows": rows,
+              "goals": goals,
+          },
+          f,
+          indent=2,
+      )
+    print(f"wrote {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
