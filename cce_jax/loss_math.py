@@ -12,14 +12,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cce_jax.options import LossOptions
 
 
 def default_filter_eps(dtype) -> float:
   """``finfo(dtype).eps / 32``: 2**-12 for bfloat16, 2**-15 for float16, 2**-28 for float32."""
-  return float(np.finfo(dtype).eps) / 32.0
+  return float(jnp.finfo(dtype).eps) / 32.0
 
 
 def apply_softcap(x: jax.Array, softcap: float | None) -> jax.Array:

@@ -1,0 +1,37 @@
+"""Shared test configuration: the --runslow switch and numeric helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip_slow)
+
+
+def relative_error(actual, expected) -> float:
+  """||actual - expected|| / ||expected|| in float64 (absolute when expected is 0)."""
+  actual = np.asarray(actual, dtype=np.float64)
+  expected = np.asarray(expected, dtype=np.float64)
+  scale = np.linalg.norm(expected)
+  diff = np.linalg.norm(actual - expected)
+  return float(diff / scale) if scale > 0 else float(diff)
+
+
+def assert_rel_close(name: str, actual, expected, tol: float) -> None:
+  """Asserts a finite ``actual`` within ``tol`` relative (norm) error of ``expected``."""
+  actual = np.asarray(actual, dtype=np.float64)
+  assert actual.shape == np.shape(expected), f"{name}: shape {actual.shape} != {np.shape(expected)}"
+  assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
+  err = relative_error(actual, expected)
+  assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"

@@ -1,0 +1,78 @@
+"""An independent float64 reference for the tests, written from ../shared/MATH.md.
+
+It shares no code with cce_jax: the logits are materialized in float64 and the gradients come
+from JAX's autodiff of this direct transcription of the loss, under ``jax.enable_x64``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _f64(x):
+  return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def loss_and_lse(e, c, labels, bias, *, ignore_index, softcap, reduction, shift, z_loss,
+                 label_smoothing, classifier_layout):
+  """The reduced loss and the per-token lse, float64 (call under jax.enable_x64)."""
+  classifier = c if classifier_layout == "vd" else c.T  # (V, D)
+  seq_len = e.shape[-2]
+  if shift:
+    e = e[..., : seq_len - shift, :]
+    labels = labels[..., shift:]
+  x = jnp.einsum("...d,vd->...v", e, classifier)
+  if bias is not None:
+    x = x + bias
+  z = softcap * jnp.tanh(x / softcap) if softcap is not None else x
+  lse = jax.scipy.special.logsumexp(z, axis=-1)
+  num_classes = classifier.shape[0]
+  target = jnp.take_along_axis(z, jnp.clip(labels, 0, num_classes - 1)[..., None], axis=-1)
+  per_token = (
+      lse
+      - (1.0 - label_smoothing) * target[..., 0]
+      - label_smoothing * jnp.mean(z, axis=-1)
+      + z_loss * lse**2
+  )
+  kept = labels != ignore_index
+  per_token = jnp.where(kept, per_token, 0.0)
+  if reduction == "none":
+    return per_token, lse
+  total = jnp.sum(per_token)
+  if reduction == "sum":
+    return total, lse
+  count = jnp.sum(kept)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0), lse
+
+
+def objective(loss, lse, loss_weights, lse_weights):
+  """A scalar whose gradient exercises every output: weighted "none" losses and lse."""
+  value = jnp.sum(loss * loss_weights) if loss_weights is not None else loss
+  if lse_weights is not None:
+    value = value + jnp.sum(lse * lse_weights)
+  return value
+
+
+def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, **options):
+  """Loss, lse and gradients of ``objective`` w.r.t. (e, c, bias), as float64 numpy arrays."""
+  with jax.enable_x64(True):
+    args = (jnp.asarray(_f64(e)), jnp.asarray(_f64(c)),
+            None if bias is None else jnp.asarray(_f64(bias)))
+    labels = jnp.asarray(np.asarray(labels))
+    lw = None if loss_weights is None else jnp.asarray(_f64(loss_weights))
+    hw = None if lse_weights is None else jnp.asarray(_f64(lse_weights))
+
+    def scalar(e, c, bias):
+      loss, lse = loss_and_lse(e, c, labels, bias, **options)
+      return objective(loss, lse, lw, hw), (loss, lse)
+
+    (_, (loss, lse)), grads = jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True)(*args)
+    return {
+        "loss": np.asarray(loss),
+        "lse": np.asarray(lse),
+        "d_e": np.asarray(grads[0]),
+        "d_c": np.asarray(grads[1]),
+        "d_bias": None if bias is None else np.asarray(grads[2]),
+    }
