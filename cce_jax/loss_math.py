@@ -69,18 +69,17 @@ class TokenCoefficients(NamedTuple):
   """Per-token factors of ``dz_nv = alpha_n p_nv - beta_n [v == t_n] - gamma_n``, each (N,) f32.
 
   ``alpha_n = g_n (1 + 2 k L_n) + h_n``, ``beta_n = g_n (1 - a)``, ``gamma_n = g_n a / V``, with
-  ``g_n = 0`` at ignored tokens and ``kappa_n = 1 + 2 k L_n = NaN`` at out-of-range labels, so
-  that a bad label poisons the gradient as it poisons the loss. ``kappa`` and ``g`` are kept for
-  the filter predicate, which MATH.md states without the cotangent; ``h`` is None when the
-  caller has no lse cotangent.
+  ``g_n = 0`` at ignored tokens and ``alpha_n = NaN`` at out-of-range labels, so that a bad label
+  poisons the gradient as it poisons the loss. ``g`` is the loss cotangent with ignored tokens
+  zeroed; ``scale_n = |g_n| + |h_n|`` sizes the row's filter threshold (see
+  :func:`tile_is_negligible`).
   """
 
   g: jax.Array
-  kappa: jax.Array
   alpha: jax.Array
   beta: jax.Array
   gamma: jax.Array
-  h: jax.Array | None
+  scale: jax.Array
 
 
 def token_coefficients(
@@ -96,10 +95,13 @@ def token_coefficients(
   ignored = labels == opts.ignore_index
   out_of_range = ~ignored & ((labels < 0) | (labels >= num_classes))
   g = jnp.where(ignored, 0.0, g)
-  kappa = jnp.where(out_of_range, jnp.nan, 1.0 + 2.0 * k * lse)
-  alpha = g * kappa if h is None else g * kappa + h
+  alpha = g * jnp.where(out_of_range, jnp.nan, 1.0 + 2.0 * k * lse)
+  scale = jnp.abs(g)
+  if h is not None:
+    alpha = alpha + h
+    scale = scale + jnp.abs(h)
   return TokenCoefficients(
-      g=g, kappa=kappa, alpha=alpha, beta=g * (1.0 - a), gamma=g * (a / num_classes), h=h
+      g=g, alpha=alpha, beta=g * (1.0 - a), gamma=g * (a / num_classes), scale=scale
   )
 
 
@@ -107,45 +109,38 @@ def softmax_grad_tile(
     z: jax.Array,  # (n, v) f32 soft-capped logits
     lse: jax.Array,  # (n,) f32
     is_target: jax.Array,  # (n, v) bool
-    alpha: jax.Array,  # (n,)
-    beta: jax.Array,  # (n,)
-    gamma: jax.Array,  # (n,)
+    coeffs: TokenCoefficients,  # of the n tokens
+    valid: jax.Array | None,  # (n, v) bool: entries that belong to this tile; None for all
     opts: LossOptions,
     uniform_in_tile: bool,
 ) -> tuple[jax.Array, jax.Array]:
-  """The gradient of the loss w.r.t. the raw logits ``x`` of one tile, and the softmax ``p``.
+  """The gradient of the loss w.r.t. the capped logits ``z`` and the raw logits ``x`` of a tile.
 
-  Returns ``(dx, p)``, both (n, v) f32. The uniform label-smoothing term ``-gamma_n`` is included
-  only when ``uniform_in_tile`` (i.e. with softcap); otherwise the caller adds it exactly
-  outside the tiles, so that filtering can never drop it.
+  Returns ``(dz, dx)``, both (n, v) f32 and zero outside ``valid``. The uniform label-smoothing
+  term ``-gamma_n`` is included only when ``uniform_in_tile`` (i.e. with softcap); otherwise
+  the caller adds it exactly outside the tiles, so that filtering can never drop it.
   """
   p = jnp.exp(z - lse[:, None])
-  dz = alpha[:, None] * p - jnp.where(is_target, beta[:, None], 0.0)
+  dz = coeffs.alpha[:, None] * p - jnp.where(is_target, coeffs.beta[:, None], 0.0)
   if uniform_in_tile:
-    dz = dz - gamma[:, None]
-  return dz * softcap_derivative(z, opts.softcap), p
+    dz = dz - coeffs.gamma[:, None]
+  if valid is not None:
+    dz = jnp.where(valid, dz, 0.0)
+  return dz, dz * softcap_derivative(z, opts.softcap)
 
 
-def filter_residual(
-    p: jax.Array,  # (n, v) f32 softmax
-    is_target: jax.Array,  # (n, v) bool
-    kappa: jax.Array,  # (n,)
-    g: jax.Array,  # (n,)
-    h: jax.Array | None,  # (n,)
-    valid: jax.Array,  # (n, v) bool, entries that belong to this tile
-    opts: LossOptions,
+def tile_is_negligible(
+    dz: jax.Array,  # (n, v) f32, from softmax_grad_tile
+    scale: jax.Array,  # (n,) f32, TokenCoefficients.scale
+    filter_eps: float,
 ) -> jax.Array:
-  """The largest entry that filtering would drop: a tile is skippable iff this is < filter_eps.
+  """Whether the tile may be skipped: MATH.md's rule, read off the gradient itself.
 
-  MATH.md's predicate ``|(1 + 2 k L_n) p_nv - (1 - a)[v == t_n]|`` on rows with a loss
-  cotangent, and ``p_nv`` on rows with an lse cotangent. Rows with neither contribute exactly
-  zero and never keep a tile alive; NaN (a bad label) always does.
+  MATH.md skips a tile when every ``|(1 + 2 k L_n) p_nv - (1 - a)[v == t_n]|`` is below eps.
+  ``dz_nv`` is ``g_n`` times that quantity (plus ``h_n p_nv`` with an lse cotangent), so the
+  test is ``|dz_nv| < eps (|g_n| + |h_n|)``: every dropped entry is below eps times its row's
+  cotangent. Rows with no cotangent are exactly zero and never keep a tile alive; NaN (a bad
+  label) always does. Returns a () bool.
   """
-  one_minus_a = 1.0 - opts.label_smoothing
-  residual = jnp.abs(kappa[:, None] * p - jnp.where(is_target, one_minus_a, 0.0))
-  active = (g != 0.0) | jnp.isnan(kappa)  # (n,)
-  residual = jnp.where(valid & active[:, None], residual, 0.0)
-  if h is not None:
-    residual = jnp.maximum(residual, jnp.where(valid & (h != 0.0)[:, None], p, 0.0))
-  # jnp.max propagates NaN, and NaN < eps is False: a poisoned tile is never skipped.
-  return jnp.max(residual)
+  row_max = jnp.max(jnp.abs(dz), axis=1)  # (n,)
+  return jnp.all((row_max < filter_eps * scale) | (row_max == 0.0))

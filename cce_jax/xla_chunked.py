@@ -50,9 +50,26 @@ def _block_start(i: jax.Array, tiling: _Tiling) -> jax.Array:
   return jnp.minimum(i * tiling.block, tiling.size - tiling.block)
 
 
-def _fresh(i: jax.Array, start: jax.Array, tiling: _Tiling) -> jax.Array:
-  """(block,) bool: the entries of block ``i`` that no earlier block covered."""
+def _fresh(i: jax.Array, start: jax.Array, tiling: _Tiling) -> jax.Array | None:
+  """(block,) bool: the entries of block ``i`` that no earlier block covered.
+
+  None when the axis is a whole number of blocks: then every entry is fresh, and the callers
+  skip the masking altogether.
+  """
+  if tiling.size % tiling.block == 0:
+    return None
   return start + jnp.arange(tiling.block) >= i * tiling.block
+
+
+def _outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
+  """The (n, v) mask of two optional 1-D masks; None when both are None (all True)."""
+  if rows is None and cols is None:
+    return None
+  if rows is None:
+    return jnp.broadcast_to(cols[None, :], (1, cols.shape[0]))
+  if cols is None:
+    return rows[:, None]
+  return rows[:, None] & cols[None, :]
 
 
 def _slice(x: jax.Array, start: jax.Array, size: int, axis: int = 0) -> jax.Array:
@@ -129,7 +146,11 @@ def forward(
     e_blk = _slice(e, t0, tok.block)  # (n, D)
     labels_blk = _slice(labels, t0, tok.block)  # (n,)
     # Rows that feed the class score: new in this block and not ignored.
-    score_rows = (_fresh(i, t0, tok) & (labels_blk != opts.ignore_index)).astype(jnp.float32)
+    score_rows = labels_blk != opts.ignore_index
+    fresh_t = _fresh(i, t0, tok)
+    if fresh_t is not None:
+      score_rows = score_rows & fresh_t
+    score_rows = score_rows.astype(jnp.float32)
 
     def vocab_step(j, inner):
       running_max, running_sum, logit_sum, score_V = inner
@@ -137,16 +158,19 @@ def forward(
       c_blk = _slice(c, v0, voc.block, opts.vocab_axis)
       bias_blk = None if bias is None else _slice(bias, v0, voc.block)
       z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
-      fresh_v = _fresh(j, v0, voc)  # (v,)
-      z_live = jnp.where(fresh_v[None, :], z, -jnp.inf)
+      fresh_v = _fresh(j, v0, voc)  # (v,) or None
+      z_live = z if fresh_v is None else jnp.where(fresh_v[None, :], z, -jnp.inf)
       new_max = jnp.maximum(running_max, jnp.max(z_live, axis=1))
       running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
           jnp.exp(z_live - new_max[:, None]), axis=1
       )
       if want_logit_sum:
-        logit_sum = logit_sum + jnp.sum(jnp.where(fresh_v[None, :], z, 0.0), axis=1)
+        z_sum = z if fresh_v is None else jnp.where(fresh_v[None, :], z, 0.0)
+        logit_sum = logit_sum + jnp.sum(z_sum, axis=1)
       if want_score:
-        column_sum = jnp.where(fresh_v, score_rows @ z, 0.0)  # (v,)
+        column_sum = score_rows @ z  # (v,)
+        if fresh_v is not None:
+          column_sum = jnp.where(fresh_v, column_sum, 0.0)
         score_V = _update(score_V, _slice(score_V, v0, voc.block) + column_sum, v0)
       return new_max, running_sum, logit_sum, score_V
 
@@ -178,13 +202,6 @@ def forward(
   else:
     order = jnp.arange(num_classes, dtype=jnp.int32)
   return loss_N, lse_N, order
-
-
-def _skip_unless(skip: jax.Array | None, add: callable, acc: jax.Array) -> jax.Array:
-  """``add(acc)``, or ``acc`` untouched when ``skip`` (a real branch: the work is not done)."""
-  if skip is None:
-    return add(acc)
-  return lax.cond(skip, lambda a: a, add, acc)
 
 
 def _product_dtype(dtype) -> jnp.dtype:
@@ -253,34 +270,39 @@ def backward(
       labels_blk = _slice(labels, t0, tok.block)
       lse_blk = _slice(lse, t0, tok.block)
       co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
-      valid = _fresh(i, t0, tok)[:, None] & fresh_v[None, :]  # (n, v)
+      valid = _outer_and(_fresh(i, t0, tok), fresh_v)  # (n, v) or None
       z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
       is_target = labels_blk[:, None] == class_ids[None, :]
-      dx, p = loss_math.softmax_grad_tile(
-          z, lse_blk, is_target, co.alpha, co.beta, co.gamma, opts, uniform_in_tile
+      dz, dx = loss_math.softmax_grad_tile(
+          z, lse_blk, is_target, co, valid, opts, uniform_in_tile
       )
-      dx = jnp.where(valid, dx, 0.0)
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk + jnp.sum(dx, axis=0)  # cheap, so never skipped
       skip = None
       if may_skip:
-        residual = loss_math.filter_residual(p, is_target, co.kappa, co.g, co.h, valid, opts)
-        skip = residual < opts.filter_eps
+        skip = loss_math.tile_is_negligible(dz, co.scale, opts.filter_eps)
         skipped = skipped + skip.astype(jnp.int32)
       if with_products:
         dx_product = dx.astype(product_dtype)
-        rows = _slice(d_e_acc, t0, tok.block)
-        rows = _skip_unless(
-            skip if opts.filter_e_grad else None,
-            lambda acc: acc + _grad_e(dx_product, c_blk_product, axis),
-            rows,
-        )
-        d_e_acc = _update(d_e_acc, rows, t0)
-        d_c_blk = _skip_unless(
-            skip if opts.filter_c_grad else None,
-            lambda acc: acc + _grad_c(dx_product, e_blk.astype(product_dtype), axis),
-            d_c_blk,
-        )
+
+        def add_products(state, filtered: bool):
+          # Adds the products whose filtering flag equals ``filtered``.
+          rows, c_acc = state
+          if opts.filter_e_grad == filtered:
+            rows = rows + _grad_e(dx_product, c_blk_product, axis)
+          if opts.filter_c_grad == filtered:
+            c_acc = c_acc + _grad_c(dx_product, e_blk.astype(product_dtype), axis)
+          return rows, c_acc
+
+        state = (_slice(d_e_acc, t0, tok.block), d_c_blk)
+        if skip is None:
+          state = add_products(add_products(state, True), False)
+        else:
+          state = add_products(state, False)
+          # One real branch for the filtered products: skipped tiles do no matmul.
+          state = lax.cond(skip, lambda st: st, lambda st: add_products(st, True), state)
+        d_e_acc = _update(d_e_acc, state[0], t0)
+        d_c_blk = state[1]
       return d_e_acc, d_c_blk, d_bias_blk, skipped
 
     init = (
@@ -295,7 +317,7 @@ def backward(
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk - (a / num_classes) * g_sum
     # Classes an earlier block already wrote get an out-of-range index and are dropped.
-    write_ids = jnp.where(fresh_v, class_ids, num_classes)
+    write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
     d_c_blk = d_c_blk.astype(d_c.dtype)
     if axis == 0:
       d_c = d_c.at[write_ids].set(d_c_blk, mode="drop")
