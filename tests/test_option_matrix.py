@@ -52,22 +52,19 @@ def pairwise_cases(space: dict[str, tuple]) -> list[dict]:
       for a in range(len(space[names[i]]))
       for b in range(len(space[names[j]]))
   }
+  def newly_covered(chosen: dict[int, int], k: int, value: int) -> int:
+    pairs = ((min(k, m), value if k < m else v, max(k, m), v if k < m else value)
+             for m, v in chosen.items())
+    return sum(pair in uncovered for pair in pairs)
+
   cases = []
   while uncovered:
     i, a, j, b = min(uncovered)
     chosen = {i: a, j: b}
     for k in range(len(names)):
-      if k in chosen:
-        continue
-
-      def gain(value, k=k):
-        return sum(
-            ((min(k, m), value if k < m else chosen[m], max(k, m), chosen[m] if k < m else value)
-             in uncovered)
-            for m in chosen
-        )
-
-      chosen[k] = max(range(len(space[names[k]])), key=gain)
+      if k not in chosen:
+        options = range(len(space[names[k]]))
+        chosen[k] = max(options, key=lambda value, k=k: newly_covered(chosen, k, value))
     uncovered -= {
         (p, chosen[p], q, chosen[q]) for p, q in itertools.combinations(range(len(names)), 2)
     }
