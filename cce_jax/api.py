@@ -33,17 +33,24 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     return "xla"
   if impl in _PLANNED:
     raise NotImplementedError(
-        f"impl={impl!r} ({_PLANNED[impl]}) is not available in this version; use impl='xla' "
-        "(every backend) or impl='auto'."
+        f"`impl`={impl!r} ({_PLANNED[impl]}) is not available in this version; use "
+        "impl='xla' (every backend) or impl='auto'."
     )
   return impl
 
 
-def _shifted_labels(labels: jax.Array, shift: int, ignore_index: int) -> jax.Array:
-  """Position i gets labels[..., i + shift]; the last ``shift`` positions are ignored."""
+def _target_labels(labels: jax.Array, shift: int, num_classes: int, ignore_index: int):
+  """int32 labels where position i holds labels[..., i + shift] (the last ``shift`` ignored).
+
+  64-bit labels beyond int32 become ``num_classes`` (out of range, so NaN), not a wrapped value.
+  """
+  if jnp.dtype(labels.dtype).itemsize > 4:
+    beyond = (labels < checks.INT32_MIN) | (labels > checks.INT32_MAX)
+    labels = jnp.where(beyond, num_classes, labels)
+  labels = labels.astype(jnp.int32)
   if shift == 0:
     return labels
-  tail = jnp.full((*labels.shape[:-1], shift), ignore_index, labels.dtype)
+  tail = jnp.full((*labels.shape[:-1], shift), ignore_index, jnp.int32)
   return jnp.concatenate([labels[..., shift:], tail], axis=-1)
 
 
@@ -62,7 +69,7 @@ def _linear_cross_entropy(
 ):
   batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
   out_shape = (*batch_shape, seq_len - shift)
-  labels = _shifted_labels(labels.astype(jnp.int32), shift, opts.ignore_index)
+  labels = _target_labels(labels, shift, c.shape[opts.vocab_axis], opts.ignore_index)
   counted = labels[..., : seq_len - shift] != opts.ignore_index
   if 0 in out_shape:
     # No token: the loss is 0 (not 0/0) and every gradient is zero.
@@ -216,10 +223,10 @@ def linear_cross_entropy(
   return_lse = checks.check_bool("return_lse", return_lse)
   checks.check_bool("interpret", interpret)
   impl = resolve_impl(impl)
+  num_classes = c.shape[opts.vocab_axis]
   if checks.check_bool("check_labels", check_labels):
-    checks.check_label_values(
-        labels[..., shift:], c.shape[opts.vocab_axis], opts.ignore_index
-    )
+    checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
+  labels = checks.labels_as_int32(labels, num_classes)
   return _linear_cross_entropy(
       e, c, labels, bias, opts=opts, reduction=reduction, shift=shift,
       return_lse=return_lse, impl=impl,
@@ -274,6 +281,7 @@ def filter_stats(
           shift=shift,
       ),
   )
+  labels = checks.labels_as_int32(labels, c.shape[opts.vocab_axis])
   skipped, total = _filter_tile_counts(e, c, labels, bias, opts=opts, shift=shift)
   return {
       "skipped_tiles": skipped,
@@ -284,7 +292,7 @@ def filter_stats(
 
 @functools.partial(jax.jit, static_argnames=("opts", "shift"))
 def _filter_tile_counts(e, c, labels, bias, *, opts: LossOptions, shift: int):
-  labels = _shifted_labels(labels.astype(jnp.int32), shift, opts.ignore_index)
+  labels = _target_labels(labels, shift, c.shape[opts.vocab_axis], opts.ignore_index)
   return xla_chunked.filter_tile_counts(
       e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts
   )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -31,12 +33,13 @@ class BlockSizes:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if isinstance(value, bool) or not isinstance(value, int):
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            f"BlockSizes.{field.name} must be an int, got {type(value).__name__} ({value!r})."
+            f"`BlockSizes.{field.name}` must be an int, got {type(value).__name__} ({value!r})."
         )
       if value <= 0:
-        raise ValueError(f"BlockSizes.{field.name} must be positive, got {value}.")
+        raise ValueError(f"`BlockSizes.{field.name}` must be positive, got {value}.")
+      object.__setattr__(self, field.name, int(value))
 
   @classmethod
   def get_default(cls) -> BlockSizes:

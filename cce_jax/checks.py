@@ -6,6 +6,7 @@ range check, which needs the label values (see :func:`check_label_values`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
 CLASSIFIER_LAYOUTS = ("vd", "dv")
 _FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _describe(x: Any) -> str:
@@ -63,6 +65,8 @@ def check_arrays(
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"`labels` must be an integer array, got {_describe(labels)}.")
   hidden = e.shape[-1]
+  if hidden == 0:
+    raise ValueError(f"`e` must have a hidden size D >= 1, got {_describe(e)}.")
   vocab_axis = 0 if classifier_layout == "vd" else 1
   num_classes = c.shape[vocab_axis]
   if c.shape[1 - vocab_axis] != hidden:
@@ -114,7 +118,10 @@ def check_shift(shift: Any, seq_len: int) -> int:
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-  if not isinstance(value, str) or value not in choices:
+  if not isinstance(value, str):
+    raise TypeError(f"`{name}` must be a str, one of {choices}, got {type(value).__name__} "
+                    f"({value!r}).")
+  if value not in choices:
     raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
   return value
 
@@ -155,6 +162,10 @@ def build_options(
     raise TypeError(
         f"`ignore_index` must be an int, got {type(ignore_index).__name__} ({ignore_index!r})."
     )
+  if not INT32_MIN <= ignore_index <= INT32_MAX:
+    raise ValueError(
+        f"`ignore_index` must fit in int32 (labels are compared as int32), got {ignore_index}."
+    )
   if softcap is not None:
     softcap = _check_float("softcap", softcap, low=0.0, high=math.inf, high_open=True)
     if softcap == 0.0:
@@ -181,8 +192,11 @@ def build_options(
   )
 
 
-def _label_error(labels: np.ndarray, num_classes: int, ignore_index: int) -> str | None:
+def _label_error(
+    labels: np.ndarray, num_classes: int, ignore_index: int, shift: int
+) -> str | None:
   bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+  bad[..., :shift] = False  # never targets: position i predicts labels[..., i + shift]
   if not bad.any():
     return None
   position = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -193,22 +207,39 @@ def _label_error(labels: np.ndarray, num_classes: int, ignore_index: int) -> str
   )
 
 
-def _raise_label_error(labels: np.ndarray, num_classes: int, ignore_index: int) -> None:
-  message = _label_error(np.asarray(labels), num_classes, ignore_index)
+def _raise_label_error(labels: np.ndarray, num_classes: int, ignore_index: int, shift: int):
+  message = _label_error(np.array(labels), num_classes, ignore_index, shift)
   if message is not None:
     raise ValueError(message)
 
 
-def check_label_values(labels: jax.Array, num_classes: int, ignore_index: int) -> None:
-  """Raises ValueError for a label outside [0, V) that is not ``ignore_index``.
+def check_label_values(labels: Any, num_classes: int, ignore_index: int, shift: int) -> None:
+  """Raises ValueError for a target label outside [0, V) that is not ``ignore_index``.
 
-  Concrete labels are checked at once. Traced labels (under ``jax.jit``) are checked when the
-  computation runs, through ``jax.debug.callback``: the ValueError then reaches the caller
-  wrapped in a ``jax.errors.JaxRuntimeError`` that carries the same message.
+  Only labels that are targets count (``labels[..., shift:]``); the index in the message is
+  into ``labels``. Concrete labels are checked at once. Traced labels (under ``jax.jit``) are
+  checked when the computation runs, through ``jax.debug.callback``: the ValueError then reaches
+  the caller wrapped in a ``jax.errors.JaxRuntimeError`` that carries the same message.
   """
   if isinstance(labels, jax.core.Tracer):
-    jax.debug.callback(
-        _raise_label_error, labels, num_classes=num_classes, ignore_index=ignore_index
+    # Static values are bound here: debug.callback would turn keyword arguments into arrays.
+    check = functools.partial(
+        _raise_label_error, num_classes=num_classes, ignore_index=ignore_index, shift=shift
     )
+    jax.debug.callback(check, labels)
   else:
-    _raise_label_error(labels, num_classes, ignore_index)
+    _raise_label_error(labels, num_classes, ignore_index, shift)
+
+
+def labels_as_int32(labels: Any, num_classes: int) -> Any:
+  """Concrete 64-bit labels as int32, values beyond int32 mapped to ``num_classes``.
+
+  A plain cast would wrap 2**32 + k around to the valid class k. ``num_classes`` is out of
+  range, so such a label gets the NaN loss of every other bad label. Traced labels are left
+  alone (under ``jax.jit`` they are already int32 unless x64 is on; see ``api``).
+  """
+  if isinstance(labels, jax.core.Tracer) or np.dtype(labels.dtype).itemsize <= 4:
+    return labels
+  values = np.asarray(labels)
+  beyond = (values < INT32_MIN) | (values > INT32_MAX)
+  return np.where(beyond, num_classes, values).astype(np.int32)

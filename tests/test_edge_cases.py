@@ -125,3 +125,22 @@ def test_dv_layout_makes_no_transposed_copy_of_c():
   vd, dv = _temp_bytes("vd"), _temp_bytes("dv")
   assert dv < classifier_bytes / 2, (dv, classifier_bytes)
   assert dv < 1.5 * vd, (dv, vd)
+
+
+@pytest.mark.parametrize("wrapped_class", [0, 5])
+def test_int64_labels_beyond_int32_are_bad_labels_not_wrapped(wrapped_class):
+  e, c, labels = _inputs(1, 4, seed=6)
+  big = np.asarray(labels, np.int64)
+  big[0, 1] = 2**32 + wrapped_class  # a plain int32 cast would make this class `wrapped_class`
+  per_token = cce_jax.linear_cross_entropy(e, c, big, reduction="none")
+  assert np.isnan(per_token[0, 1]) and np.isfinite(np.delete(np.asarray(per_token), 1)).all()
+  with pytest.raises(ValueError, match=r"`labels` .* the first is 4294967\d+ at index \(0, 1\)"):
+    cce_jax.linear_cross_entropy(e, c, big, check_labels=True)
+  with jax.enable_x64(True):  # traced int64 labels take the same path inside jit
+    traced = jax.jit(lambda y: cce_jax.linear_cross_entropy(e, c, y, reduction="none"))
+    assert np.isnan(traced(jnp.asarray(big))[0, 1])
+
+
+def test_block_sizes_accept_numpy_ints():
+  blocks = cce_jax.BlockSizes(np.int64(8), np.int32(16))
+  assert blocks == cce_jax.BlockSizes(8, 16) and type(blocks.token_block) is int

@@ -93,14 +93,8 @@ CASES = [
     # --- scalar options
     ("ignore_index_float", {"ignore_index": -100.0}, TypeError, r"`ignore_index` must be an int"),
     ("ignore_index_bool", {"ignore_index": True}, TypeError, r"`ignore_index` must be an int"),
-    pytest.param(
-        "ignore_index_beyond_int32", {"ignore_index": 2**40}, ValueError, r"`ignore_index`",
-        marks=pytest.mark.xfail(
-            strict=True, raises=OverflowError,
-            reason="not validated: labels are int32, and an ignore_index outside int32 ends in "
-            "JAX's OverflowError ('... argument path is y ...'), which does not name it",
-        ),
-    ),
+    ("ignore_index_beyond_int32", {"ignore_index": 2**40}, ValueError,
+     r"`ignore_index` must fit in int32"),
     ("softcap_zero", {"softcap": 0.0}, ValueError, r"`softcap` must be positive"),
     ("softcap_negative", {"softcap": -1.0}, ValueError, r"`softcap` must be in .*got -1\.0"),
     ("softcap_inf", {"softcap": math.inf}, ValueError, r"`softcap` must be in .*got inf"),
@@ -128,20 +122,17 @@ CASES = [
         for value in (1, "yes")
     ),
     ("reduction_avg", {"reduction": "avg"}, ValueError, r"`reduction` must be one of .*'avg'"),
-    pytest.param(
-        "reduction_int", {"reduction": 1}, TypeError, r"`reduction`",
-        marks=pytest.mark.xfail(
-            strict=True, raises=ValueError,
-            reason="checks.check_choice raises ValueError for a value of the wrong type too "
-            "(reduction=1, impl=None, classifier_layout=None), though the docstring promises "
-            "TypeError for an argument of the wrong type",
-        ),
-    ),
+    ("reduction_int", {"reduction": 1}, TypeError, r"`reduction` must be a str"),
+    ("impl_none", {"impl": None}, TypeError, r"`impl` must be a str"),
+    ("classifier_layout_none", {"classifier_layout": None}, TypeError,
+     r"`classifier_layout` must be a str"),
+    ("hidden_zero", {"e": lambda a: jnp.ones((2, 5, 0)), "c": lambda a: jnp.ones((V, 0))},
+     ValueError, r"`e` must have a hidden size D >= 1"),
     ("impl_cuda", {"impl": "cuda"}, ValueError, r"`impl` must be one of .*'cuda'"),
     ("impl_pallas_gpu", {"impl": "pallas_gpu"}, NotImplementedError,
-     r"impl='pallas_gpu' .*not available"),
+     r"`impl`='pallas_gpu' .*not available"),
     ("impl_pallas_tpu", {"impl": "pallas_tpu"}, NotImplementedError,
-     r"impl='pallas_tpu' .*not available"),
+     r"`impl`='pallas_tpu' .*not available"),
     ("classifier_layout_upper", {"classifier_layout": "VD"}, ValueError,
      r"`classifier_layout` must be one of .*'VD'"),
     ("shift_negative", {"shift": -1}, ValueError, r"`shift` must be in \[0, T\] with T=5.*-1"),
@@ -197,12 +188,12 @@ def test_valid_inputs_pass(fn_name, layout, jit):
 @pytest.mark.parametrize(
     ("args", "exc", "match"),
     [
-        ((0, 8), ValueError, r"BlockSizes\.token_block must be positive, got 0"),
-        ((8, -1), ValueError, r"BlockSizes\.vocab_block must be positive, got -1"),
-        ((8.0, 8), TypeError, r"BlockSizes\.token_block must be an int, got float"),
-        ((True, 8), TypeError, r"BlockSizes\.token_block must be an int, got bool"),
-        ((8, "8"), TypeError, r"BlockSizes\.vocab_block must be an int, got str"),
-        ((8, None), TypeError, r"BlockSizes\.vocab_block must be an int, got NoneType"),
+        ((0, 8), ValueError, r"`BlockSizes\.token_block` must be positive, got 0"),
+        ((8, -1), ValueError, r"`BlockSizes\.vocab_block` must be positive, got -1"),
+        ((8.0, 8), TypeError, r"`BlockSizes\.token_block` must be an int, got float"),
+        ((True, 8), TypeError, r"`BlockSizes\.token_block` must be an int, got bool"),
+        ((8, "8"), TypeError, r"`BlockSizes\.vocab_block` must be an int, got str"),
+        ((8, None), TypeError, r"`BlockSizes\.vocab_block` must be an int, got NoneType"),
     ],
     ids=["token_zero", "vocab_negative", "token_float", "token_bool", "vocab_str", "vocab_none"],
 )
@@ -211,11 +202,6 @@ def test_bad_block_sizes_raise_naming_the_field(args, exc, match):
     BlockSizes(*args)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="every other message names its argument in backticks (`labels`, `shift`, ...); these "
-    "write impl='pallas_gpu' and BlockSizes.token_block without them",
-)
 @pytest.mark.parametrize(
     ("make", "exc", "match"),
     [
@@ -302,11 +288,6 @@ def test_check_labels_with_shift_ignores_first_position(jit):
     jax.block_until_ready(fn(labels, shift=0))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="with shift=k the check runs on labels[..., k:] and reports the index in that slice: "
-    "a bad labels[1, 3] with shift=1 is reported 'at index (1, 2)', where the label is valid",
-)
 def test_check_labels_with_shift_reports_index_into_labels():
   args = _inputs()
   labels = args.pop("labels").at[1, 3].set(V)
