@@ -173,8 +173,8 @@ def linear_cross_entropy(
       ``"pallas_gpu"`` / ``"pallas_tpu"`` (not in this version: NotImplementedError).
     interpret: run a Pallas implementation in interpret mode; ignored by the others.
     classifier_layout: ``"vd"`` when ``c`` is (V, D), ``"dv"`` when it is (D, V).
-    block_sizes: tile sizes of the chunked implementation (:class:`BlockSizes`); the defaults
-      are correct for every size.
+    block_sizes: tile sizes of the chunked implementation (:class:`BlockSizes`); the default
+      is ``BlockSizes.get_default(e.dtype)``. Every block size gives correct results.
     sort_vocab: let the backward visit classes by descending average logit so that skippable
       tiles cluster. Never changes the result beyond rounding.
     check_labels: raise ValueError for a label outside [0, V) that is not ``ignore_index``.

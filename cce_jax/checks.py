@@ -171,7 +171,7 @@ def build_options(
     if softcap == 0.0:
       raise ValueError("`softcap` must be positive (or None for no softcap), got 0.0.")
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default()
+    block_sizes = BlockSizes.get_default(dtype)
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError(
         f"`block_sizes` must be a cce_jax.BlockSizes, got {type(block_sizes).__name__}."

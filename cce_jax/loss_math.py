@@ -71,15 +71,13 @@ class TokenCoefficients(NamedTuple):
   ``alpha_n = g_n (1 + 2 k L_n) + h_n``, ``beta_n = g_n (1 - a)``, ``gamma_n = g_n a / V``, with
   ``g_n = 0`` at ignored tokens and ``alpha_n = NaN`` at out-of-range labels, so that a bad label
   poisons the gradient as it poisons the loss. ``g`` is the loss cotangent with ignored tokens
-  zeroed; ``scale_n = |g_n| + |h_n|`` sizes the row's filter threshold (see
-  :func:`tile_is_negligible`).
+  zeroed.
   """
 
   g: jax.Array
   alpha: jax.Array
   beta: jax.Array
   gamma: jax.Array
-  scale: jax.Array
 
 
 def token_coefficients(
@@ -96,13 +94,9 @@ def token_coefficients(
   out_of_range = ~ignored & ((labels < 0) | (labels >= num_classes))
   g = jnp.where(ignored, 0.0, g)
   alpha = g * jnp.where(out_of_range, jnp.nan, 1.0 + 2.0 * k * lse)
-  scale = jnp.abs(g)
   if h is not None:
     alpha = alpha + h
-    scale = scale + jnp.abs(h)
-  return TokenCoefficients(
-      g=g, alpha=alpha, beta=g * (1.0 - a), gamma=g * (a / num_classes), scale=scale
-  )
+  return TokenCoefficients(g=g, alpha=alpha, beta=g * (1.0 - a), gamma=g * (a / num_classes))
 
 
 def softmax_grad_tile(
@@ -113,12 +107,12 @@ def softmax_grad_tile(
     valid: jax.Array | None,  # (n, v) bool: entries that belong to this tile; None for all
     opts: LossOptions,
     uniform_in_tile: bool,
-) -> tuple[jax.Array, jax.Array]:
-  """The gradient of the loss w.r.t. the capped logits ``z`` and the raw logits ``x`` of a tile.
+) -> jax.Array:
+  """The gradient of the loss w.r.t. the raw logits ``x`` of a tile, (n, v) f32.
 
-  Returns ``(dz, dx)``, both (n, v) f32 and zero outside ``valid``. The uniform label-smoothing
-  term ``-gamma_n`` is included only when ``uniform_in_tile`` (i.e. with softcap); otherwise
-  the caller adds it exactly outside the tiles, so that filtering can never drop it.
+  Zero outside ``valid``. The uniform label-smoothing term ``-gamma_n`` is included only when
+  ``uniform_in_tile`` (i.e. with softcap); otherwise the caller adds it exactly outside the
+  tiles, so that filtering can never drop it.
   """
   p = jnp.exp(z - lse[:, None])
   dz = coeffs.alpha[:, None] * p - jnp.where(is_target, coeffs.beta[:, None], 0.0)
@@ -126,21 +120,26 @@ def softmax_grad_tile(
     dz = dz - coeffs.gamma[:, None]
   if valid is not None:
     dz = jnp.where(valid, dz, 0.0)
-  return dz, dz * softcap_derivative(z, opts.softcap)
+  return dz * softcap_derivative(z, opts.softcap)
 
 
-def tile_is_negligible(
-    dz: jax.Array,  # (n, v) f32, from softmax_grad_tile
-    scale: jax.Array,  # (n,) f32, TokenCoefficients.scale
-    filter_eps: float,
+def softmax_bound(
+    block_max_logit: jax.Array,  # (n,) f32: max of z_nv over a block of classes
+    lse: jax.Array,  # (n,) f32
+    labels: jax.Array,  # (n,) int
+    num_classes: int,
+    opts: LossOptions,
 ) -> jax.Array:
-  """Whether the tile may be skipped: MATH.md's rule, read off the gradient itself.
+  """``max(|1 + 2 k L_n|, 1) * exp(max_v z_nv - L_n)``, (n,) f32: the filter bound of a block.
 
-  MATH.md skips a tile when every ``|(1 + 2 k L_n) p_nv - (1 - a)[v == t_n]|`` is below eps.
-  ``dz_nv`` is ``g_n`` times that quantity (plus ``h_n p_nv`` with an lse cotangent), so the
-  test is ``|dz_nv| < eps (|g_n| + |h_n|)``: every dropped entry is below eps times its row's
-  cotangent. Rows with no cotangent are exactly zero and never keep a tile alive; NaN (a bad
-  label) always does. Returns a () bool.
+  It bounds every off-target entry of the block from above: ``|(1 + 2 k L_n) p_nv|`` (MATH.md's
+  filter quantity) and ``p_nv`` (the lse-gradient term). So when it is below ``filter_eps`` for
+  every row of a tile that holds no row's target class, MATH.md's rule holds on the whole tile
+  and the tile may be skipped. NaN at out-of-range labels, so that such rows never let a tile
+  go.
   """
-  row_max = jnp.max(jnp.abs(dz), axis=1)  # (n,)
-  return jnp.all((row_max < filter_eps * scale) | (row_max == 0.0))
+  ignored = labels == opts.ignore_index
+  out_of_range = ~ignored & ((labels < 0) | (labels >= num_classes))
+  factor = jnp.maximum(jnp.abs(1.0 + 2.0 * opts.z_loss * lse), 1.0)
+  factor = jnp.where(out_of_range, jnp.nan, factor)
+  return factor * jnp.exp(block_max_logit - lse)

@@ -120,63 +120,103 @@ def _target_logits(e_blk, labels_blk, c, bias, opts: LossOptions) -> jax.Array:
   return loss_math.apply_softcap(x, opts.softcap)
 
 
+def vocab_order(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    labels: jax.Array,  # (N,) int
+    bias: jax.Array | None,  # (V,)
+    opts: LossOptions,
+) -> jax.Array:
+  """The backward's class order, (V,) int32: descending average logit over non-ignored tokens.
+
+  The average raw logit is linear in ``e``: ``mean_n(e_n . c_v) + b_v = c_v . mean_n(e_n) +
+  b_v``, so it is computed exactly, before the forward, with one matrix-vector product. (With
+  softcap it is the average of the uncapped logit, which orders the classes alike.) The
+  identity when ``opts.sort_vocab`` is False.
+  """
+  num_classes = c.shape[opts.vocab_axis]
+  if not opts.sort_vocab:
+    return jnp.arange(num_classes, dtype=jnp.int32)
+  kept = (labels != opts.ignore_index).astype(jnp.float32)  # (N,)
+  mean_e = (kept @ e.astype(jnp.float32)) / jnp.maximum(jnp.sum(kept), 1.0)  # (D,)
+  dims = (((1 - opts.vocab_axis,), (0,)), ((), ()))
+  score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
+  if bias is not None:
+    score = score + bias.astype(jnp.float32)
+  return jnp.argsort(-score, stable=True).astype(jnp.int32)
+
+
+class ForwardResult(NamedTuple):
+  """The forward's outputs; ``order`` and ``bound`` only when a backward will follow."""
+
+  loss: jax.Array  # (N,) f32 per-token loss
+  lse: jax.Array  # (N,) f32
+  order: jax.Array | None = None  # (V,) int32 class order of the tiles
+  bound: jax.Array | None = None  # (num vocab blocks, N) f32, see loss_math.softmax_bound
+
+
 def forward(
     e: jax.Array,  # (N, D)
     c: jax.Array,  # (V, D) or (D, V)
     labels: jax.Array,  # (N,) int
     bias: jax.Array | None,  # (V,)
     opts: LossOptions,
-    with_order: bool,
-) -> tuple[jax.Array, ...]:
-  """Per-token loss and lse, both (N,) f32; with ``with_order`` also the backward's class order.
+    for_backward: bool,
+    lse_has_cotangent: bool = True,
+) -> ForwardResult:
+  """Per-token loss and lse; ``for_backward`` also returns what the backward needs.
 
-  The order is a (V,) int32 permutation: classes by descending summed logit over the
-  non-ignored tokens when ``opts.sort_vocab``, else the identity.
+  For a backward the vocabulary is visited in :func:`vocab_order` (blocks of ``c`` gathered by
+  class id, never a permuted copy of ``c``), the same blocks the backward will visit, and for
+  every token and block the filter bound of ``loss_math.softmax_bound`` is recorded when
+  filtering is on. Rows that will have no cotangent (ignored tokens, when the lse has none)
+  get bound 0: their gradient is exactly zero.
   """
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_axis]
+  axis = opts.vocab_axis
   tok = _tiling(num_tokens, opts.block_sizes.token_block)
   voc = _tiling(num_classes, opts.block_sizes.vocab_block)
   want_logit_sum = opts.label_smoothing > 0.0
-  want_score = with_order and opts.sort_vocab
+  order = vocab_order(e, c, labels, bias, opts) if for_backward else None
+  want_bound = for_backward and opts.filters_anything
+
+  def classifier_block(v0):
+    if order is None:
+      class_ids = v0 + jnp.arange(voc.block)
+      return _slice(c, v0, voc.block, axis), None if bias is None else _slice(bias, v0, voc.block)
+    class_ids = _slice(order, v0, voc.block)
+    return jnp.take(c, class_ids, axis=axis), None if bias is None else bias[class_ids]
 
   def token_step(i, carry):
-    loss_N, lse_N, score_V = carry
+    loss_N, lse_N, bound_BN = carry
     t0 = _block_start(i, tok)
     e_blk = _slice(e, t0, tok.block)  # (n, D)
     labels_blk = _slice(labels, t0, tok.block)  # (n,)
-    # Rows that feed the class score: new in this block and not ignored.
-    score_rows = labels_blk != opts.ignore_index
-    fresh_t = _fresh(i, t0, tok)
-    if fresh_t is not None:
-      score_rows = score_rows & fresh_t
-    score_rows = score_rows.astype(jnp.float32)
 
     def vocab_step(j, inner):
-      running_max, running_sum, logit_sum, score_V = inner
+      running_max, running_sum, logit_sum, block_max = inner
       v0 = _block_start(j, voc)
-      c_blk = _slice(c, v0, voc.block, opts.vocab_axis)
-      bias_blk = None if bias is None else _slice(bias, v0, voc.block)
+      c_blk, bias_blk = classifier_block(v0)
       z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
       fresh_v = _fresh(j, v0, voc)  # (v,) or None
       z_live = z if fresh_v is None else jnp.where(fresh_v[None, :], z, -jnp.inf)
-      new_max = jnp.maximum(running_max, jnp.max(z_live, axis=1))
+      tile_max = jnp.max(z_live, axis=1)  # (n,)
+      new_max = jnp.maximum(running_max, tile_max)
       running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
           jnp.exp(z_live - new_max[:, None]), axis=1
       )
       if want_logit_sum:
         z_sum = z if fresh_v is None else jnp.where(fresh_v[None, :], z, 0.0)
         logit_sum = logit_sum + jnp.sum(z_sum, axis=1)
-      if want_score:
-        column_sum = score_rows @ z  # (v,)
-        if fresh_v is not None:
-          column_sum = jnp.where(fresh_v, column_sum, 0.0)
-        score_V = _update(score_V, _slice(score_V, v0, voc.block) + column_sum, v0)
-      return new_max, running_sum, logit_sum, score_V
+      if want_bound:
+        block_max = _update(block_max, tile_max[None, :], j)
+      return new_max, running_sum, logit_sum, block_max
 
     zeros_n = jnp.zeros((tok.block,), jnp.float32)
-    init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros_n, zeros_n, score_V)
-    running_max, running_sum, logit_sum, score_V = lax.fori_loop(
+    block_max = jnp.zeros((voc.count if want_bound else 0, tok.block), jnp.float32)
+    init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros_n, zeros_n, block_max)
+    running_max, running_sum, logit_sum, block_max = lax.fori_loop(
         0, voc.count, vocab_step, init
     )
     lse = running_max + jnp.log(running_sum)  # (n,)
@@ -185,23 +225,56 @@ def forward(
         lse, target, logit_sum if want_logit_sum else None, num_classes, opts
     )
     loss = loss_math.mask_token_loss(loss, labels_blk, num_classes, opts.ignore_index)
+    if want_bound:
+      bound = loss_math.softmax_bound(block_max, lse[None, :], labels_blk[None, :],
+                                      num_classes, opts)  # (blocks, n)
+      if not lse_has_cotangent:
+        bound = jnp.where(labels_blk[None, :] == opts.ignore_index, 0.0, bound)
+      bound_BN = _update(bound_BN, bound, t0, axis=1)
     # Rows shared with the previous block are recomputed identically: overwriting is exact.
-    return _update(loss_N, loss, t0), _update(lse_N, lse, t0), score_V
+    return _update(loss_N, loss, t0), _update(lse_N, lse, t0), bound_BN
 
   del hidden
   init = (
       jnp.zeros((num_tokens,), jnp.float32),
       jnp.zeros((num_tokens,), jnp.float32),
-      jnp.zeros((num_classes if want_score else 0,), jnp.float32),
+      jnp.zeros((voc.count, num_tokens) if want_bound else (0, 0), jnp.float32),
   )
-  loss_N, lse_N, score_V = lax.fori_loop(0, tok.count, token_step, init)
-  if not with_order:
-    return loss_N, lse_N
-  if want_score:
-    order = jnp.argsort(-score_V, stable=True).astype(jnp.int32)
-  else:
-    order = jnp.arange(num_classes, dtype=jnp.int32)
-  return loss_N, lse_N, order
+  loss_N, lse_N, bound_BN = lax.fori_loop(0, tok.count, token_step, init)
+  return ForwardResult(loss_N, lse_N, order, bound_BN if want_bound else None)
+
+
+def skip_table(
+    bound: jax.Array,  # (num vocab blocks, N) f32, from forward
+    labels: jax.Array,  # (N,) int
+    order: jax.Array,  # (V,) int32
+    opts: LossOptions,
+) -> jax.Array:
+  """(token blocks, vocab blocks) bool: the tiles the backward skips.
+
+  A tile is skipped when no row's target class lies in it and every row's bound is below
+  ``filter_eps``: then every entry of its softmax gradient is below ``filter_eps`` times the
+  row's cotangent, MATH.md's rule.
+  """
+  num_tokens, num_classes = labels.shape[0], order.shape[0]
+  tok = _tiling(num_tokens, opts.block_sizes.token_block)
+  voc = _tiling(num_classes, opts.block_sizes.vocab_block)
+  position = jnp.zeros((num_classes,), jnp.int32).at[order].set(
+      jnp.arange(num_classes, dtype=jnp.int32)
+  )
+  has_target = (labels != opts.ignore_index) & (labels >= 0) & (labels < num_classes)
+  target_block = jnp.where(
+      has_target, position[jnp.clip(labels, 0, num_classes - 1)] // voc.block, -1
+  )  # (N,): the vocabulary block holding each token's target, -1 for none
+
+  def tile(i, j):
+    t0 = _block_start(i, tok)
+    rows_bound = _slice(bound[j], t0, tok.block)
+    rows_target = _slice(target_block, t0, tok.block)
+    return (jnp.max(rows_bound) < opts.filter_eps) & ~jnp.any(rows_target == j)
+
+  i, j = jnp.meshgrid(jnp.arange(tok.count), jnp.arange(voc.count), indexing="ij")
+  return jax.vmap(jax.vmap(tile))(i, j)
 
 
 def _product_dtype(dtype) -> jnp.dtype:
@@ -211,13 +284,11 @@ def _product_dtype(dtype) -> jnp.dtype:
 
 
 class BackwardResult(NamedTuple):
-  """Gradients of one backward pass, and how many of its tiles were skippable."""
+  """Gradients of one backward pass."""
 
   d_e: jax.Array  # (N, D), dtype of e
   d_c: jax.Array  # layout and dtype of c
   d_bias: jax.Array | None  # (V,), dtype of bias
-  skipped_tiles: jax.Array  # () int32
-  total_tiles: jax.Array  # () int32
 
 
 def backward(
@@ -225,17 +296,16 @@ def backward(
     c: jax.Array,  # (V, D) or (D, V)
     labels: jax.Array,  # (N,) int
     bias: jax.Array | None,  # (V,)
-    lse: jax.Array,  # (N,) f32
-    order: jax.Array,  # (V,) int32 class permutation
+    fwd: ForwardResult,
     g: jax.Array,  # (N,) f32 cotangent of the per-token loss
     h: jax.Array | None,  # (N,) f32 cotangent of lse
     opts: LossOptions,
-    with_products: bool = True,
 ) -> BackwardResult:
-  """Gradients w.r.t. e, c and bias (MATH.md), skipping negligible tiles' products.
+  """Gradients w.r.t. e, c and bias (MATH.md), skipping the tiles of :func:`skip_table`.
 
-  With ``with_products=False`` only the skip predicate is evaluated (for ``filter_stats``):
-  the gradients come back as zeros and the tile counts are those the real backward sees.
+  A skipped tile costs nothing when both ``filter_e_grad`` and ``filter_c_grad`` are on (not
+  even the logits are recomputed; its bias-gradient entries are dropped with it); with one of
+  them on, only that product is skipped.
   """
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_axis]
@@ -245,9 +315,10 @@ def backward(
   a = opts.label_smoothing
   uniform_in_tile = a > 0.0 and opts.softcap is not None
   uniform_outside = a > 0.0 and opts.softcap is None
-  may_skip = opts.filters_anything
   product_dtype = _product_dtype(e.dtype)
-  coeffs = loss_math.token_coefficients(lse, labels, g, h, num_classes, opts)
+  coeffs = loss_math.token_coefficients(fwd.lse, labels, g, h, num_classes, opts)
+  skips = skip_table(fwd.bound, labels, fwd.order, opts) if opts.filters_anything else None
+  skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
   if uniform_outside:
     # The uniform smoothing term is added exactly outside the tiles (MATH.md).
@@ -255,63 +326,66 @@ def backward(
     g_sum = jnp.sum(coeffs.g)
 
   def vocab_step(j, carry):
-    d_e_acc, d_c, d_bias, skipped = carry
+    d_e_acc, d_c, d_bias = carry
     p0 = _block_start(j, voc)
-    class_ids = _slice(order, p0, voc.block)  # (v,) int32
+    class_ids = _slice(fwd.order, p0, voc.block)  # (v,) int32
     fresh_v = _fresh(j, p0, voc)
     c_blk = jnp.take(c, class_ids, axis=axis)  # a (v, D) block, never a permuted copy of c
     c_blk_product = c_blk.astype(product_dtype)
     bias_blk = None if bias is None else bias[class_ids]
 
     def token_step(i, inner):
-      d_e_acc, d_c_blk, d_bias_blk, skipped = inner
+      d_e_acc, d_c_blk, d_bias_blk = inner
       t0 = _block_start(i, tok)
       e_blk = _slice(e, t0, tok.block)  # (n, D)
-      labels_blk = _slice(labels, t0, tok.block)
-      lse_blk = _slice(lse, t0, tok.block)
-      co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
-      valid = _outer_and(_fresh(i, t0, tok), fresh_v)  # (n, v) or None
-      z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
-      is_target = labels_blk[:, None] == class_ids[None, :]
-      dz, dx = loss_math.softmax_grad_tile(
-          z, lse_blk, is_target, co, valid, opts, uniform_in_tile
-      )
-      if d_bias_blk is not None:
-        d_bias_blk = d_bias_blk + jnp.sum(dx, axis=0)  # cheap, so never skipped
-      skip = None
-      if may_skip:
-        skip = loss_math.tile_is_negligible(dz, co.scale, opts.filter_eps)
-        skipped = skipped + skip.astype(jnp.int32)
-      if with_products:
-        dx_product = dx.astype(product_dtype)
+      skip = None if skips is None else skips[i, j]
 
-        def add_products(state, filtered: bool):
-          # Adds the products whose filtering flag equals ``filtered``.
-          rows, c_acc = state
-          if opts.filter_e_grad == filtered:
-            rows = rows + _grad_e(dx_product, c_blk_product, axis)
-          if opts.filter_c_grad == filtered:
-            c_acc = c_acc + _grad_c(dx_product, e_blk.astype(product_dtype), axis)
-          return rows, c_acc
+      def tile_work(state, filtered_products: bool):
+        rows, c_acc, b_acc = state
+        labels_blk = _slice(labels, t0, tok.block)
+        co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
+        valid = _outer_and(_fresh(i, t0, tok), fresh_v)  # (n, v) or None
+        z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+        is_target = labels_blk[:, None] == class_ids[None, :]
+        dx = loss_math.softmax_grad_tile(
+            z, _slice(fwd.lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
+        ).astype(product_dtype)
+        if b_acc is not None:
+          b_acc = b_acc + jnp.sum(dx.astype(jnp.float32), axis=0)
 
-        state = (_slice(d_e_acc, t0, tok.block), d_c_blk)
-        if skip is None:
-          state = add_products(add_products(state, True), False)
-        else:
-          state = add_products(state, False)
-          # One real branch for the filtered products: skipped tiles do no matmul.
-          state = lax.cond(skip, lambda st: st, lambda st: add_products(st, True), state)
-        d_e_acc = _update(d_e_acc, state[0], t0)
-        d_c_blk = state[1]
-      return d_e_acc, d_c_blk, d_bias_blk, skipped
+        def add_e(rows):
+          return rows + _grad_e(dx, c_blk_product, axis)
+
+        def add_c(c_acc):
+          return c_acc + _grad_c(dx, e_blk.astype(product_dtype), axis)
+
+        for flag, add, index in ((opts.filter_e_grad, add_e, 0), (opts.filter_c_grad, add_c, 1)):
+          acc = (rows, c_acc)[index]
+          if skip is not None and flag and filtered_products:
+            acc = lax.cond(skip, lambda x: x, add, acc)  # one product skipped
+          else:
+            acc = add(acc)
+          rows, c_acc = (acc, c_acc) if index == 0 else (rows, acc)
+        return rows, c_acc, b_acc
+
+      state = (_slice(d_e_acc, t0, tok.block), d_c_blk, d_bias_blk)
+      if skip is None:
+        state = tile_work(state, filtered_products=False)
+      elif skip_whole_tile:
+        # A real branch: a skipped tile recomputes nothing and multiplies nothing.
+        state = lax.cond(
+            skip, lambda st: st, lambda st: tile_work(st, filtered_products=False), state
+        )
+      else:
+        state = tile_work(state, filtered_products=True)
+      return _update(d_e_acc, state[0], t0), state[1], state[2]
 
     init = (
         d_e_acc,
         jnp.zeros(block_shape_c, jnp.float32),
         None if bias is None else jnp.zeros((voc.block,), jnp.float32),
-        skipped,
     )
-    d_e_acc, d_c_blk, d_bias_blk, skipped = lax.fori_loop(0, tok.count, token_step, init)
+    d_e_acc, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
     if uniform_outside:
       d_c_blk = d_c_blk - (a / num_classes) * jnp.expand_dims(weighted_e_sum, axis)
       if d_bias_blk is not None:
@@ -325,15 +399,14 @@ def backward(
       d_c = d_c.at[:, write_ids].set(d_c_blk, mode="drop")
     if d_bias is not None:
       d_bias = d_bias.at[write_ids].set(d_bias_blk, mode="drop")
-    return d_e_acc, d_c, d_bias, skipped
+    return d_e_acc, d_c, d_bias
 
   init = (
       jnp.zeros((num_tokens, hidden), jnp.float32),
       jnp.zeros_like(c),
       None if bias is None else jnp.zeros((num_classes,), jnp.float32),
-      jnp.zeros((), jnp.int32),
   )
-  d_e, d_c, d_bias, skipped = lax.fori_loop(0, voc.count, vocab_step, init)
+  d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
   if uniform_outside:
     class_sum = jnp.sum(c.astype(jnp.float32), axis=axis)  # (D,)
     d_e = d_e - coeffs.gamma[:, None] * class_sum[None, :]
@@ -341,8 +414,6 @@ def backward(
       d_e=d_e.astype(e.dtype),
       d_c=d_c,
       d_bias=None if bias is None else d_bias.astype(bias.dtype),
-      skipped_tiles=skipped,
-      total_tiles=jnp.asarray(tok.count * voc.count, jnp.int32),
   )
 
 
@@ -350,22 +421,23 @@ def backward(
 
 
 @functools.cache
-def _batched_forward(opts: LossOptions, with_order: bool):
+def _batched_forward(opts: LossOptions, for_backward: bool, lse_has_cotangent: bool):
   """``forward`` as a ``custom_vmap``: a vmapped call becomes one call over all tokens."""
+  one_call = functools.partial(
+      forward, opts=opts, for_backward=for_backward, lse_has_cotangent=lse_has_cotangent
+  )
 
   @custom_vmap
   def folded_forward(e, c, labels, bias):
-    return forward(e, c, labels, bias, opts, with_order)
+    return one_call(e, c, labels, bias)
 
   @folded_forward.def_vmap
   def rule(axis_size, in_batched, e, c, labels, bias):
     e_batched, c_batched, labels_batched, bias_batched = in_batched
     if c_batched or bias_batched:
       # A classifier per example: nothing to fold, so run the examples one after another.
-      in_axes = [0 if b else None for b in (e_batched, c_batched, labels_batched)]
-      in_axes.append(0 if bias_batched else None)
-      one_by_one = sequential_vmap(functools.partial(forward, opts=opts, with_order=with_order))
-      out = jax.vmap(one_by_one, in_axes=tuple(in_axes))(e, c, labels, bias)
+      in_axes = tuple(0 if b else None for b in in_batched)
+      out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, labels, bias)
       return out, jax.tree.map(lambda _: True, out)
     if not e_batched:
       e = jnp.broadcast_to(e, (axis_size, *e.shape))
@@ -373,11 +445,16 @@ def _batched_forward(opts: LossOptions, with_order: bool):
       labels = jnp.broadcast_to(labels, (axis_size, *labels.shape))
     num_tokens, hidden = e.shape[1:]
     out = folded_forward(e.reshape(-1, hidden), c, labels.reshape(-1), bias)
-    loss, lse = (x.reshape(axis_size, num_tokens) for x in out[:2])
-    if with_order:
-      # One class order serves every example: it only steers which tiles cluster.
-      return (loss, lse, out[2]), (True, True, False)
-    return (loss, lse), (True, True)
+    per_example = lambda x: x.reshape(axis_size, num_tokens)
+    bound = None
+    if out.bound is not None:  # (blocks, B * N) -> (B, blocks, N)
+      bound = jnp.moveaxis(out.bound.reshape(-1, axis_size, num_tokens), 1, 0)
+    # One class order serves every example: it only steers which tiles cluster.
+    out = ForwardResult(per_example(out.loss), per_example(out.lse), out.order, bound)
+    out_batched = ForwardResult(
+        True, True, None if out.order is None else False, None if bound is None else True
+    )
+    return out, out_batched
 
   return folded_forward
 
@@ -393,20 +470,20 @@ def _batched_backward(opts: LossOptions):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _token_loss(e, c, labels, bias, opts: LossOptions, return_lse: bool):
-  loss, lse = _batched_forward(opts, False)(e, c, labels, bias)
-  return (loss, lse) if return_lse else loss
+  out = _batched_forward(opts, False, return_lse)(e, c, labels, bias)
+  return (out.loss, out.lse) if return_lse else out.loss
 
 
 def _token_loss_fwd(e, c, labels, bias, opts: LossOptions, return_lse: bool):
-  loss, lse, order = _batched_forward(opts, True)(e, c, labels, bias)
-  out = (loss, lse) if return_lse else loss
-  return out, (e, c, labels, bias, lse, order)
+  out = _batched_forward(opts, True, return_lse)(e, c, labels, bias)
+  primal = (out.loss, out.lse) if return_lse else out.loss
+  return primal, (e, c, labels, bias, out._replace(loss=None))
 
 
 def _token_loss_bwd(opts: LossOptions, return_lse: bool, residuals, cotangent):
-  e, c, labels, bias, lse, order = residuals
+  e, c, labels, bias, fwd = residuals
   g, h = cotangent if return_lse else (cotangent, None)
-  grads = _batched_backward(opts)(e, c, labels, bias, lse, order, g, h)
+  grads = _batched_backward(opts)(e, c, labels, bias, fwd, g, h)
   return grads.d_e, grads.d_c, None, grads.d_bias
 
 
@@ -431,8 +508,12 @@ def xla_token_loss(
 def filter_tile_counts(
     e: jax.Array, c: jax.Array, labels: jax.Array, bias: jax.Array | None, opts: LossOptions
 ) -> tuple[jax.Array, jax.Array]:
-  """(skippable tiles, total tiles) of the backward of the mean loss, as () int32 arrays."""
-  _, lse, order = forward(e, c, labels, bias, opts, with_order=True)
-  g = jnp.ones_like(lse)  # only g != 0 matters to the predicate
-  grads = backward(e, c, labels, bias, lse, order, g, None, opts, with_products=False)
-  return grads.skipped_tiles, grads.total_tiles
+  """(skipped tiles, total tiles) of the backward of the loss alone, as () int32 arrays."""
+  tok = _tiling(e.shape[0], opts.block_sizes.token_block)
+  voc = _tiling(c.shape[opts.vocab_axis], opts.block_sizes.vocab_block)
+  total = jnp.asarray(tok.count * voc.count, jnp.int32)
+  if not opts.filters_anything:
+    return jnp.zeros((), jnp.int32), total
+  fwd = forward(e, c, labels, bias, opts, for_backward=True, lse_has_cotangent=False)
+  skipped = jnp.sum(skip_table(fwd.bound, labels, fwd.order, opts), dtype=jnp.int32)
+  return skipped, total

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 
 def pytest_addoption(parser):
@@ -11,12 +10,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+  """Without --runslow, tests marked slow are deselected (reported as such, not run)."""
   if config.getoption("--runslow"):
     return
-  skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
-  for item in items:
-    if "slow" in item.keywords:
-      item.add_marker(skip_slow)
+  slow = [item for item in items if "slow" in item.keywords]
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 def relative_error(actual, expected) -> float:

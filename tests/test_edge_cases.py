@@ -144,3 +144,13 @@ def test_int64_labels_beyond_int32_are_bad_labels_not_wrapped(wrapped_class):
 def test_block_sizes_accept_numpy_ints():
   blocks = cce_jax.BlockSizes(np.int64(8), np.int32(16))
   assert blocks == cce_jax.BlockSizes(8, 16) and type(blocks.token_block) is int
+
+
+@pytest.mark.parametrize(("dtype", "tiles"), [("float32", 1), ("bfloat16", 9), ("float16", 9)])
+def test_default_block_sizes_follow_the_dtype(dtype, tiles):
+  # 600 tokens x 1100 classes: one f32 tile (1024 x 2048), 3 x 3 tiles of 256 x 512 for 16-bit.
+  rng = np.random.default_rng(10)
+  e = jnp.asarray(rng.normal(size=(600, 8)), dtype)
+  c = jnp.asarray(rng.normal(size=(1100, 8)), dtype)
+  labels = jnp.asarray(rng.integers(0, 1100, size=(600,)), jnp.int32)
+  assert int(cce_jax.filter_stats(e, c, labels)["total_tiles"]) == tiles
