@@ -10,7 +10,8 @@ Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. 
 * with ``--extra``: ``xla-exact`` (``filter_eps=None``) and ``xla-nosort``
   (``sort_vocab=False``).
 
-Each time is the median of ``--repeats`` calls after one warm-up call (compilation excluded).
+Each time is the median of ``--repeats`` calls after one warm-up call (compilation excluded);
+the timed calls go round-robin over the implementations.
 Absolute times only mean something per machine; the ratios are what matter on CPU.
 
 Full run (tens of minutes on a small CPU; needs an otherwise idle machine):
@@ -127,19 +128,6 @@ IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
 EXTRA_IMPLS = ("xla-exact", "xla-nosort")
 
 
-def time_fn(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, list[float], Any]:
-  """Seconds of the warm-up (compile) call, of each timed call, and the last output."""
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return first, times, out
-
-
 def make_inputs(shape: Shape, distribution: str, seed: int):
   """``e``, ``c``, labels of ``shape`` drawn from ``distribution``, already on the device."""
   key = jax.random.fold_in(jax.random.key(seed), list(DISTRIBUTIONS).index(distribution))
@@ -151,25 +139,15 @@ def _error(err: Exception) -> str:
   return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
-def auto_filter_eps(dtype) -> tuple[float, str | None]:
-  """cce_jax's ``filter_eps="auto"`` for ``dtype``, or its documented value and the error."""
-  try:
-    return cce_jax.default_filter_eps(dtype), None
-  except Exception as err:  # reported, not hidden
-    return float(jnp.finfo(dtype).eps) / 32.0, _error(err)
-
-
 def describe_inputs(e, c, labels, summary_tokens: int) -> dict[str, Any]:
   """``softmax_summary`` on the first ``summary_tokens`` tokens, at 2**-12 and at the auto eps."""
   k = min(summary_tokens, e.shape[0])
-  auto_eps, auto_eps_error = auto_filter_eps(e.dtype)
+  auto_eps = cce_jax.default_filter_eps(e.dtype)
   summary = synthetic.softmax_summary(e[:k], c, labels[:k])
   summary["fraction_below_auto_eps"] = synthetic.softmax_summary(
       e[:k], c, labels[:k], eps=auto_eps
   )["fraction_below_eps"]
   summary.update(tokens=k, eps=2.0**-12, auto_eps=auto_eps)
-  if auto_eps_error:
-    summary["auto_eps_error"] = auto_eps_error
   return summary
 
 
@@ -186,28 +164,48 @@ def _fmt_skip(value: float | str) -> str:
   return f"{value:.4f}" if isinstance(value, float) else f"error ({value})"
 
 
-def time_impl(name: str, e, c, labels, repeats: int) -> dict[str, Any]:
-  """Loss and loss+grad timings of one impl; ``{"error": ...}`` when it raises."""
-  fn = IMPLS[name][0]
-  loss_jit = jax.jit(fn)
-  grad_jit = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
-  try:
-    loss_first, loss_times, loss_value = time_fn(loss_jit, (e, c, labels), repeats)
-    grad_first, grad_times, (grad_value, _) = time_fn(grad_jit, (e, c, labels), repeats)
-  except Exception as err:  # reported in the table and the JSON
-    return {"error": _error(err)}
-  return {
-      "loss_ms": 1e3 * statistics.median(loss_times),
-      "loss_grad_ms": 1e3 * statistics.median(grad_times),
-      "loss_min_ms": 1e3 * min(loss_times),
-      "loss_grad_min_ms": 1e3 * min(grad_times),
-      "loss_times_ms": [1e3 * t for t in loss_times],
-      "loss_grad_times_ms": [1e3 * t for t in grad_times],
-      "loss_first_call_s": loss_first,
-      "loss_grad_first_call_s": grad_first,
-      "loss_value": float(loss_value),
-      "loss_value_from_grad": float(grad_value),
-  }
+def _timed(fn: Callable[..., Any], args: tuple) -> tuple[float, Any]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start, out
+
+
+def time_impls(names: list[str], e, c, labels, repeats: int) -> dict[str, dict[str, Any]]:
+  """Loss and loss+grad timings of every impl; ``{"error": ...}`` for one that raises.
+
+  Each function is compiled and warmed up first; then the timed calls go round-robin over
+  the implementations, so that drifts of the machine's speed hit every one of them alike.
+  """
+  fns, results = {}, {}
+  for name in names:
+    fn = IMPLS[name][0]
+    loss_jit, grad_jit = jax.jit(fn), jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    try:
+      loss_first, loss_value = _timed(loss_jit, (e, c, labels))
+      grad_first, (grad_value, _) = _timed(grad_jit, (e, c, labels))
+    except Exception as err:  # reported in the table and the JSON
+      results[name] = {"error": _error(err)}
+      continue
+    fns[name] = (loss_jit, grad_jit)
+    results[name] = {
+        "loss_times_ms": [],
+        "loss_grad_times_ms": [],
+        "loss_first_call_s": loss_first,
+        "loss_grad_first_call_s": grad_first,
+        "loss_value": float(loss_value),
+        "loss_value_from_grad": float(grad_value),
+    }
+  for _ in range(repeats):
+    for name, (loss_jit, grad_jit) in fns.items():
+      results[name]["loss_times_ms"].append(1e3 * _timed(loss_jit, (e, c, labels))[0])
+      results[name]["loss_grad_times_ms"].append(1e3 * _timed(grad_jit, (e, c, labels))[0])
+  for name in fns:
+    r = results[name]
+    r["loss_ms"] = statistics.median(r["loss_times_ms"])
+    r["loss_grad_ms"] = statistics.median(r["loss_grad_times_ms"])
+    r["loss_min_ms"] = min(r["loss_times_ms"])
+    r["loss_grad_min_ms"] = min(r["loss_grad_times_ms"])
+  return results
 
 
 def run_case(
@@ -224,11 +222,6 @@ def run_case(
       f"below 2**-12 {summary['fraction_below_eps']:.4f}, "
       f"below auto filter_eps {summary['auto_eps']:.3g} {summary['fraction_below_auto_eps']:.4f}"
   )
-  if "auto_eps_error" in summary:
-    print(
-        f"  WARNING: cce_jax.default_filter_eps({shape.dtype}) raised "
-        f"{summary['auto_eps_error']}; used finfo.eps/32 for the summary"
-    )
 
   # Skipped fraction per cce_jax option set (sorted items), computed once per case.
   skips: dict[tuple, float | str] = {}
@@ -255,6 +248,7 @@ def run_case(
   }
 
   rows = []
+  timings = time_impls(impls, e, c, labels, args.repeats)
   for name in impls:
     options = IMPLS[name][1]
     row = {
@@ -262,7 +256,7 @@ def run_case(
         "dtype": shape.dtype,
         "distribution": distribution,
         "impl": name,
-        **time_impl(name, e, c, labels, args.repeats),
+        **timings[name],
     }
     skip = None if options is None else skip_for(options)
     row["skipped_fraction"] = skip if isinstance(skip, float) else None

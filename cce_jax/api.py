@@ -92,14 +92,14 @@ def _linear_cross_entropy(
   return loss
 
 
-def _prepare(e, c, labels, bias, options: dict[str, Any]) -> tuple[LossOptions, int]:
-  layout = checks.check_choice(
-      "classifier_layout", options.pop("classifier_layout"), checks.CLASSIFIER_LAYOUTS
-  )
+def _prepare(
+    e, c, labels, bias, *, shift: Any, classifier_layout: Any, **options: Any
+) -> tuple[LossOptions, int]:
+  """Checks the arrays and options shared by the public functions (at trace time)."""
+  layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   checks.check_arrays(e, c, labels, bias, layout)
-  shift = checks.check_shift(options.pop("shift"), labels.shape[-1])
-  opts = checks.build_options(dtype=e.dtype, classifier_layout=layout, **options)
-  return opts, shift
+  shift = checks.check_shift(shift, labels.shape[-1])
+  return checks.build_options(dtype=e.dtype, classifier_layout=layout, **options), shift
 
 
 def linear_cross_entropy(
@@ -201,23 +201,10 @@ def linear_cross_entropy(
     ((), dtype('float32'))
   """
   opts, shift = _prepare(
-      e,
-      c,
-      labels,
-      bias,
-      dict(
-          ignore_index=ignore_index,
-          softcap=softcap,
-          z_loss=z_loss,
-          label_smoothing=label_smoothing,
-          filter_eps=filter_eps,
-          filter_e_grad=filter_e_grad,
-          filter_c_grad=filter_c_grad,
-          sort_vocab=sort_vocab,
-          classifier_layout=classifier_layout,
-          block_sizes=block_sizes,
-          shift=shift,
-      ),
+      e, c, labels, bias, shift=shift, classifier_layout=classifier_layout,
+      ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
+      label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
+      filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
   )
   reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
   return_lse = checks.check_bool("return_lse", return_lse)
@@ -253,33 +240,21 @@ def filter_stats(
 ) -> dict[str, jax.Array]:
   """How many backward tiles of ``linear_cross_entropy(impl="xla")`` filtering skips.
 
-  Takes the same arguments as :func:`linear_cross_entropy` (those that affect the backward's
-  tiling and its skip rule) and runs the same forward and the same per-tile predicate as its
-  backward, without the matrix products.
+  Takes the arguments of :func:`linear_cross_entropy` that shape the backward's tiles and its
+  skip rule, runs the same forward, and evaluates the same per-tile skip table as the backward
+  of the loss (without ``return_lse``) does; no gradient is computed.
 
   Returns:
     ``{"skipped_tiles": () int32, "total_tiles": () int32, "skipped_fraction": () float32}``;
     0 skipped when filtering is off (``filter_eps=None``, both ``filter_*_grad`` False, or
-    softcap with label smoothing).
+    softcap with label smoothing). With only one of ``filter_e_grad``/``filter_c_grad`` on,
+    a skipped tile still recomputes its logits for the other product.
   """
   opts, shift = _prepare(
-      e,
-      c,
-      labels,
-      bias,
-      dict(
-          ignore_index=ignore_index,
-          softcap=softcap,
-          z_loss=z_loss,
-          label_smoothing=label_smoothing,
-          filter_eps=filter_eps,
-          filter_e_grad=filter_e_grad,
-          filter_c_grad=filter_c_grad,
-          sort_vocab=sort_vocab,
-          classifier_layout=classifier_layout,
-          block_sizes=block_sizes,
-          shift=shift,
-      ),
+      e, c, labels, bias, shift=shift, classifier_layout=classifier_layout,
+      ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
+      label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
+      filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
   )
   labels = checks.labels_as_int32(labels, c.shape[opts.vocab_axis])
   skipped, total = _filter_tile_counts(e, c, labels, bias, opts=opts, shift=shift)

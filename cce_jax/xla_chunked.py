@@ -1,13 +1,18 @@
 """Cut Cross-Entropy in pure JAX: tiled loops that XLA compiles for any backend.
 
-Forward: for each block of tokens, an online log-sum-exp over vocabulary blocks (f32), the
-target logit by an indexed dot, and (when a gradient will be taken) the per-class sum of logits
-that orders the vocabulary for the backward. Backward: for each vocabulary block (in that
-order) and each token block, the logits are recomputed, the softmax gradient is formed, and the
-two matrix products that feed dE and dC run under a ``lax.cond`` that skips them when the tile
-is negligible (``../shared/MATH.md``). Nothing of size N x V is ever allocated: the temporaries
-are a few f32 tiles of ``token_block x vocab_block``, an f32 (N, D) accumulator for dE, and an
-f32 (vocab_block, D) accumulator for one block of dC.
+Forward: for each block of tokens, an online log-sum-exp over vocabulary blocks (f32) and the
+target logit by an indexed dot. When a gradient will be taken, the vocabulary is visited in the
+backward's order (descending average logit, computed exactly up front from ``c . mean(e)``),
+and for every token and vocabulary block the forward records the bound of
+``loss_math.softmax_bound``. Once the lse is known, that bound says, before anything is
+recomputed, which tiles hold only negligible softmax-gradient entries (``../shared/MATH.md``).
+
+Backward: for each vocabulary block (in that order) and each token block, a tile that is not
+skipped recomputes its logits, forms the softmax gradient and accumulates ``dE += G @ C`` and
+``dC_block += G.T @ E``; a skipped tile is a ``lax.cond`` branch that does nothing. Nothing of
+size N x V is ever allocated: the temporaries are a few f32 tiles of ``token_block x
+vocab_block``, an f32 (N, D) accumulator for dE, an f32 (vocab_block, D) accumulator for one
+block of dC, and the (vocab blocks, N) bounds.
 
 Sizes that are not a multiple of a block are handled without padding: the last block starts
 early (``min(i * block, size - block)``) and the entries that an earlier block already covered
@@ -66,7 +71,7 @@ def _outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | No
   if rows is None and cols is None:
     return None
   if rows is None:
-    return jnp.broadcast_to(cols[None, :], (1, cols.shape[0]))
+    return cols[None, :]
   if cols is None:
     return rows[:, None]
   return rows[:, None] & cols[None, :]
@@ -140,6 +145,7 @@ def vocab_order(
   kept = (labels != opts.ignore_index).astype(jnp.float32)  # (N,)
   mean_e = (kept @ e.astype(jnp.float32)) / jnp.maximum(jnp.sum(kept), 1.0)  # (D,)
   dims = (((1 - opts.vocab_axis,), (0,)), ((), ()))
+  # mean_e is rounded to c's dtype (an f32 copy of c would cost V x D): fine for an ordering.
   score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
   if bias is not None:
     score = score + bias.astype(jnp.float32)
@@ -183,7 +189,6 @@ def forward(
 
   def classifier_block(v0):
     if order is None:
-      class_ids = v0 + jnp.arange(voc.block)
       return _slice(c, v0, voc.block, axis), None if bias is None else _slice(bias, v0, voc.block)
     class_ids = _slice(order, v0, voc.block)
     return jnp.take(c, class_ids, axis=axis), None if bias is None else bias[class_ids]
