@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cce_jax.options import LossOptions
 
@@ -33,6 +34,20 @@ def softcap_derivative(z: jax.Array, softcap: float | None) -> jax.Array | float
   if softcap is None:
     return 1.0
   return 1.0 - jnp.square(z / softcap)
+
+
+def capped_logits(
+    e: jax.Array,  # (n, D)
+    c: jax.Array,  # (v, D) or (D, v): rows of the classifier, in opts.classifier_layout
+    bias: jax.Array | None,  # (v,)
+    opts: LossOptions,
+) -> jax.Array:
+  """``z = softcap(e . c + b)``, (n, v) f32, the products accumulated in f32."""
+  dims = (((1,), (1 - opts.vocab_axis,)), ((), ()))
+  x = lax.dot_general(e, c, dims, preferred_element_type=jnp.float32)
+  if bias is not None:
+    x = x + bias.astype(jnp.float32)
+  return apply_softcap(x, opts.softcap)
 
 
 def token_loss(

@@ -8,24 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from cce_jax import loss_math
 from cce_jax.options import LossOptions
-
-
-def materialized_logits(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
-) -> jax.Array:
-  """Soft-capped logits ``z``, (N, V) f32."""
-  contract_c = 1 - opts.vocab_axis  # the D axis of c
-  x = lax.dot_general(e, c, (((1,), (contract_c,)), ((), ())), preferred_element_type=jnp.float32)
-  if bias is not None:
-    x = x + bias.astype(jnp.float32)
-  return loss_math.apply_softcap(x, opts.softcap)
 
 
 def reference_token_loss(
@@ -38,7 +23,7 @@ def reference_token_loss(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token loss, (N,) f32, and with ``return_lse`` the lse, from materialized logits."""
   num_classes = c.shape[opts.vocab_axis]
-  z = materialized_logits(e, c, bias, opts)  # (N, V)
+  z = loss_math.capped_logits(e, c, bias, opts)  # (N, V)
   lse = jax.nn.logsumexp(z, axis=-1)
   safe_labels = jnp.clip(labels, 0, num_classes - 1)
   target_logit = jnp.take_along_axis(z, safe_labels[:, None], axis=-1)[:, 0]

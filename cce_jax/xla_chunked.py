@@ -85,12 +85,6 @@ def _update(x: jax.Array, block: jax.Array, start: jax.Array, axis: int = 0) -> 
   return lax.dynamic_update_slice_in_dim(x, block, start, axis)
 
 
-def _logits(e_blk: jax.Array, c_blk: jax.Array, vocab_axis: int) -> jax.Array:
-  """(n, D) x classifier block -> (n, v) f32 raw logits."""
-  dims = (((1,), (1 - vocab_axis,)), ((), ()))
-  return lax.dot_general(e_blk, c_blk, dims, preferred_element_type=jnp.float32)
-
-
 def _grad_e(dx: jax.Array, c_blk: jax.Array, vocab_axis: int) -> jax.Array:
   """(n, v) x classifier block -> (n, D) f32."""
   dims = (((1,), (vocab_axis,)), ((), ()))
@@ -103,13 +97,6 @@ def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_axis: int) -> jax.Array:
   if vocab_axis == 0:
     return lax.dot_general(dx, e_blk, dims, preferred_element_type=jnp.float32)  # (v, D)
   return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
-
-
-def _capped_logits(e_blk, c_blk, bias_blk, opts: LossOptions) -> jax.Array:
-  x = _logits(e_blk, c_blk, opts.vocab_axis)
-  if bias_blk is not None:
-    x = x + bias_blk.astype(jnp.float32)
-  return loss_math.apply_softcap(x, opts.softcap)
 
 
 def _target_logits(e_blk, labels_blk, c, bias, opts: LossOptions) -> jax.Array:
@@ -203,7 +190,7 @@ def forward(
       running_max, running_sum, logit_sum, block_max = inner
       v0 = _block_start(j, voc)
       c_blk, bias_blk = classifier_block(v0)
-      z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
       fresh_v = _fresh(j, v0, voc)  # (v,) or None
       z_live = z if fresh_v is None else jnp.where(fresh_v[None, :], z, -jnp.inf)
       tile_max = jnp.max(z_live, axis=1)  # (n,)
@@ -350,7 +337,7 @@ def backward(
         labels_blk = _slice(labels, t0, tok.block)
         co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
         valid = _outer_and(_fresh(i, t0, tok), fresh_v)  # (n, v) or None
-        z = _capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+        z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
             z, _slice(fwd.lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
