@@ -269,6 +269,13 @@ def skip_table(
   return jax.vmap(jax.vmap(tile))(i, j)
 
 
+def _unless(skip: jax.Array | None, work, state):
+  """``work(state)``, or ``state`` untouched when ``skip``: a real branch, the work not done."""
+  if skip is None:
+    return work(state)
+  return lax.cond(skip, lambda st: st, work, state)
+
+
 def _product_dtype(dtype) -> jnp.dtype:
   """Operand dtype of the backward's two products: bf16 stays bf16 (f32 accumulation); f16
   goes to f32, because the softmax gradient scaled by 1/N underflows float16's range."""
@@ -332,7 +339,8 @@ def backward(
       e_blk = _slice(e, t0, tok.block)  # (n, D)
       skip = None if skips is None else skips[i, j]
 
-      def tile_work(state, filtered_products: bool):
+      def tile_work(state, product_skip):
+        # Recomputes the tile; the products whose filter flag is on run unless product_skip.
         rows, c_acc, b_acc = state
         labels_blk = _slice(labels, t0, tok.block)
         co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
@@ -341,35 +349,28 @@ def backward(
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
             z, _slice(fwd.lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
-        ).astype(product_dtype)
+        )
         if b_acc is not None:
-          b_acc = b_acc + jnp.sum(dx.astype(jnp.float32), axis=0)
-
-        def add_e(rows):
-          return rows + _grad_e(dx, c_blk_product, axis)
-
-        def add_c(c_acc):
-          return c_acc + _grad_c(dx, e_blk.astype(product_dtype), axis)
-
-        for flag, add, index in ((opts.filter_e_grad, add_e, 0), (opts.filter_c_grad, add_c, 1)):
-          acc = (rows, c_acc)[index]
-          if skip is not None and flag and filtered_products:
-            acc = lax.cond(skip, lambda x: x, add, acc)  # one product skipped
-          else:
-            acc = add(acc)
-          rows, c_acc = (acc, c_acc) if index == 0 else (rows, acc)
+          b_acc = b_acc + jnp.sum(dx, axis=0)
+        dx = dx.astype(product_dtype)
+        rows = _unless(
+            product_skip if opts.filter_e_grad else None,
+            lambda rows: rows + _grad_e(dx, c_blk_product, axis),
+            rows,
+        )
+        c_acc = _unless(
+            product_skip if opts.filter_c_grad else None,
+            lambda c_acc: c_acc + _grad_c(dx, e_blk.astype(product_dtype), axis),
+            c_acc,
+        )
         return rows, c_acc, b_acc
 
       state = (_slice(d_e_acc, t0, tok.block), d_c_blk, d_bias_blk)
-      if skip is None:
-        state = tile_work(state, filtered_products=False)
-      elif skip_whole_tile:
-        # A real branch: a skipped tile recomputes nothing and multiplies nothing.
-        state = lax.cond(
-            skip, lambda st: st, lambda st: tile_work(st, filtered_products=False), state
-        )
+      if skip is not None and skip_whole_tile:
+        # A skipped tile recomputes nothing and multiplies nothing.
+        state = _unless(skip, lambda st: tile_work(st, None), state)
       else:
-        state = tile_work(state, filtered_products=True)
+        state = tile_work(state, skip)
       return _update(d_e_acc, state[0], t0), state[1], state[2]
 
     init = (
