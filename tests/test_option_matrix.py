@@ -34,6 +34,7 @@ OPTION_SPACE = {
     "return_lse": (False, True),
     "bias": (False, True),
     "classifier_layout": ("vd", "dv"),
+    "sort_vocab": (True, False),
 }
 # Tolerances on ||out - ref|| / ||ref||: f32 accumulation; bf16/f16 outputs are rounded to
 # 8/11 bits and the bf16 backward multiplies in bf16.
@@ -111,7 +112,7 @@ def check_case(impl: str, case: dict, seed: int) -> None:
   def scalar(e, c, bias):
     out = cce_jax.linear_cross_entropy(
         e, c, labels, bias=bias, return_lse=case["return_lse"], impl=impl, filter_eps=None,
-        block_sizes=SMALL_BLOCKS, **options,
+        block_sizes=SMALL_BLOCKS, sort_vocab=case["sort_vocab"], **options,
     )
     loss, lse = out if case["return_lse"] else (out, None)
     lw = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
