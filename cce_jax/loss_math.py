@@ -67,6 +67,19 @@ def token_loss(
   return loss
 
 
+class LabelKinds(NamedTuple):
+  """Which tokens carry no loss and which carry a label outside [0, V), each (N,) bool."""
+
+  ignored: jax.Array
+  out_of_range: jax.Array
+
+
+def label_kinds(labels: jax.Array, num_classes: int, ignore_index: int) -> LabelKinds:
+  """Sorts labels into ignored, out of range (a bad label: NaN), and valid (neither)."""
+  ignored = labels == ignore_index
+  return LabelKinds(ignored, ~ignored & ((labels < 0) | (labels >= num_classes)))
+
+
 def mask_token_loss(
     loss: jax.Array,  # (N,) f32
     labels: jax.Array,  # (N,) int
@@ -74,10 +87,9 @@ def mask_token_loss(
     ignore_index: int,
 ) -> jax.Array:
   """Zero at ignored tokens, NaN at labels outside [0, V) that are not ``ignore_index``."""
-  ignored = labels == ignore_index
-  out_of_range = ~ignored & ((labels < 0) | (labels >= num_classes))
-  loss = jnp.where(ignored, 0.0, loss)
-  return jnp.where(out_of_range, jnp.nan, loss)
+  kinds = label_kinds(labels, num_classes, ignore_index)
+  loss = jnp.where(kinds.ignored, 0.0, loss)
+  return jnp.where(kinds.out_of_range, jnp.nan, loss)
 
 
 class TokenCoefficients(NamedTuple):
@@ -105,10 +117,9 @@ def token_coefficients(
 ) -> TokenCoefficients:
   """Builds the :class:`TokenCoefficients` of a backward pass."""
   a, k = opts.label_smoothing, opts.z_loss
-  ignored = labels == opts.ignore_index
-  out_of_range = ~ignored & ((labels < 0) | (labels >= num_classes))
-  g = jnp.where(ignored, 0.0, g)
-  alpha = g * jnp.where(out_of_range, jnp.nan, 1.0 + 2.0 * k * lse)
+  kinds = label_kinds(labels, num_classes, opts.ignore_index)
+  g = jnp.where(kinds.ignored, 0.0, g)
+  alpha = g * jnp.where(kinds.out_of_range, jnp.nan, 1.0 + 2.0 * k * lse)
   if h is not None:
     alpha = alpha + h
   return TokenCoefficients(g=g, alpha=alpha, beta=g * (1.0 - a), gamma=g * (a / num_classes))
@@ -153,8 +164,7 @@ def softmax_bound(
   and the tile may be skipped. NaN at out-of-range labels, so that such rows never let a tile
   go.
   """
-  ignored = labels == opts.ignore_index
-  out_of_range = ~ignored & ((labels < 0) | (labels >= num_classes))
+  out_of_range = label_kinds(labels, num_classes, opts.ignore_index).out_of_range
   factor = jnp.maximum(jnp.abs(1.0 + 2.0 * opts.z_loss * lse), 1.0)
   factor = jnp.where(out_of_range, jnp.nan, factor)
   return factor * jnp.exp(block_max_logit - lse)

@@ -28,7 +28,7 @@ def reference_token_loss(
   safe_labels = jnp.clip(labels, 0, num_classes - 1)
   target_logit = jnp.take_along_axis(z, safe_labels[:, None], axis=-1)[:, 0]
   # A label outside [0, V) poisons the gradients too, not only the (masked) loss value.
-  out_of_range = (labels != opts.ignore_index) & (labels != safe_labels)
+  out_of_range = loss_math.label_kinds(labels, num_classes, opts.ignore_index).out_of_range
   target_logit = target_logit * jnp.where(out_of_range, jnp.nan, 1.0)
   logit_sum = jnp.sum(z, axis=-1) if opts.label_smoothing > 0.0 else None
   loss = loss_math.token_loss(lse, target_logit, logit_sum, num_classes, opts)

@@ -254,7 +254,8 @@ def skip_table(
   position = jnp.zeros((num_classes,), jnp.int32).at[order].set(
       jnp.arange(num_classes, dtype=jnp.int32)
   )
-  has_target = (labels != opts.ignore_index) & (labels >= 0) & (labels < num_classes)
+  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
+  has_target = ~kinds.ignored & ~kinds.out_of_range
   target_block = jnp.where(
       has_target, position[jnp.clip(labels, 0, num_classes - 1)] // voc.block, -1
   )  # (N,): the vocabulary block holding each token's target, -1 for none
