@@ -69,7 +69,7 @@ def _linear_cross_entropy(
 ):
   batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
   out_shape = (*batch_shape, seq_len - shift)
-  labels = _target_labels(labels, shift, c.shape[opts.vocab_axis], opts.ignore_index)
+  labels = _target_labels(labels, shift, c.shape[opts.vocab_dim], opts.ignore_index)
   counted = labels[..., : seq_len - shift] != opts.ignore_index
   if 0 in out_shape:
     # No token: the loss is 0 (not 0/0) and every gradient is zero.
@@ -210,7 +210,7 @@ def linear_cross_entropy(
   return_lse = checks.check_bool("return_lse", return_lse)
   checks.check_bool("interpret", interpret)
   impl = resolve_impl(impl)
-  num_classes = c.shape[opts.vocab_axis]
+  num_classes = c.shape[opts.vocab_dim]
   if checks.check_bool("check_labels", check_labels):
     checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
   labels = checks.labels_as_int32(labels, num_classes)
@@ -256,7 +256,7 @@ def filter_stats(
       label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
       filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
   )
-  labels = checks.labels_as_int32(labels, c.shape[opts.vocab_axis])
+  labels = checks.labels_as_int32(labels, c.shape[opts.vocab_dim])
   skipped, total = _filter_tile_counts(e, c, labels, bias, opts=opts, shift=shift)
   return {
       "skipped_tiles": skipped,
@@ -267,7 +267,7 @@ def filter_stats(
 
 @functools.partial(jax.jit, static_argnames=("opts", "shift"))
 def _filter_tile_counts(e, c, labels, bias, *, opts: LossOptions, shift: int):
-  labels = _target_labels(labels, shift, c.shape[opts.vocab_axis], opts.ignore_index)
+  labels = _target_labels(labels, shift, c.shape[opts.vocab_dim], opts.ignore_index)
   return xla_chunked.filter_tile_counts(
       e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts
   )

@@ -67,12 +67,12 @@ def check_arrays(
   hidden = e.shape[-1]
   if hidden == 0:
     raise ValueError(f"`e` must have a hidden size D >= 1, got {_describe(e)}.")
-  vocab_axis = 0 if classifier_layout == "vd" else 1
-  num_classes = c.shape[vocab_axis]
-  if c.shape[1 - vocab_axis] != hidden:
+  vocab_dim = 0 if classifier_layout == "vd" else 1
+  num_classes = c.shape[vocab_dim]
+  if c.shape[1 - vocab_dim] != hidden:
     raise ValueError(
         f"`c` (classifier_layout={classifier_layout!r}) must have D={hidden} (the last dim of "
-        f"e) on axis {1 - vocab_axis}, got c {_describe(c)} and e {_describe(e)}."
+        f"e) on axis {1 - vocab_dim}, got c {_describe(c)} and e {_describe(e)}."
         + (" Did you mean classifier_layout='dv'?" if c.shape[0] == hidden else "")
         + (" Did you mean classifier_layout='vd'?" if c.shape[1] == hidden else "")
     )

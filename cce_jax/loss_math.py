@@ -43,7 +43,7 @@ def capped_logits(
     opts: LossOptions,
 ) -> jax.Array:
   """``z = softcap(e . c + b)``, (n, v) f32, the products accumulated in f32."""
-  dims = (((1,), (1 - opts.vocab_axis,)), ((), ()))
+  dims = (((1,), (1 - opts.vocab_dim,)), ((), ()))
   x = lax.dot_general(e, c, dims, preferred_element_type=jnp.float32)
   if bias is not None:
     x = x + bias.astype(jnp.float32)

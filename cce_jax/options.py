@@ -39,7 +39,7 @@ class LossOptions:
   block_sizes: BlockSizes = dataclasses.field(default_factory=BlockSizes)
 
   @property
-  def vocab_axis(self) -> int:
+  def vocab_dim(self) -> int:
     """The axis of ``c`` that runs over the vocabulary."""
     return 0 if self.classifier_layout == "vd" else 1
 

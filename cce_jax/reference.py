@@ -22,7 +22,7 @@ def reference_token_loss(
     return_lse: bool,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token loss, (N,) f32, and with ``return_lse`` the lse, from materialized logits."""
-  num_classes = c.shape[opts.vocab_axis]
+  num_classes = c.shape[opts.vocab_dim]
   z = loss_math.capped_logits(e, c, bias, opts)  # (N, V)
   lse = jax.nn.logsumexp(z, axis=-1)
   safe_labels = jnp.clip(labels, 0, num_classes - 1)

@@ -85,26 +85,26 @@ def _update(x: jax.Array, block: jax.Array, start: jax.Array, axis: int = 0) -> 
   return lax.dynamic_update_slice_in_dim(x, block, start, axis)
 
 
-def _grad_e(dx: jax.Array, c_blk: jax.Array, vocab_axis: int) -> jax.Array:
+def _grad_e(dx: jax.Array, c_blk: jax.Array, vocab_dim: int) -> jax.Array:
   """(n, v) x classifier block -> (n, D) f32."""
-  dims = (((1,), (vocab_axis,)), ((), ()))
+  dims = (((1,), (vocab_dim,)), ((), ()))
   return lax.dot_general(dx, c_blk, dims, preferred_element_type=jnp.float32)
 
 
-def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_axis: int) -> jax.Array:
+def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
   """(n, v) and (n, D) -> the classifier-block gradient in the layout of c, f32."""
   dims = (((0,), (0,)), ((), ()))
-  if vocab_axis == 0:
+  if vocab_dim == 0:
     return lax.dot_general(dx, e_blk, dims, preferred_element_type=jnp.float32)  # (v, D)
   return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
 
 
 def _target_logits(e_blk, labels_blk, c, bias, opts: LossOptions) -> jax.Array:
   """The soft-capped logit of each token's label by an indexed dot, (n,) f32."""
-  num_classes = c.shape[opts.vocab_axis]
+  num_classes = c.shape[opts.vocab_dim]
   safe_labels = jnp.clip(labels_blk, 0, num_classes - 1)
-  rows = jnp.take(c, safe_labels, axis=opts.vocab_axis)  # (n, D) or (D, n)
-  if opts.vocab_axis == 1:
+  rows = jnp.take(c, safe_labels, axis=opts.vocab_dim)  # (n, D) or (D, n)
+  if opts.vocab_dim == 1:
     rows = rows.T
   x = jnp.sum(e_blk.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
   if bias is not None:
@@ -126,12 +126,12 @@ def vocab_order(
   softcap it is the average of the uncapped logit, which orders the classes alike.) The
   identity when ``opts.sort_vocab`` is False.
   """
-  num_classes = c.shape[opts.vocab_axis]
+  num_classes = c.shape[opts.vocab_dim]
   if not opts.sort_vocab:
     return jnp.arange(num_classes, dtype=jnp.int32)
   kept = (labels != opts.ignore_index).astype(jnp.float32)  # (N,)
   mean_e = (kept @ e.astype(jnp.float32)) / jnp.maximum(jnp.sum(kept), 1.0)  # (D,)
-  dims = (((1 - opts.vocab_axis,), (0,)), ((), ()))
+  dims = (((1 - opts.vocab_dim,), (0,)), ((), ()))
   # mean_e is rounded to c's dtype (an f32 copy of c would cost V x D): fine for an ordering.
   score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
   if bias is not None:
@@ -166,8 +166,8 @@ def forward(
   get bound 0: their gradient is exactly zero.
   """
   num_tokens, hidden = e.shape
-  num_classes = c.shape[opts.vocab_axis]
-  axis = opts.vocab_axis
+  num_classes = c.shape[opts.vocab_dim]
+  axis = opts.vocab_dim
   tok = _tiling(num_tokens, opts.block_sizes.token_block)
   voc = _tiling(num_classes, opts.block_sizes.vocab_block)
   want_logit_sum = opts.label_smoothing > 0.0
@@ -308,8 +308,8 @@ def backward(
   them on, only that product is skipped.
   """
   num_tokens, hidden = e.shape
-  num_classes = c.shape[opts.vocab_axis]
-  axis = opts.vocab_axis
+  num_classes = c.shape[opts.vocab_dim]
+  axis = opts.vocab_dim
   tok = _tiling(num_tokens, opts.block_sizes.token_block)
   voc = _tiling(num_classes, opts.block_sizes.vocab_block)
   a = opts.label_smoothing
@@ -504,7 +504,7 @@ def filter_tile_counts(
 ) -> tuple[jax.Array, jax.Array]:
   """(skipped tiles, total tiles) of the backward of the loss alone, as () int32 arrays."""
   tok = _tiling(e.shape[0], opts.block_sizes.token_block)
-  voc = _tiling(c.shape[opts.vocab_axis], opts.block_sizes.vocab_block)
+  voc = _tiling(c.shape[opts.vocab_dim], opts.block_sizes.vocab_block)
   total = jnp.asarray(tok.count * voc.count, jnp.int32)
   if not opts.filters_anything:
     return jnp.zeros((), jnp.int32), total

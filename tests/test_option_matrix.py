@@ -100,7 +100,13 @@ def make_inputs(seed: int, case: dict):
   return cast(e), cast(c), jnp.asarray(labels), cast(bias), loss_weights, lse_weights
 
 
-def check_case(impl: str, case: dict, seed: int) -> None:
+def check_case(
+    impl: str, case: dict, seed: int, block_sizes=SMALL_BLOCKS, interpret: bool = False
+) -> None:
+  """Loss, lse and gradients of ``impl`` on ``case`` against the float64 reference.
+
+  The Pallas test files call this with their own ``block_sizes`` and ``interpret=True``.
+  """
   e, c, labels, bias, loss_weights, lse_weights = make_inputs(seed, case)
   options = {k: case[k] for k in (
       "ignore_index", "softcap", "reduction", "shift", "z_loss", "label_smoothing",
@@ -112,7 +118,8 @@ def check_case(impl: str, case: dict, seed: int) -> None:
   def scalar(e, c, bias):
     out = cce_jax.linear_cross_entropy(
         e, c, labels, bias=bias, return_lse=case["return_lse"], impl=impl, filter_eps=None,
-        block_sizes=SMALL_BLOCKS, sort_vocab=case["sort_vocab"], **options,
+        block_sizes=block_sizes, sort_vocab=case["sort_vocab"], interpret=interpret,
+        **options,
     )
     loss, lse = out if case["return_lse"] else (out, None)
     lw = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)

@@ -1,0 +1,122 @@
+"""The contract between the differentiable loss and a tiled implementation ("xla", Pallas).
+
+A tiled implementation computes per-token statistics over *its* classes, the classes of ``c``
+it was given, and the gradients of one backward pass; it never sees the loss formula, the
+reductions or the mesh. :mod:`cce_jax.differentiable` owns those: it combines the statistics
+over a vocabulary-sharded mesh axis, forms the loss (``loss_math``) and the per-token
+coefficients of the softmax gradient, and calls the implementation's backward. So every
+implementation gets every option and both sharded modes from one place.
+
+Conventions shared by ``forward`` and ``backward``:
+
+* ``e`` (N, D) and ``c`` (V, D) (``opts.classifier_layout == "vd"``) or (D, V) (``"dv"``),
+  the same float dtype; ``bias`` (V,) any float dtype, or None. V is the local vocabulary.
+* ``local_labels`` (N,) int32: the token's target class in ``[0, V)`` where this classifier
+  holds it, else ``-1`` (ignored tokens, targets held by another shard, and out-of-range
+  labels, which the caller has already turned into NaN loss and gradients).
+* Logits: ``z_nv = capped(e_n . c_v + b_v)`` in f32 (``loss_math.capped_logits``).
+* Sizes need not be multiples of any block: ragged blocks are masked, ``c`` is never padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from cce_jax.loss_math import TokenCoefficients
+from cce_jax.options import LossOptions
+
+
+class LocalForward(NamedTuple):
+  """Per-token statistics over the local classes, each (N,) f32.
+
+  Attributes:
+    lse: ``log sum_v exp(z_nv)`` over the local classes.
+    target: ``z_{n, local_labels[n]}`` (the soft-capped target logit, by an indexed dot), 0.0
+      where ``local_labels[n] == -1``.
+    logit_sum: ``sum_v z_nv`` over the local classes; None unless
+      ``opts.label_smoothing > 0``.
+    residuals: any pytree of arrays the implementation's backward needs (e.g. the class
+      order of the vocabulary sort, per-block logit maxima); None unless ``for_backward``.
+  """
+
+  lse: jax.Array
+  target: jax.Array
+  logit_sum: jax.Array | None
+  residuals: Any = None
+
+
+class LocalGrads(NamedTuple):
+  """Gradients of one backward pass over the local classes.
+
+  Attributes:
+    d_e: (N, D) float32: the contribution of the local classes to dE (summed over a
+      vocabulary-sharded axis by the caller, in f32).
+    d_c: shape and layout of ``c``, dtype of ``c``.
+    d_bias: (V,) float32, or None without bias.
+  """
+
+  d_e: jax.Array
+  d_c: jax.Array
+  d_bias: jax.Array | None
+
+
+# forward(e, c, local_labels, bias, opts, for_backward: bool) -> LocalForward
+ForwardFn = Callable[..., LocalForward]
+# backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale, opts) -> LocalGrads
+#
+#   lse (N,) f32: the forward's local lse (LocalForward.lse); p_nv = exp(z_nv - lse_n) over
+#     the local classes.
+#   coeffs: per-token factors (loss_math.TokenCoefficients; ``g`` is informative only) of the
+#     gradient w.r.t. the soft-capped logits:
+#       dz_nv = alpha_n p_nv - beta_n [v == local_labels[n]] - gamma_n,
+#     then dx_nv = dz_nv * loss_math.softcap_derivative(z_nv); dE_n = sum_v dx_nv c_v,
+#     dC_v = sum_n dx_nv e_n, db_v = sum_n dx_nv.
+#     The uniform term -gamma_n goes inside the tiles only with softcap. Without softcap it is
+#     added exactly outside them: dE_n -= gamma_n sum_v c_v, dC_v -= sum_n gamma_n e_n,
+#     db_v -= sum_n gamma_n (so that filtering can never drop it; ../shared/MATH.md).
+#     alpha_n is NaN for a token with a bad label: the NaN must reach dE and dC.
+#   filter_scale (N,) f32 or None: None means exact (skip nothing). Otherwise a tile of rows R
+#     and local classes S may skip the products whose flag is on (opts.filter_e_grad: dE,
+#     opts.filter_c_grad: dC) iff no row of R has its local label in S and
+#       filter_scale_n * exp(z_nv - lse_n) < opts.filter_eps   for every n in R, v in S.
+#     (filter_scale_n = |alpha_n| / |g_n|: 0 for rows whose gradient is zero, inf for rows with
+#     only an lse cotangent, NaN for a bad label; NaN and inf never let a tile go.)
+#     A skipped tile's bias-gradient entries may be dropped with it.
+BackwardFn = Callable[..., LocalGrads]
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledImplementation:
+  """One tiled implementation, as registered in :mod:`cce_jax.dispatch`.
+
+  Attributes:
+    name: the ``impl`` string.
+    forward: see :class:`LocalForward` and the module docstring.
+    backward: see ``BackwardFn``.
+    block_sizes_type: the frozen dataclass ``block_sizes`` must be an instance of.
+    default_block_sizes: ``dtype -> block_sizes_type`` instance used when the caller gives
+      None.
+    uses_interpret: whether ``opts.interpret`` means anything to it (Pallas).
+  """
+
+  name: str
+  forward: ForwardFn
+  backward: BackwardFn
+  block_sizes_type: type
+  default_block_sizes: Callable[[Any], Any]
+  uses_interpret: bool = False
+
+
+__all__ = [
+    "BackwardFn",
+    "ForwardFn",
+    "LocalForward",
+    "LocalGrads",
+    "LossOptions",
+    "TiledImplementation",
+    "TokenCoefficients",
+]
