@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from cce_jax.block_sizes import BlockSizes
 
@@ -24,7 +24,11 @@ class LossOptions:
     filter_c_grad: whether skipping applies to the gradient of ``c``.
     sort_vocab: visit the vocabulary by descending average logit in the backward.
     classifier_layout: "vd" for ``c`` of shape (V, D), "dv" for (D, V).
-    block_sizes: the tile sizes.
+    block_sizes: the tile sizes, an instance of the implementation's ``block_sizes_type``
+      (:class:`BlockSizes` for "xla" and "reference").
+    interpret: run Pallas kernels in interpret mode (ignored by the other implementations).
+    vocab_axis: the mesh axis (or axes) over which ``c`` is split along the vocabulary, when
+      called inside ``shard_map``; None when this device holds the whole vocabulary.
   """
 
   ignore_index: int = -100
@@ -36,7 +40,9 @@ class LossOptions:
   filter_c_grad: bool = True
   sort_vocab: bool = True
   classifier_layout: ClassifierLayout = "vd"
-  block_sizes: BlockSizes = dataclasses.field(default_factory=BlockSizes)
+  block_sizes: Any = dataclasses.field(default_factory=BlockSizes)
+  interpret: bool = False
+  vocab_axis: str | tuple[str, ...] | None = None
 
   @property
   def vocab_dim(self) -> int:

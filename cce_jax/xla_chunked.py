@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap, sequential_vmap
 
-from cce_jax import loss_math
+from cce_jax import loss_math, vocab_sort
 from cce_jax.options import LossOptions
 
 
@@ -112,33 +112,6 @@ def _target_logits(e_blk, labels_blk, c, bias, opts: LossOptions) -> jax.Array:
   return loss_math.apply_softcap(x, opts.softcap)
 
 
-def vocab_order(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    labels: jax.Array,  # (N,) int
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
-) -> jax.Array:
-  """The backward's class order, (V,) int32: descending average logit over non-ignored tokens.
-
-  The average raw logit is linear in ``e``: ``mean_n(e_n . c_v) + b_v = c_v . mean_n(e_n) +
-  b_v``, so it is computed exactly, before the forward, with one matrix-vector product. (With
-  softcap it is the average of the uncapped logit, which orders the classes alike.) The
-  identity when ``opts.sort_vocab`` is False.
-  """
-  num_classes = c.shape[opts.vocab_dim]
-  if not opts.sort_vocab:
-    return jnp.arange(num_classes, dtype=jnp.int32)
-  kept = (labels != opts.ignore_index).astype(jnp.float32)  # (N,)
-  mean_e = (kept @ e.astype(jnp.float32)) / jnp.maximum(jnp.sum(kept), 1.0)  # (D,)
-  dims = (((1 - opts.vocab_dim,), (0,)), ((), ()))
-  # mean_e is rounded to c's dtype (an f32 copy of c would cost V x D): fine for an ordering.
-  score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
-  if bias is not None:
-    score = score + bias.astype(jnp.float32)
-  return jnp.argsort(-score, stable=True).astype(jnp.int32)
-
-
 class ForwardResult(NamedTuple):
   """The forward's outputs; ``order`` and ``bound`` only when a backward will follow."""
 
@@ -159,8 +132,8 @@ def forward(
 ) -> ForwardResult:
   """Per-token loss and lse; ``for_backward`` also returns what the backward needs.
 
-  For a backward the vocabulary is visited in :func:`vocab_order` (blocks of ``c`` gathered by
-  class id, never a permuted copy of ``c``), the same blocks the backward will visit, and for
+  For a backward the vocabulary is visited in :func:`vocab_sort.vocab_order` (blocks of ``c``
+  gathered by class id, never a permuted copy of ``c``), the same blocks the backward will visit, and for
   every token and block the filter bound of ``loss_math.softmax_bound`` is recorded when
   filtering is on. Rows that will have no cotangent (ignored tokens, when the lse has none)
   get bound 0: their gradient is exactly zero.
@@ -171,7 +144,7 @@ def forward(
   tok = _tiling(num_tokens, opts.block_sizes.token_block)
   voc = _tiling(num_classes, opts.block_sizes.vocab_block)
   want_logit_sum = opts.label_smoothing > 0.0
-  order = vocab_order(e, c, labels, bias, opts) if for_backward else None
+  order = vocab_sort.vocab_order(e, c, bias, opts) if for_backward else None
   want_bound = for_backward and opts.filters_anything
 
   def classifier_block(v0):
