@@ -1,0 +1,169 @@
+"""`prepare`: text or token ids in, cached memory-mappable train/eval token files out.
+
+Text ("stdlib", "text") goes through two cache entries: `tokenizer-<key>` (a byte-level BPE
+trained on the corpus; the key hashes the corpus content and the vocabulary size) and
+`tokens-<key>` (the encoded stream split into train.npy and eval.npy; the key adds the eval
+fraction). "tokens" makes one `tokens-<key>` entry from the user's .npy (the key hashes its
+path, size, mtime, the declared vocabulary and the eval fraction). Entries are built once, under
+a lock, and appear atomically (see `train.data.cache`). Nothing is downloaded.
+
+Run `python -m train.data.prepare --help` to prepare from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from train.data import cache, corpus
+from train.data import tokenizer as tokenizer_lib
+from train.data.config import DataConfig, PreparedData
+
+# Elements copied per step when splitting a stream into its train and eval files.
+_COPY_CHUNK = 1 << 24
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """uint16 when every id of a `vocab_size` vocabulary fits, else uint32."""
+  return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _write_splits(stream_N: np.ndarray, eval_fraction: float, vocab_size: int,
+                  out_dir: pathlib.Path) -> dict:
+  """Copies the 1-D stream into out_dir/train.npy (head) and out_dir/eval.npy (last fraction).
+
+  Raises:
+    ValueError naming `vocab_size` for an id outside [0, vocab_size); ValueError when the train
+    split would be empty.
+  """
+  num_tokens = int(stream_N.shape[0])
+  num_eval = round(num_tokens * eval_fraction)
+  num_train = num_tokens - num_eval
+  if num_train < 1:
+    raise ValueError(f"the corpus holds {num_tokens} tokens: nothing left to train on after the "
+                     f"eval split (eval_fraction={eval_fraction})")
+  dtype = token_dtype(vocab_size)
+  for name, start, stop in (("train", 0, num_train), ("eval", num_train, num_tokens)):
+    out = np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype,
+                                    shape=(stop - start,))
+    for begin in range(start, stop, _COPY_CHUNK):
+      chunk = np.asarray(stream_N[begin:min(begin + _COPY_CHUNK, stop)])
+      low, high = int(chunk.min()), int(chunk.max())
+      if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"DataConfig.vocab_size={vocab_size} does not cover token id {bad} "
+                         f"(ids must lie in [0, vocab_size))")
+      out[begin - start:begin - start + chunk.shape[0]] = chunk
+    out.flush()
+    del out
+  return {"num_train_tokens": num_train, "num_eval_tokens": num_eval, "dtype": dtype.name}
+
+
+def _write_stream(chunks: Iterable[np.ndarray], path: pathlib.Path, dtype: np.dtype) -> np.ndarray:
+  """Appends the chunks to a raw file and returns it as a read-only 1-D memmap."""
+  count = 0
+  with open(path, "wb") as f:
+    for chunk in chunks:
+      f.write(chunk.astype(dtype).tobytes())
+      count += chunk.shape[0]
+  return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+
+
+def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
+  files = corpus.stdlib_files() if cfg.source == "stdlib" else corpus.text_files(cfg.paths)
+  documents = lambda: corpus.iter_documents(files, cfg.max_corpus_bytes)
+
+  def build_tokenizer(out_dir: pathlib.Path) -> dict:
+    start = time.perf_counter()
+    tokenizer = tokenizer_lib.train_tokenizer((text for text, _ in documents()), cfg.vocab_size)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    return {"vocab_size": tokenizer.get_vocab_size(), "train_seconds": time.perf_counter() - start}
+
+  tokenizer_description = {
+    "tokenizer": "bpe-bytelevel",
+    "corpus_sha256": corpus.fingerprint(files, cfg.max_corpus_bytes),
+    "vocab_size": cfg.vocab_size,
+  }
+  tokenizer_dir, tokenizer_meta = cache.build_once(
+    cache_dir, "tokenizer", tokenizer_description, build_tokenizer)
+  tokenizer_path = tokenizer_dir / "tokenizer.json"
+  vocab_size = int(tokenizer_meta["vocab_size"])
+
+  def build_tokens(out_dir: pathlib.Path) -> dict:
+    start = time.perf_counter()
+    tokenizer = tokenizer_lib.load(str(tokenizer_path))
+    chunks = tokenizer_lib.encode_stream(tokenizer, documents())
+    stream_N = _write_stream(chunks, out_dir / "stream.bin", token_dtype(vocab_size))
+    meta = _write_splits(stream_N, cfg.eval_fraction, vocab_size, out_dir)
+    del stream_N
+    os.remove(out_dir / "stream.bin")
+    return {**meta, "vocab_size": vocab_size, "encode_seconds": time.perf_counter() - start}
+
+  tokens_description = {"tokenizer_entry": tokenizer_dir.name, "eval_fraction": cfg.eval_fraction}
+  tokens_dir, meta = cache.build_once(cache_dir, "tokens", tokens_description, build_tokens)
+  return _prepared(tokens_dir, meta, str(tokenizer_path))
+
+
+def _prepare_tokens(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
+  path = pathlib.Path(cfg.paths[0]).expanduser().resolve()
+  try:
+    stream_N = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (OSError, ValueError) as error:
+    raise ValueError(f"DataConfig.paths[0] must be a readable .npy file: {error}") from None
+  if stream_N.ndim != 1 or stream_N.dtype.kind not in "iu":
+    raise ValueError(f"DataConfig.paths[0] must hold a 1-D integer array, got shape "
+                     f"{stream_N.shape} dtype {stream_N.dtype}")
+  stat = path.stat()
+  description = {"tokens_file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                 "vocab_size": cfg.vocab_size, "eval_fraction": cfg.eval_fraction}
+
+  def build_tokens(out_dir: pathlib.Path) -> dict:
+    meta = _write_splits(stream_N, cfg.eval_fraction, cfg.vocab_size, out_dir)
+    return {**meta, "vocab_size": cfg.vocab_size}
+
+  tokens_dir, meta = cache.build_once(cache_dir, "tokens", description, build_tokens)
+  return _prepared(tokens_dir, meta, None)
+
+
+def _prepared(tokens_dir: pathlib.Path, meta: dict, tokenizer_path: str | None) -> PreparedData:
+  return PreparedData(
+    train_tokens=str(tokens_dir / "train.npy"),
+    eval_tokens=str(tokens_dir / "eval.npy"),
+    vocab_size=int(meta["vocab_size"]),
+    tokenizer_path=tokenizer_path,
+    num_train_tokens=int(meta["num_train_tokens"]),
+    num_eval_tokens=int(meta["num_eval_tokens"]),
+  )
+
+
+def prepare(cfg: DataConfig) -> PreparedData:
+  """Tokenizes (or copies) the configured data into cached train/eval token files.
+
+  Idempotent: a second call with the same inputs reads the cache (no tokenizer training, no
+  encoding). Safe under concurrent callers sharing `cache_dir`: one builds, the others wait.
+
+  Raises:
+    ValueError naming the field for paths that match nothing, a token file that is not a 1-D
+    integer .npy or holds ids >= vocab_size, or a corpus too small to leave train tokens.
+  """
+  if not isinstance(cfg, DataConfig):
+    raise TypeError(f"prepare expects a DataConfig, got {type(cfg).__name__}")
+  cache_dir = cfg.resolved_cache_dir()
+  if cfg.source == "tokens":
+    return _prepare_tokens(cfg, cache_dir)
+  return _prepare_text(cfg, cache_dir)
+
+
+def load_tokenizer(prepared: PreparedData):
+  """The HF `tokenizers.Tokenizer` of `prepared` (for decoding samples).
+
+  Raises:
+    ValueError when `prepared` came from source="tokens" (no tokenizer).
+  """
+  if prepared.tokenizer_path is None:
+    raise ValueError("prepared.tokenizer_path is None: source='tokens' data has no tokenizer")
+  return tokenizer_lib.load(prepared.tokenizer_path)
