@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from cce_jax import checks, reference, xla_chunked
+from cce_jax import checks, differentiable, dispatch, loss_math, sharding, xla_chunked
 from cce_jax.block_sizes import BlockSizes
+from cce_jax.dispatch import resolve_impl
 from cce_jax.options import LossOptions
-
-# Every implementation has this signature:
-#   fn(e (N, D), c, labels (N,), bias (V,) | None, opts, return_lse)
-#     -> per-token loss (N,) f32, or (loss, lse) when return_lse.
-TokenLossFn = Callable[..., Any]
-
-_IMPLEMENTATIONS: dict[str, TokenLossFn] = {
-    "xla": xla_chunked.xla_token_loss,
-    "reference": reference.reference_token_loss,
-}
-_PLANNED = {"pallas_gpu": "the Pallas GPU kernels", "pallas_tpu": "the Pallas TPU kernels"}
-
-
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-  """The implementation ``impl`` names on ``backend`` (default: JAX's default backend)."""
-  checks.check_choice("impl", impl, checks.IMPLS)
-  if impl == "auto":
-    del backend  # "xla" is the fastest implementation available on every backend today.
-    return "xla"
-  if impl in _PLANNED:
-    raise NotImplementedError(
-        f"`impl`={impl!r} ({_PLANNED[impl]}) is not available in this version; use "
-        "impl='xla' (every backend) or impl='auto'."
-    )
-  return impl
 
 
 def _target_labels(labels: jax.Array, shift: int, num_classes: int, ignore_index: int):
@@ -54,7 +30,9 @@ def _target_labels(labels: jax.Array, shift: int, num_classes: int, ignore_index
   return jnp.concatenate([labels[..., shift:], tail], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl"))
+@functools.partial(
+    jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl", "token_axes")
+)
 def _linear_cross_entropy(
     e: jax.Array,
     c: jax.Array,
@@ -66,27 +44,36 @@ def _linear_cross_entropy(
     shift: int,
     return_lse: bool,
     impl: str,
+    token_axes: tuple[str, ...] | None = None,
 ):
+  """The loss on this device's arrays; sums and counts are psum-ed over ``token_axes``."""
   batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
   out_shape = (*batch_shape, seq_len - shift)
-  labels = _target_labels(labels, shift, c.shape[opts.vocab_dim], opts.ignore_index)
+  num_local = c.shape[opts.vocab_dim]
+  num_classes = differentiable.vocab_shard(num_local, opts.vocab_axis)[1]
+  labels = _target_labels(labels, shift, num_classes, opts.ignore_index)
   counted = labels[..., : seq_len - shift] != opts.ignore_index
   if 0 in out_shape:
     # No token: the loss is 0 (not 0/0) and every gradient is zero.
     loss = jnp.zeros(out_shape if reduction == "none" else (), jnp.float32)
+    if reduction != "none" and token_axes:
+      loss = lax.psum(loss, token_axes)
     return (loss, jnp.zeros(out_shape, jnp.float32)) if return_lse else loss
 
-  out = _IMPLEMENTATIONS[impl](
-      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts, return_lse
+  out = differentiable.token_loss(
+      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts, return_lse, impl
   )
   token_loss, lse = out if return_lse else (out, None)
   token_loss = token_loss.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
   if reduction == "none":
     loss = token_loss
-  elif reduction == "sum":
-    loss = jnp.sum(token_loss)
   else:
-    loss = jnp.sum(token_loss) / jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+    loss = jnp.sum(token_loss)
+    count = jnp.sum(counted, dtype=jnp.int32)
+    if token_axes:
+      loss, count = lax.psum((loss, count), token_axes)
+    if reduction == "mean":
+      loss = loss / jnp.maximum(count, 1).astype(jnp.float32)
   if return_lse:
     return loss, lse.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
   return loss
@@ -98,6 +85,7 @@ def _prepare(
   """Checks the arrays and options shared by the public functions (at trace time)."""
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   checks.check_arrays(e, c, labels, bias, layout)
+  checks.check_bool("interpret", options.get("interpret", False))
   shift = checks.check_shift(shift, labels.shape[-1])
   return checks.build_options(dtype=e.dtype, classifier_layout=layout, **options), shift
 
@@ -124,6 +112,9 @@ def linear_cross_entropy(
     block_sizes: BlockSizes | None = None,
     sort_vocab: bool = True,
     check_labels: bool = False,
+    vocab_axis: str | tuple[str, ...] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    token_axes: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of the logits ``e @ c.T`` against integer labels, without the logits.
 
@@ -200,23 +191,41 @@ def linear_cross_entropy(
     >>> loss.shape, loss.dtype
     ((), dtype('float32'))
   """
+  reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
+  return_lse = checks.check_bool("return_lse", return_lse)
+  impl = resolve_impl(impl)
+  tiled = None if impl == "reference" else dispatch.tiled_implementation(impl)
+  layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
+  token_axes = sharding.check_axes("token_axes", token_axes)
+  vocab_axes = sharding.check_axes("vocab_axis", vocab_axis)
+  if mesh is not None:
+    sharding.check_mesh_layout(mesh, e, c, labels, layout, token_axes, vocab_axes, shift)
+  elif vocab_axes or token_axes:
+    sharding.check_bound_axes(token_axes, vocab_axes)
   opts, shift = _prepare(
-      e, c, labels, bias, shift=shift, classifier_layout=classifier_layout,
+      e, c, labels, bias, shift=shift, classifier_layout=layout,
       ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
       label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
       filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
+      block_sizes_type=BlockSizes if tiled is None else tiled.block_sizes_type,
+      default_block_sizes=BlockSizes.get_default if tiled is None else tiled.default_block_sizes,
+      interpret=interpret, vocab_axis=vocab_axes,
   )
-  reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
-  return_lse = checks.check_bool("return_lse", return_lse)
-  checks.check_bool("interpret", interpret)
-  impl = resolve_impl(impl)
   num_classes = c.shape[opts.vocab_dim]
+  if vocab_axes:
+    num_classes *= sharding.axes_size(mesh, vocab_axes)
   if checks.check_bool("check_labels", check_labels):
     checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
   labels = checks.labels_as_int32(labels, num_classes)
-  return _linear_cross_entropy(
-      e, c, labels, bias, opts=opts, reduction=reduction, shift=shift,
-      return_lse=return_lse, impl=impl,
+  per_device = functools.partial(
+      _linear_cross_entropy, opts=opts, reduction=reduction, shift=shift,
+      return_lse=return_lse, impl=impl, token_axes=token_axes,
+  )
+  if mesh is None:
+    return per_device(e, c, labels, bias)
+  return sharding.run_sharded(
+      per_device, mesh, e, c, labels, bias, token_axes=token_axes, vocab_axes=vocab_axes,
+      vocab_dim=opts.vocab_dim, per_token=reduction == "none", return_lse=return_lse,
   )
 
 
@@ -267,7 +276,16 @@ def filter_stats(
 
 @functools.partial(jax.jit, static_argnames=("opts", "shift"))
 def _filter_tile_counts(e, c, labels, bias, *, opts: LossOptions, shift: int):
-  labels = _target_labels(labels, shift, c.shape[opts.vocab_dim], opts.ignore_index)
-  return xla_chunked.filter_tile_counts(
-      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts
-  )
+  num_classes = c.shape[opts.vocab_dim]
+  labels = _target_labels(labels, shift, num_classes, opts.ignore_index).reshape(-1)
+  e = e.reshape(-1, e.shape[-1])
+  held = differentiable.local_labels(labels, 0, num_classes, num_classes, opts)
+  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
+  g = jnp.where(kinds.ignored, 0.0, jnp.where(kinds.out_of_range, jnp.nan, 1.0))
+
+  def scale(lse):
+    # The filter scale of the loss alone (no lse cotangent), each counted token weighted 1.
+    d_lse, d_target = g * (1.0 + 2.0 * opts.z_loss * lse), -(1.0 - opts.label_smoothing) * g
+    return differentiable.backward_coefficients(d_lse, d_target, None, opts)[1]
+
+  return xla_chunked.filter_tile_counts(e, c, held, bias, scale, opts)

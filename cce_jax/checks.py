@@ -156,8 +156,16 @@ def build_options(
     sort_vocab: Any,
     classifier_layout: str,
     block_sizes: Any,
+    block_sizes_type: type = BlockSizes,
+    default_block_sizes=BlockSizes.get_default,
+    interpret: Any = False,
+    vocab_axis: str | tuple[str, ...] | None = None,
 ) -> LossOptions:
-  """Validates the scalar options and bundles them into the static :class:`LossOptions`."""
+  """Validates the scalar options and bundles them into the static :class:`LossOptions`.
+
+  ``block_sizes`` must be a ``block_sizes_type`` (the chosen implementation's dataclass);
+  None picks ``default_block_sizes(dtype)``.
+  """
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(
         f"`ignore_index` must be an int, got {type(ignore_index).__name__} ({ignore_index!r})."
@@ -171,10 +179,14 @@ def build_options(
     if softcap == 0.0:
       raise ValueError("`softcap` must be positive (or None for no softcap), got 0.0.")
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(dtype)
-  if not isinstance(block_sizes, BlockSizes):
+    block_sizes = default_block_sizes(dtype)
+  if not isinstance(block_sizes, block_sizes_type):
+    expected = (
+        "cce_jax.BlockSizes" if block_sizes_type is BlockSizes
+        else f"{block_sizes_type.__module__}.{block_sizes_type.__qualname__}"
+    )
     raise TypeError(
-        f"`block_sizes` must be a cce_jax.BlockSizes, got {type(block_sizes).__name__}."
+        f"`block_sizes` must be a {expected} for this `impl`, got {type(block_sizes).__name__}."
     )
   return LossOptions(
       ignore_index=int(ignore_index),
@@ -189,6 +201,8 @@ def build_options(
       sort_vocab=check_bool("sort_vocab", sort_vocab),
       classifier_layout=classifier_layout,
       block_sizes=block_sizes,
+      interpret=check_bool("interpret", interpret),
+      vocab_axis=vocab_axis,
   )
 
 

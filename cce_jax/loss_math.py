@@ -50,6 +50,25 @@ def capped_logits(
   return apply_softcap(x, opts.softcap)
 
 
+def target_logits(
+    e: jax.Array,  # (n, D)
+    c: jax.Array,  # (V, D) or (D, V): the whole (local) classifier
+    local_labels: jax.Array,  # (n,) int, -1 where no target class is held
+    bias: jax.Array | None,  # (V,)
+    opts: LossOptions,
+) -> jax.Array:
+  """The soft-capped logit of each token's target by an indexed dot, (n,) f32; 0 where the
+  label is -1. Gathers n rows of ``c``, never the logits."""
+  safe_labels = jnp.maximum(local_labels, 0)
+  rows = jnp.take(c, safe_labels, axis=opts.vocab_dim)  # (n, D) or (D, n)
+  if opts.vocab_dim == 1:
+    rows = rows.T
+  x = jnp.sum(e.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
+  if bias is not None:
+    x = x + bias[safe_labels].astype(jnp.float32)
+  return jnp.where(local_labels >= 0, apply_softcap(x, opts.softcap), 0.0)
+
+
 def token_loss(
     lse: jax.Array,  # (N,) f32
     target_logit: jax.Array,  # (N,) f32, soft-capped
@@ -95,34 +114,17 @@ def mask_token_loss(
 class TokenCoefficients(NamedTuple):
   """Per-token factors of ``dz_nv = alpha_n p_nv - beta_n [v == t_n] - gamma_n``, each (N,) f32.
 
-  ``alpha_n = g_n (1 + 2 k L_n) + h_n``, ``beta_n = g_n (1 - a)``, ``gamma_n = g_n a / V``, with
-  ``g_n = 0`` at ignored tokens and ``alpha_n = NaN`` at out-of-range labels, so that a bad label
-  poisons the gradient as it poisons the loss. ``g`` is the loss cotangent with ignored tokens
-  zeroed.
+  For the loss alone, ``alpha_n = g_n (1 + 2 k L_n) + h_n``, ``beta_n = g_n (1 - a)``,
+  ``gamma_n = g_n a / V``, with ``g_n`` the cotangent of the per-token loss (0 at ignored
+  tokens) and ``h_n`` that of the lse; ``alpha_n`` is NaN at an out-of-range label, so that a
+  bad label poisons the gradient as it poisons the loss. (Over a vocabulary-sharded axis each
+  shard's ``alpha_n`` carries its share ``exp(L_local - L)``; see ``cce_jax.differentiable``.)
   """
 
   g: jax.Array
   alpha: jax.Array
   beta: jax.Array
   gamma: jax.Array
-
-
-def token_coefficients(
-    lse: jax.Array,  # (N,) f32
-    labels: jax.Array,  # (N,) int
-    g: jax.Array,  # (N,) f32, cotangent of the per-token loss
-    h: jax.Array | None,  # (N,) f32, cotangent of lse; None when it is zero
-    num_classes: int,
-    opts: LossOptions,
-) -> TokenCoefficients:
-  """Builds the :class:`TokenCoefficients` of a backward pass."""
-  a, k = opts.label_smoothing, opts.z_loss
-  kinds = label_kinds(labels, num_classes, opts.ignore_index)
-  g = jnp.where(kinds.ignored, 0.0, g)
-  alpha = g * jnp.where(kinds.out_of_range, jnp.nan, 1.0 + 2.0 * k * lse)
-  if h is not None:
-    alpha = alpha + h
-  return TokenCoefficients(g=g, alpha=alpha, beta=g * (1.0 - a), gamma=g * (a / num_classes))
 
 
 def softmax_grad_tile(
@@ -147,24 +149,3 @@ def softmax_grad_tile(
   if valid is not None:
     dz = jnp.where(valid, dz, 0.0)
   return dz * softcap_derivative(z, opts.softcap)
-
-
-def softmax_bound(
-    block_max_logit: jax.Array,  # (n,) f32: max of z_nv over a block of classes
-    lse: jax.Array,  # (n,) f32
-    labels: jax.Array,  # (n,) int
-    num_classes: int,
-    opts: LossOptions,
-) -> jax.Array:
-  """``max(|1 + 2 k L_n|, 1) * exp(max_v z_nv - L_n)``, (n,) f32: the filter bound of a block.
-
-  It bounds every off-target entry of the block from above: ``|(1 + 2 k L_n) p_nv|`` (MATH.md's
-  filter quantity) and ``p_nv`` (the lse-gradient term). So when it is below ``filter_eps`` for
-  every row of a tile that holds no row's target class, MATH.md's rule holds on the whole tile
-  and the tile may be skipped. NaN at out-of-range labels, so that such rows never let a tile
-  go.
-  """
-  out_of_range = label_kinds(labels, num_classes, opts.ignore_index).out_of_range
-  factor = jnp.maximum(jnp.abs(1.0 + 2.0 * opts.z_loss * lse), 1.0)
-  factor = jnp.where(out_of_range, jnp.nan, factor)
-  return factor * jnp.exp(block_max_logit - lse)

@@ -11,26 +11,21 @@ import jax.numpy as jnp
 
 from cce_jax import loss_math
 from cce_jax.options import LossOptions
+from cce_jax.tiled import LocalForward
 
 
-def reference_token_loss(
+def local_stats(
     e: jax.Array,  # (N, D)
     c: jax.Array,  # (V, D) or (D, V)
-    labels: jax.Array,  # (N,) int
+    local_labels: jax.Array,  # (N,) int32, -1 where this classifier holds no target
     bias: jax.Array | None,  # (V,)
     opts: LossOptions,
-    return_lse: bool,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """Per-token loss, (N,) f32, and with ``return_lse`` the lse, from materialized logits."""
-  num_classes = c.shape[opts.vocab_dim]
-  z = loss_math.capped_logits(e, c, bias, opts)  # (N, V)
-  lse = jax.nn.logsumexp(z, axis=-1)
-  safe_labels = jnp.clip(labels, 0, num_classes - 1)
-  target_logit = jnp.take_along_axis(z, safe_labels[:, None], axis=-1)[:, 0]
-  # A label outside [0, V) poisons the gradients too, not only the (masked) loss value.
-  out_of_range = loss_math.label_kinds(labels, num_classes, opts.ignore_index).out_of_range
-  target_logit = target_logit * jnp.where(out_of_range, jnp.nan, 1.0)
-  logit_sum = jnp.sum(z, axis=-1) if opts.label_smoothing > 0.0 else None
-  loss = loss_math.token_loss(lse, target_logit, logit_sum, num_classes, opts)
-  loss = loss_math.mask_token_loss(loss, labels, num_classes, opts.ignore_index)
-  return (loss, lse) if return_lse else loss
+) -> LocalForward:
+  """The statistics of ``cce_jax.tiled.LocalForward`` from materialized logits (no residuals)."""
+  z = loss_math.capped_logits(e, c, bias, opts)  # (N, V) f32
+  target = jnp.take_along_axis(z, jnp.maximum(local_labels, 0)[:, None], axis=-1)[:, 0]
+  return LocalForward(
+      lse=jax.nn.logsumexp(z, axis=-1),
+      target=jnp.where(local_labels >= 0, target, 0.0),
+      logit_sum=jnp.sum(z, axis=-1) if opts.label_smoothing > 0.0 else None,
+  )

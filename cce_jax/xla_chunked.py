@@ -1,10 +1,11 @@
-"""Cut Cross-Entropy in pure JAX: tiled loops that XLA compiles for any backend.
+"""Cut Cross-Entropy in pure JAX: tiled loops that XLA compiles for any backend (``impl="xla"``).
 
-Forward: for each block of tokens, an online log-sum-exp over vocabulary blocks (f32) and the
-target logit by an indexed dot. When a gradient will be taken, the vocabulary is visited in the
-backward's order (descending average logit, computed exactly up front from ``c . mean(e)``),
-and for every token and vocabulary block the forward records the bound of
-``loss_math.softmax_bound``. Once the lse is known, that bound says, before anything is
+A tiled implementation in the sense of :mod:`cce_jax.tiled`. Forward: for each block of
+tokens, an online log-sum-exp over vocabulary blocks (f32) and the target logit by an indexed
+dot. When a gradient will be taken, the vocabulary is visited in the backward's order
+(descending average logit, computed exactly up front from ``c . mean(e)``), and when filtering
+is on the forward records the maximum logit of every token and vocabulary block. Once the lse
+and the filter scale are known, ``scale * exp(block max - lse)`` says, before anything is
 recomputed, which tiles hold only negligible softmax-gradient entries (``../shared/MATH.md``).
 
 Backward: for each vocabulary block (in that order) and each token block, a tile that is not
@@ -12,7 +13,7 @@ skipped recomputes its logits, forms the softmax gradient and accumulates ``dE +
 ``dC_block += G.T @ E``; a skipped tile is a ``lax.cond`` branch that does nothing. Nothing of
 size N x V is ever allocated: the temporaries are a few f32 tiles of ``token_block x
 vocab_block``, an f32 (N, D) accumulator for dE, an f32 (vocab_block, D) accumulator for one
-block of dC, and the (vocab blocks, N) bounds.
+block of dC, and the (vocab blocks, N) block maxima.
 
 Sizes that are not a multiple of a block are handled without padding: the last block starts
 early (``min(i * block, size - block)``) and the entries that an earlier block already covered
@@ -27,6 +28,7 @@ computes both sides).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -35,7 +37,9 @@ from jax import lax
 from jax.custom_batching import custom_vmap, sequential_vmap
 
 from cce_jax import loss_math, vocab_sort
+from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
+from cce_jax.tiled import LocalForward, LocalGrads, TiledImplementation
 
 
 class _Tiling(NamedTuple):
@@ -99,53 +103,35 @@ def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
   return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
 
 
-def _target_logits(e_blk, labels_blk, c, bias, opts: LossOptions) -> jax.Array:
-  """The soft-capped logit of each token's label by an indexed dot, (n,) f32."""
-  num_classes = c.shape[opts.vocab_dim]
-  safe_labels = jnp.clip(labels_blk, 0, num_classes - 1)
-  rows = jnp.take(c, safe_labels, axis=opts.vocab_dim)  # (n, D) or (D, n)
-  if opts.vocab_dim == 1:
-    rows = rows.T
-  x = jnp.sum(e_blk.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
-  if bias is not None:
-    x = x + bias[safe_labels].astype(jnp.float32)
-  return loss_math.apply_softcap(x, opts.softcap)
+class Residuals(NamedTuple):
+  """What the forward leaves for the backward."""
 
-
-class ForwardResult(NamedTuple):
-  """The forward's outputs; ``order`` and ``bound`` only when a backward will follow."""
-
-  loss: jax.Array  # (N,) f32 per-token loss
-  lse: jax.Array  # (N,) f32
-  order: jax.Array | None = None  # (V,) int32 class order of the tiles
-  bound: jax.Array | None = None  # (num vocab blocks, N) f32, see loss_math.softmax_bound
+  order: jax.Array  # (V,) int32 class order of the tiles
+  block_max: jax.Array | None  # (vocab blocks, N) f32 max logit per block; None if exact
 
 
 def forward(
     e: jax.Array,  # (N, D)
     c: jax.Array,  # (V, D) or (D, V)
-    labels: jax.Array,  # (N,) int
+    local_labels: jax.Array,  # (N,) int32, -1 where no target class is held
     bias: jax.Array | None,  # (V,)
     opts: LossOptions,
     for_backward: bool,
-    lse_has_cotangent: bool = True,
-) -> ForwardResult:
-  """Per-token loss and lse; ``for_backward`` also returns what the backward needs.
+) -> LocalForward:
+  """Per-token lse, target logit and logit sum (``cce_jax.tiled.LocalForward``).
 
-  For a backward the vocabulary is visited in :func:`vocab_sort.vocab_order` (blocks of ``c``
-  gathered by class id, never a permuted copy of ``c``), the same blocks the backward will visit, and for
-  every token and block the filter bound of ``loss_math.softmax_bound`` is recorded when
-  filtering is on. Rows that will have no cotangent (ignored tokens, when the lse has none)
-  get bound 0: their gradient is exactly zero.
+  For a backward the vocabulary is visited in :func:`vocab_sort.vocab_order` (blocks of
+  ``c`` gathered by class id, never a permuted copy of ``c``), the blocks the backward will
+  visit, and when filtering is on the maximum logit of every (block, token) is recorded:
+  with the lse and the filter scale it bounds every entry of a tile's softmax gradient.
   """
-  num_tokens, hidden = e.shape
-  num_classes = c.shape[opts.vocab_dim]
+  num_tokens = e.shape[0]
   axis = opts.vocab_dim
   tok = _tiling(num_tokens, opts.block_sizes.token_block)
-  voc = _tiling(num_classes, opts.block_sizes.vocab_block)
+  voc = _tiling(c.shape[axis], opts.block_sizes.vocab_block)
   want_logit_sum = opts.label_smoothing > 0.0
   order = vocab_sort.vocab_order(e, c, bias, opts) if for_backward else None
-  want_bound = for_backward and opts.filters_anything
+  want_block_max = for_backward and opts.filters_anything
 
   def classifier_block(v0):
     if order is None:
@@ -154,10 +140,10 @@ def forward(
     return jnp.take(c, class_ids, axis=axis), None if bias is None else bias[class_ids]
 
   def token_step(i, carry):
-    loss_N, lse_N, bound_BN = carry
+    lse_N, target_N, logit_sum_N, block_max_BN = carry
     t0 = _block_start(i, tok)
     e_blk = _slice(e, t0, tok.block)  # (n, D)
-    labels_blk = _slice(labels, t0, tok.block)  # (n,)
+    target = loss_math.target_logits(e_blk, c, _slice(local_labels, t0, tok.block), bias, opts)
 
     def vocab_step(j, inner):
       running_max, running_sum, logit_sum, block_max = inner
@@ -174,63 +160,61 @@ def forward(
       if want_logit_sum:
         z_sum = z if fresh_v is None else jnp.where(fresh_v[None, :], z, 0.0)
         logit_sum = logit_sum + jnp.sum(z_sum, axis=1)
-      if want_bound:
+      if want_block_max:
         block_max = _update(block_max, tile_max[None, :], j)
       return new_max, running_sum, logit_sum, block_max
 
     zeros_n = jnp.zeros((tok.block,), jnp.float32)
-    block_max = jnp.zeros((voc.count if want_bound else 0, tok.block), jnp.float32)
+    block_max = jnp.zeros((voc.count if want_block_max else 0, tok.block), jnp.float32)
     init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros_n, zeros_n, block_max)
     running_max, running_sum, logit_sum, block_max = lax.fori_loop(
         0, voc.count, vocab_step, init
     )
-    lse = running_max + jnp.log(running_sum)  # (n,)
-    target = _target_logits(e_blk, labels_blk, c, bias, opts)
-    loss = loss_math.token_loss(
-        lse, target, logit_sum if want_logit_sum else None, num_classes, opts
-    )
-    loss = loss_math.mask_token_loss(loss, labels_blk, num_classes, opts.ignore_index)
-    if want_bound:
-      bound = loss_math.softmax_bound(block_max, lse[None, :], labels_blk[None, :],
-                                      num_classes, opts)  # (blocks, n)
-      if not lse_has_cotangent:
-        bound = jnp.where(labels_blk[None, :] == opts.ignore_index, 0.0, bound)
-      bound_BN = _update(bound_BN, bound, t0, axis=1)
     # Rows shared with the previous block are recomputed identically: overwriting is exact.
-    return _update(loss_N, loss, t0), _update(lse_N, lse, t0), bound_BN
+    return (
+        _update(lse_N, running_max + jnp.log(running_sum), t0),
+        _update(target_N, target, t0),
+        _update(logit_sum_N, logit_sum, t0) if want_logit_sum else logit_sum_N,
+        _update(block_max_BN, block_max, t0, axis=1) if want_block_max else block_max_BN,
+    )
 
-  del hidden
   init = (
       jnp.zeros((num_tokens,), jnp.float32),
       jnp.zeros((num_tokens,), jnp.float32),
-      jnp.zeros((voc.count, num_tokens) if want_bound else (0, 0), jnp.float32),
+      jnp.zeros((num_tokens if want_logit_sum else 0,), jnp.float32),
+      jnp.zeros((voc.count, num_tokens) if want_block_max else (0, 0), jnp.float32),
   )
-  loss_N, lse_N, bound_BN = lax.fori_loop(0, tok.count, token_step, init)
-  return ForwardResult(loss_N, lse_N, order, bound_BN if want_bound else None)
+  lse, target, logit_sum, block_max = lax.fori_loop(0, tok.count, token_step, init)
+  return LocalForward(
+      lse=lse,
+      target=target,
+      logit_sum=logit_sum if want_logit_sum else None,
+      residuals=Residuals(order, block_max if want_block_max else None) if for_backward else None,
+  )
 
 
 def skip_table(
-    bound: jax.Array,  # (num vocab blocks, N) f32, from forward
-    labels: jax.Array,  # (N,) int
-    order: jax.Array,  # (V,) int32
+    residuals: Residuals,
+    lse: jax.Array,  # (N,) f32
+    filter_scale: jax.Array,  # (N,) f32
+    local_labels: jax.Array,  # (N,) int32
     opts: LossOptions,
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles the backward skips.
 
-  A tile is skipped when no row's target class lies in it and every row's bound is below
-  ``filter_eps``: then every entry of its softmax gradient is below ``filter_eps`` times the
-  row's cotangent, MATH.md's rule.
+  A tile is skipped when no row's target class lies in it and, for every row, ``filter_scale
+  * exp(block max - lse)`` (which bounds every entry of the row in the block) is below
+  ``filter_eps``: the rule of ``cce_jax.tiled``.
   """
-  num_tokens, num_classes = labels.shape[0], order.shape[0]
+  num_tokens, num_classes = local_labels.shape[0], residuals.order.shape[0]
   tok = _tiling(num_tokens, opts.block_sizes.token_block)
   voc = _tiling(num_classes, opts.block_sizes.vocab_block)
-  position = jnp.zeros((num_classes,), jnp.int32).at[order].set(
+  bound = filter_scale[None, :] * jnp.exp(residuals.block_max - lse[None, :])  # (blocks, N)
+  position = jnp.zeros((num_classes,), jnp.int32).at[residuals.order].set(
       jnp.arange(num_classes, dtype=jnp.int32)
   )
-  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
-  has_target = ~kinds.ignored & ~kinds.out_of_range
   target_block = jnp.where(
-      has_target, position[jnp.clip(labels, 0, num_classes - 1)] // voc.block, -1
+      local_labels >= 0, position[jnp.maximum(local_labels, 0)] // voc.block, -1
   )  # (N,): the vocabulary block holding each token's target, -1 for none
 
   def tile(i, j):
@@ -256,25 +240,19 @@ def _product_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(dtype) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
 
 
-class BackwardResult(NamedTuple):
-  """Gradients of one backward pass."""
-
-  d_e: jax.Array  # (N, D), dtype of e
-  d_c: jax.Array  # layout and dtype of c
-  d_bias: jax.Array | None  # (V,), dtype of bias
-
-
 def backward(
     e: jax.Array,  # (N, D)
     c: jax.Array,  # (V, D) or (D, V)
-    labels: jax.Array,  # (N,) int
+    local_labels: jax.Array,  # (N,) int32
     bias: jax.Array | None,  # (V,)
-    fwd: ForwardResult,
-    g: jax.Array,  # (N,) f32 cotangent of the per-token loss
-    h: jax.Array | None,  # (N,) f32 cotangent of lse
+    residuals: Residuals,
+    lse: jax.Array,  # (N,) f32
+    coeffs: loss_math.TokenCoefficients,
+    filter_scale: jax.Array | None,  # (N,) f32
     opts: LossOptions,
-) -> BackwardResult:
-  """Gradients w.r.t. e, c and bias (MATH.md), skipping the tiles of :func:`skip_table`.
+) -> LocalGrads:
+  """Gradients w.r.t. e, c and bias (``cce_jax.tiled``), skipping the tiles of
+  :func:`skip_table`.
 
   A skipped tile costs nothing when both ``filter_e_grad`` and ``filter_c_grad`` are on (not
   even the logits are recomputed; its bias-gradient entries are dropped with it); with one of
@@ -289,19 +267,20 @@ def backward(
   uniform_in_tile = a > 0.0 and opts.softcap is not None
   uniform_outside = a > 0.0 and opts.softcap is None
   product_dtype = _product_dtype(e.dtype)
-  coeffs = loss_math.token_coefficients(fwd.lse, labels, g, h, num_classes, opts)
-  skips = skip_table(fwd.bound, labels, fwd.order, opts) if opts.filters_anything else None
+  skips = None
+  if filter_scale is not None:
+    skips = skip_table(residuals, lse, filter_scale, local_labels, opts)
   skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
   if uniform_outside:
     # The uniform smoothing term is added exactly outside the tiles (MATH.md).
-    weighted_e_sum = coeffs.g @ e.astype(jnp.float32)  # (D,)
-    g_sum = jnp.sum(coeffs.g)
+    weighted_e_sum = coeffs.gamma @ e.astype(jnp.float32)  # (D,)
+    gamma_sum = jnp.sum(coeffs.gamma)
 
   def vocab_step(j, carry):
     d_e_acc, d_c, d_bias = carry
     p0 = _block_start(j, voc)
-    class_ids = _slice(fwd.order, p0, voc.block)  # (v,) int32
+    class_ids = _slice(residuals.order, p0, voc.block)  # (v,) int32
     fresh_v = _fresh(j, p0, voc)
     c_blk = jnp.take(c, class_ids, axis=axis)  # a (v, D) block, never a permuted copy of c
     c_blk_product = c_blk.astype(product_dtype)
@@ -316,13 +295,13 @@ def backward(
       def tile_work(state, product_skip):
         # Recomputes the tile; the products whose filter flag is on run unless product_skip.
         rows, c_acc, b_acc = state
-        labels_blk = _slice(labels, t0, tok.block)
+        labels_blk = _slice(local_labels, t0, tok.block)
         co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
         valid = _outer_and(_fresh(i, t0, tok), fresh_v)  # (n, v) or None
         z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
-            z, _slice(fwd.lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
+            z, _slice(lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
         )
         if b_acc is not None:
           b_acc = b_acc + jnp.sum(dx, axis=0)
@@ -354,9 +333,9 @@ def backward(
     )
     d_e_acc, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
     if uniform_outside:
-      d_c_blk = d_c_blk - (a / num_classes) * jnp.expand_dims(weighted_e_sum, axis)
+      d_c_blk = d_c_blk - jnp.expand_dims(weighted_e_sum, axis)
       if d_bias_blk is not None:
-        d_bias_blk = d_bias_blk - (a / num_classes) * g_sum
+        d_bias_blk = d_bias_blk - gamma_sum
     # Classes an earlier block already wrote get an out-of-range index and are dropped.
     write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
     d_c_blk = d_c_blk.astype(d_c.dtype)
@@ -377,110 +356,90 @@ def backward(
   if uniform_outside:
     class_sum = jnp.sum(c.astype(jnp.float32), axis=axis)  # (D,)
     d_e = d_e - coeffs.gamma[:, None] * class_sum[None, :]
-  return BackwardResult(
-      d_e=d_e.astype(e.dtype),
-      d_c=d_c,
-      d_bias=None if bias is None else d_bias.astype(bias.dtype),
-  )
+  return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
 
 
 # ---- vmap: fold the mapped axis into the tokens (forward), map examples (backward) ----------
 
 
 @functools.cache
-def _batched_forward(opts: LossOptions, for_backward: bool, lse_has_cotangent: bool):
+def _batched_forward(opts: LossOptions, for_backward: bool):
   """``forward`` as a ``custom_vmap``: a vmapped call becomes one call over all tokens."""
-  one_call = functools.partial(
-      forward, opts=opts, for_backward=for_backward, lse_has_cotangent=lse_has_cotangent
-  )
+  one_call = functools.partial(forward, opts=opts, for_backward=for_backward)
 
   @custom_vmap
-  def folded_forward(e, c, labels, bias):
-    return one_call(e, c, labels, bias)
+  def folded_forward(e, c, local_labels, bias):
+    return one_call(e, c, local_labels, bias)
 
   @folded_forward.def_vmap
-  def rule(axis_size, in_batched, e, c, labels, bias):
+  def rule(axis_size, in_batched, e, c, local_labels, bias):
     e_batched, c_batched, labels_batched, bias_batched = in_batched
     if c_batched or bias_batched:
       # A classifier per example: nothing to fold, so run the examples one after another.
       in_axes = tuple(0 if b else None for b in in_batched)
-      out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, labels, bias)
+      out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, local_labels, bias)
       return out, jax.tree.map(lambda _: True, out)
     if not e_batched:
       e = jnp.broadcast_to(e, (axis_size, *e.shape))
     if not labels_batched:
-      labels = jnp.broadcast_to(labels, (axis_size, *labels.shape))
+      local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
     num_tokens, hidden = e.shape[1:]
-    out = folded_forward(e.reshape(-1, hidden), c, labels.reshape(-1), bias)
-    per_example = lambda x: x.reshape(axis_size, num_tokens)
-    bound = None
-    if out.bound is not None:  # (blocks, B * N) -> (B, blocks, N)
-      bound = jnp.moveaxis(out.bound.reshape(-1, axis_size, num_tokens), 1, 0)
-    # One class order serves every example: it only steers which tiles cluster.
-    out = ForwardResult(per_example(out.loss), per_example(out.lse), out.order, bound)
-    out_batched = ForwardResult(
-        True, True, None if out.order is None else False, None if bound is None else True
+    out = folded_forward(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)
+    per_example = lambda x: None if x is None else x.reshape(axis_size, num_tokens)
+    residuals = out.residuals
+    if residuals is not None and residuals.block_max is not None:
+      # (blocks, B * N) -> (B, blocks, N); one class order serves every example.
+      block_max = residuals.block_max.reshape(-1, axis_size, num_tokens)
+      residuals = residuals._replace(block_max=jnp.moveaxis(block_max, 1, 0))
+    out = LocalForward(
+        per_example(out.lse), per_example(out.target), per_example(out.logit_sum), residuals
     )
-    return out, out_batched
+    batched = jax.tree.map(lambda _: True, out)
+    if residuals is not None:
+      batched = batched._replace(
+          residuals=Residuals(False, None if residuals.block_max is None else True)
+      )
+    return out, batched
 
   return folded_forward
 
 
-@functools.cache
-def _batched_backward(opts: LossOptions):
-  """``backward`` mapped example by example under vmap, keeping its conds real branches."""
-  return sequential_vmap(functools.partial(backward, opts=opts))
+def _forward(e, c, local_labels, bias, opts: LossOptions, for_backward: bool) -> LocalForward:
+  return _batched_forward(opts, for_backward)(e, c, local_labels, bias)
 
 
-# ---- custom_vjp: the differentiable per-token loss ------------------------------------------
+def _backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale, opts: LossOptions):
+  # Under vmap the examples run one after another, so each tile's cond stays a real branch
+  # (a vmapped cond would become a select that computes both sides).
+  one_call = functools.partial(backward, opts=opts)
+  return sequential_vmap(one_call)(
+      e, c, local_labels, bias, residuals, lse, coeffs, filter_scale
+  )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _token_loss(e, c, labels, bias, opts: LossOptions, return_lse: bool):
-  out = _batched_forward(opts, False, return_lse)(e, c, labels, bias)
-  return (out.loss, out.lse) if return_lse else out.loss
-
-
-def _token_loss_fwd(e, c, labels, bias, opts: LossOptions, return_lse: bool):
-  out = _batched_forward(opts, True, return_lse)(e, c, labels, bias)
-  primal = (out.loss, out.lse) if return_lse else out.loss
-  return primal, (e, c, labels, bias, out._replace(loss=None))
-
-
-def _token_loss_bwd(opts: LossOptions, return_lse: bool, residuals, cotangent):
-  e, c, labels, bias, fwd = residuals
-  g, h = cotangent if return_lse else (cotangent, None)
-  grads = _batched_backward(opts)(e, c, labels, bias, fwd, g, h)
-  return grads.d_e, grads.d_c, None, grads.d_bias
-
-
-_token_loss.defvjp(_token_loss_fwd, _token_loss_bwd)
-
-
-def xla_token_loss(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    labels: jax.Array,  # (N,) int
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
-    return_lse: bool,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """Per-token loss, (N,) f32, and with ``return_lse`` the lse, differentiable w.r.t. e, c, bias.
-
-  Without ``return_lse`` the backward leaves out the lse-gradient terms altogether.
-  """
-  return _token_loss(e, c, labels, bias, opts, return_lse)
+IMPLEMENTATION = TiledImplementation(
+    name="xla",
+    forward=_forward,
+    backward=_backward,
+    block_sizes_type=BlockSizes,
+    default_block_sizes=BlockSizes.get_default,
+)
 
 
 def filter_tile_counts(
-    e: jax.Array, c: jax.Array, labels: jax.Array, bias: jax.Array | None, opts: LossOptions
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    local_labels: jax.Array,  # (N,) int32
+    bias: jax.Array | None,  # (V,)
+    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+    opts: LossOptions,
 ) -> tuple[jax.Array, jax.Array]:
-  """(skipped tiles, total tiles) of the backward of the loss alone, as () int32 arrays."""
+  """(skipped tiles, total tiles) of a backward, as () int32 arrays; runs the forward."""
   tok = _tiling(e.shape[0], opts.block_sizes.token_block)
   voc = _tiling(c.shape[opts.vocab_dim], opts.block_sizes.vocab_block)
   total = jnp.asarray(tok.count * voc.count, jnp.int32)
   if not opts.filters_anything:
     return jnp.zeros((), jnp.int32), total
-  fwd = forward(e, c, labels, bias, opts, for_backward=True, lse_has_cotangent=False)
-  skipped = jnp.sum(skip_table(fwd.bound, labels, fwd.order, opts), dtype=jnp.int32)
-  return skipped, total
+  fwd = forward(e, c, local_labels, bias, opts, for_backward=True)
+  table = skip_table(fwd.residuals, fwd.lse, filter_scale(fwd.lse), local_labels, opts)
+  return jnp.sum(table, dtype=jnp.int32), total

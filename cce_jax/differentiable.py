@@ -1,0 +1,147 @@
+"""The differentiable per-token loss, shared by every implementation and both sharded modes.
+
+An implementation computes, over the classes it holds, three per-token statistics: the
+log-sum-exp, the target logit (where it holds the target) and, with label smoothing, the sum of
+the logits (:class:`cce_jax.tiled.LocalForward`). Everything else is ordinary JAX here:
+
+* with ``opts.vocab_axis`` (inside ``shard_map``, ``c`` split over the vocabulary along that
+  mesh axis) the statistics are combined across the axis in f32: lse by max then sum of exp,
+  the target logit and the logit sum by a sum;
+* the loss formula (``loss_math.token_loss``), the masking of ignored tokens and the NaN of
+  out-of-range labels.
+
+The statistics of a tiled implementation form one ``jax.custom_vjp`` whose backward turns the
+cotangents of (lse, target, logit sum) into the per-token factors of the softmax gradient
+(``TokenCoefficients``) and the filter scale of ``../shared/MATH.md``'s skip rule, and calls the
+implementation's tiled backward. Because the collectives are ordinary differentiable JAX
+outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
+vocabulary axis by ``shard_map``'s own rules, correctly with ``check_vma`` on or off.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cce_jax import dispatch, loss_math, reference
+from cce_jax.options import LossOptions
+from cce_jax.tiled import LocalForward
+
+
+def vocab_shard(num_local: int, vocab_axis) -> tuple[jax.Array | int, int]:
+  """(first class id held here, global number of classes) for a vocabulary split over
+  ``vocab_axis`` in equal contiguous slices; (0, ``num_local``) when ``vocab_axis`` is None."""
+  if vocab_axis is None:
+    return 0, num_local
+  return lax.axis_index(vocab_axis) * num_local, num_local * lax.axis_size(vocab_axis)
+
+
+def local_labels(
+    labels: jax.Array, offset: jax.Array | int, num_local: int, num_classes: int, opts: LossOptions
+) -> jax.Array:
+  """(N,) int32: each label minus ``offset`` where this shard holds it and it counts, else -1."""
+  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
+  local = labels - offset
+  held = ~kinds.ignored & ~kinds.out_of_range & (local >= 0) & (local < num_local)
+  return jnp.where(held, local, -1).astype(jnp.int32)
+
+
+def _combine(stats: LocalForward, vocab_axis) -> LocalForward:
+  """The statistics over every shard of ``vocab_axis`` (f32; differentiable)."""
+  if vocab_axis is None:
+    return stats
+  # The max only keeps exp() in range; its gradient cancels, so it is not differentiated.
+  peak = lax.stop_gradient(lax.pmax(stats.lse, vocab_axis))
+  lse = peak + jnp.log(lax.psum(jnp.exp(stats.lse - peak), vocab_axis))
+  logit_sum = None if stats.logit_sum is None else lax.psum(stats.logit_sum, vocab_axis)
+  return LocalForward(lse, lax.psum(stats.target, vocab_axis), logit_sum)
+
+
+def token_loss(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V_local, D) or (D, V_local)
+    labels: jax.Array,  # (N,) int32, global class ids
+    bias: jax.Array | None,  # (V_local,)
+    opts: LossOptions,
+    return_lse: bool,
+    impl: str,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Per-token loss, (N,) f32 (0 at ignored tokens, NaN at out-of-range labels), and with
+  ``return_lse`` the lse over all classes, differentiable w.r.t. ``e``, ``c`` and ``bias``.
+
+  ``impl`` is "reference" (materialized logits, differentiated by JAX) or a tiled
+  implementation registered in :mod:`cce_jax.dispatch`.
+  """
+  num_local = c.shape[opts.vocab_dim]
+  offset, num_classes = vocab_shard(num_local, opts.vocab_axis)
+  held = local_labels(labels, offset, num_local, num_classes, opts)
+  if opts.vocab_axis is not None:
+    # e is the same on every shard of the axis, its gradient is not: mark it varying, so that
+    # the transpose sums the per-shard gradients (shard_map's rule with check_vma off too).
+    e = lax.pcast(e, opts.vocab_axis, to="varying")
+  if impl == "reference":
+    stats = reference.local_stats(e, c, held, bias, opts)
+  else:
+    stats = LocalForward(*_local_stats(e, c, held, bias, opts, impl))
+  lse, target, logit_sum = _combine(stats, opts.vocab_axis)[:3]
+  # A label outside [0, V) poisons the gradients (through the lse's cotangent), not only the
+  # masked loss value; the lse returned keeps its true value.
+  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
+  poisoned_lse = lse * jnp.where(kinds.out_of_range, jnp.nan, 1.0)
+  loss = loss_math.token_loss(poisoned_lse, target, logit_sum, num_classes, opts)
+  loss = loss_math.mask_token_loss(loss, labels, num_classes, opts.ignore_index)
+  return (loss, lse) if return_lse else loss
+
+
+# ---- the custom_vjp around a tiled implementation --------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
+  stats = dispatch.tiled_implementation(impl).forward(e, c, held, bias, opts, for_backward=False)
+  return stats.lse, stats.target, stats.logit_sum
+
+
+def _local_stats_fwd(e, c, held, bias, opts: LossOptions, impl: str):
+  stats = dispatch.tiled_implementation(impl).forward(e, c, held, bias, opts, for_backward=True)
+  residuals = (e, c, held, bias, stats.lse, stats.residuals)
+  return (stats.lse, stats.target, stats.logit_sum), residuals
+
+
+def backward_coefficients(
+    d_lse: jax.Array, d_target: jax.Array, d_logit_sum: jax.Array | None, opts: LossOptions
+) -> tuple[loss_math.TokenCoefficients, jax.Array | None]:
+  """The softmax-gradient factors and the filter scale of ``cce_jax.tiled``'s backward, from
+  the cotangents (each (N,) f32) of the local lse, target logit and logit sum.
+
+  With ``loss_n = L_n - (1 - a) z_t - (a / V) sum_v z + k L_n^2`` (``L`` combined over shards
+  from the local ``lse``), the cotangent of the target logit is ``-(1 - a) g_n`` on every
+  shard, which recovers the loss cotangent ``g_n``, the scale of MATH.md's filter rule. The
+  lse's cotangent, ``alpha``, is NaN at an out-of-range label (see :func:`token_loss`).
+  """
+  g = -d_target / (1.0 - opts.label_smoothing)
+  alpha = d_lse
+  gamma = jnp.zeros_like(d_lse) if d_logit_sum is None else -d_logit_sum
+  coeffs = loss_math.TokenCoefficients(g=g, alpha=alpha, beta=-d_target, gamma=gamma)
+  if not opts.filters_anything:
+    return coeffs, None
+  # |alpha_n p_nv| < eps |g_n|  <=>  (|alpha_n| / |g_n|) p_nv < eps: 0/0 is 0 (a row without
+  # gradient), x/0 is inf (a row with only an lse cotangent is never skipped).
+  scale = jnp.where(alpha == 0.0, 0.0, jnp.abs(alpha) / jnp.abs(g))
+  return coeffs, scale
+
+
+def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
+  e, c, held, bias, lse, impl_residuals = residuals
+  coeffs, filter_scale = backward_coefficients(*cotangents, opts)
+  grads = dispatch.tiled_implementation(impl).backward(
+      e, c, held, bias, impl_residuals, lse, coeffs, filter_scale, opts
+  )
+  d_bias = None if bias is None else grads.d_bias.astype(bias.dtype)
+  return grads.d_e.astype(e.dtype), grads.d_c.astype(c.dtype), None, d_bias
+
+
+_local_stats.defvjp(_local_stats_fwd, _local_stats_bwd)

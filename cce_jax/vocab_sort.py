@@ -1,0 +1,39 @@
+"""The vocabulary sort: the class order in which a backward visits the classifier.
+
+Visiting classes by descending average logit puts the few classes with non-negligible
+probability into the same tiles, so that the rest of the tiles can be skipped together
+(``../shared/MATH.md``, "Vocabulary sort").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cce_jax.options import LossOptions
+
+
+def vocab_order(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    bias: jax.Array | None,  # (V,)
+    opts: LossOptions,
+) -> jax.Array:
+  """The backward's class order, (V,) int32: descending average logit over the tokens.
+
+  The average raw logit is linear in ``e``: ``mean_n(e_n . c_v) + b_v = c_v . mean_n(e_n) +
+  b_v``, so it is computed exactly, before the forward, with one matrix-vector product. (With
+  softcap it is the average of the uncapped logit, which orders the classes alike.) The
+  identity when ``opts.sort_vocab`` is False.
+  """
+  num_classes = c.shape[opts.vocab_dim]
+  if not opts.sort_vocab:
+    return jnp.arange(num_classes, dtype=jnp.int32)
+  mean_e = jnp.mean(e.astype(jnp.float32), axis=0)  # (D,)
+  dims = (((1 - opts.vocab_dim,), (0,)), ((), ()))
+  # mean_e is rounded to c's dtype (an f32 copy of c would cost V x D): fine for an ordering.
+  score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
+  if bias is not None:
+    score = score + bias.astype(jnp.float32)
+  return jnp.argsort(-score, stable=True).astype(jnp.int32)
