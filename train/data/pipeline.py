@@ -20,6 +20,7 @@ import threading
 
 import grain.python as grain
 import numpy as np
+from absl import flags
 
 from train.data.config import PreparedData
 
@@ -121,6 +122,17 @@ class EpochSampler:
             f"seed={self.seed}, shuffle={self.shuffle}, num_epochs={self.num_epochs})")
 
 
+def _allow_grain_workers_without_absl() -> None:
+  """Lets Grain start worker processes in a program that never parsed absl flags.
+
+  Grain 0.2.18 reads an absl flag when it starts workers and raises UnparsedFlagAccessError in
+  scripts that do not use `absl.app` (google/grain#1355, fixed upstream in #1362). Marking the
+  flags parsed makes them read their defaults; a program that parsed its flags is left alone.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _check_int(name: str, value: object, low: int) -> None:
   if not isinstance(value, int) or isinstance(value, bool):
     raise TypeError(f"make_loader: `{name}` must be an int, got {value!r}")
@@ -180,6 +192,8 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
                          process_count=process_count, seed=seed, shuffle=shuffle,
                          num_epochs=num_epochs)
   rows = global_batch_size // process_count
+  if worker_count:
+    _allow_grain_workers_without_absl()
   return grain.DataLoader(
     data_source=source,
     sampler=sampler,
