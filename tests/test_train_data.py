@@ -275,6 +275,13 @@ def test_tokens_source(tmp_path):
   np.testing.assert_array_equal(np.concatenate([train, evals]), ids)
   with pytest.raises(ValueError, match="tokenizer_path"):
     load_tokenizer(prepared)
+  # No held-out split: an empty eval file, which the loader refuses to serve.
+  no_eval = prepare(DataConfig(source="tokens", paths=(str(tmp_path / "ids.npy"),),
+                               vocab_size=70_000, eval_fraction=0.0, cache_dir=str(tmp_path / "c")))
+  assert (no_eval.num_train_tokens, no_eval.num_eval_tokens) == (5_000, 0)
+  assert np.load(no_eval.eval_tokens).shape == (0,)
+  with pytest.raises(ValueError, match=r"'eval' split holds 0 tokens.*`seq_len`"):
+    make_loader(no_eval, split="eval", seq_len=8, global_batch_size=1, seed=0)
 
 
 @pytest.mark.parametrize("array, match", [
