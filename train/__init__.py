@@ -1,0 +1,9 @@
+"""A Flax NNX language-model trainer whose loss is ``cce_jax.linear_cross_entropy``.
+
+Run it with ``python -m train [CONFIG.yaml] [key=value ...]`` (or ``cce-train``). Modules, one
+job each: ``config`` (dataclasses, YAML, overrides), ``model`` (the NNX transformer),
+``sharding`` (mesh, logical axes), ``loss`` (the one loss call), ``optimizer`` (optax),
+``step`` (the jitted train/eval steps), ``checkpoint`` (Orbax), ``metrics`` (console, JSONL,
+TensorBoard, plot), ``distributed`` (multi-host), ``trainer`` (the loop), ``cli``; ``data``
+(Grain pipeline and tokenizer) lives in ``train/data/``.
+"""

@@ -1,0 +1,74 @@
+"""Orbax checkpoints of the train state and the Grain iterator.
+
+Layout of ``<workdir>/checkpoints/<step>/``:
+
+* ``state/``: the :class:`train.step.TrainState` (step, parameters, optimizer state, RNG key
+  data) through Orbax's ``StandardSave`` (one OCDBT/Zarr store; every host writes its shards);
+* ``data/``: the Grain iterator state, one ``process_<i>-of-<n>.json`` per host (Grain's own
+  Orbax handler).
+
+Saves are asynchronous: the arrays are copied to host memory before ``save`` returns (so the
+donated state can be overwritten by the next step) and written to disk in the background; a
+checkpoint becomes visible only when complete (Orbax writes to a temporary directory and renames
+it), so a run killed mid-write resumes from the previous one. The Grain handler is synchronous:
+the iterator state recorded is the one at the saved step.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves when asked (the trainer decides when), keeps the last ``keep``.
+
+  Args:
+    directory: where the step directories go (created if missing).
+    keep: how many checkpoints to keep.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(), options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    """The step of the newest complete checkpoint, or None."""
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    """Starts saving ``state`` and the iterator's state at ``step`` (asynchronously)."""
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator)),
+        force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """The state saved at ``step``, placed on ``abstract_state``'s shardings.
+
+    Args:
+      step: a step with a complete checkpoint.
+      abstract_state: the state's ShapeDtypeStructs carrying the current mesh's shardings.
+      data_iterator: the Grain iterator; its state is set to the saved one in place.
+    """
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored.state
+
+  def wait(self) -> None:
+    """Blocks until the pending asynchronous save is on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,41 @@
+"""``python -m train [CONFIG.yaml] [key=value ...]`` (also installed as ``cce-train``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: python -m train [CONFIG.yaml] [key=value ...]
+
+Trains the language model of CONFIG.yaml (default: configs/default.yaml), with each
+key=value overriding one config entry (dotted keys for nested ones: model.num_layers=2).
+A workdir holding checkpoints resumes from the newest.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the trainer; the exit status (0 also after a SIGTERM checkpoint, 2 for a bad config)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(arg in ("-h", "--help") for arg in argv):
+    from train.config import valid_keys
+
+    print(USAGE + "\nkeys: " + ", ".join(valid_keys()))
+    return 0
+  path = argv.pop(0) if argv and "=" not in argv[0] else None
+
+  from train import config, distributed, trainer
+
+  try:
+    cfg = config.load(path, argv)
+    distributed.initialize(cfg.distributed)
+    result = trainer.run(cfg)
+  except config.ConfigError as error:
+    print(f"config error: {error}", file=sys.stderr)
+    return 2
+  if result.history:
+    last = result.history[-1]
+    summary = f"step {result.step}: loss {last['loss']:.4f}"
+    if "eval_loss" in last:
+      summary += f", eval loss {last['eval_loss']:.4f}"
+    print(summary + f" ({result.workdir})")
+  return 0

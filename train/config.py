@@ -1,0 +1,411 @@
+"""The trainer's configuration: frozen dataclasses, built from YAML plus ``key=value`` overrides.
+
+A config file is a YAML mapping whose keys are the fields of :class:`TrainConfig`; nested
+sections (``model``, ``loss``, ``optim``, ``mesh``, ``data``) are mappings of their own
+dataclass's fields. Overrides are ``key=value`` strings with dotted keys for nested fields
+(``model.num_layers=2``, ``mesh.rules.vocab=tensor``); values are parsed as YAML scalars
+(``40``, ``1e-3``, ``null``, ``true``, ``[data, fsdp]``). Every unknown key and every bad
+value raises :class:`ConfigError` with a message naming the key and listing the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from train import data
+
+# Where `python -m train` looks when no config file is given.
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = pathlib.Path("configs") / "default.yaml"
+
+# Logical axis -> mesh axes (None: replicated). Parameters use the plain names, activations
+# the ``act_`` ones, so that a parameter's "embed" (FSDP-sharded) and an activation's model
+# dimension (replicated, its batch being sharded over the same devices) can differ.
+DEFAULT_RULES: dict[str, Any] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "layers": None,
+    "act_batch": ["data", "fsdp"],
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+MESH_AXES = ("data", "fsdp", "tensor")
+LOSS_IMPLS = ("cce", "naive")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config key that does not exist or a value that is not allowed."""
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama/Gemma-style decoder-only transformer."""
+
+  # Classes of the output layer; null: the tokenizer's vocabulary size, rounded up to 128.
+  vocab_size: int | None = None
+  # Width D of the residual stream.
+  d_model: int = 256
+  num_layers: int = 4
+  # Query heads; num_kv_heads < num_heads is grouped-query attention (must divide it).
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  # Hidden width of the SwiGLU MLP.
+  mlp_dim: int = 1024
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  # The head reuses the (V, D) embedding table instead of its own (D, V) kernel.
+  tie_embeddings: bool = False
+  # Multiply token embeddings by sqrt(d_model) (Gemma).
+  scale_embeddings: bool = False
+  # Final-logit soft-capping s: logits become s * tanh(logits / s) (Gemma 2: 30.0).
+  final_softcap: float | None = None
+  # Dropout on the residual branches during training (0: none; uses the run's RNG).
+  dropout: float = 0.0
+  # Activation/compute dtype; parameters and optimizer state stay in param_dtype.
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  # Recompute each layer's activations in the backward (jax.checkpoint per layer).
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+    _require(self.vocab_size is None or self.vocab_size >= 2,
+             f"model.vocab_size must be >= 2 or null, got {self.vocab_size}")
+    _require(self.num_heads % self.num_kv_heads == 0,
+             f"model.num_kv_heads={self.num_kv_heads} must divide "
+             f"model.num_heads={self.num_heads}")
+    _require(self.head_dim % 2 == 0, f"model.head_dim must be even (RoPE), got {self.head_dim}")
+    _require(self.final_softcap is None or self.final_softcap > 0,
+             f"model.final_softcap must be > 0 or null, got {self.final_softcap}")
+    _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+    _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+    _require(self.param_dtype in DTYPES,
+             f"model.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Options of the loss, passed through to ``cce_jax.linear_cross_entropy``."""
+
+  # `impl` of cce_jax.linear_cross_entropy when loss_impl is "cce".
+  cce_impl: str = "auto"
+  z_loss: float = 0.0
+  label_smoothing: float = 0.0
+  # "auto", a float, or null (exact backward).
+  filter_eps: float | str | None = "auto"
+  # The paper's pretraining recipe: filter dE, never dC (shared/MATH.md says why).
+  filter_e_grad: bool = True
+  filter_c_grad: bool = False
+
+  def __post_init__(self):
+    _require(self.z_loss >= 0, f"loss.z_loss must be >= 0, got {self.z_loss}")
+    _require(0 <= self.label_smoothing < 1,
+             f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    _require(self.filter_eps is None or self.filter_eps == "auto"
+             or (isinstance(self.filter_eps, float) and self.filter_eps >= 0),
+             f"loss.filter_eps must be 'auto', a float >= 0 or null, got {self.filter_eps!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay, global-norm clipping."""
+
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  # The cosine decays to learning_rate * end_lr_ratio at the last step.
+  end_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  # Clip the global gradient norm to this (null: no clipping).
+  clip_norm: float | None = 1.0
+
+  def __post_init__(self):
+    _require(self.learning_rate > 0, f"optim.learning_rate must be > 0, got {self.learning_rate}")
+    _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+    _require(0 <= self.end_lr_ratio <= 1,
+             f"optim.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+    _require(self.clip_norm is None or self.clip_norm > 0,
+             f"optim.clip_norm must be > 0 or null, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh (data, fsdp, tensor) and the logical-axis rules onto it.
+
+  One axis may be -1: it takes every device the others leave. The mesh's axis types are
+  ``Auto`` (see ``train/sharding.py`` for why).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  # Logical axis name -> mesh axis, list of mesh axes, or null (replicated).
+  rules: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+
+  def __post_init__(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    _require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
+             f"mesh sizes must be >= 1, with at most one -1; got data={self.data}, "
+             f"fsdp={self.fsdp}, tensor={self.tensor}")
+    _require(isinstance(self.rules, Mapping), f"mesh.rules must be a mapping, got {self.rules!r}")
+    for name, axes in self.rules.items():
+      listed = [axes] if axes is None or isinstance(axes, str) else list(axes)
+      _require(all(a is None or a in MESH_AXES for a in listed),
+               f"mesh.rules.{name}={axes!r}: mesh axes are {MESH_AXES} (or null)")
+    missing = sorted(set(DEFAULT_RULES) - set(self.rules))
+    _require(not missing, f"mesh.rules lacks logical axes {missing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run. The top-level keys are the ones a user overrides most."""
+
+  # Output directory: checkpoints/, metrics.jsonl, tensorboard/, loss.png. A workdir with
+  # checkpoints resumes from the latest one.
+  workdir: str = "runs/default"
+  # Optimizer steps of the whole run (the schedule's length).
+  steps: int = 300
+  # Global batch, in sequences of seq_len tokens (summed over all hosts and micro-batches).
+  batch_size: int = 8
+  seq_len: int = 128
+  # "cce": cce_jax.linear_cross_entropy; "naive": materialized logits through optax.
+  loss_impl: str = "cce"
+  seed: int = 0
+  # Save a checkpoint every this many steps (and at the end, and on SIGTERM).
+  checkpoint_every: int = 100
+  # Log metrics every this many steps.
+  log_every: int = 10
+  # Evaluate on the held-out split every this many steps (and at the end); 0: never.
+  eval_every: int = 100
+  # Held-out batches (of batch_size sequences) per evaluation.
+  eval_batches: int = 4
+  # Micro-batches per step: the batch is split and the gradients summed in a scan.
+  grad_accum_steps: int = 1
+  # Checkpoints kept on disk.
+  keep_checkpoints: int = 3
+  # "auto": jax.distributed.initialize() when the environment says so (JAX_COORDINATOR_ADDRESS,
+  # Slurm, TPU pod); "on": always; "off": never.
+  distributed: str = "auto"
+  # Console progress bar, TensorBoard events, final PNG plot.
+  progress: bool = True
+  tensorboard: bool = True
+  plot: bool = True
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: data.DataConfig = dataclasses.field(default_factory=data.DataConfig)
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_batches",
+                 "grad_accum_steps", "keep_checkpoints"):
+      _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    _require(self.seq_len >= 2, f"seq_len must be >= 2 (shifted targets), got {self.seq_len}")
+    _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+    _require(self.loss_impl in LOSS_IMPLS,
+             f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+    _require(self.distributed in ("auto", "on", "off"),
+             f"distributed must be 'auto', 'on' or 'off', got {self.distributed!r}")
+    _require(self.batch_size % self.grad_accum_steps == 0,
+             f"batch_size={self.batch_size} must be a multiple of "
+             f"grad_accum_steps={self.grad_accum_steps}")
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain YAML values.
+
+
+def _fields(cls: type) -> dict[str, Any]:
+  """Field name -> resolved type of a dataclass."""
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _describe(value: Any) -> str:
+  return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+  """``value`` as type ``kind``, or ConfigError naming ``key``."""
+  origin = typing.get_origin(kind)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(kind)
+    if value is None and type(None) in options:
+      return None
+    for option in options:
+      if option is type(None):
+        continue
+      try:
+        return _coerce(key, value, option)
+      except ConfigError:
+        pass
+    raise ConfigError(f"{key}: {_describe(value)} is none of {kind}")
+  if dataclasses.is_dataclass(kind):
+    return build(kind, value, prefix=key + ".")
+  if kind is Any:
+    return value
+  if origin is typing.Literal:
+    if value in typing.get_args(kind):
+      return value
+    raise ConfigError(f"{key}: expected one of {typing.get_args(kind)}, got {_describe(value)}")
+  if origin is tuple:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+      raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+    (item_kind, *_) = typing.get_args(kind) or (Any,)
+    return tuple(_coerce(f"{key}[{i}]", v, item_kind) for i, v in enumerate(value))
+  if origin is not None and issubclass(origin, Mapping):
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+    return dict(value)
+  if kind is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+  if kind is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+  if kind is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+  if kind is str:
+    if isinstance(value, str):
+      return value
+    raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+  raise ConfigError(f"{key}: unsupported field type {kind}")
+
+
+def valid_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+  """Every settable key of ``cls`` (default :class:`TrainConfig`), dotted for nested ones."""
+  cls = cls or TrainConfig
+  keys = []
+  for name, kind in _fields(cls).items():
+    if dataclasses.is_dataclass(kind):
+      keys.extend(valid_keys(kind, prefix + name + "."))
+    else:
+      keys.append(prefix + name)
+  return keys
+
+
+def build(cls: type, values: Mapping[str, Any] | None, prefix: str = "") -> Any:
+  """An instance of dataclass ``cls`` from a mapping of (possibly nested) plain values.
+
+  Raises:
+    ConfigError: an unknown key (the message lists the valid ones) or a bad value.
+  """
+  values = {} if values is None else values
+  if not isinstance(values, Mapping):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, "
+                      f"got {_describe(values)}")
+  fields = _fields(cls)
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(
+        f"unknown config key(s) {[prefix + str(k) for k in unknown]}; valid keys: "
+        + ", ".join(valid_keys(cls, prefix)))
+  kwargs = {}
+  for name, value in values.items():
+    kind = fields[name]
+    if dataclasses.is_dataclass(kind):
+      kwargs[name] = build(kind, value, prefix + name + ".")
+    else:
+      kwargs[name] = _coerce(prefix + name, value, kind)
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as error:  # a dataclass of another module (data.DataConfig)
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from error
+
+
+def to_dict(config: Any) -> Any:
+  """Plain (YAML-able) values of a config dataclass, nested."""
+  if dataclasses.is_dataclass(config):
+    return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+  if isinstance(config, Mapping):
+    return {k: to_dict(v) for k, v in config.items()}
+  if isinstance(config, (tuple, list)):
+    return [to_dict(v) for v in config]
+  return config
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+  parts = key.split(".")
+  node = tree
+  for part in parts[:-1]:
+    child = node.get(part)
+    if child is None:
+      child = node[part] = {}
+    if not isinstance(child, dict):
+      raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node = child
+  node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """``"model.num_layers=2"`` -> ``("model.num_layers", 2)`` (the value parsed as YAML)."""
+  key, sep, raw = text.partition("=")
+  if not sep or not key.strip():
+    raise ConfigError(f"override {text!r} is not key=value; valid keys: "
+                      + ", ".join(valid_keys()))
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as error:
+    raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from error
+  return key.strip(), value
+
+
+def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+  """The config of YAML file ``path`` (default ``configs/default.yaml``) with ``overrides``.
+
+  Args:
+    path: a YAML file; None looks for ``configs/default.yaml`` in the current directory,
+      then in the repository this package lives in.
+    overrides: ``key=value`` strings, dotted keys for nested fields.
+
+  Raises:
+    ConfigError: a missing file, an unknown key or a bad value (the message names it).
+  """
+  if path is None:
+    path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else REPO_ROOT / DEFAULT_CONFIG
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} not found")
+  tree = yaml.safe_load(path.read_text()) or {}
+  if not isinstance(tree, dict):
+    raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+  # Rules are merged key by key into the defaults, so a config names only what it changes.
+  mesh = tree.setdefault("mesh", {}) or {}
+  tree["mesh"] = mesh
+  mesh["rules"] = {**DEFAULT_RULES, **(mesh.get("rules") or {})}
+  for text in overrides:
+    key, value = parse_override(text)
+    _set_dotted(tree, key, value)
+  return build(TrainConfig, tree)

@@ -1,0 +1,125 @@
+"""Where the metrics go: a progress bar, ``metrics.jsonl``, TensorBoard, and a final plot.
+
+Only the writer of process 0 writes files; the others are silent. ``metrics.jsonl`` holds one
+JSON object per logged step, with at least ``step`` and ``loss`` (the training loss of that
+step) and, at evaluation steps, ``eval_loss``. When a run resumes from step s, lines past s
+(logged after the checkpoint the run resumes from) are dropped, and TensorBoard's events past
+s are purged, so the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl``, in order."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+  """Console progress, JSONL, TensorBoard and a loss plot for one run.
+
+  Args:
+    workdir: the run's directory.
+    total_steps: the run's last step.
+    start_step: the step the run starts (or resumes) from.
+    enabled: write files (True on process 0 only).
+    progress: show a tqdm progress bar (with ETA) on the console.
+    tensorboard: write TensorBoard event files under ``workdir/tensorboard``.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int,
+               enabled: bool, progress: bool, tensorboard: bool):
+    self.workdir = pathlib.Path(workdir)
+    self.enabled = enabled
+    self.path = self.workdir / METRICS_FILE
+    self.history: list[dict[str, Any]] = []
+    self._jsonl = None
+    self._tensorboard = None
+    if enabled:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      self.history = kept
+      self._jsonl = self.path.open("a")
+      if tensorboard:
+        import tensorboardX  # imported here: process 0 only
+
+        self._tensorboard = tensorboardX.SummaryWriter(
+            str(self.workdir / TENSORBOARD_DIR),
+            purge_step=start_step + 1 if start_step else None)
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                         disable=not (enabled and progress), dynamic_ncols=True)
+
+  def advance(self, steps: int = 1) -> None:
+    """Moves the progress bar (its ETA comes from the observed step rate)."""
+    self.bar.update(steps)
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    """Records ``values`` (which must include ``loss``) for ``step`` everywhere."""
+    record = {"step": step, **{k: float(v) for k, v in values.items()}}
+    self.history.append(record)
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tensorboard is not None:
+      for name, value in values.items():
+        tag = "eval/loss" if name == "eval_loss" else f"train/{name}"
+        self._tensorboard.add_scalar(tag, value, step)
+      self._tensorboard.flush()
+    shown = {"loss": f"{record['loss']:.4f}"}
+    if "eval_loss" in record:
+      shown["eval"] = f"{record['eval_loss']:.4f}"
+    self.bar.set_postfix(shown, refresh=False)
+
+  def message(self, text: str) -> None:
+    """A line on the console of process 0 that does not break the progress bar."""
+    if self.enabled:
+      tqdm.tqdm.write(text)
+
+  def plot(self) -> pathlib.Path | None:
+    """Draws train and eval loss against step into ``workdir/loss.png``; its path."""
+    if not self.enabled or not self.history:
+      return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in self.history if math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in self.history if "eval_loss" in r]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    if train:
+      axes.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+      axes.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = self.workdir / PLOT_FILE
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+  def close(self) -> None:
+    self.bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()

@@ -1,0 +1,193 @@
+"""The training loop: data, state (fresh or restored), steps, metrics, evaluation, checkpoints.
+
+``run(config)`` trains ``config.steps`` optimizer steps in ``config.workdir``, resuming from the
+newest checkpoint found there. SIGTERM (preemption) makes it save a checkpoint at the current
+step and return cleanly; the next run with the same workdir continues from it, and on CPU
+reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+
+from train import config as config_lib
+from train import data, distributed
+from train.checkpoint import Checkpointer
+from train.metrics import MetricsWriter
+from train.sharding import make_mesh
+from train.step import Program, build_program
+
+CHECKPOINT_DIR = "checkpoints"
+VOCAB_MULTIPLE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """What a finished (or preempted) run reports."""
+
+  # The last step completed (== config.steps unless stopped by SIGTERM).
+  step: int
+  # The step the run started or resumed from.
+  start_step: int
+  # Whether SIGTERM stopped the run early (after saving a checkpoint).
+  preempted: bool
+  # The metrics records of this run (process 0; including those of resumed-from runs).
+  history: list[dict[str, Any]]
+  workdir: str
+
+
+def with_vocab(cfg: config_lib.TrainConfig, data_vocab: int) -> config_lib.TrainConfig:
+  """``cfg`` with ``model.vocab_size`` set: the tokenizer's size rounded up to 128 if unset.
+
+  Raises:
+    ConfigError: a configured vocabulary smaller than the data's.
+  """
+  vocab = cfg.model.vocab_size
+  if vocab is None:
+    vocab = -(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  elif vocab < data_vocab:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+class _StopFlag:
+  """Set by SIGTERM; all processes agree on it before acting."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.max(flags))
+
+
+def _memory_in_use() -> dict[str, float]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_in_use" not in stats:
+    return {}
+  return {"memory_gb": stats["bytes_in_use"] / 1e9}
+
+
+def _global_batch(program: Program, local_tokens: np.ndarray) -> jax.Array:
+  cfg = program.config
+  return jax.make_array_from_process_local_data(
+      program.batch_sharding, np.asarray(local_tokens, np.int32), (cfg.batch_size, cfg.seq_len))
+
+
+def evaluate(program: Program, params: Any, prepared: data.PreparedData,
+             rows: tuple[int, int]) -> float:
+  """Mean next-token loss over ``eval_batches`` batches of the held-out split."""
+  cfg = program.config
+  loader = data.make_loader(
+      prepared, split="eval", seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
+      seed=cfg.seed, shuffle=False, process_index=rows[0], process_count=rows[1],
+      num_epochs=None)
+  total, count = 0.0, 0.0
+  for _, batch in zip(range(cfg.eval_batches), loader, strict=False):
+    loss_sum, num = program.eval_step(params, _global_batch(program, batch["tokens"]))
+    total, count = total + float(loss_sum), count + float(num)
+  return total / max(count, 1.0)
+
+
+def run(cfg: config_lib.TrainConfig) -> RunResult:
+  """Trains ``cfg.steps`` steps in ``cfg.workdir`` (resuming from its newest checkpoint).
+
+  ``jax.distributed`` must already be initialized for a multi-host run (``train.cli`` does
+  it per ``cfg.distributed``).
+
+  Raises:
+    ConfigError: a config the data, the devices or the mesh cannot satisfy.
+  """
+  workdir = pathlib.Path(cfg.workdir)
+  is_writer = jax.process_index() == 0
+  prepared = data.prepare(cfg.data)
+  cfg = with_vocab(cfg, prepared.vocab_size)
+  mesh = make_mesh(cfg.mesh)
+  program = build_program(cfg, mesh)
+  rows = distributed.process_rows(program.batch_sharding, cfg.batch_size)
+  train_loader = data.make_loader(
+      prepared, split="train", seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
+      seed=cfg.seed, shuffle=cfg.data.shuffle, process_index=rows[0], process_count=rows[1],
+      worker_count=cfg.data.worker_count)
+  train_iterator = iter(train_loader)
+  checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
+  if is_writer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+
+  with jax.set_mesh(mesh), _StopFlag() as stop:
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+      state = checkpointer.restore(start_step, program.abstract_state, train_iterator)
+    else:
+      state = program.init(jnp.asarray(cfg.seed, jnp.int32))
+    compiled = program.lower_train_step().compile()
+    writer = MetricsWriter(workdir, total_steps=cfg.steps, start_step=start_step,
+                           enabled=is_writer, progress=cfg.progress,
+                           tensorboard=cfg.tensorboard)
+    memory = compiled.memory_analysis()
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    writer.message(
+        f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
+        f"{num_params / 1e6:.1f}M parameters, vocabulary {cfg.model.vocab_size}, "
+        f"{prepared.num_train_tokens / 1e6:.1f}M training tokens, mesh "
+        f"{dict(mesh.shape)}, loss {cfg.loss_impl}"
+        + (f"; train step temp memory {memory.temp_size_in_bytes / 1e9:.2f} GB"
+           if memory is not None else ""))
+
+    step, preempted = start_step, False
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last_time, last_step = time.perf_counter(), step
+    while step < cfg.steps:
+      batch = next(train_iterator)
+      state, metrics = compiled(state, _global_batch(program, batch["tokens"]))
+      step += 1
+      writer.advance()
+      evaluate_now = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+      if step % cfg.log_every == 0 or step == cfg.steps or evaluate_now:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time = (now - last_time) / (step - last_step)
+        last_time, last_step = now, step
+        values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                      **_memory_in_use())
+        if evaluate_now:
+          values["eval_loss"] = evaluate(program, state.params, prepared, rows)
+          last_time = time.perf_counter()  # evaluation time is not step time
+        writer.write(step, values)
+      preempted = step < cfg.steps and stop.agreed()
+      if preempted or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        checkpointer.save(step, state, train_iterator)
+      if preempted:
+        writer.message(f"SIGTERM: saved a checkpoint at step {step}; stopping")
+        break
+    checkpointer.close()
+    writer.plot()
+    writer.close()
+  return RunResult(step=step, start_step=start_step, preempted=preempted,
+                   history=writer.history, workdir=str(workdir))
