@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import dispatch, loss_math, reference
+from cce_jax import dispatch, loss_math, reference, vma
 from cce_jax.options import LossOptions
 from cce_jax.tiled import LocalForward
 
@@ -54,7 +54,7 @@ def _combine(stats: LocalForward, vocab_axis) -> LocalForward:
   if vocab_axis is None:
     return stats
   # The max only keeps exp() in range; its gradient cancels, so it is not differentiated.
-  peak = lax.stop_gradient(lax.pmax(stats.lse, vocab_axis))
+  peak = lax.pmax(lax.stop_gradient(stats.lse), vocab_axis)
   lse = peak + jnp.log(lax.psum(jnp.exp(stats.lse - peak), vocab_axis))
   logit_sum = None if stats.logit_sum is None else lax.psum(stats.logit_sum, vocab_axis)
   return LocalForward(lse, lax.psum(stats.target, vocab_axis), logit_sum)
@@ -78,10 +78,11 @@ def token_loss(
   num_local = c.shape[opts.vocab_dim]
   offset, num_classes = vocab_shard(num_local, opts.vocab_axis)
   held = local_labels(labels, offset, num_local, num_classes, opts)
-  if opts.vocab_axis is not None:
-    # e is the same on every shard of the axis, its gradient is not: mark it varying, so that
-    # the transpose sums the per-shard gradients (shard_map's rule with check_vma off too).
-    e = lax.pcast(e, opts.vocab_axis, to="varying")
+  # Under shard_map, e is the same on every vocabulary shard and c on every token shard, but
+  # their gradients are not: cast them to vary along every axis any input varies along, so
+  # that the transpose of the cast sums the per-shard gradients (with check_vma off,
+  # shard_map's own transpose does that sum).
+  e, c, bias = vma.vary_like((e, c, bias), e, c, bias, held)
   if impl == "reference":
     stats = reference.local_stats(e, c, held, bias, opts)
   else:

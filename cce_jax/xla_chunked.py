@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap, sequential_vmap
 
-from cce_jax import loss_math, vocab_sort
+from cce_jax import loss_math, vma, vocab_sort
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
 from cce_jax.tiled import LocalForward, LocalGrads, TiledImplementation
@@ -167,6 +167,7 @@ def forward(
     zeros_n = jnp.zeros((tok.block,), jnp.float32)
     block_max = jnp.zeros((voc.count if want_block_max else 0, tok.block), jnp.float32)
     init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros_n, zeros_n, block_max)
+    init = vma.vary_like(init, e, c, bias)
     running_max, running_sum, logit_sum, block_max = lax.fori_loop(
         0, voc.count, vocab_step, init
     )
@@ -184,6 +185,7 @@ def forward(
       jnp.zeros((num_tokens if want_logit_sum else 0,), jnp.float32),
       jnp.zeros((voc.count, num_tokens) if want_block_max else (0, 0), jnp.float32),
   )
+  init = vma.vary_like(init, e, c, bias)
   lse, target, logit_sum, block_max = lax.fori_loop(0, tok.count, token_step, init)
   return LocalForward(
       lse=lse,
@@ -331,6 +333,7 @@ def backward(
         jnp.zeros(block_shape_c, jnp.float32),
         None if bias is None else jnp.zeros((voc.block,), jnp.float32),
     )
+    init = vma.vary_like(init, e, c, bias, coeffs)
     d_e_acc, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
     if uniform_outside:
       d_c_blk = d_c_blk - jnp.expand_dims(weighted_e_sum, axis)
@@ -352,6 +355,7 @@ def backward(
       jnp.zeros_like(c),
       None if bias is None else jnp.zeros((num_classes,), jnp.float32),
   )
+  init = vma.vary_like(init, e, c, bias, coeffs)
   d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
   if uniform_outside:
     class_sum = jnp.sum(c.astype(jnp.float32), axis=axis)  # (D,)
