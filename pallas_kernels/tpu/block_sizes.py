@@ -1,0 +1,240 @@
+"""Tile sizes of the Pallas TPU kernels, and the VMEM heuristic that picks them.
+
+Every kernel works on a tile of ``token_block x vocab_block`` logits, computed as the sum over
+``hidden_block``-wide chunks of the hidden dimension D. What lives in VMEM (per TensorCore) is
+the double-buffered input blocks of ``e`` and ``c``, the f32 accumulators, a few f32 logit-sized
+temporaries, and for the backward the f32 gradient accumulator of a whole token block (dE,
+``token_block x D``) or a whole vocabulary block (dC, ``vocab_block x D``).
+:func:`kernel_vmem_bytes` adds these up per kernel, rounding every buffer up to the (8, 128)
+VMEM tiling (16 sublanes for 16-bit types). The heuristic (:func:`resolve`) keeps the largest
+tiles whose every kernel stays within ``VMEM_HEADROOM`` of the budget, the rest left to Mosaic's
+own scratch and to temporaries the count misses.
+
+TPU tiling rules: the last two dimensions of every block must be multiples of (8, 128) or the
+whole array dimension; so every block size here is a multiple of 128 (which also covers
+bfloat16's 16-row packing), and a block larger than the problem is clamped to the whole
+dimension. Sizes that are not a multiple of their block leave a ragged last block that the
+kernels mask; nothing is padded by copying.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+LANES = 128
+# The default VMEM budget: the default scoped VMEM limit of TPU v4 and v5e (v5p and v6e: 32 MiB).
+DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
+# The fraction of the budget the counted buffers may fill.
+VMEM_HEADROOM = 0.75
+# The hidden chunk is not cut below this width while a smaller tile could keep it wider.
+_MIN_PREFERRED_HIDDEN_BLOCK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TPUBlockSizes:
+  """Tile sizes of ``impl="pallas_tpu"``; None leaves a size to the VMEM heuristic.
+
+  Attributes:
+    token_block: tokens per tile (rows of ``e``), a multiple of 128; None: 512 for 16-bit
+      inputs, 256 for float32, halved while the kernels do not fit the budget.
+    vocab_block: classes per tile (rows of ``c``), a multiple of 128; None: 512, halved while
+      the kernels do not fit. It is also the granularity of the vocabulary sort's skipped
+      tiles and of the forward's per-block logit maxima.
+    hidden_block: width of the chunks of D that the logits are accumulated over, a multiple of
+      128; None: the whole of D when it fits the budget, else the widest even split that does.
+    vmem_budget_bytes: the VMEM the heuristic plans for, passed to Mosaic as
+      ``vmem_limit_bytes``; the default fits the default scoped limit of every generation.
+      Raising it (up to the chip's VMEM: 128 MiB on v5e/v6e) allows larger tiles.
+
+  Raises:
+    TypeError: a size that is not an int (or None).
+    ValueError: a block that is not a positive multiple of 128, or a budget below 1 MiB.
+  """
+
+  token_block: int | None = None
+  vocab_block: int | None = None
+  hidden_block: int | None = None
+  vmem_budget_bytes: int = DEFAULT_VMEM_BUDGET
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if value is None and field.name != "vmem_budget_bytes":
+        continue
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"`TPUBlockSizes.{field.name}` must be an int"
+            f"{'' if field.name == 'vmem_budget_bytes' else ' or None'}, got "
+            f"{type(value).__name__} ({value!r})."
+        )
+      value = int(value)
+      if field.name == "vmem_budget_bytes":
+        if value < 1024 * 1024:
+          raise ValueError(
+              f"`TPUBlockSizes.vmem_budget_bytes` must be at least 1 MiB, got {value}."
+          )
+      elif value <= 0 or value % LANES:
+        raise ValueError(
+            f"`TPUBlockSizes.{field.name}` must be a positive multiple of {LANES} (TPU tiles "
+            f"are (8, 128) and 16-bit rows pack in pairs), got {value}."
+        )
+      object.__setattr__(self, field.name, value)
+
+  @classmethod
+  def get_default(cls, dtype=None) -> TPUBlockSizes:
+    """Every size left to the heuristic, with the default budget (``dtype`` is not needed:
+    the heuristic runs at call time, when the shapes are known)."""
+    del dtype
+    return cls()
+
+
+class Tiles(NamedTuple):
+  """The tile sizes one call runs with (:func:`resolve`), clamped to the problem."""
+
+  token_block: int  # bn: N when N <= the requested block
+  vocab_block: int  # bv
+  hidden_block: int  # bd
+  num_token_blocks: int
+  num_vocab_blocks: int
+  num_hidden_blocks: int  # nk
+  vmem_limit_bytes: int
+
+
+def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
+  """VMEM bytes of a (rows, cols) buffer, padded to the (8 * packing, 128) tiling."""
+  sublanes = 8 * max(1, 4 // itemsize)
+  return -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * itemsize
+
+
+def kernel_vmem_bytes(
+    token_block: int, vocab_block: int, hidden_block: int, hidden: int, itemsize: int
+) -> dict[str, int]:
+  """Estimated VMEM bytes of each kernel at these tiles (the heuristic's model).
+
+  Counts the double-buffered input and output blocks, the scratch accumulators, and four
+  f32 ``token_block x vocab_block`` temporaries (logits, exponentials, gradient, masks). The
+  classifier block is counted as (vocab_block, hidden_block) in either layout.
+
+  Args:
+    token_block, vocab_block, hidden_block: bn, bv, bd (already clamped to the problem).
+    hidden: D.
+    itemsize: bytes per element of ``e`` and ``c`` (2 or 4).
+
+  Returns:
+    ``{"forward": bytes, "backward_e": bytes, "backward_c": bytes}``.
+  """
+  bn, bv, bd = token_block, vocab_block, hidden_block
+  nk = cdiv(hidden, bd)
+  hidden_padded = nk * bd
+  f32 = 4
+  inputs = 2 * (_tile_bytes(bn, bd, itemsize) + _tile_bytes(bv, bd, itemsize))
+  inputs += 2 * _tile_bytes(1, bv, f32)  # bias
+  logit_temps = 4 * _tile_bytes(bn, bv, f32)
+  chunked = nk > 1
+  logit_acc = _tile_bytes(bn, bv, f32) if chunked else 0
+  grad_scratch = _tile_bytes(bn, bv, itemsize) if chunked else 0
+  token_inputs = 2 * (_tile_bytes(bn, 4, f32) + _tile_bytes(bn, 1, f32))  # stats, labels
+  forward = (
+      inputs + logit_temps + logit_acc
+      + 2 * 2 * _tile_bytes(bn, LANES, f32)  # lse/logit-sum and block-maxima outputs
+      + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
+  )
+  backward_e = (
+      inputs + token_inputs + logit_temps + logit_acc + grad_scratch
+      + 2 * _tile_bytes(bn, bd, f32)  # dE output block
+      + (_tile_bytes(bn, hidden_padded, f32) if chunked else 0)  # dE accumulator
+  )
+  backward_c = (
+      inputs + token_inputs + logit_temps + logit_acc + grad_scratch
+      + 2 * _tile_bytes(bv, bd, itemsize) + 2 * _tile_bytes(1, bv, f32)  # dC, dbias outputs
+      + _tile_bytes(bv, hidden_padded, f32) + _tile_bytes(1, bv, f32)  # dC, dbias accumulators
+  )
+  return {"forward": forward, "backward_e": backward_e, "backward_c": backward_c}
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _hidden_blocks(hidden: int, requested: int | None):
+  """Candidate hidden chunks, widest first: D itself, then even splits rounded up to 128."""
+  if requested is not None:
+    yield min(requested, hidden)
+    return
+  yield hidden
+  widest = hidden
+  for parts in range(2, cdiv(hidden, LANES) + 1):
+    block = cdiv(cdiv(hidden, parts), LANES) * LANES
+    if block < widest:
+      widest = block
+      yield block
+
+
+def _clamp(requested: int, size: int) -> int:
+  return size if size <= requested else requested
+
+
+def resolve(
+    sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int, dtype
+) -> Tiles:
+  """The tiles of one call: explicit sizes kept, None sizes chosen by the VMEM heuristic.
+
+  Heuristic: start from (token, vocab) = (512, 512) for 16-bit inputs and (256, 512) for
+  float32 (tiles whose matrix products keep a TPU's matrix unit busier than its HBM), clamped
+  to the problem. For each candidate, take the widest hidden chunk (D itself first, then D
+  split evenly into 2, 3, ... chunks of a multiple of 128) at least 256 wide with which every
+  kernel's :func:`kernel_vmem_bytes` is within ``VMEM_HEADROOM`` of the budget; if none,
+  halve the larger of the free (None) tile sizes, down to 128, and try again; finally accept
+  hidden chunks down to 128.
+
+  Raises:
+    ValueError: the explicit sizes, or even the smallest free ones, do not fit the budget
+      (the message names the sizes and the estimate).
+  """
+  itemsize = np.dtype(dtype).itemsize
+  budget = int(sizes.vmem_budget_bytes * VMEM_HEADROOM)
+  token_block = sizes.token_block or (512 if itemsize == 2 else 256)
+  vocab_block = sizes.vocab_block or 512
+
+  def fits(bn, bv, bd):
+    return max(kernel_vmem_bytes(bn, bv, bd, hidden, itemsize).values()) <= budget
+
+  def first_fit(bn, bv, min_hidden_block):
+    for bd in _hidden_blocks(hidden, sizes.hidden_block):
+      if (bd >= min_hidden_block or bd == hidden or sizes.hidden_block) and fits(bn, bv, bd):
+        return bd
+    return None
+
+  candidates = []
+  while True:
+    candidates.append((_clamp(token_block, num_tokens), _clamp(vocab_block, num_classes)))
+    free = [name for name, value, fixed in (
+        ("token", token_block, sizes.token_block), ("vocab", vocab_block, sizes.vocab_block)
+    ) if fixed is None and value > LANES]
+    if not free:
+      break
+    if "token" in free and (token_block >= vocab_block or "vocab" not in free):
+      token_block //= 2
+    else:
+      vocab_block //= 2
+  for min_hidden_block in (_MIN_PREFERRED_HIDDEN_BLOCK, LANES):
+    for bn, bv in candidates:
+      bd = first_fit(bn, bv, min_hidden_block)
+      if bd is not None:
+        return Tiles(
+            bn, bv, bd, cdiv(num_tokens, bn), cdiv(num_classes, bv), cdiv(hidden, bd),
+            sizes.vmem_budget_bytes,
+        )
+  bn, bv = candidates[-1]
+  bd = min(sizes.hidden_block or LANES, hidden)
+  need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)
+  raise ValueError(
+      f"`block_sizes`={sizes} does not fit its VMEM budget at N={num_tokens}, D={hidden}, "
+      f"V={num_classes}, {np.dtype(dtype).name}: even token_block={bn}, vocab_block={bv}, "
+      f"hidden_block={bd} need an estimated {max(need.values())} bytes ({need}) > "
+      f"{VMEM_HEADROOM} x vmem_budget_bytes = {budget}. Use smaller blocks or a larger "
+      "`vmem_budget_bytes`."
+  )

@@ -1,0 +1,622 @@
+"""The three Pallas TPU (Mosaic) kernels of Cut Cross-Entropy, and their ``pallas_call``s.
+
+Every kernel walks the (token, vocabulary) plane in tiles of ``bn x bv`` logits, each the sum
+over ``nk`` chunks of the hidden dimension of ``e_blk . c_blk`` (f32 accumulation on the matrix
+unit), and never writes a logit tile to HBM:
+
+* :func:`forward_stats`, grid (token blocks "parallel", vocabulary blocks "arbitrary", hidden
+  chunks "arbitrary"): online log-sum-exp in VMEM scratch across the vocabulary blocks; the sum
+  of the logits (label smoothing); the maximum logit of every (token, vocabulary block) (the
+  residual of the backward's skip test).
+* :func:`grad_e`, grid (token blocks "parallel", vocabulary blocks "arbitrary", phase): reduces
+  over the vocabulary into a VMEM-resident f32 accumulator of one token block of dE.
+* :func:`grad_c`, grid (vocabulary blocks "parallel", token blocks "arbitrary", phase): reduces
+  over the tokens into a VMEM-resident f32 accumulator of one vocabulary block of dC (and of
+  the bias gradient).
+
+So dE and dC each accumulate in f32 without atomics, at the cost of recomputing every tile's
+logits twice in the backward (once per kernel). Each backward kernel reads a skip table (one bit
+per tile, scalar-prefetched into SMEM) and skips a skipped tile's work with ``pl.when``. With
+more than one hidden chunk a backward tile takes ``2 nk`` grid steps: ``nk`` accumulate the
+logits, the softmax gradient goes to VMEM scratch, then ``nk`` steps multiply it with the
+chunks of the other operand.
+
+Tiles are laid out (tokens, classes): per-token vectors enter as (bn, k) columns, per-class
+ones as (1, bv) rows. Ragged sizes: the last block of any axis may stick out of its array; what
+it reads there is undefined (NaN in interpret mode), so hidden columns past D are zeroed
+before every product, rows of ``e``/``c`` past N/V are zeroed before they multiply a gradient,
+and logits of classes past V are masked out; writes past the end are dropped by Pallas.
+No one-hot, no integer indexing of values: targets and masks come from comparing
+``broadcasted_iota`` with labels and sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from cce_jax import loss_math
+from pallas_kernels.tpu.block_sizes import LANES, Tiles
+
+# Per-token inputs of the backward kernels, the columns of one (N, 4) f32 array.
+TOKEN_LSE, TOKEN_ALPHA, TOKEN_BETA, TOKEN_GAMMA = range(4)
+NUM_TOKEN_COLUMNS = 4
+# Columns of the forward's (N, 128) f32 statistics output.
+STAT_LSE, STAT_LOGIT_SUM = 0, 1
+SKIP_BITS = 32  # tiles per word of the packed skip table
+
+
+class Geometry(NamedTuple):
+  """Static shapes of one call: sizes, tiles and the classifier layout."""
+
+  num_tokens: int  # N
+  num_classes: int  # V
+  hidden: int  # D
+  vocab_dim: int  # 0: c is (V, D); 1: c is (D, V)
+  tiles: Tiles
+
+  @property
+  def skip_words(self) -> int:
+    """int32 words per token block of the packed skip table."""
+    return -(-self.tiles.num_vocab_blocks // SKIP_BITS)
+
+
+class Math(NamedTuple):
+  """Static options of the logits and of their gradient."""
+
+  softcap: float | None
+  with_bias: bool
+  uniform_in_tile: bool  # the -gamma term goes inside the tiles (softcap with smoothing)
+  precision: lax.Precision | None  # HIGHEST for float32 inputs
+
+
+def interpret_params(interpret: bool):
+  """``interpret=`` of ``pallas_call``: TPU interpret mode (on CPU) or compiled Mosaic."""
+  return pltpu.InterpretParams() if interpret else False
+
+
+# ---- in-kernel helpers ----------------------------------------------------------------------
+
+
+def _valid(block_index, block: int, size: int, shape: tuple[int, int], axis: int):
+  """Bool mask of the entries of block ``block_index`` inside ``[0, size)`` along ``axis``;
+  None when every block is whole."""
+  if size % block == 0:
+    return None
+  return block_index * block + lax.broadcasted_iota(jnp.int32, shape, axis) < size
+
+
+def _zero_outside(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def _c_axes(vocab_dim: int) -> tuple[int, int]:
+  """(vocabulary axis, hidden axis) of a classifier block."""
+  return (0, 1) if vocab_dim == 0 else (1, 0)
+
+
+def _logits_part(e_blk, c_blk, k, geo: Geometry, precision) -> jax.Array:
+  """(bn, bv) f32: ``e_blk . c_blk`` over hidden chunk ``k`` (columns past D zeroed first:
+  0 * NaN is NaN)."""
+  hidden_block = geo.tiles.hidden_block
+  _, d_axis = _c_axes(geo.vocab_dim)
+  e_blk = _zero_outside(e_blk, _valid(k, hidden_block, geo.hidden, e_blk.shape, 1))
+  c_blk = _zero_outside(c_blk, _valid(k, hidden_block, geo.hidden, c_blk.shape, d_axis))
+  dims = (((1,), (d_axis,)), ((), ()))
+  return lax.dot_general(e_blk, c_blk, dims, precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _capped(x, bias_ref, math: Math) -> jax.Array:
+  """Soft-capped logits (bn, bv) f32 from the raw products."""
+  if math.with_bias:
+    x = x + bias_ref[...]  # (1, bv) f32
+  return loss_math.apply_softcap(x, math.softcap)
+
+
+def _softmax_grad(z, i, j, tok_ref, label_ref, geo: Geometry, math: Math) -> jax.Array:
+  """(bn, bv) f32 gradient w.r.t. the raw logits of tile (i, j), zero outside the problem.
+
+  ``dz = alpha p - beta [v == label] (- gamma)``, ``dx = dz * softcap'(z)``
+  (``cce_jax.tiled``; ``loss_math.softmax_grad_tile`` in tile form).
+  """
+  tiles = geo.tiles
+  shape = z.shape
+  lse = tok_ref[:, TOKEN_LSE:TOKEN_LSE + 1]  # (bn, 1)
+  alpha = tok_ref[:, TOKEN_ALPHA:TOKEN_ALPHA + 1]
+  beta = tok_ref[:, TOKEN_BETA:TOKEN_BETA + 1]
+  class_ids = j * tiles.vocab_block + lax.broadcasted_iota(jnp.int32, shape, 1)
+  is_target = label_ref[...] == class_ids  # (bn, bv)
+  dz = alpha * jnp.exp(z - lse) - jnp.where(is_target, beta, 0.0)
+  if math.uniform_in_tile:
+    dz = dz - tok_ref[:, TOKEN_GAMMA:TOKEN_GAMMA + 1]
+  dx = dz * loss_math.softcap_derivative(z, math.softcap)
+  valid_rows = _valid(i, tiles.token_block, geo.num_tokens, shape, 0)
+  valid_cols = _valid(j, tiles.vocab_block, geo.num_classes, shape, 1)
+  dx = _zero_outside(dx, valid_rows)
+  return _zero_outside(dx, valid_cols)
+
+
+def _skipped(skip_ref, i, j, geo: Geometry) -> jax.Array:
+  """Whether tile (i, j) is skipped: bit ``j % 32`` of word ``(i, j // 32)``."""
+  word = skip_ref[i * geo.skip_words + lax.div(j, SKIP_BITS)]
+  return (lax.shift_right_logical(word, lax.rem(j, SKIP_BITS)) & 1) == 1
+
+
+def _compiler_params(geo: Geometry, semantics: tuple[str, ...]) -> pltpu.CompilerParams:
+  return pltpu.CompilerParams(
+      dimension_semantics=semantics, vmem_limit_bytes=geo.tiles.vmem_limit_bytes
+  )
+
+
+def _c_block_spec(geo: Geometry, index) -> pl.BlockSpec:
+  """BlockSpec of a classifier block; ``index(grid ids) -> (vocab block, hidden chunk)``."""
+  t = geo.tiles
+  if geo.vocab_dim == 0:
+    return pl.BlockSpec((t.vocab_block, t.hidden_block), index)
+  return pl.BlockSpec((t.hidden_block, t.vocab_block), lambda *ids: index(*ids)[::-1])
+
+
+# ---- forward --------------------------------------------------------------------------------
+
+
+def _forward_kernel(e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_sum: bool,
+                    with_block_max: bool):
+  """One grid step (i, j, k) of :func:`forward_stats`.
+
+  refs: [bias (1, bv) f32], stats out (bn, 128) f32, [block max out (bn, 128) f32],
+  [logit accumulator (bn, bv) f32 when nk > 1], running max, running sum, logit sum scratch
+  (bn, 1) f32 each.
+  """
+  refs = list(refs)
+  bias_ref = refs.pop(0) if math.with_bias else None
+  stats_ref = refs.pop(0)
+  block_max_ref = refs.pop(0) if with_block_max else None
+  tiles = geo.tiles
+  nk, nv = tiles.num_hidden_blocks, tiles.num_vocab_blocks
+  acc_ref = refs.pop(0) if nk > 1 else None
+  max_ref, sum_ref, logit_sum_ref = refs
+  j, k = pl.program_id(1), pl.program_id(2)
+
+  part = _logits_part(e_ref[...], c_ref[...], k, geo, math.precision)  # (bn, bv) f32
+  if nk > 1:
+    @pl.when(k == 0)
+    def _():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    acc_ref[...] += part
+
+  @pl.when(k == nk - 1)
+  def _():
+    z = _capped(acc_ref[...] if nk > 1 else part, bias_ref, math)  # (bn, bv)
+    valid_cols = _valid(j, tiles.vocab_block, geo.num_classes, z.shape, 1)
+    z_live = z if valid_cols is None else jnp.where(valid_cols, z, -jnp.inf)
+    tile_max = jnp.max(z_live, axis=1, keepdims=True)  # (bn, 1)
+
+    @pl.when(j == 0)
+    def _():
+      max_ref[...] = jnp.full_like(max_ref, -jnp.inf)
+      sum_ref[...] = jnp.zeros_like(sum_ref)
+      logit_sum_ref[...] = jnp.zeros_like(logit_sum_ref)
+
+    old_max = max_ref[...]
+    new_max = jnp.maximum(old_max, tile_max)
+    sum_ref[...] = sum_ref[...] * jnp.exp(old_max - new_max) + jnp.sum(
+        jnp.exp(z_live - new_max), axis=1, keepdims=True)
+    max_ref[...] = new_max
+    if with_logit_sum:
+      logit_sum_ref[...] += jnp.sum(_zero_outside(z, valid_cols), axis=1, keepdims=True)
+    lanes = lax.broadcasted_iota(jnp.int32, (tiles.token_block, LANES), 1)
+    if with_block_max:
+      # Column j % 128 of the (bn, 128) output block that holds vocabulary blocks
+      # [128 * (j // 128), 128 * (j // 128 + 1)).
+      block_max_ref[...] = jnp.where(lanes == lax.rem(j, LANES), tile_max, block_max_ref[...])
+
+    @pl.when(j == nv - 1)
+    def _():
+      lse = max_ref[...] + jnp.log(sum_ref[...])
+      stats = jnp.where(lanes == STAT_LSE, lse, 0.0)
+      if with_logit_sum:
+        stats = jnp.where(lanes == STAT_LOGIT_SUM, logit_sum_ref[...], stats)
+      stats_ref[...] = stats
+
+
+def forward_stats(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    bias: jax.Array | None,  # (V,)
+    geo: Geometry,
+    math: Math,
+    with_logit_sum: bool,
+    with_block_max: bool,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, vocab blocks) f32 or None.
+
+  ``block_max[n, j] = max over the classes v of vocabulary block j of z_nv``.
+  """
+  t = geo.tiles
+  nv = t.num_vocab_blocks
+  grid = (t.num_token_blocks, nv, t.num_hidden_blocks)
+  in_specs = [
+      pl.BlockSpec((t.token_block, t.hidden_block), lambda i, j, k: (i, k)),
+      _c_block_spec(geo, lambda i, j, k: (j, k)),
+  ]
+  args = [e, c]
+  if math.with_bias:
+    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda i, j, k: (0, j)))
+    args.append(bias.astype(jnp.float32).reshape(1, -1))
+  out_shape = [jax.ShapeDtypeStruct((geo.num_tokens, LANES), jnp.float32)]
+  out_specs = [pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, 0))]
+  if with_block_max:
+    block_max_cols = -(-nv // LANES) * LANES
+    out_shape.append(jax.ShapeDtypeStruct((geo.num_tokens, block_max_cols), jnp.float32))
+    out_specs.append(
+        pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, lax.div(j, LANES))))
+  scratch = [pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32)] * (t.num_hidden_blocks > 1)
+  scratch += [pltpu.VMEM((t.token_block, 1), jnp.float32)] * 3
+  kernel = functools.partial(_forward_kernel, geo=geo, math=math,
+                             with_logit_sum=with_logit_sum, with_block_max=with_block_max)
+  itemsize = e.dtype.itemsize
+  n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
+  outs = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=scratch,
+      compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * n * v * d, transcendentals=n * v,
+          bytes_accessed=itemsize * (v * d * t.num_token_blocks + n * d)),
+      interpret=interpret_params(interpret),
+      name="cce_forward",
+  )(*args)
+  stats = outs[0]
+  lse = stats[:, STAT_LSE]
+  logit_sum = stats[:, STAT_LOGIT_SUM] if with_logit_sum else None
+  block_max = outs[1][:, :nv] if with_block_max else None
+  return lse, logit_sum, block_max
+
+
+# ---- backward -------------------------------------------------------------------------------
+
+
+def _backward_phase_count(geo: Geometry) -> int:
+  """Grid steps per backward tile: 1 when D is one chunk, else 2 nk (logits, then products)."""
+  nk = geo.tiles.num_hidden_blocks
+  return 1 if nk == 1 else 2 * nk
+
+
+def _tile_gradient(e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, d_bias_ref,
+                   i, j, k, geo: Geometry, math: Math):
+  """The tile's softmax gradient (bn, bv) in the dtype of ``e``, over the phases of a
+  backward tile; adds its column sums (f32) to ``d_bias_ref`` unless that is None.
+
+  With one hidden chunk it is returned at once. Otherwise steps ``k < nk`` accumulate the
+  logits in ``acc_ref`` and step ``nk - 1`` stores the gradient in ``grad_ref``; None then
+  (the caller reads ``grad_ref`` in steps ``k >= nk``).
+  """
+  nk = geo.tiles.num_hidden_blocks
+  dtype = e_ref.dtype
+
+  def gradient(x):
+    grad = _softmax_grad(_capped(x, bias_ref, math), i, j, tok_ref, label_ref, geo, math)
+    if d_bias_ref is not None:
+      d_bias_ref[...] += jnp.sum(grad, axis=0, keepdims=True)
+    return grad.astype(dtype)
+
+  if nk == 1:
+    return gradient(_logits_part(e_ref[...], c_ref[...], 0, geo, math.precision))
+
+  @pl.when(k < nk)
+  def _():
+    part = _logits_part(e_ref[...], c_ref[...], k, geo, math.precision)
+
+    @pl.when(k == 0)
+    def _():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    acc_ref[...] += part
+
+  @pl.when(k == nk - 1)
+  def _():
+    grad_ref[...] = gradient(acc_ref[...])
+
+  return None
+
+
+def _grad_e_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, filtering: bool):
+  """One grid step (i, j, k) of :func:`grad_e`.
+
+  refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, dE out (bn, bd)
+  f32, and when nk > 1: logit accumulator (bn, bv) f32, gradient (bn, bv), dE accumulator
+  (bn, nk * bd) f32.
+  """
+  refs = list(refs)
+  bias_ref = refs.pop(0) if math.with_bias else None
+  tok_ref, label_ref, out_ref = refs[:3]
+  tiles = geo.tiles
+  nk, nv = tiles.num_hidden_blocks, tiles.num_vocab_blocks
+  acc_ref, grad_ref, d_e_ref = refs[3:] if nk > 1 else (None, None, out_ref)
+  i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  v_axis, _ = _c_axes(geo.vocab_dim)
+  contract_c = (v_axis,)
+
+  @pl.when((j == 0) & (k == 0))
+  def _():
+    d_e_ref[...] = jnp.zeros_like(d_e_ref)
+
+  def product(grad, c_blk):
+    # Rows of c past V are undefined: zero them, or 0 * NaN would reach dE.
+    c_blk = _zero_outside(
+        c_blk, _valid(j, tiles.vocab_block, geo.num_classes, c_blk.shape, v_axis))
+    dims = (((1,), contract_c), ((), ()))
+    return lax.dot_general(grad, c_blk, dims, precision=math.precision,
+                           preferred_element_type=jnp.float32)  # (bn, bd)
+
+  def work():
+    grad = _tile_gradient(e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, None,
+                          i, j, k, geo, math)
+    if nk == 1:
+      d_e_ref[...] += product(grad, c_ref[...])
+      return
+
+    @pl.when(k >= nk)
+    def _():
+      cols = pl.ds(pl.multiple_of((k - nk) * tiles.hidden_block, LANES), tiles.hidden_block)
+      d_e_ref[:, cols] += product(grad_ref[...], c_ref[...])
+
+  if filtering:
+    pl.when(jnp.logical_not(_skipped(skip_ref, i, j, geo)))(work)
+  else:
+    work()
+
+  if nk > 1:
+    @pl.when((j == nv - 1) & (k >= nk))
+    def _():
+      cols = pl.ds(pl.multiple_of((k - nk) * tiles.hidden_block, LANES), tiles.hidden_block)
+      out_ref[...] = d_e_ref[:, cols]
+
+
+def _token_specs(t: Tiles, token_index) -> list[pl.BlockSpec]:
+  return [
+      pl.BlockSpec((t.token_block, NUM_TOKEN_COLUMNS), lambda *ids: (token_index(*ids), 0)),
+      pl.BlockSpec((t.token_block, 1), lambda *ids: (token_index(*ids), 0)),
+  ]
+
+
+def _backward_args(e, c, bias, token_stats, labels, skip_bits, math: Math):
+  args = [skip_bits, e, c]
+  if math.with_bias:
+    args.append(bias.astype(jnp.float32).reshape(1, -1))
+  return [*args, token_stats, labels.reshape(-1, 1).astype(jnp.int32)]
+
+
+def grad_e(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    bias: jax.Array | None,  # (V,)
+    token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
+    labels: jax.Array,  # (N,) int32 class of the tile column holding the target, or -1
+    skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
+    geo: Geometry,
+    math: Math,
+    interpret: bool,
+) -> jax.Array:
+  """dE = sum_v dx_nv c_v, (N, D) f32 (without the uniform smoothing term)."""
+  t = geo.tiles
+  nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
+  last_chunk = nk - 1
+  grid = (t.num_token_blocks, t.num_vocab_blocks, phases)
+  in_specs = [
+      pl.BlockSpec((t.token_block, t.hidden_block),
+                   lambda i, j, k, s: (i, jnp.minimum(k, last_chunk))),
+      _c_block_spec(geo, lambda i, j, k, s: (j, lax.rem(k, nk))),
+  ]
+  if math.with_bias:
+    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda i, j, k, s: (0, j)))
+  in_specs += _token_specs(t, lambda i, j, k, s: i)
+  if nk == 1:
+    out_index = lambda i, j, k, s: (i, 0)
+    scratch = []
+  else:
+    # The dE block of chunk k - nk is written in the last vocabulary block only; before that
+    # the output index stays put, so nothing is written back early.
+    out_index = lambda i, j, k, s: (
+        i, jnp.where(j == t.num_vocab_blocks - 1, jnp.maximum(k - nk, 0), 0))
+    scratch = [
+        pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
+        pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
+        pltpu.VMEM((t.token_block, nk * t.hidden_block), jnp.float32),
+    ]
+  filtering = skip_bits is not None
+  if skip_bits is None:
+    skip_bits = jnp.zeros((1,), jnp.int32)
+  kernel = functools.partial(_grad_e_kernel, geo=geo, math=math, filtering=filtering)
+  n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=grid,
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((t.token_block, t.hidden_block), out_index),
+          scratch_shapes=scratch,
+      ),
+      out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
+      compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=4 * n * v * d, transcendentals=n * v,
+          bytes_accessed=e.dtype.itemsize * (v * d * t.num_token_blocks + n * d) + 4 * n * d),
+      interpret=interpret_params(interpret),
+      name="cce_backward_e",
+  )(*_backward_args(e, c, bias, token_stats, labels, skip_bits, math))
+
+
+def _grad_c_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, filtering: bool,
+                   with_offset: bool):
+  """One grid step (j, i, k) of :func:`grad_c`.
+
+  refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, [class offset
+  (1, bd) or (bd, 1) f32], dC out (c's block, c's dtype), [dbias out (1, bv) f32], dC
+  accumulator (bv, nk * bd) or (nk * bd, bv) f32, [dbias accumulator (1, bv) f32], and when
+  nk > 1: logit accumulator (bn, bv) f32, gradient (bn, bv).
+  """
+  refs = list(refs)
+  bias_ref = refs.pop(0) if math.with_bias else None
+  tok_ref, label_ref = refs.pop(0), refs.pop(0)
+  offset_ref = refs.pop(0) if with_offset else None
+  d_c_out = refs.pop(0)
+  d_bias_out = refs.pop(0) if math.with_bias else None
+  d_c_ref = refs.pop(0)
+  d_bias_ref = refs.pop(0) if math.with_bias else None
+  tiles = geo.tiles
+  nk, nt = tiles.num_hidden_blocks, tiles.num_token_blocks
+  acc_ref, grad_ref = refs if nk > 1 else (None, None)
+  j, i, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  vocab_major = geo.vocab_dim == 0
+
+  @pl.when((i == 0) & (k == 0))
+  def _():
+    d_c_ref[...] = jnp.zeros_like(d_c_ref)
+    if d_bias_ref is not None:
+      d_bias_ref[...] = jnp.zeros_like(d_bias_ref)
+
+  def chunk(index):
+    return pl.ds(pl.multiple_of(index * tiles.hidden_block, LANES), tiles.hidden_block)
+
+  def accumulate(grad, e_blk, index):
+    # Rows of e past N are undefined: zero them, or 0 * NaN would reach dC.
+    e_blk = _zero_outside(e_blk, _valid(i, tiles.token_block, geo.num_tokens, e_blk.shape, 0))
+    dims = (((0,), (0,)), ((), ()))
+    if vocab_major:  # (bv, bd) += grad.T @ e
+      part = lax.dot_general(grad, e_blk, dims, precision=math.precision,
+                             preferred_element_type=jnp.float32)
+      if nk == 1:
+        d_c_ref[...] += part
+      else:
+        d_c_ref[:, chunk(index)] += part
+    else:  # (bd, bv) += e.T @ grad
+      part = lax.dot_general(e_blk, grad, dims, precision=math.precision,
+                             preferred_element_type=jnp.float32)
+      if nk == 1:
+        d_c_ref[...] += part
+      else:
+        d_c_ref[chunk(index), :] += part
+
+  def work():
+    grad = _tile_gradient(e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref,
+                          d_bias_ref, i, j, k, geo, math)
+    if nk == 1:
+      accumulate(grad, e_ref[...], 0)
+      return
+
+    @pl.when(k >= nk)
+    def _():
+      accumulate(grad_ref[...], e_ref[...], k - nk)
+
+  if filtering:
+    pl.when(jnp.logical_not(_skipped(skip_ref, i, j, geo)))(work)
+  else:
+    work()
+
+  @pl.when((i == nt - 1) & ((k >= nk) if nk > 1 else True))
+  def _():
+    if nk == 1:
+      block = d_c_ref[...]
+    elif vocab_major:
+      block = d_c_ref[:, chunk(k - nk)]
+    else:
+      block = d_c_ref[chunk(k - nk), :]
+    if offset_ref is not None:
+      block = block - offset_ref[...]
+    d_c_out[...] = block.astype(d_c_out.dtype)
+    if d_bias_out is not None:
+      d_bias_out[...] = d_bias_ref[...]
+
+
+def grad_c(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    bias: jax.Array | None,  # (V,)
+    token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
+    labels: jax.Array,  # (N,) int32
+    skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
+    class_offset: jax.Array | None,  # (D,) f32 subtracted from every class's gradient
+    geo: Geometry,
+    math: Math,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array | None]:
+  """dC_v = sum_n dx_nv e_n - class_offset (layout and dtype of ``c``) and dbias_v =
+  sum_n dx_nv ((V,) f32, None without bias)."""
+  t = geo.tiles
+  nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
+  last_chunk = nk - 1
+  nt = t.num_token_blocks
+  grid = (t.num_vocab_blocks, nt, phases)
+  in_specs = [
+      pl.BlockSpec((t.token_block, t.hidden_block), lambda j, i, k, s: (i, lax.rem(k, nk))),
+      _c_block_spec(geo, lambda j, i, k, s: (j, jnp.minimum(k, last_chunk))),
+  ]
+  if math.with_bias:
+    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
+  in_specs += _token_specs(t, lambda j, i, k, s: i)
+  if nk == 1:
+    chunk_index = lambda j, i, k, s: 0
+  else:
+    chunk_index = lambda j, i, k, s: jnp.where(i == nt - 1, jnp.maximum(k - nk, 0), 0)
+  vocab_major = geo.vocab_dim == 0
+  args = _backward_args(e, c, bias, token_stats, labels,
+                        jnp.zeros((1,), jnp.int32) if skip_bits is None else skip_bits, math)
+  if class_offset is not None:
+    if vocab_major:
+      in_specs.append(pl.BlockSpec((1, t.hidden_block), lambda *ids: (0, chunk_index(*ids))))
+      args.append(class_offset.astype(jnp.float32).reshape(1, -1))
+    else:
+      in_specs.append(pl.BlockSpec((t.hidden_block, 1), lambda *ids: (chunk_index(*ids), 0)))
+      args.append(class_offset.astype(jnp.float32).reshape(-1, 1))
+  out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype)]
+  out_specs = [_c_block_spec(geo, lambda *ids: (ids[0], chunk_index(*ids)))]
+  hidden_padded = nk * t.hidden_block
+  acc_shape = (t.vocab_block, hidden_padded) if vocab_major else (hidden_padded, t.vocab_block)
+  scratch = [pltpu.VMEM(acc_shape, jnp.float32)]
+  if math.with_bias:
+    out_shape.append(jax.ShapeDtypeStruct((1, geo.num_classes), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
+    scratch.append(pltpu.VMEM((1, t.vocab_block), jnp.float32))
+  if nk > 1:
+    scratch += [
+        pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
+        pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
+    ]
+  kernel = functools.partial(_grad_c_kernel, geo=geo, math=math,
+                             filtering=skip_bits is not None,
+                             with_offset=class_offset is not None)
+  n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
+  outs = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=grid,
+          in_specs=in_specs,
+          out_specs=out_specs,
+          scratch_shapes=scratch,
+      ),
+      out_shape=out_shape,
+      compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
+      cost_estimate=pl.CostEstimate(
+          flops=4 * n * v * d, transcendentals=n * v,
+          bytes_accessed=e.dtype.itemsize * (n * d * t.num_vocab_blocks + 2 * v * d)),
+      interpret=interpret_params(interpret),
+      name="cce_backward_c",
+  )(*args)
+  d_bias = outs[1].reshape(-1) if math.with_bias else None
+  return outs[0], d_bias
