@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# tests/multidevice/ needs 8 host devices; tests/test_multidevice.py runs it in a subprocess.
+collect_ignore = [] if os.environ.get("CCE_JAX_MULTIDEVICE") else ["multidevice"]
 
 
 def pytest_addoption(parser):

@@ -77,23 +77,27 @@ def _case_id(case: dict) -> str:
   return "-".join(f"{k}={v}" for k, v in case.items())
 
 
-def make_inputs(seed: int, case: dict):
-  """Fresh random inputs for one case, as numpy arrays in the case's dtype."""
+def make_inputs(
+    seed: int, case: dict, batch: int = BATCH, seq_len: int = SEQ_LEN,
+    num_classes: int = NUM_CLASSES,
+):
+  """Fresh random inputs for one case: e, c, labels, bias in the case's dtype, and the
+  random weights (numpy) of the per-token loss and lse in the objective."""
   rng = np.random.default_rng(seed)
   dtype = jnp.dtype(case["dtype"])
   # Nonzero means (as real hidden states have) make the uniform smoothing terms, which
   # scale with sum_n g_n e_n and sum_v c_v, visible in the gradients.
-  e = (rng.normal(size=(BATCH, SEQ_LEN, HIDDEN)) + 0.5).astype(np.float32)
-  c = (rng.normal(size=(NUM_CLASSES, HIDDEN)) * 0.6 + 0.2).astype(np.float32)
+  e = (rng.normal(size=(batch, seq_len, HIDDEN)) + 0.5).astype(np.float32)
+  c = (rng.normal(size=(num_classes, HIDDEN)) * 0.6 + 0.2).astype(np.float32)
   if case["classifier_layout"] == "dv":
     c = np.ascontiguousarray(c.T)
-  labels = rng.integers(0, NUM_CLASSES, size=(BATCH, SEQ_LEN)).astype(np.int32)
+  labels = rng.integers(0, num_classes, size=(batch, seq_len)).astype(np.int32)
   if case["ignored"] == "some":
     labels[rng.random(labels.shape) < 0.3] = case["ignore_index"]
   elif case["ignored"] == "all":
     labels[:] = case["ignore_index"]
-  bias = rng.normal(size=(NUM_CLASSES,)).astype(np.float32) if case["bias"] else None
-  out_shape = (BATCH, SEQ_LEN - case["shift"])
+  bias = rng.normal(size=(num_classes,)).astype(np.float32) if case["bias"] else None
+  out_shape = (batch, seq_len - case["shift"])
   loss_weights = rng.normal(size=out_shape) if case["reduction"] == "none" else None
   lse_weights = rng.normal(size=out_shape) * 0.1 if case["return_lse"] else None
   cast = lambda x: None if x is None else jnp.asarray(x, dtype)
