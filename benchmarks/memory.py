@@ -18,7 +18,9 @@ TPUs multiply bfloat16 natively and do not make that copy, so the second row is 
 predicts their memory.
 
 Then the goals are checked (f32 ``xla`` loss temp <= 0.5% and loss+grad temp <= 1% of the
-baseline's), and unless ``--quick`` a sweep over V and over N is drawn to a PNG chart.
+baseline's), the sharded layouts are measured on 8 host devices (``sharded_memory.py``:
+vocabulary-parallel needs <= 1/2 of the per-device bytes of a replicated classifier), and
+unless ``--quick`` a sweep over V and over N is drawn to a PNG chart.
 1 MB = 1e6 bytes, 1 GB = 1e9 bytes.
 
   python benchmarks/memory.py                 # table, goals, sweep, benchmarks/memory.png
@@ -35,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -158,6 +161,21 @@ def measure_without_licm(dtype_name: str, shape: tuple[int, int, int]) -> dict[s
   if proc.returncode != 0:
     raise RuntimeError(f"child {' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_sharded() -> dict[str, Any]:
+  """benchmarks/sharded_memory.py in a child process (it needs 8 host devices): prints its
+  table and returns its JSON."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_memory.py")
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "sharded.json")
+    proc = subprocess.run([sys.executable, script, "--json", out], capture_output=True,
+                          text=True, check=False)
+    print(proc.stdout, end="")
+    if not os.path.exists(out):
+      raise RuntimeError(f"sharded_memory.py failed:\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+      return json.load(f)
 
 
 def human(nbytes: float) -> str:
@@ -290,8 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   for goal in goals:
     print(f"{'PASS' if goal['pass'] else 'FAIL'}: {goal['name']} (measured {goal['ratio']:.3%})")
 
+  print()
+  sharded = measure_sharded()
+  goals.append({"name": "sharded: vocab-parallel args+temps <= 1/2 of replicated, no N x V "
+                "buffer", "ratio": sharded["ratio"], "pass": sharded["passed"]})
+  print(f"{'PASS' if sharded['passed'] else 'FAIL'}: {goals[-1]['name']} "
+        f"(measured {sharded['ratio']:.3f})")
+
   result: dict[str, Any] = {
       "jax_version": jax.__version__,
+      "sharded": sharded,
       "backend": jax.default_backend(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "shape": {"N": n, "D": d, "V": v},

@@ -260,3 +260,31 @@ def test_vocab_axis_outside_shard_map():
   e, c, labels = _small()
   with pytest.raises(ValueError, match="`vocab_axis`='tensor' is not a mesh axis of an enclosing"):
     cce_jax.linear_cross_entropy(e, c, labels, vocab_axis="tensor")
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+
+def test_vocab_parallel_temporaries_below_one_classifier_copy():
+  """Gemma-2-like head (V=256000, D=2304), N=8192, mesh (data=2, tensor=4): compiled, not run.
+
+  float32, whose matrix products XLA:CPU runs natively: for bfloat16 it converts operands to
+  f32 and keeps (V/4, D) f32 copies that GPUs and TPUs do not make (benchmarks/memory.py).
+  """
+  num_tokens, hidden, num_classes = 8192, 2304, 256000
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+  placed = lambda shape, dtype, spec: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+  e = placed((num_tokens, hidden), jnp.float32, P("data"))
+  c = placed((num_classes, hidden), jnp.float32, P("tensor"))
+  labels = placed((num_tokens,), jnp.int32, P("data"))
+
+  def loss(e, c, labels):
+    return cce_jax.linear_cross_entropy(e, c, labels, mesh=mesh, token_axes="data",
+                                        vocab_axis="tensor")
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(e, c, labels).compile()
+  stats = compiled.memory_analysis()
+  full_classifier = num_classes * hidden * 4
+  assert stats.argument_size_in_bytes < full_classifier / 3  # this device's quarter of c
+  assert stats.temp_size_in_bytes < full_classifier, stats.temp_size_in_bytes
