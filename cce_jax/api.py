@@ -159,19 +159,35 @@ def linear_cross_entropy(
       most of the gradient of rare classes: set False when pretraining from scratch.
     return_lse: also return the per-token log-sum-exp (f32, shape of the ``"none"`` output,
       true values at ignored tokens too), which is differentiable.
-    impl: ``"auto"`` (best available: ``"xla"`` today), ``"xla"`` (chunked pure JAX, every
-      backend), ``"reference"`` (materialized f32 logits; for tests and small problems), or
-      ``"pallas_gpu"`` / ``"pallas_tpu"`` (not in this version: NotImplementedError).
+    impl: ``"auto"`` (``cce_jax.dispatch.AUTO_IMPL`` per backend: ``"xla"`` everywhere until
+      a Pallas kernel is measured faster on real hardware), ``"xla"`` (chunked pure JAX, every
+      backend), ``"reference"`` (materialized f32 logits; for tests and small problems),
+      ``"pallas_gpu"`` (Pallas Triton kernels, CUDA) or ``"pallas_tpu"`` (Pallas Mosaic).
     interpret: run a Pallas implementation in interpret mode; ignored by the others.
     classifier_layout: ``"vd"`` when ``c`` is (V, D), ``"dv"`` when it is (D, V).
-    block_sizes: tile sizes of the chunked implementation (:class:`BlockSizes`); the default
-      is ``BlockSizes.get_default(e.dtype)``. Every block size gives correct results.
+    block_sizes: tile sizes of the implementation: :class:`BlockSizes` for "xla" (default
+      ``BlockSizes.get_default(e.dtype)``), the Pallas implementations' own dataclasses for
+      theirs. Every valid block size gives correct results.
     sort_vocab: let the backward visit classes by descending average logit so that skippable
       tiles cluster. Never changes the result beyond rounding.
     check_labels: raise ValueError for a label outside [0, V) that is not ``ignore_index``.
       Without it such a token's loss is NaN (so is the mean, and so are the gradients): never
       a plausible finite value. Under ``jax.jit`` the check runs on the device values through
       ``jax.debug.callback`` and surfaces as a ``JaxRuntimeError`` carrying the message.
+    vocab_axis: mesh axis name (or tuple of names) over which ``c`` (and ``bias``) is split
+      along the vocabulary in equal contiguous slices. Inside ``jax.shard_map`` (no
+      ``mesh``): ``c`` is this device's slice, ``labels`` hold global class ids, the lse is
+      combined across the axis in f32, and the gradient of ``e`` is summed across it by
+      JAX's transpose (with ``check_vma`` on or off). With ``mesh``: the axis to split ``c``
+      over. None: this device holds the whole vocabulary.
+    mesh: run the loss per device through ``jax.shard_map`` over this mesh (under
+      ``jax.jit`` or eagerly): the leading axis of ``e``/``labels`` is split over
+      ``token_axes``, ``c`` over ``vocab_axis``; "mean" divides by the global count of
+      non-ignored tokens. Meshes with Explicit axes get their inputs resharded to that layout
+      first (``jax.sharding.reshard``); Auto axes are left to ``shard_map``. See
+      :mod:`cce_jax.sharding`.
+    token_axes: mesh axes that split the tokens (the leading axis of ``e``). Inside
+      ``shard_map`` without ``mesh``, "mean"/"sum" are reduced over these axes too (psum).
 
   Returns:
     The loss, float32: a scalar for ``"mean"``/``"sum"``, shape (..., T - shift) for
@@ -179,8 +195,10 @@ def linear_cross_entropy(
 
   Raises:
     TypeError: an argument of the wrong type or dtype (the message names it).
-    ValueError: inconsistent shapes or an out-of-range option (the message names it).
-    NotImplementedError: an implementation this version does not ship.
+    ValueError: inconsistent shapes, an out-of-range option, or a mesh layout that does not
+      fit the arrays (an axis the mesh lacks, V or the token count not divisible by the axis
+      sizes, labels split unlike the tokens); the message names the argument.
+    NotImplementedError: an implementation this installation does not ship.
 
   Example:
     >>> import jax, jax.numpy as jnp, cce_jax
