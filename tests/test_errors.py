@@ -129,10 +129,9 @@ CASES = [
     ("hidden_zero", {"e": lambda a: jnp.ones((2, 5, 0)), "c": lambda a: jnp.ones((V, 0))},
      ValueError, r"`e` must have a hidden size D >= 1"),
     ("impl_cuda", {"impl": "cuda"}, ValueError, r"`impl` must be one of .*'cuda'"),
-    ("impl_pallas_gpu", {"impl": "pallas_gpu"}, NotImplementedError,
-     r"`impl`='pallas_gpu' .*not available"),
-    ("impl_pallas_tpu", {"impl": "pallas_tpu"}, NotImplementedError,
-     r"`impl`='pallas_tpu' .*not available"),
+    ("block_sizes_for_xla_on_pallas", {"impl": "pallas_gpu", "interpret": True,
+                                       "block_sizes": BlockSizes(8, 8)}, TypeError,
+     r"`block_sizes` must be a pallas_kernels\.gpu.*for this `impl`, got BlockSizes"),
     ("classifier_layout_upper", {"classifier_layout": "VD"}, ValueError,
      r"`classifier_layout` must be one of .*'VD'"),
     ("shift_negative", {"shift": -1}, ValueError, r"`shift` must be in \[0, T\] with T=5.*-1"),
@@ -205,12 +204,12 @@ def test_bad_block_sizes_raise_naming_the_field(args, exc, match):
 @pytest.mark.parametrize(
     ("make", "exc", "match"),
     [
-        (lambda a: cce_jax.linear_cross_entropy(**a, impl="pallas_gpu"), NotImplementedError,
-         r"`impl`"),
+        (lambda a: cce_jax.linear_cross_entropy(**a, block_sizes=(8, 8)), TypeError,
+         r"`block_sizes`"),
         (lambda a: BlockSizes(0, 8), ValueError, r"`BlockSizes\.token_block`"),
         (lambda a: BlockSizes(8.0, 8), TypeError, r"`BlockSizes\.token_block`"),
     ],
-    ids=["impl_pallas", "block_sizes_value", "block_sizes_type"],
+    ids=["block_sizes_tuple", "block_sizes_value", "block_sizes_type"],
 )
 def test_argument_named_in_backticks(make, exc, match):
   with pytest.raises(exc, match=match):
@@ -293,3 +292,11 @@ def test_check_labels_with_shift_reports_index_into_labels():
   labels = args.pop("labels").at[1, 3].set(V)
   with pytest.raises(ValueError, match=_bad_labels_message(V, (1, 3))):
     cce_jax.linear_cross_entropy(**args, labels=labels, shift=1, check_labels=True)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_missing_implementation_module(monkeypatch, impl):
+  """An installation without a Pallas package says so, naming `impl`."""
+  monkeypatch.setitem(cce_jax.dispatch._TILED_MODULES, impl, "pallas_kernels.no_such_module")
+  with pytest.raises(NotImplementedError, match=rf"`impl`='{impl}' is not available"):
+    cce_jax.linear_cross_entropy(**_inputs(), impl=impl)
