@@ -244,6 +244,7 @@ def linear_cross_entropy(
   return sharding.run_sharded(
       per_device, mesh, e, c, labels, bias, token_axes=token_axes, vocab_axes=vocab_axes,
       vocab_dim=opts.vocab_dim, per_token=reduction == "none", return_lse=return_lse,
+      check_vma=tiled is None or not tiled.uses_interpret,
   )
 
 

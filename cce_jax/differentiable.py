@@ -83,6 +83,12 @@ def token_loss(
   # that the transpose of the cast sums the per-shard gradients (with check_vma off,
   # shard_map's own transpose does that sum).
   e, c, bias = vma.vary_like((e, c, bias), e, c, bias, held)
+  if opts.interpret and impl != "reference" and vma.varying_axes(e, c, bias, held):
+    raise ValueError(
+        f"`impl`={impl!r} with `interpret=True` inside jax.shard_map needs check_vma=False: "
+        "JAX's Pallas interpreter does not track varying manual axes. (Compiled kernels, and "
+        "`mesh=`, which uses check_vma=False for Pallas implementations, are not affected.)"
+    )
   if impl == "reference":
     stats = reference.local_stats(e, c, held, bias, opts)
   else:

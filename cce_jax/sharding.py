@@ -172,8 +172,13 @@ def run_sharded(
     vocab_dim: int,
     per_token: bool,
     return_lse: bool,
+    check_vma: bool = True,
 ):
-  """``per_device(e, c, labels, bias)`` on every device of ``mesh`` through ``shard_map``."""
+  """``per_device(e, c, labels, bias)`` on every device of ``mesh`` through ``shard_map``.
+
+  ``check_vma`` is passed to ``shard_map``; the gradients are right either way (see
+  ``cce_jax.differentiable``), and the Pallas implementations run with it off.
+  """
   tokens = token_axes if token_axes else None
   vocab = vocab_axes if vocab_axes else None
   e_spec = P(tokens, *[None] * (e.ndim - 1))
@@ -191,5 +196,7 @@ def run_sharded(
         for x, spec in zip(args, specs, strict=True)
     ]
   body = per_device if bias is not None else (lambda e, c, labels: per_device(e, c, labels, None))
-  sharded = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs)
+  sharded = jax.shard_map(
+      body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=check_vma
+  )
   return sharded(*args)

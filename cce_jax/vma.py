@@ -36,3 +36,21 @@ def vary_like(tree: Any, *refs: Any) -> Any:
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)
+
+
+def shape_dtype_struct(shape: tuple[int, ...], dtype: Any, *refs: Any) -> jax.ShapeDtypeStruct:
+  """A ``pallas_call`` ``out_shape`` that varies along the manual axes the ``refs`` vary along.
+
+  With ``check_vma=True`` a ``pallas_call`` inside ``shard_map`` must say how each output
+  varies (jax 0.10 spells it ``manual_axis_type``, later versions ``vma``).
+  """
+  axes = varying_axes(*refs)
+  if not axes:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  for ref in jax.tree.leaves(refs):
+    manual = getattr(jax.typeof(ref), "manual_axis_type", None)
+    if manual is not None:
+      return jax.ShapeDtypeStruct(
+          shape, dtype, manual_axis_type=manual.update(varying=axes)
+      )
+  return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
