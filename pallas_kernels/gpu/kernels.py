@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cce_jax import loss_math
+from cce_jax import loss_math, vma
 from cce_jax.options import LossOptions
 from pallas_kernels.gpu import tile_math
 from pallas_kernels.gpu.tile_math import Axis
@@ -270,31 +270,41 @@ def _dummy(dtype=jnp.float32) -> jax.Array:
   return jnp.zeros((1,), dtype)
 
 
-def forward_call(e, c, labels, bias, order, cfg: KernelConfig, splits: int,
-                 debug: bool = False) -> ForwardOutputs:
-  """Runs :func:`forward_kernel` over the (token blocks, ``splits``) grid."""
-  num_tokens = cfg.tokens.size
-  f32 = jnp.float32
-  out_shape = ForwardOutputs(
-      max_SN=jax.ShapeDtypeStruct((splits, num_tokens), f32),
-      sum_SN=jax.ShapeDtypeStruct((splits, num_tokens), f32),
-      logit_sum_SN=jax.ShapeDtypeStruct(
-          (splits, num_tokens) if cfg.want_logit_sum else (1, 1), f32),
-      target=jax.ShapeDtypeStruct((num_tokens,), f32),
-      block_max=jax.ShapeDtypeStruct(
-          (cfg.classes.count, num_tokens) if cfg.want_block_max else (1, 1), f32),
-  )
+def _launch(kernel, cfg: KernelConfig, grid: tuple[int, ...], name: str, debug: bool,
+            out_shapes: tuple[tuple[tuple[int, ...], jnp.dtype], ...], *inputs: jax.Array):
+  """``pl.pallas_call`` on the Triton lowering (or its interpreter) over whole-array refs.
+
+  Inside ``shard_map`` with ``check_vma``, the inputs (dummies included) are cast to vary
+  alike and the outputs are declared to vary like them.
+  """
+  inputs = vma.vary_like(inputs, *inputs)
   call = pl.pallas_call(
-      functools.partial(forward_kernel, cfg=cfg),
-      out_shape=tuple(out_shape),
-      grid=(cfg.tokens.count, splits),
+      functools.partial(kernel, cfg=cfg),
+      out_shape=tuple(vma.shape_dtype_struct(shape, dtype, *inputs)
+                      for shape, dtype in out_shapes),
+      grid=grid,
       interpret=cfg.opts.interpret,
       compiler_params=_compiler_params(cfg),
       debug=debug,
-      name="cce_forward",
+      name=name,
   )
-  outs = call(e, c, labels, _dummy() if bias is None else bias,
-              _dummy(jnp.int32) if order is None else order)
+  return call(*inputs)
+
+
+def forward_call(e, c, labels, bias, order, cfg: KernelConfig, splits: int,
+                 debug: bool = False) -> ForwardOutputs:
+  """Runs :func:`forward_kernel` over the (token blocks, ``splits``) grid."""
+  num_tokens, f32 = cfg.tokens.size, jnp.float32
+  out_shapes = ForwardOutputs(
+      max_SN=((splits, num_tokens), f32),
+      sum_SN=((splits, num_tokens), f32),
+      logit_sum_SN=((splits, num_tokens) if cfg.want_logit_sum else (1, 1), f32),
+      target=((num_tokens,), f32),
+      block_max=((cfg.classes.count, num_tokens) if cfg.want_block_max else (1, 1), f32),
+  )
+  outs = _launch(forward_kernel, cfg, (cfg.tokens.count, splits), "cce_forward", debug,
+                 tuple(out_shapes), e, c, labels, _dummy() if bias is None else bias,
+                 _dummy(jnp.int32) if order is None else order)
   return ForwardOutputs(*outs)
 
 
@@ -454,40 +464,29 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
 def grad_e_call(e, c, labels, bias, order, lse, coeffs, class_sum, skip, cfg: KernelConfig,
                 debug: bool = False) -> jax.Array:
   """Runs :func:`grad_e_kernel` over the token blocks; returns dE (N, D) f32."""
-  call = pl.pallas_call(
-      functools.partial(grad_e_kernel, cfg=cfg),
-      out_shape=jax.ShapeDtypeStruct((cfg.tokens.size, cfg.hidden.size), jnp.float32),
-      grid=(cfg.tokens.count,),
-      interpret=cfg.opts.interpret,
-      compiler_params=_compiler_params(cfg),
-      debug=debug,
-      name="cce_grad_e",
-  )
-  return call(e, c, labels, _dummy() if bias is None else bias,
-              _dummy(jnp.int32) if order is None else order, lse, coeffs.alpha, coeffs.beta,
-              coeffs.gamma, _dummy() if class_sum is None else class_sum,
-              jnp.zeros((1, 1), jnp.int32) if skip is None else skip)
+  out_shapes = (((cfg.tokens.size, cfg.hidden.size), jnp.float32),)
+  (d_e,) = _launch(
+      grad_e_kernel, cfg, (cfg.tokens.count,), "cce_grad_e", debug, out_shapes,
+      e, c, labels, _dummy() if bias is None else bias,
+      _dummy(jnp.int32) if order is None else order, lse, coeffs.alpha, coeffs.beta,
+      coeffs.gamma, _dummy() if class_sum is None else class_sum,
+      jnp.zeros((1, 1), jnp.int32) if skip is None else skip)
+  return d_e
 
 
 def grad_c_call(e, c, labels, bias, order, lse, coeffs, weighted_e, gamma_sum, skip,
                 cfg: KernelConfig, debug: bool = False) -> tuple[jax.Array, jax.Array]:
   """Runs :func:`grad_c_kernel` over the vocabulary blocks; returns (dC in the layout of c,
   f32; d_bias (V,) f32, or a dummy without bias)."""
-  out_shape = (
-      jax.ShapeDtypeStruct(c.shape, jnp.float32),
-      jax.ShapeDtypeStruct((cfg.classes.size,) if cfg.has_bias else (1,), jnp.float32),
+  out_shapes = (
+      (c.shape, jnp.float32),
+      ((cfg.classes.size,) if cfg.has_bias else (1,), jnp.float32),
   )
-  call = pl.pallas_call(
-      functools.partial(grad_c_kernel, cfg=cfg),
-      out_shape=out_shape,
-      grid=(cfg.classes.count,),
-      interpret=cfg.opts.interpret,
-      compiler_params=_compiler_params(cfg),
-      debug=debug,
-      name="cce_grad_c",
-  )
-  return call(e, c, labels, _dummy() if bias is None else bias,
-              _dummy(jnp.int32) if order is None else order, lse, coeffs.alpha, coeffs.beta,
-              coeffs.gamma, _dummy() if weighted_e is None else weighted_e,
-              _dummy() if gamma_sum is None else gamma_sum,
-              jnp.zeros((1, 1), jnp.int32) if skip is None else skip)
+  d_c, d_bias = _launch(
+      grad_c_kernel, cfg, (cfg.classes.count,), "cce_grad_c", debug, out_shapes,
+      e, c, labels, _dummy() if bias is None else bias,
+      _dummy(jnp.int32) if order is None else order, lse, coeffs.alpha, coeffs.beta,
+      coeffs.gamma, _dummy() if weighted_e is None else weighted_e,
+      _dummy() if gamma_sum is None else gamma_sum,
+      jnp.zeros((1, 1), jnp.int32) if skip is None else skip)
+  return d_c, d_bias

@@ -9,6 +9,7 @@ per-block row maxima, and computes the three vectors of the exact uniform smooth
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -152,6 +153,30 @@ def backward(
   d_c, d_bias = kernels.grad_c_call(e, c, labels, bias, order, lse, coeffs, weighted_e,
                                     gamma_sum, skip if cfg_c.skip else None, cfg_c, debug=debug)
   return LocalGrads(d_e, d_c.astype(c.dtype), d_bias if bias is not None else None)
+
+
+def filter_tile_counts(
+    e: jax.Array,  # (N, D)
+    c: jax.Array,  # (V, D) or (D, V)
+    local_labels: jax.Array,  # (N,) int32
+    bias: jax.Array | None,  # (V,)
+    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+    opts: LossOptions,
+) -> tuple[jax.Array, jax.Array]:
+  """(skipped tiles, total tiles) of the backward, as () int32 arrays; runs the forward.
+
+  The same signature as ``cce_jax.xla_chunked.filter_tile_counts``; the table is the one both
+  backward kernels read (a tile counts as skipped when its skip bit is set).
+  """
+  cfg = kernel_config(e, c, opts, opts.sort_vocab)
+  total = jnp.asarray(cfg.tokens.count * cfg.classes.count, jnp.int32)
+  if not opts.filters_anything:
+    return jnp.zeros((), jnp.int32), total
+  out = forward(e, c, local_labels, bias, opts, for_backward=True)
+  labels = local_labels.astype(jnp.int32)
+  table = tile_math.skip_table(out.residuals.block_max, out.lse, filter_scale(out.lse), labels,
+                               out.residuals.order, cfg.tokens, cfg.classes, opts.filter_eps)
+  return jnp.sum(table, dtype=jnp.int32), total
 
 
 def _replace(cfg: kernels.KernelConfig, **changes) -> kernels.KernelConfig:

@@ -1,0 +1,399 @@
+"""``impl="pallas_gpu"``: Pallas kernels on the Triton lowering (``pallas_kernels.gpu``).
+
+On a CPU machine the kernels run in interpret mode (``interpret=True``) against the float64
+reference, and are lowered for CUDA with ``jax.export`` (which runs the Pallas-to-Triton
+lowering and catches what interpret mode lets through, e.g. index forms Triton rejects; it does
+not check shared memory, hence the budget tests). Tests marked ``gpu`` run the compiled kernels
+and are skipped without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import zlib
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference64
+from conftest import assert_rel_close
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_option_matrix import PAIRWISE, SINGLE_OPTION, _case_id, check_case
+
+import cce_jax
+from cce_jax import synthetic
+from cce_jax.loss_math import TokenCoefficients
+from cce_jax.options import LossOptions
+from pallas_kernels.gpu import SHARED_MEMORY_LIMITS, GPUBlockSizes, ops
+
+# Small tiles, so that the option matrix's 2 x 13 tokens, D = 24 and V = 75 are ragged in
+# every axis and span several blocks of each.
+BLOCKS = GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
+
+
+def _has_gpu() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+gpu_only = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+
+
+def _primitive_names(jaxpr) -> list[str]:
+  names = [eqn.primitive.name for eqn in jaxpr.eqns]
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    names += _primitive_names(sub)
+  return names
+
+
+# ---- the option matrix, interpret mode, against the float64 reference ----------------------
+
+
+def test_public_api_runs_the_three_kernels():
+  """The matrix below really runs Pallas: one forward and two backward pallas_calls."""
+  e = jnp.ones((20, 24), jnp.float32)
+  c = jnp.ones((40, 24), jnp.float32)
+  labels = jnp.zeros((20,), jnp.int32)
+  loss = lambda e, c: cce_jax.linear_cross_entropy(
+      e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS)
+  names = _primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(e, c).jaxpr)
+  assert names.count("pallas_call") == 3
+
+
+@pytest.mark.parametrize("case", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE])
+def test_pairwise_options(case):
+  check_case("pallas_gpu", case, zlib.crc32(_case_id(case).encode()), block_sizes=BLOCKS,
+             interpret=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SINGLE_OPTION, ids=[_case_id(c) for c in SINGLE_OPTION])
+def test_each_option_alone(case):
+  # Every option value also appears in float32 among the pairwise cases, which run by default.
+  check_case("pallas_gpu", case, zlib.crc32(_case_id(case).encode()) + 1, block_sizes=BLOCKS,
+             interpret=True)
+
+
+# ---- gradient filtering and the vocabulary sort --------------------------------------------
+
+FILTER_BLOCKS = GPUBlockSizes(token_block=16, vocab_block=64, hidden_block=16)
+NUM_TOKENS, HIDDEN, NUM_CLASSES = 200, 32, 1000  # ragged in every axis
+
+
+def _trained_like(seed: int, dtype=jnp.float32):
+  return synthetic.trained_like_inputs(
+      jax.random.key(seed), NUM_TOKENS, HIDDEN, NUM_CLASSES, dtype)
+
+
+def _skipped_fraction(e, c, labels, eps: float, sort_vocab: bool) -> tuple[int, int]:
+  opts = LossOptions(filter_eps=eps, sort_vocab=sort_vocab, block_sizes=FILTER_BLOCKS,
+                     interpret=True)
+  # The loss alone, every token counted: filter scale |alpha| / |g| = 1.
+  skipped, total = jax.jit(
+      lambda e, c, labels: ops.filter_tile_counts(e, c, labels, None, jnp.ones_like, opts)
+  )(e, c, labels)
+  return int(skipped), int(total)
+
+
+@pytest.mark.parametrize(
+    "dtype, eps",
+    [
+        ("float32", 2.0**-12),
+        ("float32", 1e-3),
+        # The same in bfloat16 (its "auto" threshold); interpret mode multiplies bf16 slowly.
+        pytest.param("bfloat16", 2.0**-12, marks=pytest.mark.slow),
+    ],
+)
+def test_sort_clusters_the_skippable_tiles(dtype, eps):
+  e, c, labels = _trained_like(1, jnp.dtype(dtype))
+  skipped_sorted, total = _skipped_fraction(e, c, labels, eps, sort_vocab=True)
+  skipped_unsorted, total_unsorted = _skipped_fraction(e, c, labels, eps, sort_vocab=False)
+  assert total == total_unsorted == 13 * 16
+  # Some tiles go and some stay, and the sort lets more go (measured here: 18 vs 0 of 208
+  # tiles at 2**-12, 75 vs 1 at 1e-3).
+  assert 0 < skipped_sorted < total
+  assert skipped_sorted > 1.5 * skipped_unsorted
+
+
+def _small_entry_bounds(e, c, labels, label_smoothing: float, eps: float):
+  """Per row of dE and dC, the float64 sum of the entries filtering may drop (mean loss):
+  ``||dE_n(filtered) - dE_n|| <= sum_v small_nv |dz_nv| ||c_v||`` and likewise for dC."""
+  e64, c64 = np.asarray(e, np.float64), np.asarray(c, np.float64)
+  logits = e64 @ c64.T
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  g = 1.0 / len(labels)
+  onehot = np.eye(c64.shape[0])[np.asarray(labels)]
+  dz = np.abs(g * (p - (1.0 - label_smoothing) * onehot))
+  small = np.where(dz < eps * g, dz, 0.0)
+  return small @ np.linalg.norm(c64, axis=1), small.T @ np.linalg.norm(e64, axis=1)
+
+
+def _grads(e, c, labels, **options):
+  loss = lambda e, c: cce_jax.linear_cross_entropy(
+      e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=FILTER_BLOCKS, **options)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(e, c)
+
+
+@pytest.mark.parametrize("label_smoothing", [pytest.param(0.0, marks=pytest.mark.slow), 0.1])
+def test_filtered_gradient_error_is_within_the_skipped_mass(label_smoothing):
+  eps = 1e-3
+  e, c, labels = _trained_like(3)
+  loss, (d_e, d_c) = _grads(e, c, labels, filter_eps=eps, label_smoothing=label_smoothing)
+  exact = reference64.reference(
+      e, c, labels, None, ignore_index=-100, softcap=None, reduction="mean", shift=0,
+      z_loss=0.0, label_smoothing=label_smoothing, classifier_layout="vd")
+  assert float(loss) == pytest.approx(float(exact["loss"]), rel=1e-5)  # forward unchanged
+  bound_e, bound_c = _small_entry_bounds(e, c, labels, label_smoothing, eps)
+  rounding = 1e-5  # f32 accumulation, relative to the gradient's scale
+  err_e = np.linalg.norm(np.asarray(d_e, np.float64) - exact["d_e"], axis=1)
+  err_c = np.linalg.norm(np.asarray(d_c, np.float64) - exact["d_c"], axis=1)
+  assert np.all(err_e <= bound_e + rounding * np.abs(exact["d_e"]).max())
+  assert np.all(err_c <= bound_c + rounding * np.abs(exact["d_c"]).max())
+  # Filtering did drop something beyond rounding, so the bound was tested.
+  assert err_c.max() > 10 * rounding * np.abs(exact["d_c"]).max()
+
+
+def test_filter_flags_keep_each_gradient_exact():
+  """With one flag off, the kernel of that gradient skips nothing: exact to rounding."""
+  e, c, labels = _trained_like(4)
+  exact = reference64.reference(
+      e, c, labels, None, ignore_index=-100, softcap=None, reduction="mean", shift=0,
+      z_loss=0.0, label_smoothing=0.0, classifier_layout="vd")
+  _, (d_e_kept, d_c_filtered) = _grads(e, c, labels, filter_eps=1e-3, filter_e_grad=False)
+  _, (d_e_filtered, d_c_kept) = _grads(e, c, labels, filter_eps=1e-3, filter_c_grad=False)
+  assert_rel_close("d_e (filter_e_grad=False)", d_e_kept, exact["d_e"], 2e-5)
+  assert_rel_close("d_c (filter_c_grad=False)", d_c_kept, exact["d_c"], 2e-5)
+  # The filtered ones did lose something (1e-3 is far above float32 rounding).
+  for name, got, want in (("d_e", d_e_filtered, exact["d_e"]),
+                          ("d_c", d_c_filtered, exact["d_c"])):
+    err = np.max(np.abs(np.asarray(got, np.float64) - want))
+    assert err > 1e-4 * np.abs(want).max(), name  # 10x float32 accumulation error
+
+
+# ---- lowering for CUDA on the CPU machine --------------------------------------------------
+
+PAPER_SHAPE = (8192, 2304, 256000)  # N, D, V (Gemma 2 2B)
+_TRITON_CHECK = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+
+def _loss_and_grads(opts: LossOptions):
+  """Forward for a backward and the backward, as ``cce_jax.differentiable`` calls them."""
+
+  def run(e, c, labels, bias):
+    out = ops.forward(e, c, labels, bias, opts, True)
+    coeffs = TokenCoefficients(g=out.lse, alpha=out.lse, beta=out.lse, gamma=out.lse)
+    scale = out.lse if opts.filters_anything else None
+    return out.lse, ops.backward(e, c, labels, bias, out.residuals, out.lse, coeffs, scale, opts)
+
+  return run
+
+
+def _abstract_args(num_tokens, hidden, num_classes, dtype, layout, bias):
+  c_shape = (num_classes, hidden) if layout == "vd" else (hidden, num_classes)
+  return (jax.ShapeDtypeStruct((num_tokens, hidden), dtype),
+          jax.ShapeDtypeStruct(c_shape, dtype),
+          jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+          jax.ShapeDtypeStruct((num_classes,), dtype) if bias else None)
+
+
+def _export_for_cuda(fn, args):
+  return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[_TRITON_CHECK])(
+      *args)
+
+
+@pytest.mark.parametrize(
+    "dtype, layout, sort_vocab, options",
+    [
+        ("bfloat16", "vd", True, dict(filter_eps=2.0**-12, label_smoothing=0.1)),
+        ("bfloat16", "dv", True, dict(filter_eps=2.0**-12, softcap=30.0)),
+        ("bfloat16", "vd", False, dict(filter_eps=2.0**-12, filter_c_grad=False)),
+        ("float16", "dv", False, dict(filter_eps=None, softcap=30.0, label_smoothing=0.1)),
+        ("float32", "vd", True, dict(filter_eps=None, z_loss=1e-4)),
+        ("float32", "dv", True, dict(filter_eps=2.0**-28, filter_e_grad=False)),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernels_lower_for_cuda_at_the_paper_shape(dtype, layout, sort_vocab, options, bias):
+  num_tokens, hidden, num_classes = PAPER_SHAPE
+  opts = LossOptions(classifier_layout=layout, sort_vocab=sort_vocab,
+                     block_sizes=GPUBlockSizes.get_default(dtype), **options)
+  args = _abstract_args(num_tokens, hidden, num_classes, jnp.dtype(dtype), layout, bias)
+  exported = _export_for_cuda(_loss_and_grads(opts), args)
+  module = exported.mlir_module()
+  # Three Triton kernels (forward, dE, dC), in that order, and nothing else of Pallas.
+  assert module.count("custom_call @__gpu$xla.gpu.triton") == 3
+  assert re.findall(r'name = "(cce_\w+)"', module) == ["cce_forward", "cce_grad_e", "cce_grad_c"]
+
+
+def test_kernels_lower_inside_shard_map_with_check_vma():
+  """Vocabulary-parallel inside a user's shard_map with check_vma=True: the kernels' inputs
+  and outputs carry the varying manual axes (a one-device mesh is enough to lower)."""
+  mesh = jax.make_mesh((1, 1), ("data", "tensor"), devices=jax.devices()[:1])
+  specs = (P("data"), P("tensor"), P("data"))
+
+  def per_device(e, c, labels):
+    loss = cce_jax.linear_cross_entropy(e, c, labels, impl="pallas_gpu", vocab_axis="tensor",
+                                        reduction="sum", block_sizes=GPUBlockSizes())
+    return jax.lax.psum(loss, "data")
+
+  def loss_grads(e, c, labels):
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
+                            check_vma=True)
+    return jax.grad(sharded, argnums=(0, 1))(e, c, labels)
+
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+          for shape, dtype, spec in zip(((256, 64), (1000, 64), (256,)),
+                                        (jnp.bfloat16, jnp.bfloat16, jnp.int32), specs,
+                                        strict=True)]
+  module = _export_for_cuda(loss_grads, args).mlir_module()
+  assert module.count("custom_call @__gpu$xla.gpu.triton") == 3
+
+
+def _triton_ir(fn, args) -> str:
+  """The Triton IR of every kernel in ``fn``, printed by the lowering (``debug=True``)."""
+  buffer = io.StringIO()
+  with contextlib.redirect_stdout(buffer):
+    _export_for_cuda(fn, args)
+  return buffer.getvalue()
+
+
+def _pointer_offset_widths(ir: str, element: str) -> set[str]:
+  """Integer widths of the offsets added to tensors of pointers to ``element``."""
+  pattern = rf"tt\.addptr .*: tensor<[0-9x]+!tt\.ptr<{element}>>, tensor<[0-9x]+x(i\d+)>"
+  return set(re.findall(pattern, ir))
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_offsets_are_64_bit_past_2_31_elements(layout):
+  """N x D and V x D beyond 2**31 (a 100B-class model's classifier: V=256000, D=12288, with
+  256k tokens): every pointer offset into e, c, dE and dC is computed in 64 bits; at the paper
+  shape they are 32-bit, so the test can tell the two apart."""
+  opts = LossOptions(classifier_layout=layout, filter_eps=2.0**-12,
+                     block_sizes=GPUBlockSizes.get_default(jnp.bfloat16))
+
+  def run(e, c, labels, bias):
+    out = ops.forward(e, c, labels, bias, opts, True, debug=True)
+    coeffs = TokenCoefficients(g=out.lse, alpha=out.lse, beta=out.lse, gamma=out.lse)
+    return ops.backward(e, c, labels, bias, out.residuals, out.lse, coeffs, out.lse, opts,
+                        debug=True)
+
+  big = _triton_ir(run, _abstract_args(2**18, 12288, 256000, jnp.bfloat16, layout, False))
+  assert 256000 * 12288 > 2**31 and 2**18 * 12288 > 2**31
+  assert big.count("The Triton module for pallas_call") == 3
+  assert _pointer_offset_widths(big, "bf16") == {"i64"}  # e and c, every kernel
+  assert _pointer_offset_widths(big, "f32") >= {"i64"}  # dE and dC (lse & co: i32 is fine)
+  small = _triton_ir(run, _abstract_args(*PAPER_SHAPE[:2], PAPER_SHAPE[2], jnp.bfloat16,
+                                         layout, False))
+  assert _pointer_offset_widths(small, "bf16") == {"i32"}
+
+
+# ---- block sizes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", sorted(SHARED_MEMORY_LIMITS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_default_block_sizes_fit_shared_memory(generation, dtype):
+  sizes = GPUBlockSizes.get_default(dtype, generation=generation)
+  assert sizes.generation == generation
+  need = sizes.shared_memory_bytes(dtype)
+  assert 0 < need <= SHARED_MEMORY_LIMITS[generation]
+  sizes.check_shared_memory(dtype)
+
+
+def test_shared_memory_estimate_counts_the_pipelined_chunks():
+  sizes = GPUBlockSizes(token_block=64, vocab_block=128, hidden_block=64, num_stages=3)
+  # logits: 3 stages x (64 + 128) x 64 bf16 = 72 KiB; the f32 logit tile: 32 KiB.
+  assert sizes.shared_memory_bytes(jnp.bfloat16) == (3 * 192 * 64 * 2) + 64 * 128 * 4
+  # float16 multiplies in f32: dE operand 64 x 128 x 4 + 3 x 128 x 64 x 4 = 128 KiB.
+  assert sizes.shared_memory_bytes(jnp.float16) == (64 * 128 * 4 + 3 * 128 * 64 * 4) + 32768
+
+
+def test_shared_memory_budget_depends_on_the_generation():
+  # 192 KiB for bf16: fits the H100's 227 KiB, not the A100's 163 KiB.
+  tiles = dict(token_block=128, vocab_block=128, hidden_block=64, num_stages=4)
+  assert 163 * 1024 < GPUBlockSizes(**tiles).shared_memory_bytes(jnp.bfloat16) <= 227 * 1024
+  GPUBlockSizes(**tiles, generation="h100")
+  with pytest.raises(ValueError, match=r"163 KiB of generation='a100'"):
+    GPUBlockSizes(**tiles, generation="a100")
+
+
+def test_oversized_tiles_are_rejected_before_lowering():
+  # Lowering on a CPU accepts these; Triton would fail only on the GPU.
+  with pytest.raises(ValueError, match=r"token_block=1024, vocab_block=1024.*shared memory"):
+    GPUBlockSizes(token_block=1024, vocab_block=1024, hidden_block=1024)
+  # Within budget for bf16 at construction, over it for float32 at trace time.
+  sizes = GPUBlockSizes(token_block=128, vocab_block=128, hidden_block=64, num_stages=3)
+  sizes.check_shared_memory(jnp.bfloat16)  # 160 KiB; 256 KiB for float32
+  e = jnp.ones((32, 64), jnp.float32)
+  c = jnp.ones((64, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"float32 inputs"):
+    cce_jax.linear_cross_entropy(e, c, jnp.zeros((32,), jnp.int32), impl="pallas_gpu",
+                                 interpret=True, block_sizes=sizes)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        ("token_block", 48, ValueError, r"`GPUBlockSizes.token_block` must be a power of two"),
+        ("vocab_block", 8, ValueError, r"`GPUBlockSizes.vocab_block` must be a power of two"),
+        ("hidden_block", 0, ValueError, r"`GPUBlockSizes.hidden_block` must be a power of two"),
+        ("token_block", 64.0, TypeError, r"`GPUBlockSizes.token_block` must be an int"),
+        ("num_warps", True, TypeError, r"`GPUBlockSizes.num_warps` must be an int"),
+        ("num_warps", 3, ValueError, r"`GPUBlockSizes.num_warps` must be one of"),
+        ("num_stages", 0, ValueError, r"`GPUBlockSizes.num_stages` must be >= 1"),
+        ("vocab_splits", 0, ValueError, r"`GPUBlockSizes.vocab_splits` must be >= 1"),
+        ("generation", "v100", ValueError, r"`GPUBlockSizes.generation` must be one of"),
+    ],
+)
+def test_bad_block_sizes_name_the_field(field, value, error, message):
+  with pytest.raises(error, match=message):
+    GPUBlockSizes(**{field: value})
+
+
+def test_block_sizes_of_the_wrong_type_and_too_small_problems_are_rejected():
+  e = jnp.ones((8, 24), jnp.float32)
+  labels = jnp.zeros((8,), jnp.int32)
+  with pytest.raises(TypeError, match="GPUBlockSizes"):
+    cce_jax.linear_cross_entropy(e, jnp.ones((40, 24)), labels, impl="pallas_gpu",
+                                 block_sizes=cce_jax.BlockSizes())
+  with pytest.raises(ValueError, match=r"V=10"):
+    cce_jax.linear_cross_entropy(e, jnp.ones((10, 24)), labels, impl="pallas_gpu",
+                                 interpret=True, block_sizes=BLOCKS)
+
+
+# ---- on a real GPU -------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("case", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE])
+@pytest.mark.parametrize("blocks", ["small", "default"])
+def test_compiled_kernels_match_the_reference(case, blocks):
+  sizes = BLOCKS if blocks == "small" else None
+  check_case("pallas_gpu", case, zlib.crc32(_case_id(case).encode()), block_sizes=sizes)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_compiled_kernels_match_xla_on_trained_like_inputs(dtype):
+  e, c, labels = synthetic.trained_like_inputs(jax.random.key(7), 4096, 512, 32003,
+                                               jnp.dtype(dtype))
+
+  def grads(impl):
+    loss = lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, impl=impl, filter_eps=None)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(e, c)
+
+  (loss, (d_e, d_c)), (loss_xla, (d_e_xla, d_c_xla)) = grads("pallas_gpu"), grads("xla")
+  tol = 2e-5 if dtype == "float32" else 1.5e-2
+  assert float(loss) == pytest.approx(float(loss_xla), rel=1e-5)
+  assert_rel_close("d_e", d_e, np.asarray(d_e_xla, np.float64), tol)
+  assert_rel_close("d_c", d_c, np.asarray(d_c_xla, np.float64), tol)
