@@ -10,6 +10,7 @@ value raises :class:`ConfigError` with a message naming the key and listing the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import types
@@ -294,6 +295,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
   if kind is float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+      with contextlib.suppress(ValueError):
+        return float(value)
     raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
   if kind is str:
     if isinstance(value, str):

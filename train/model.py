@@ -167,7 +167,11 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BT: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """Final hidden states (B, T, D) in ``cfg.dtype`` of int tokens (B, T)."""
     cfg = self.cfg
-    x_BTD = self.embed(tokens_BT)
+    # The lookup reads a table gathered over its "embed" axis (FSDP) but still split over
+    # "vocab": XLA then gathers locally and sums over the vocabulary shards, instead of
+    # resharding the (B, T, D) result from a D-split layout (a full rematerialization).
+    table_VD = constrain(self.embed.embedding[...].astype(_dtype(cfg.dtype)), ("vocab", None))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0)
     if cfg.scale_embeddings:
       x_BTD = x_BTD * jnp.asarray(cfg.d_model**0.5, x_BTD.dtype)
     x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))

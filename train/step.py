@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train.config import TrainConfig
-from train.loss import loss_sum
+from train.loss import LossLayout, loss_sum
 from train.model import Transformer
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.sharding import LogicalRules, batch_sharding, check_divisible, constrain, logical_rules
@@ -112,6 +112,7 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     graphdef, abstract_model_state = nnx.split(abstract_model)
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_model_state))
   param_shardings = _specs_to_shardings(mesh, param_specs)
+  loss_layout = LossLayout.from_rules(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def init(seed: jax.Array) -> TrainState:
@@ -139,7 +140,7 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     h_BTD = model(tokens_BT, key)
     classifier, layout = model.classifier()
     total = loss_sum(cfg.loss_impl, h_BTD, classifier, layout, tokens_BT, cfg.loss,
-                     model_cfg.final_softcap)
+                     model_cfg.final_softcap, loss_layout)
     return total / num_targets
 
   def train_step(state: TrainState, tokens_BT: jax.Array):
@@ -171,7 +172,7 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                  "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                         rng=state.rng), metrics

@@ -114,6 +114,66 @@ def evaluate(program: Program, params: Any, prepared: data.PreparedData,
   return total / max(count, 1.0)
 
 
+def _describe(program: Program, compiled: Any, prepared: data.PreparedData,
+              start_step: int) -> str:
+  """One line about the run: sizes, mesh, loss, and the compiled step's memory."""
+  cfg = program.config
+  num_params = sum(x.size for x in jax.tree.leaves(program.abstract_state.params))
+  text = (f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
+          f"{num_params / 1e6:.1f}M parameters, vocabulary {cfg.model.vocab_size}, "
+          f"{prepared.num_train_tokens / 1e6:.1f}M training tokens, "
+          f"mesh {dict(program.mesh.shape)}, loss {cfg.loss_impl}")
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    text += (f"; train step memory: arguments {memory.argument_size_in_bytes / 1e9:.2f} GB, "
+             f"temporaries {memory.temp_size_in_bytes / 1e9:.2f} GB")
+  return text
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The step loop of one run (after the state is initialized or restored)."""
+
+  program: Program
+  compiled: Any
+  checkpointer: Checkpointer
+  writer: MetricsWriter
+  prepared: data.PreparedData
+  rows: tuple[int, int]
+  stop: _StopFlag
+
+  def run(self, state: Any, train_iterator: Any, start_step: int) -> tuple[int, bool]:
+    """Trains from ``start_step`` to ``config.steps``; (last step, stopped by SIGTERM)."""
+    cfg = self.program.config
+    step = start_step
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last_time, last_step = time.perf_counter(), step
+    while step < cfg.steps:
+      batch = next(train_iterator)
+      state, metrics = self.compiled(state, _global_batch(self.program, batch["tokens"]))
+      step += 1
+      self.writer.advance()
+      evaluate_now = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+      if step % cfg.log_every == 0 or step == cfg.steps or evaluate_now:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time = (now - last_time) / (step - last_step)
+        last_time, last_step = now, step
+        values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                      **_memory_in_use())
+        if evaluate_now:
+          values["eval_loss"] = evaluate(self.program, state.params, self.prepared, self.rows)
+          last_time = time.perf_counter()  # evaluation time is not step time
+        self.writer.write(step, values)
+      preempted = step < cfg.steps and self.stop.agreed()
+      if preempted or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        self.checkpointer.save(step, state, train_iterator)
+      if preempted:
+        self.writer.message(f"SIGTERM: saved a checkpoint at step {step}; stopping")
+        return step, True
+    return step, False
+
+
 def run(cfg: config_lib.TrainConfig) -> RunResult:
   """Trains ``cfg.steps`` steps in ``cfg.workdir`` (resuming from its newest checkpoint).
 
@@ -142,50 +202,19 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
 
   with jax.set_mesh(mesh), _StopFlag() as stop:
     start_step = checkpointer.latest_step() or 0
-    if start_step:
-      state = checkpointer.restore(start_step, program.abstract_state, train_iterator)
-    else:
-      state = program.init(jnp.asarray(cfg.seed, jnp.int32))
-    compiled = program.lower_train_step().compile()
     writer = MetricsWriter(workdir, total_steps=cfg.steps, start_step=start_step,
                            enabled=is_writer, progress=cfg.progress,
                            tensorboard=cfg.tensorboard)
-    memory = compiled.memory_analysis()
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    writer.message(
-        f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
-        f"{num_params / 1e6:.1f}M parameters, vocabulary {cfg.model.vocab_size}, "
-        f"{prepared.num_train_tokens / 1e6:.1f}M training tokens, mesh "
-        f"{dict(mesh.shape)}, loss {cfg.loss_impl}"
-        + (f"; train step temp memory {memory.temp_size_in_bytes / 1e9:.2f} GB"
-           if memory is not None else ""))
-
     step, preempted = start_step, False
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    last_time, last_step = time.perf_counter(), step
-    while step < cfg.steps:
-      batch = next(train_iterator)
-      state, metrics = compiled(state, _global_batch(program, batch["tokens"]))
-      step += 1
-      writer.advance()
-      evaluate_now = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-      if step % cfg.log_every == 0 or step == cfg.steps or evaluate_now:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        step_time = (now - last_time) / (step - last_step)
-        last_time, last_step = now, step
-        values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                      **_memory_in_use())
-        if evaluate_now:
-          values["eval_loss"] = evaluate(program, state.params, prepared, rows)
-          last_time = time.perf_counter()  # evaluation time is not step time
-        writer.write(step, values)
-      preempted = step < cfg.steps and stop.agreed()
-      if preempted or step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        checkpointer.save(step, state, train_iterator)
-      if preempted:
-        writer.message(f"SIGTERM: saved a checkpoint at step {step}; stopping")
-        break
+    if start_step < cfg.steps:
+      if start_step:
+        state = checkpointer.restore(start_step, program.abstract_state, train_iterator)
+      else:
+        state = program.init(jnp.asarray(cfg.seed, jnp.int32))
+      compiled = program.lower_train_step().compile()
+      writer.message(_describe(program, compiled, prepared, start_step))
+      loop = _Loop(program, compiled, checkpointer, writer, prepared, rows, stop)
+      step, preempted = loop.run(state, train_iterator, start_step)
     checkpointer.close()
     writer.plot()
     writer.close()
