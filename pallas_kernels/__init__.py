@@ -1,5 +1,12 @@
-"""Pallas kernels for Cut Cross-Entropy (GPU: Triton lowering; TPU: Mosaic).
+"""Pallas kernels for Cut Cross-Entropy, one package per backend.
 
-Not in this version: ``impl="pallas_gpu"`` and ``impl="pallas_tpu"`` raise NotImplementedError
-until the kernels land here. The math they must implement is the one in ``cce_jax.loss_math``.
+Each package registers a ``cce_jax.tiled.TiledImplementation`` as ``IMPLEMENTATION``, which
+``cce_jax.dispatch`` imports on first use (so ``import cce_jax`` never pulls in Pallas):
+
+* ``pallas_kernels.gpu``: ``impl="pallas_gpu"``, CUDA GPUs (Ampere, Hopper) through Pallas'
+  Triton lowering; ``interpret=True`` runs the same kernels on a CPU.
+* ``pallas_kernels.tpu``: ``impl="pallas_tpu"``, TPUs through Mosaic.
+
+The math they implement is ``cce_jax.loss_math`` (``shared/MATH.md``); an ``impl`` whose
+package is missing raises NotImplementedError.
 """
