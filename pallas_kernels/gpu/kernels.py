@@ -108,9 +108,24 @@ def load_token_rows(ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Array
 
 
 def store_token_rows(ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Array,
-                     value: jax.Array, cfg: KernelConfig) -> None:
+                     value: jax.Array, cfg: KernelConfig,
+                     fresh_d: jax.Array | None = None) -> None:
+  """Stores (bn, bd) rows of an (N, D) ref: rows inside N, columns in ``fresh_d``."""
   index = (pl.ds(n0, cfg.tokens.block), pl.ds(d0, cfg.hidden.block))
-  plgpu.store(ref.at[index], value, mask=None if rows_ok is None else rows_ok[:, None])
+  mask = tile_math.and_masks(None if rows_ok is None else rows_ok[:, None],
+                             None if fresh_d is None else fresh_d[None, :])
+  plgpu.store(ref.at[index], value, mask=mask)
+
+
+def barrier(cfg: KernelConfig) -> None:
+  """Orders one program's global-memory writes before its later reads by other threads.
+
+  The initialisation of an accumulator and its read-modify-write updates may map an element
+  to different threads; a block-wide barrier (``__syncthreads``) makes the first visible to
+  the second. Interpret mode runs a program sequentially and has no such primitive.
+  """
+  if not cfg.opts.interpret:
+    plgpu.debug_barrier()
 
 
 def load_token_vector(ref, n0: jax.Array, rows_ok: jax.Array | None, cfg: KernelConfig,
@@ -367,6 +382,7 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
     return carry
 
   lax.fori_loop(0, cfg.hidden.count, init_step, 0)
+  barrier(cfg)
 
   def tile_work(j):
     blk = class_block(j, order_ref, cfg)
@@ -376,11 +392,11 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
       d0 = tile_math.overlapped_start(k, cfg.hidden)
       c_chunk = load_classifier(c_ref, blk, d0, cfg).astype(p_dtype)
       update = _dot(dx, c_chunk, (1, cfg.opts.vocab_dim))  # (bn, bd)
-      fresh_d = tile_math.fresh(k, d0, cfg.hidden)
-      if fresh_d is not None:
-        update = jnp.where(fresh_d[None, :], update, 0.0)
       acc = load_token_rows(d_e_ref, n0, rows_ok, d0, cfg)
-      store_token_rows(d_e_ref, n0, rows_ok, d0, acc + update, cfg)
+      # The last chunk writes only its fresh columns: its overlap with the previous chunk
+      # holds that chunk's result, possibly read before it was stored.
+      store_token_rows(d_e_ref, n0, rows_ok, d0, acc + update, cfg,
+                       tile_math.fresh(k, d0, cfg.hidden))
       return carry
 
     lax.fori_loop(0, cfg.hidden.count, product_step, 0)
@@ -424,6 +440,7 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
     return carry
 
   lax.fori_loop(0, cfg.hidden.count, init_step, 0)
+  barrier(cfg)
 
   def tile_work(i, d_bias):
     n0, rows_ok = tile_math.masked_rows(i, cfg.tokens)
@@ -438,10 +455,10 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
       e_chunk = load_token_rows(e_ref, n0, rows_ok, d0, cfg).astype(p_dtype)  # (bn, bd)
       # (bv, bd) for "vd", (bd, bv) for "dv".
       update = _dot(dx, e_chunk, (0, 0)) if vd else _dot(e_chunk, dx, (0, 0))
-      fresh_d = tile_math.fresh(k, d0, cfg.hidden)
-      if fresh_d is not None:
-        update = jnp.where(fresh_d[None, :] if vd else fresh_d[:, None], update, 0.0)
       index, mask = class_chunk_index(blk, d0, cfg)
+      fresh_d = tile_math.fresh(k, d0, cfg.hidden)  # as in grad_e_kernel
+      if fresh_d is not None:
+        mask = tile_math.and_masks(mask, fresh_d[None, :] if vd else fresh_d[:, None])
       plgpu.store(d_c_ref.at[index], d_c_ref[index] + update, mask=mask)
       return carry
 
