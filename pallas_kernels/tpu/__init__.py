@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from cce_jax.tiled import TiledImplementation
 from pallas_kernels.tpu.block_sizes import TPUBlockSizes, kernel_vmem_bytes, resolve
-from pallas_kernels.tpu.implementation import backward, forward
+from pallas_kernels.tpu.implementation import vmappable_backward, vmappable_forward
 
 IMPLEMENTATION = TiledImplementation(
     name="pallas_tpu",
-    forward=forward,
-    backward=backward,
+    forward=vmappable_forward,
+    backward=vmappable_backward,
     block_sizes_type=TPUBlockSizes,
     default_block_sizes=TPUBlockSizes.get_default,
     uses_interpret=True,

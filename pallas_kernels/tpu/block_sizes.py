@@ -183,8 +183,9 @@ def resolve(
   """The tiles of one call: explicit sizes kept, None sizes chosen by the VMEM heuristic.
 
   Heuristic: start from (token, vocab) = (512, 512) for 16-bit inputs and (256, 512) for
-  float32 (tiles whose matrix products keep a TPU's matrix unit busier than its HBM), clamped
-  to the problem. For each candidate, take the widest hidden chunk (D itself first, then D
+  float32 (tiles whose matrix products keep a TPU's matrix unit busier than its HBM), the
+  vocabulary block clamped to V (the token block is clamped to N only after the choice, which
+  so does not depend on N). For each candidate, take the widest hidden chunk (D itself first, then D
   split evenly into 2, 3, ... chunks of a multiple of 128) at least 256 wide with which every
   kernel's :func:`kernel_vmem_bytes` is within ``VMEM_HEADROOM`` of the budget; if none,
   halve the larger of the free (None) tile sizes, down to 128, and try again; finally accept
@@ -208,9 +209,12 @@ def resolve(
         return bd
     return None
 
+  # The choice is made at the requested token block, not the one clamped to N, so that the
+  # vocabulary block (which the forward's block maxima and the backward's skip table must
+  # share) does not depend on N: a vmapped forward folds the examples into one call.
   candidates = []
   while True:
-    candidates.append((_clamp(token_block, num_tokens), _clamp(vocab_block, num_classes)))
+    candidates.append((token_block, _clamp(vocab_block, num_classes)))
     free = [name for name, value, fixed in (
         ("token", token_block, sizes.token_block), ("vocab", vocab_block, sizes.vocab_block)
     ) if fixed is None and value > LANES]
@@ -224,6 +228,7 @@ def resolve(
     for bn, bv in candidates:
       bd = first_fit(bn, bv, min_hidden_block)
       if bd is not None:
+        bn = _clamp(bn, num_tokens)
         return Tiles(
             bn, bv, bd, cdiv(num_tokens, bn), cdiv(num_classes, bv), cdiv(hidden, bd),
             sizes.vmem_budget_bytes,
