@@ -23,7 +23,7 @@ import reference64
 from conftest import assert_rel_close
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_option_matrix import PAIRWISE, SINGLE_OPTION, _case_id, check_case
+from test_option_matrix import PAIRWISE, SINGLE_OPTION, check_case
 
 import cce_jax
 from cce_jax import synthetic
@@ -34,6 +34,11 @@ from pallas_kernels.gpu import SHARED_MEMORY_LIMITS, GPUBlockSizes, ops
 # Small tiles, so that the option matrix's 2 x 13 tokens, D = 24 and V = 75 are ragged in
 # every axis and span several blocks of each.
 BLOCKS = GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
+
+
+def _case_id(case: dict) -> str:
+  """The case's id (and seed source), as in tests/test_option_matrix.py."""
+  return "-".join(f"{k}={v}" for k, v in case.items())
 
 
 def _has_gpu() -> bool:

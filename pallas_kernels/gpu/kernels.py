@@ -120,9 +120,12 @@ def store_token_rows(ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Arra
 def barrier(cfg: KernelConfig) -> None:
   """Orders one program's global-memory writes before its later reads by other threads.
 
-  The initialisation of an accumulator and its read-modify-write updates may map an element
-  to different threads; a block-wide barrier (``__syncthreads``) makes the first visible to
-  the second. Interpret mode runs a program sequentially and has no such primitive.
+  An accumulator row is initialised, then read, updated and written once per tile; Triton may
+  map an element to different threads (warps) in the load and in the store, and warps do not
+  run in step. A block-wide barrier (``__syncthreads``, which also makes global writes visible
+  within the block) after the initialisation and after each tile orders every write before
+  the next read of the same element. (Within a tile the D chunks touch disjoint columns.)
+  Interpret mode runs a program sequentially and has no such primitive.
   """
   if not cfg.opts.interpret:
     plgpu.debug_barrier()
@@ -400,6 +403,7 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
       return carry
 
     lax.fori_loop(0, cfg.hidden.count, product_step, 0)
+    barrier(cfg)  # the next tile reads these rows again
 
   def vocab_step(j, carry):
     if cfg.skip:
@@ -463,6 +467,7 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
       return carry
 
     lax.fori_loop(0, cfg.hidden.count, product_step, 0)
+    barrier(cfg)  # the next tile reads these rows again
     return d_bias
 
   def token_step(i, d_bias):
