@@ -248,10 +248,9 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
     def hidden_step(k, acc):
       d0 = tile_math.overlapped_start(k, cfg.hidden)
       e_chunk = load_token_rows(e_ref, n0, rows_ok, d0, cfg).astype(jnp.float32)
-      hidden = pl.ds(d0, cfg.hidden.block)
       # (bn, bd): an indexed gather of the target rows.
       if cfg.opts.vocab_dim == 0:
-        rows = c_ref[safe, hidden]
+        rows = c_ref[safe, pl.ds(d0, cfg.hidden.block)]
       else:
         hidden_ids = d0 + lax.iota(jnp.int32, cfg.hidden.block)
         shape = (cfg.hidden.block, bn)
@@ -271,6 +270,8 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
 
 
 class ForwardOutputs(NamedTuple):
+  """The forward kernel's outputs (S: vocabulary splits)."""
+
   max_SN: jax.Array  # (S, N) f32
   sum_SN: jax.Array  # (S, N) f32
   logit_sum_SN: jax.Array  # (S, N) f32 or a (1, 1) dummy
