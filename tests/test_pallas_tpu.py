@@ -72,18 +72,26 @@ def test_pairwise_options(case):
 # N = 300 = 2 x 128 + 44 tokens, V = 400 = 3 x 128 + 16 classes, D = 200 = 128 + 72 (two hidden
 # chunks at hidden_block=128, so the backward runs its two-phase tiles).
 RAGGED_N, RAGGED_D, RAGGED_V = 300, 200, 400
+# A budget at which the heuristic gives the backward two hidden chunks and the forward one.
+TIGHT_BUDGET = TPUBlockSizes(token_block=128, vocab_block=128, vmem_budget_bytes=1_750_000)
 RAGGED_CASES = [
     dict(dtype="float32", layout="vd", bias=True, softcap=4.0, label_smoothing=0.2,
-         z_loss=0.05, hidden_block=128),
+         z_loss=0.05, blocks=TIGHT_BUDGET),
     dict(dtype="bfloat16", layout="dv", bias=True, softcap=None, label_smoothing=0.2,
-         z_loss=0.0, hidden_block=128),
+         z_loss=0.0, blocks=SMALLEST),
     dict(dtype="float32", layout="dv", bias=True, softcap=None, label_smoothing=0.0,
-         z_loss=0.0, hidden_block=128),
+         z_loss=0.0, blocks=SMALLEST),
     dict(dtype="float32", layout="vd", bias=False, softcap=None, label_smoothing=0.0,
-         z_loss=0.05, hidden_block=256),  # one hidden chunk, several token/vocab blocks
+         z_loss=0.05, blocks=TPUBlockSizes(128, 128, 256)),  # one hidden chunk
 ]
 _RAGGED = [pytest.param(c, marks=pytest.mark.slow) if k >= 2 else c
            for k, c in enumerate(RAGGED_CASES)]
+
+
+def test_tight_budget_splits_hidden_unevenly():
+  tiles = resolve(TIGHT_BUDGET, RAGGED_N, RAGGED_D, RAGGED_V, "float32")
+  assert (tiles.num_token_blocks, tiles.num_vocab_blocks) == (3, 4)
+  assert (tiles.num_hidden_blocks, tiles.num_forward_hidden_blocks) == (2, 1)
 
 
 @pytest.mark.parametrize("case", _RAGGED, ids=[_case_id(c) for c in RAGGED_CASES])
@@ -105,7 +113,7 @@ def test_ragged_blocks(case):
   expected = reference64.reference(e, c, labels, bias, loss_weights=loss_weights,
                                    lse_weights=lse_weights, **options)
   dtype = jnp.dtype(case["dtype"])
-  blocks = TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=case["hidden_block"])
+  blocks = case["blocks"]
 
   def scalar(e, c, bias):
     loss, lse = cce_jax.linear_cross_entropy(
@@ -332,7 +340,7 @@ def test_export_rejects_what_a_tpu_rejects():
 
   def lower(token_block):
     tiles = Tiles(token_block, 128, hidden, -(-num_tokens // token_block), num_classes // 128,
-                  1, DEFAULT_VMEM_BUDGET)
+                  1, DEFAULT_VMEM_BUDGET, hidden, 1)
     geo = kernels.Geometry(num_tokens, num_classes, hidden, 0, tiles)
     fn = lambda e, c: kernels.forward_stats(e, c, None, geo, math, False, True, False)
     return jax.export.export(jax.jit(fn), platforms=["tpu"])(
@@ -382,13 +390,19 @@ def test_vmem_heuristic_fits(shape, dtype, budget):
   num_tokens, hidden, num_classes = shape
   tiles = resolve(TPUBlockSizes(vmem_budget_bytes=budget), num_tokens, hidden, num_classes,
                   dtype)
+  itemsize = jnp.dtype(dtype).itemsize
   need = kernel_vmem_bytes(tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden,
-                           jnp.dtype(dtype).itemsize)
+                           itemsize)
+  need["forward"] = kernel_vmem_bytes(tiles.token_block, tiles.vocab_block,
+                                      tiles.forward_hidden_block, hidden, itemsize)["forward"]
   assert max(need.values()) <= VMEM_HEADROOM * budget, need
   assert tiles.vmem_limit_bytes == budget
-  for block in (tiles.token_block, tiles.vocab_block, tiles.hidden_block):
-    assert block % 128 == 0 and block >= 128, tiles
+  for block in (tiles.token_block, tiles.vocab_block, tiles.hidden_block,
+                tiles.forward_hidden_block):
+    assert (block % 128 == 0 and block >= 128) or block == hidden, tiles
   assert tiles.num_hidden_blocks == -(-hidden // tiles.hidden_block)
+  assert tiles.forward_hidden_block >= tiles.hidden_block
+  assert tiles.num_forward_hidden_blocks == -(-hidden // tiles.forward_hidden_block)
   if budget > 16 * MIB:
     small = resolve(TPUBlockSizes(), num_tokens, hidden, num_classes, dtype)
     area = lambda t: t.token_block * t.vocab_block * t.hidden_block

@@ -96,11 +96,18 @@ class Tiles(NamedTuple):
 
   token_block: int  # bn: N when N <= the requested block
   vocab_block: int  # bv
-  hidden_block: int  # bd
+  hidden_block: int  # bd of the backward kernels
   num_token_blocks: int
   num_vocab_blocks: int
   num_hidden_blocks: int  # nk
   vmem_limit_bytes: int
+  forward_hidden_block: int  # bd of the forward kernel (>= hidden_block: it needs less VMEM)
+  num_forward_hidden_blocks: int
+
+  def for_forward(self) -> Tiles:
+    """These tiles with the forward's hidden chunk as ``hidden_block``."""
+    return self._replace(hidden_block=self.forward_hidden_block,
+                         num_hidden_blocks=self.num_forward_hidden_blocks)
 
 
 def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
@@ -200,8 +207,9 @@ def resolve(
   token_block = sizes.token_block or (512 if itemsize == 2 else 256)
   vocab_block = sizes.vocab_block or 512
 
-  def fits(bn, bv, bd):
-    return max(kernel_vmem_bytes(bn, bv, bd, hidden, itemsize).values()) <= budget
+  def fits(bn, bv, bd, kernels=("forward", "backward_e", "backward_c")):
+    need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)
+    return max(need[k] for k in kernels) <= budget
 
   def first_fit(bn, bv, min_hidden_block):
     for bd in _hidden_blocks(hidden, sizes.hidden_block):
@@ -228,10 +236,13 @@ def resolve(
     for bn, bv in candidates:
       bd = first_fit(bn, bv, min_hidden_block)
       if bd is not None:
+        # The forward holds no (bn, D) accumulator: it may take a wider hidden chunk.
+        forward_bd = next(b for b in _hidden_blocks(hidden, sizes.hidden_block)
+                          if b <= bd or fits(bn, bv, b, ("forward",)))
         bn = _clamp(bn, num_tokens)
         return Tiles(
             bn, bv, bd, cdiv(num_tokens, bn), cdiv(num_classes, bv), cdiv(hidden, bd),
-            sizes.vmem_budget_bytes,
+            sizes.vmem_budget_bytes, forward_bd, cdiv(hidden, forward_bd),
         )
   bn, bv = candidates[-1]
   bd = min(sizes.hidden_block or LANES, hidden)

@@ -239,8 +239,10 @@ def forward_stats(
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, vocab blocks) f32 or None.
 
-  ``block_max[n, j] = max over the classes v of vocabulary block j of z_nv``.
+  ``block_max[n, j] = max over the classes v of vocabulary block j of z_nv``. Runs with the
+  forward's hidden chunk (``Tiles.forward_hidden_block``).
   """
+  geo = geo._replace(tiles=geo.tiles.for_forward())
   t = geo.tiles
   nv = t.num_vocab_blocks
   grid = (t.num_token_blocks, nv, t.num_hidden_blocks)
