@@ -161,6 +161,22 @@ def test_vmap_folds_forward_and_maps_backward():
   assert_rel_close("d_c", d_c, d_c_xla, 2e-5)
 
 
+def test_bad_label_poisons_gradients_with_filtering():
+  """A label outside [0, V) makes its loss NaN and NaN reaches dE and dC, also with filtering
+  on (its rows never let a tile go)."""
+  rng = np.random.default_rng(3)
+  e = jnp.asarray(rng.normal(size=(40, 24)), jnp.bfloat16)
+  c = jnp.asarray(rng.normal(size=(75, 24)), jnp.bfloat16)
+  labels = jnp.asarray(rng.integers(0, 75, size=(40,)), jnp.int32).at[5].set(75)
+  loss_fn = lambda e, c: cce_jax.linear_cross_entropy(
+      e, c, labels, impl="pallas_tpu", block_sizes=SMALLEST, interpret=True)
+  loss, (d_e, d_c) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(e, c)
+  assert np.isnan(loss)
+  assert np.isnan(np.asarray(d_e, np.float32)[5]).all()
+  assert np.isfinite(np.delete(np.asarray(d_e, np.float32), 5, axis=0)).all()
+  assert np.isnan(np.asarray(d_c, np.float32)).all()
+
+
 # ---- gradient filtering and the vocabulary sort --------------------------------------------
 
 
