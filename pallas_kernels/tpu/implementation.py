@@ -12,10 +12,13 @@ so skips nothing more. So when a backward will filter (``opts.sort_vocab`` and
 ``opts.filters_anything``), the forward and the backward each gather ``c`` (and ``bias``) into
 descending-average-logit order (:func:`cce_jax.vocab_sort.vocab_order`) and run the kernels on
 the copy; the dC kernel writes dC in that order and one gather by the inverse permutation
-puts it back. The extra memory is one (V, D) array in c's dtype during the forward and two
-during the backward (the sorted ``c`` and the sorted dC), released when each returns; nothing of
-that size is kept from forward to backward (the residuals are the (V,) order and the (N, V /
-vocab_block) block maxima). Without filtering nothing is sorted or copied.
+puts it back. Memory: one (V, D) array in c's dtype beyond the gradients at any time (the sorted
+``c`` while the kernels run, then the sorted dC while it is gathered back; measured with
+``memory_analysis()`` of loss+grad in interpret mode at N=1024, D=512, V=16384 f32: 35.6 MiB
+of temporaries sorted, 4.2 MiB unsorted, V x D x 4 = 32 MiB); 1.18 GB at the paper's bf16
+shape (V=256000, D=2304). Nothing of that size is kept from forward to backward (the
+residuals are the (V,) order and the (N, V / vocab_block) block maxima). Without filtering
+nothing is sorted or copied.
 """
 
 from __future__ import annotations
