@@ -8,6 +8,7 @@ cache directory (subprocesses reuse it), and a tiny model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -17,6 +18,8 @@ import time
 from collections.abc import Sequence
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental.compilation_cache import compilation_cache
 
 from train import config, data, trainer
@@ -26,8 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VOCAB = 8192
 DATA = ["data.vocab_size=8192", "data.max_corpus_bytes=1000000"]
 TINY_MODEL = [
-    "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-    "model.head_dim=16", "model.mlp_dim=64",
+    "model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.head_dim=8", "model.mlp_dim=64",
 ]
 QUIET = ["progress=false", "tensorboard=false", "plot=false"]
 
@@ -35,8 +38,24 @@ QUIET = ["progress=false", "tensorboard=false", "plot=false"]
 def overrides(workdir: pathlib.Path, cache_dir: pathlib.Path, *extra: str) -> list[str]:
   """Command-line overrides of a tiny run in ``workdir`` (later ``extra`` ones win)."""
   return [f"workdir={workdir}", f"data.cache_dir={cache_dir}", *DATA, *TINY_MODEL,
-          "batch_size=4", "seq_len=32", "log_every=1", "eval_every=0", "checkpoint_every=1000",
+          "batch_size=8", "seq_len=32", "log_every=1", "eval_every=0", "checkpoint_every=1000",
           "optim.warmup_steps=2", *QUIET, *extra]
+
+
+# Steps of the reference run that the resume, sharded and multi-host tests compare with.
+REFERENCE_STEPS = 24
+
+
+@contextlib.contextmanager
+def session(tmp_path_factory):
+  """Yields the session's base directory with the data prepared and the compilation cache on.
+
+  The data cache is ``<base>/data_cache``, the compilation cache ``<base>/jax_cache``.
+  """
+  base = tmp_path_factory.getbasetemp()
+  with use_compilation_cache(base / "jax_cache"):
+    prepare_data(base / "data_cache")
+    yield base
 
 
 def prepare_data(cache_dir: pathlib.Path) -> data.PreparedData:
@@ -47,6 +66,35 @@ def prepare_data(cache_dir: pathlib.Path) -> data.PreparedData:
 def train(args: Sequence[str]) -> trainer.RunResult:
   """Runs the trainer in this process on configs/default.yaml with ``args`` overrides."""
   return trainer.run(config.load(None, list(args)))
+
+
+@functools.cache
+def reference_losses(base: pathlib.Path, steps: int) -> dict[int, float]:
+  """Losses of the uninterrupted single-device tiny run of ``steps`` steps (once per session).
+
+  ``base`` is the session's temporary directory (the data cache lives in it).
+  """
+  workdir = base / f"reference_{steps}"
+  train(overrides(workdir, base / "data_cache", f"steps={steps}"))
+  return losses(workdir)
+
+
+def final_params(workdir: pathlib.Path) -> dict:
+  """The parameters of the newest checkpoint in ``workdir``, as numpy arrays."""
+  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
+                                  item_names=("state", "data"))
+  restored = manager.restore(manager.latest_step(),
+                             args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return jax.tree.map(np.asarray, restored.state["params"])
+
+
+def relative_difference(a, b) -> float:
+  """||a - b|| / ||b|| over all leaves of two pytrees, in float64."""
+  pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  diff = sum(np.sum((np.float64(x) - np.float64(y)) ** 2) for x, y in pairs)
+  norm = sum(np.sum(np.float64(y) ** 2) for _, y in pairs)
+  return float(np.sqrt(diff / norm))
 
 
 def losses(workdir: pathlib.Path | str) -> dict[int, float]:
