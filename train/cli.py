@@ -32,7 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except config.ConfigError as error:
     print(f"config error: {error}", file=sys.stderr)
     return 2
-  if result.history:
+  import jax
+
+  if result.history and jax.process_index() == 0:
     last = result.history[-1]
     summary = f"step {result.step}: loss {last['loss']:.4f}"
     if "eval_loss" in last:
