@@ -10,10 +10,9 @@ once with ``loss_impl=naive`` (f32 logits through optax), and reads ``memory_ana
 
 For each loss it then searches the largest global batch (sequences per step, no gradient
 accumulation) whose peak fits an 80 GiB device: doubling, then bisection. Both are measured at
-the config's sequence length (8192) and at 2048. On the CPU, XLA compiles attention as
-``jax.nn.dot_product_attention``'s "xla" implementation, which materializes the (T, T)
-scores of one layer at a time (with remat); at T=8192 that, not the logits, becomes the
-largest per-sequence term. (GPUs select cuDNN flash attention, which does not.)
+the config's sequence length (8192) and at 2048. The config runs attention in checkpointed
+query chunks (``model.attention_chunk``): XLA:CPU's attention materializes the scores, and
+whole (T, T) scores would otherwise be the largest per-sequence term at T=8192.
 1 GiB = 2**30 bytes.
 
   python benchmarks/trainer_memory.py                    # both sequence lengths, a table

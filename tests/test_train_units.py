@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
@@ -100,3 +102,26 @@ def test_metrics_writer_of_other_processes_writes_nothing(tmp_path):
   assert writer.plot() is None
   writer.close()
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("chunk", [None, 4, 16])
+def test_chunked_attention_equals_full_attention(chunk):
+  """Value and gradients of query-chunked attention equal jax.nn.dot_product_attention's."""
+  from train.model import causal_attention
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (2, 16, 4, 8))  # (B, T, H, Dh), GQA with 2 kv heads
+  k = jax.random.normal(keys[1], (2, 16, 2, 8))
+  v = jax.random.normal(keys[2], (2, 16, 2, 8))
+  full = lambda q, k, v: jnp.sum(jnp.sin(
+      jax.nn.dot_product_attention(q, k, v, is_causal=True)))
+  chunked = lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, chunk)))
+  expected = jax.value_and_grad(full, argnums=(0, 1, 2))(q, k, v)
+  actual = jax.value_and_grad(chunked, argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_chunk_must_divide_the_sequence():
+  from train.model import causal_attention
+  x = jnp.ones((1, 12, 2, 4))
+  with pytest.raises(ValueError, match="attention_chunk=5 must divide seq_len=12"):
+    causal_attention(x, x, x, 5)

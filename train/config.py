@@ -90,6 +90,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Recompute each layer's activations in the backward (jax.checkpoint per layer).
   remat: bool = False
+  # Queries per attention chunk (null: all at once). Chunks are checkpointed, so one chunk's
+  # (chunk x T) scores are alive at a time instead of (T x T); must divide seq_len.
+  attention_chunk: int | None = None
 
   def __post_init__(self):
     for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -103,6 +106,8 @@ class ModelConfig:
     _require(self.final_softcap is None or self.final_softcap > 0,
              f"model.final_softcap must be > 0 or null, got {self.final_softcap}")
     _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+    _require(self.attention_chunk is None or self.attention_chunk >= 1,
+             f"model.attention_chunk must be >= 1 or null, got {self.attention_chunk}")
     _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
     _require(self.param_dtype in DTYPES,
              f"model.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")

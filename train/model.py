@@ -79,8 +79,35 @@ class Attention(nnx.Module):
     v_BTKD = constrain(self.v(x_BTD), ("act_batch", "act_seq", "act_kv_heads", None))
     # Grouped-query attention: jax.nn.dot_product_attention maps query head n to kv head
     # n // G, as the (H, Dh) query kernel is laid out.
-    out_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True)
+    out_BTHD = causal_attention(q_BTHD, k_BTKD, v_BTKD, cfg.attention_chunk)
     return self.o(out_BTHD)
+
+
+def causal_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
+                     chunk: int | None) -> jax.Array:
+  """Causal (grouped-query) attention, (B, T, H, Dh); with ``chunk``, queries in checkpointed
+  chunks of ``chunk`` (which must divide T), so that the backward holds one chunk's
+  (B, H, chunk, T) scores at a time instead of (B, H, T, T).
+
+  Raises:
+    ValueError: ``chunk`` does not divide the sequence length.
+  """
+  seq_len = q_BTHD.shape[1]
+  if chunk is None or chunk >= seq_len:
+    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True)
+  if seq_len % chunk:
+    raise ValueError(f"model.attention_chunk={chunk} must divide seq_len={seq_len}.")
+  batch, _, heads, head_dim = q_BTHD.shape
+  q_CBcHD = q_BTHD.reshape(batch, seq_len // chunk, chunk, heads, head_dim).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(start, q_BcHD):
+    mask_cT = start + jnp.arange(chunk)[:, None] >= jnp.arange(seq_len)[None, :]
+    return jax.nn.dot_product_attention(q_BcHD, k_BTKD, v_BTKD, mask=mask_cT[None, None])
+
+  starts = jnp.arange(seq_len // chunk) * chunk
+  out_CBcHD = jax.lax.map(lambda args: one_chunk(*args), (starts, q_CBcHD))
+  return out_CBcHD.swapaxes(0, 1).reshape(batch, seq_len, heads, head_dim)
 
 
 class MLP(nnx.Module):
