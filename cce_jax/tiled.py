@@ -21,10 +21,13 @@ Conventions shared by ``forward`` and ``backward``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap, sequential_vmap
 
 from cce_jax.loss_math import TokenCoefficients
 from cce_jax.options import LossOptions
@@ -62,6 +65,20 @@ class LocalGrads(NamedTuple):
   d_e: jax.Array
   d_c: jax.Array
   d_bias: jax.Array | None
+
+
+class Residuals(NamedTuple):
+  """The residuals every tiled implementation keeps today (any pytree is allowed).
+
+  Attributes:
+    order: (V,) int32 class order of the backward's tiles (the vocabulary sort); None for the
+      identity.
+    block_max: per token and vocabulary block, the largest logit, f32, laid out (blocks, N)
+      or (N, blocks) as the implementation chooses; None for an exact backward.
+  """
+
+  order: jax.Array | None
+  block_max: jax.Array | None
 
 
 # forward(e, c, local_labels, bias, opts, for_backward: bool) -> LocalForward
@@ -111,12 +128,86 @@ class TiledImplementation:
   uses_interpret: bool = False
 
 
+def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
+  """``forward`` that, under ``jax.vmap``, folds the mapped axis into the token axis: one call
+  over every example's tokens, as if the batch were given as leading dimensions.
+
+  ``forward`` must return :class:`Residuals` (or None) whose ``block_max`` has its token axis
+  at ``block_max_token_axis``. A classifier mapped per example cannot be folded: the examples
+  then run one after another.
+  """
+
+  @functools.cache
+  def folded(opts: LossOptions, for_backward: bool):
+    one_call = functools.partial(forward, opts=opts, for_backward=for_backward)
+
+    @custom_vmap
+    def call(e, c, local_labels, bias):
+      return one_call(e, c, local_labels, bias)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, e, c, local_labels, bias):
+      e_batched, c_batched, labels_batched, bias_batched = in_batched
+      if c_batched or bias_batched:
+        in_axes = tuple(0 if b else None for b in in_batched)
+        out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, local_labels, bias)
+        return out, jax.tree.map(lambda _: True, out)
+      if not e_batched:
+        e = jnp.broadcast_to(e, (axis_size, *e.shape))
+      if not labels_batched:
+        local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
+      num_tokens, hidden = e.shape[1:]
+      out = call(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)
+      per_example = lambda x: None if x is None else x.reshape(axis_size, num_tokens)
+      residuals = out.residuals
+      if residuals is not None and residuals.block_max is not None:
+        # Split the token axis into (examples, tokens) and move the examples first; one class
+        # order serves every example.
+        block_max = jnp.moveaxis(residuals.block_max, block_max_token_axis, 0)
+        block_max = block_max.reshape(axis_size, num_tokens, *block_max.shape[1:])
+        block_max = jnp.moveaxis(block_max, 1, 1 + block_max_token_axis)
+        residuals = residuals._replace(block_max=block_max)
+      out = LocalForward(per_example(out.lse), per_example(out.target),
+                         per_example(out.logit_sum), residuals)
+      batched = LocalForward(True, True, None if out.logit_sum is None else True, None)
+      if residuals is not None:
+        batched = batched._replace(residuals=Residuals(
+            None if residuals.order is None else False,
+            None if residuals.block_max is None else True))
+      return out, batched
+
+    return call
+
+  def folded_forward(e, c, local_labels, bias, opts: LossOptions, for_backward: bool):
+    return folded(opts, for_backward)(e, c, local_labels, bias)
+
+  return folded_forward
+
+
+def examples_in_sequence(backward: BackwardFn) -> BackwardFn:
+  """``backward`` that, under ``jax.vmap``, runs the examples one after another, so that
+  per-tile branches stay real branches (a vmapped ``cond`` computes both sides) and kernels
+  that cannot be batched still run."""
+
+  def sequential_backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale,
+                          opts: LossOptions):
+    one_call = functools.partial(backward, opts=opts)
+    return sequential_vmap(one_call)(
+        e, c, local_labels, bias, residuals, lse, coeffs, filter_scale
+    )
+
+  return sequential_backward
+
+
 __all__ = [
-    "BackwardFn",
-    "ForwardFn",
-    "LocalForward",
-    "LocalGrads",
-    "LossOptions",
-    "TiledImplementation",
-    "TokenCoefficients",
+  "BackwardFn",
+  "ForwardFn",
+  "LocalForward",
+  "LocalGrads",
+  "LossOptions",
+  "Residuals",
+  "TiledImplementation",
+  "TokenCoefficients",
+  "examples_in_sequence",
+  "fold_examples",
 ]

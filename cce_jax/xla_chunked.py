@@ -27,19 +27,24 @@ computes both sides).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_batching import custom_vmap, sequential_vmap
 
 from cce_jax import loss_math, vma, vocab_sort
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
-from cce_jax.tiled import LocalForward, LocalGrads, TiledImplementation
+from cce_jax.tiled import (
+    LocalForward,
+    LocalGrads,
+    Residuals,
+    TiledImplementation,
+    examples_in_sequence,
+    fold_examples,
+)
 
 
 class _Tiling(NamedTuple):
@@ -101,13 +106,6 @@ def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
   if vocab_dim == 0:
     return lax.dot_general(dx, e_blk, dims, preferred_element_type=jnp.float32)  # (v, D)
   return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
-
-
-class Residuals(NamedTuple):
-  """What the forward leaves for the backward."""
-
-  order: jax.Array  # (V,) int32 class order of the tiles
-  block_max: jax.Array | None  # (vocab blocks, N) f32 max logit per block; None if exact
 
 
 def forward(
@@ -363,68 +361,12 @@ def backward(
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
 
 
-# ---- vmap: fold the mapped axis into the tokens (forward), map examples (backward) ----------
-
-
-@functools.cache
-def _batched_forward(opts: LossOptions, for_backward: bool):
-  """``forward`` as a ``custom_vmap``: a vmapped call becomes one call over all tokens."""
-  one_call = functools.partial(forward, opts=opts, for_backward=for_backward)
-
-  @custom_vmap
-  def folded_forward(e, c, local_labels, bias):
-    return one_call(e, c, local_labels, bias)
-
-  @folded_forward.def_vmap
-  def rule(axis_size, in_batched, e, c, local_labels, bias):
-    e_batched, c_batched, labels_batched, bias_batched = in_batched
-    if c_batched or bias_batched:
-      # A classifier per example: nothing to fold, so run the examples one after another.
-      in_axes = tuple(0 if b else None for b in in_batched)
-      out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, local_labels, bias)
-      return out, jax.tree.map(lambda _: True, out)
-    if not e_batched:
-      e = jnp.broadcast_to(e, (axis_size, *e.shape))
-    if not labels_batched:
-      local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
-    num_tokens, hidden = e.shape[1:]
-    out = folded_forward(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)
-    per_example = lambda x: None if x is None else x.reshape(axis_size, num_tokens)
-    residuals = out.residuals
-    if residuals is not None and residuals.block_max is not None:
-      # (blocks, B * N) -> (B, blocks, N); one class order serves every example.
-      block_max = residuals.block_max.reshape(-1, axis_size, num_tokens)
-      residuals = residuals._replace(block_max=jnp.moveaxis(block_max, 1, 0))
-    out = LocalForward(
-        per_example(out.lse), per_example(out.target), per_example(out.logit_sum), residuals
-    )
-    batched = jax.tree.map(lambda _: True, out)
-    if residuals is not None:
-      batched = batched._replace(
-          residuals=Residuals(False, None if residuals.block_max is None else True)
-      )
-    return out, batched
-
-  return folded_forward
-
-
-def _forward(e, c, local_labels, bias, opts: LossOptions, for_backward: bool) -> LocalForward:
-  return _batched_forward(opts, for_backward)(e, c, local_labels, bias)
-
-
-def _backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale, opts: LossOptions):
-  # Under vmap the examples run one after another, so each tile's cond stays a real branch
-  # (a vmapped cond would become a select that computes both sides).
-  one_call = functools.partial(backward, opts=opts)
-  return sequential_vmap(one_call)(
-      e, c, local_labels, bias, residuals, lse, coeffs, filter_scale
-  )
-
-
 IMPLEMENTATION = TiledImplementation(
     name="xla",
-    forward=_forward,
-    backward=_backward,
+    # Under vmap the forward runs once over every example's tokens; the backward runs the
+    # examples one after another, so each tile's lax.cond stays a real branch.
+    forward=fold_examples(forward, block_max_token_axis=1),
+    backward=examples_in_sequence(backward),
     block_sizes_type=BlockSizes,
     default_block_sizes=BlockSizes.get_default,
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +19,9 @@ from jax import lax
 from cce_jax import vocab_sort
 from cce_jax.loss_math import TokenCoefficients
 from cce_jax.options import LossOptions
-from cce_jax.tiled import LocalForward, LocalGrads
+from cce_jax.tiled import LocalForward, LocalGrads, Residuals
 from pallas_kernels.gpu import kernels, tile_math
 from pallas_kernels.gpu.block_sizes import MIN_BLOCK, GPUBlockSizes, product_dtype
-
-
-class Residuals(NamedTuple):
-  """What the forward hands its backward."""
-
-  order: jax.Array | None  # (V,) int32 visiting order; None: the identity (no sort)
-  block_max: jax.Array | None  # (vocab blocks, N) f32 row maxima; None without filtering
 
 
 def kernel_config(e: jax.Array, c: jax.Array, opts: LossOptions, gathered: bool,

@@ -9,14 +9,16 @@ kernels in TPU interpret mode (``pltpu.InterpretParams()``), on any backend.
 
 from __future__ import annotations
 
-from cce_jax.tiled import TiledImplementation
+from cce_jax.tiled import TiledImplementation, examples_in_sequence, fold_examples
 from pallas_kernels.tpu.block_sizes import TPUBlockSizes, kernel_vmem_bytes, resolve
-from pallas_kernels.tpu.implementation import vmappable_backward, vmappable_forward
+from pallas_kernels.tpu.implementation import backward, forward
 
 IMPLEMENTATION = TiledImplementation(
     name="pallas_tpu",
-    forward=vmappable_forward,
-    backward=vmappable_backward,
+    # Under vmap the forward is one kernel call over every example's tokens; the backward runs
+    # the examples one after another (TPU interpret mode cannot run a vmapped pallas_call).
+    forward=fold_examples(forward, block_max_token_axis=0),
+    backward=examples_in_sequence(backward),
     block_sizes_type=TPUBlockSizes,
     default_block_sizes=TPUBlockSizes.get_default,
     uses_interpret=True,

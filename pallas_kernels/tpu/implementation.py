@@ -23,29 +23,18 @@ nothing is sorted or copied.
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_batching import custom_vmap, sequential_vmap
 
 from cce_jax import loss_math, vocab_sort
 from cce_jax.options import LossOptions
-from cce_jax.tiled import LocalForward, LocalGrads
+from cce_jax.tiled import LocalForward, LocalGrads, Residuals
 from pallas_kernels.tpu import kernels
 from pallas_kernels.tpu.block_sizes import TPUBlockSizes, resolve
 from pallas_kernels.tpu.kernels import Geometry, Math
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-
-class Residuals(NamedTuple):
-  """What the forward leaves for the backward (both None for an exact backward)."""
-
-  order: jax.Array | None  # (V,) int32: tile column p holds class order[p]; None: identity
-  block_max: jax.Array | None  # (N, vocab blocks) f32 max logit per token and block
 
 
 def check_inputs(e: jax.Array, c: jax.Array, opts: LossOptions) -> None:
@@ -256,61 +245,3 @@ def skipped_tiles(
       local_labels >= 0, _positions(order)[jnp.maximum(local_labels, 0)], -1)
   return skip_table(fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), tile_labels, geo,
                     opts)
-
-
-# ---- vmap: fold the mapped axis into the tokens (forward), map examples (backward) ----------
-
-
-@functools.cache
-def _folded_forward(opts: LossOptions, for_backward: bool):
-  """:func:`forward` as a ``custom_vmap``: a vmapped call becomes one call over all tokens
-  (one pass of the kernel over the classifier, as for a batch given as leading dimensions)."""
-  one_call = functools.partial(forward, opts=opts, for_backward=for_backward)
-
-  @custom_vmap
-  def folded(e, c, local_labels, bias):
-    return one_call(e, c, local_labels, bias)
-
-  @folded.def_vmap
-  def rule(axis_size, in_batched, e, c, local_labels, bias):
-    e_batched, c_batched, labels_batched, bias_batched = in_batched
-    if c_batched or bias_batched:
-      # A classifier per example: nothing to fold, so run the examples one after another.
-      in_axes = tuple(0 if b else None for b in in_batched)
-      out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, local_labels, bias)
-      return out, jax.tree.map(lambda _: True, out)
-    if not e_batched:
-      e = jnp.broadcast_to(e, (axis_size, *e.shape))
-    if not labels_batched:
-      local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
-    num_tokens, hidden = e.shape[1:]
-    out = folded(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)
-    per_example = lambda x: None if x is None else x.reshape(axis_size, num_tokens, *x.shape[1:])
-    residuals = out.residuals
-    if residuals is not None:
-      # One class order serves every example; block maxima are per token.
-      residuals = Residuals(residuals.order, per_example(residuals.block_max))
-    out = LocalForward(per_example(out.lse), per_example(out.target),
-                       per_example(out.logit_sum), residuals)
-    batched = LocalForward(True, True, None if out.logit_sum is None else True,
-                           None if residuals is None else Residuals(
-                               None if residuals.order is None else False,
-                               None if residuals.block_max is None else True))
-    return out, batched
-
-  return folded
-
-
-def vmappable_forward(e, c, local_labels, bias, opts: LossOptions,
-                      for_backward: bool) -> LocalForward:
-  """:func:`forward`; under ``jax.vmap`` one kernel call over the examples' tokens."""
-  return _folded_forward(opts, for_backward)(e, c, local_labels, bias)
-
-
-def vmappable_backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale,
-                       opts: LossOptions) -> LocalGrads:
-  """:func:`backward`; under ``jax.vmap`` the examples run one after another (JAX's vmap of
-  a ``pallas_call`` would work on a TPU, but TPU interpret mode cannot run it)."""
-  one_call = functools.partial(backward, opts=opts)
-  return sequential_vmap(one_call)(
-      e, c, local_labels, bias, residuals, lse, coeffs, filter_scale)
