@@ -49,7 +49,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
-import dataclasses
 import datetime
 import importlib
 import json
@@ -60,58 +59,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from common import DTYPES, IGNORE_INDEX, Shape, baseline_loss
 
 import cce_jax
 from cce_jax import synthetic
 
 DEFAULT_SHAPES = "8192x2304x256000:bf16,8192x4096x128256:bf16"
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
-IGNORE_INDEX = -100
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  """N tokens, hidden size D, V classes, input dtype."""
-
-  n: int
-  d: int
-  v: int
-  dtype: str
-
-  @property
-  def label(self) -> str:
-    return f"{self.n}x{self.d}x{self.v}"
 
 
 def parse_shapes(text: str) -> list[Shape]:
-  """``"NxDxV:dtype,..."`` -> shapes (dtype f32, bf16 or f16; bf16 when omitted)."""
-  shapes = []
-  for item in filter(None, (part.strip() for part in text.split(","))):
-    dims, _, dtype = item.partition(":")
-    dtype = dtype or "bf16"
-    if dtype not in DTYPES:
-      raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} in {item!r}")
-    try:
-      n, d, v = (int(x) for x in dims.lower().split("x"))
-    except ValueError as err:
-      raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected NxDxV[:dtype]") from err
-    shapes.append(Shape(n, d, v, dtype))
-  return shapes
+  """``"NxDxV:dtype,..."`` (bf16 when the dtype is omitted)."""
+  return common.parse_shapes(text, default_dtype="bf16")
 
 
 # ---- the JAX implementations --------------------------------------------------------------
-
-
-def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """Masked mean of optax's cross-entropy on the materialized f32 logits."""
-  logits = (e @ c.T).astype(jnp.float32)
-  valid = labels != IGNORE_INDEX
-  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-  return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def cce_loss(impl: str, **options: Any) -> Callable[..., jax.Array]:

@@ -44,14 +44,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax_cce
-import optax
+from common import baseline_loss
 
 import cce_jax
 
 PAPER_SHAPE = (8192, 2304, 256000)  # (N, D, V) of the CCE paper's Gemma 2 (2B) benchmark
 SWEEP_VOCAB = (32768, 65536, 131072, 262144)  # at N=8192, D=2304
 SWEEP_TOKENS = (1024, 4096, 16384, 65536)  # at V=256000, D=2304
-IGNORE_INDEX = -100
 IMPLS = ("baseline", "jax-cce", "xla")
 MODES = ("loss", "loss+grad")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -69,15 +68,6 @@ EXPLANATION = """
   the bf16 scatter that writes each dC block (d_c.at[ids].set) is upcast to f32 as a whole.
 jax-cce has no ignore_index (its mean is over all tokens); the others mask labels == -100.
 """
-
-
-def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """Masked mean cross-entropy of the materialized f32 logits."""
-  logits = (e @ c.T).astype(jnp.float32)
-  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  counted = labels != IGNORE_INDEX
-  total = jnp.sum(jnp.where(counted, per_token, 0.0))
-  return total / jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
 
 
 def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:

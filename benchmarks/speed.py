@@ -23,7 +23,6 @@ Smoke run:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -35,70 +34,22 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jax_cce
-import optax
+from common import DTYPES, IGNORE_INDEX, Shape, baseline_loss, parse_shapes
 
 import cce_jax
 from cce_jax import synthetic
 
 DEFAULT_SHAPES = "4096x1024x32768:f32,4096x1024x32768:bf16"
 QUICK_SHAPES = "1024x256x8192:f32,1024x256x8192:bf16"
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] = {
     "uniform": synthetic.uniform_inputs,
     "trained": synthetic.trained_like_inputs,
 }
-IGNORE_INDEX = -100
 # Goals on the loss+grad time: xla / baseline per distribution, and xla <= jax-cce everywhere.
 BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  """One benchmark problem size: N tokens, hidden size D, V classes, and the input dtype."""
-
-  n: int
-  d: int
-  v: int
-  dtype: str
-
-  @property
-  def label(self) -> str:
-    return f"{self.n}x{self.d}x{self.v}"
-
-
-def parse_shapes(text: str) -> list[Shape]:
-  """Parses ``"NxDxV:dtype,..."`` (dtype one of f32, bf16, f16; f32 when omitted)."""
-  shapes = []
-  for item in filter(None, (part.strip() for part in text.split(","))):
-    dims, _, dtype = item.partition(":")
-    dtype = dtype or "f32"
-    if dtype not in DTYPES:
-      raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} in {item!r}: use {list(DTYPES)}")
-    try:
-      n, d, v = (int(x) for x in dims.lower().split("x"))
-    except ValueError as err:
-      raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected NxDxV[:dtype]") from err
-    if min(n, d, v) <= 0:
-      raise argparse.ArgumentTypeError(f"bad shape {item!r}: sizes must be positive")
-    shapes.append(Shape(n, d, v, dtype))
-  if not shapes:
-    raise argparse.ArgumentTypeError("no shape given")
-  return shapes
-
-
-def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """Masked mean of optax's cross-entropy on the materialized f32 logits."""
-  logits = (e @ c.T).astype(jnp.float32)
-  valid = labels != IGNORE_INDEX
-  per_token = optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.where(valid, labels, 0)
-  )
-  per_token = jnp.where(valid, per_token, 0.0)
-  return jnp.sum(per_token) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
 def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:

@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from common import IGNORE_INDEX, baseline_loss
 
 import cce_jax
 from cce_jax import synthetic
@@ -55,19 +55,10 @@ from pallas_kernels.tpu import TPUBlockSizes, implementation, kernel_vmem_bytes,
 SHAPES = {"paper": (8192, 2304, 256000), "llama3_8b": (8192, 4096, 128256)}
 SMOKE_SHAPES = {"smoke": (256, 256, 1024)}
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-IGNORE_INDEX = -100
 MIB = 1024 * 1024
 DEFAULT_IMPLS = "baseline,xla,pallas_tpu,pallas_tpu-exact"
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """Masked mean of optax's cross-entropy on the materialized f32 logits."""
-  logits = (e @ c.T).astype(jnp.float32)
-  valid = labels != IGNORE_INDEX
-  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-  return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def cce_loss(impl: str, interpret: bool, **options: Any) -> LossFn:
