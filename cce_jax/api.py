@@ -85,7 +85,6 @@ def _prepare(
   """Checks the arrays and options shared by the public functions (at trace time)."""
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   checks.check_arrays(e, c, labels, bias, layout)
-  checks.check_bool("interpret", options.get("interpret", False))
   shift = checks.check_shift(shift, labels.shape[-1])
   return checks.build_options(dtype=e.dtype, classifier_layout=layout, **options), shift
 
@@ -244,6 +243,8 @@ def linear_cross_entropy(
   return sharding.run_sharded(
       per_device, mesh, e, c, labels, bias, token_axes=token_axes, vocab_axes=vocab_axes,
       vocab_dim=opts.vocab_dim, per_token=reduction == "none", return_lse=return_lse,
+      # Pallas implementations run with check_vma off (their interpret mode cannot track
+      # varying axes); the gradients are right either way (cce_jax.differentiable).
       check_vma=tiled is None or not tiled.uses_interpret,
   )
 
