@@ -76,3 +76,30 @@ def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, **opti
         "d_c": np.asarray(grads[1]),
         "d_bias": None if bias is None else np.asarray(grads[2]),
     }
+
+
+def small_entry_bounds(e, c, labels, label_smoothing: float, eps: float):
+  """Per row of dE (N,) and of dC (V,), the float64 sum of what filtering may drop from the
+  mean loss's gradient: ``||dE_n(filtered) - dE_n|| <= sum_v small_nv ||c_v||`` and likewise
+  for dC, where ``small_nv = |dz_nv|`` when it is below ``eps * g`` (no softcap, no bias)."""
+  e64, c64 = np.asarray(e, np.float64), np.asarray(c, np.float64)
+  logits = e64 @ c64.T
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  g = 1.0 / len(labels)
+  onehot = np.eye(c64.shape[0])[np.asarray(labels)]
+  dz = np.abs(g * (p - (1.0 - label_smoothing) * onehot))
+  small = np.where(dz < eps * g, dz, 0.0)
+  return small @ np.linalg.norm(c64, axis=1), small.T @ np.linalg.norm(e64, axis=1)
+
+
+def assert_filtered_within_dropped_mass(d_e, d_c, exact, bounds, rounding: float = 1e-5):
+  """Each row's error of filtered gradients is within its dropped mass (``bounds`` from
+  :func:`small_entry_bounds`) plus f32 rounding, and filtering did change dC beyond rounding
+  (so the bound was really tested)."""
+  bound_e, bound_c = bounds
+  err_e = np.linalg.norm(np.asarray(d_e, np.float64) - exact["d_e"], axis=1)
+  err_c = np.linalg.norm(np.asarray(d_c, np.float64) - exact["d_c"], axis=1)
+  assert np.all(err_e <= bound_e + rounding * np.abs(exact["d_e"]).max())
+  assert np.all(err_c <= bound_c + rounding * np.abs(exact["d_c"]).max())
+  assert err_c.max() > 10 * rounding * np.abs(exact["d_c"]).max()
