@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import chex
 import jax
@@ -38,6 +39,26 @@ def test_initialize_arguments_read_the_fixed_variable_names():
   assert distributed.initialize_arguments({}) == {}
   with pytest.raises(config.ConfigError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
     distributed.initialize_arguments({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+
+
+def test_initialize_arguments_read_local_device_ids():
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "2", "JAX_LOCAL_DEVICE_IDS": "0,1, 2,3"}
+  assert distributed.initialize_arguments(env) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
+      "local_device_ids": [0, 1, 2, 3]}
+  # Without a coordinator (Slurm: JAX detects the rest), the ids still pass through.
+  assert distributed.initialize_arguments({"JAX_LOCAL_DEVICE_IDS": "3"}) == {
+      "local_device_ids": [3]}
+  assert "local_device_ids" not in distributed.initialize_arguments(
+      {key: value for key, value in env.items() if key != "JAX_LOCAL_DEVICE_IDS"})
+  assert distributed.initialize_arguments({"JAX_LOCAL_DEVICE_IDS": ""}) == {}
+
+
+@pytest.mark.parametrize("value", ["gpu0", "0,,1", "0;1", "-1", "1,1", "0.5"])
+def test_bad_local_device_ids_are_config_errors(value):
+  with pytest.raises(config.ConfigError, match=re.escape(f"JAX_LOCAL_DEVICE_IDS={value!r}")):
+    distributed.initialize_arguments({"JAX_LOCAL_DEVICE_IDS": value})
 
 
 def test_single_process_loads_the_whole_batch():

@@ -5,6 +5,11 @@
 process count and this process's id; JAX itself reads only the address), or a Slurm job with
 several tasks, or a multi-host Cloud TPU slice (JAX's own cluster detection then fills in
 everything). ``on`` always initializes (JAX detects the cluster), ``off`` never does.
+
+``JAX_LOCAL_DEVICE_IDS`` (comma-separated device ids, e.g. ``0`` or ``0,1,2,3``) restricts the
+process to those local devices, as a Slurm job running one process per GPU needs; it applies
+with or without ``JAX_COORDINATOR_ADDRESS`` (alone, it does not make ``auto`` initialize). JAX
+reads it too, but a malformed value fails here, as a config error naming the variable.
 """
 
 from __future__ import annotations
@@ -35,25 +40,50 @@ def should_initialize(mode: str, env: Mapping[str, str] | None = None) -> bool:
   return _tpu_multihost(env)
 
 
+def local_device_ids(env: Mapping[str, str] | None = None) -> list[int] | None:
+  """The device ids of ``JAX_LOCAL_DEVICE_IDS`` ("0,1,2,3"); None if unset or empty.
+
+  Raises:
+    ConfigError: a value that is not distinct non-negative integers separated by commas.
+  """
+  env = os.environ if env is None else env
+  value = env.get("JAX_LOCAL_DEVICE_IDS", "")
+  if not value.strip():
+    return None
+  try:
+    ids = [int(part) for part in value.split(",")]
+  except ValueError:
+    ids = None
+  if ids is None or min(ids) < 0 or len(set(ids)) != len(ids):
+    raise ConfigError(f"JAX_LOCAL_DEVICE_IDS={value!r} must be distinct non-negative integers "
+                      "separated by commas, e.g. '0' or '0,1,2,3'")
+  return ids
+
+
 def initialize_arguments(env: Mapping[str, str] | None = None) -> dict[str, object]:
   """Keyword arguments of ``jax.distributed.initialize`` from ``JAX_*`` variables.
 
   Raises:
     ConfigError: ``JAX_COORDINATOR_ADDRESS`` without ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``,
-      or one of them not an integer.
+      or one of them not an integer; a malformed ``JAX_LOCAL_DEVICE_IDS``.
   """
   env = os.environ if env is None else env
+  kwargs: dict[str, object] = {}
+  ids = local_device_ids(env)
+  if ids is not None:
+    kwargs["local_device_ids"] = ids
   address = env.get("JAX_COORDINATOR_ADDRESS")
   if not address:
-    return {}
+    return kwargs
   try:
-    return {"coordinator_address": address, "num_processes": int(env["JAX_NUM_PROCESSES"]),
-            "process_id": int(env["JAX_PROCESS_ID"])}
+    kwargs.update(coordinator_address=address, num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
   except (KeyError, ValueError) as error:
     raise ConfigError(
         "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
         f"integers too (got JAX_NUM_PROCESSES={env.get('JAX_NUM_PROCESSES')!r}, "
         f"JAX_PROCESS_ID={env.get('JAX_PROCESS_ID')!r})") from error
+  return kwargs
 
 
 def initialize(mode: str) -> bool:
