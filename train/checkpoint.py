@@ -12,30 +12,43 @@ donated state can be overwritten by the next step) and written to disk in the ba
 checkpoint becomes visible only when complete (Orbax writes to a temporary directory and renames
 it), so a run killed mid-write resumes from the previous one. The Grain handler is synchronous:
 the iterator state recorded is the one at the saved step.
+
+The directory may be a Cloud Storage URI (``gs://bucket/run/checkpoints``): Orbax writes the
+arrays through TensorStore's own GCS driver and the rest through ``etils.epath`` (``gcsfs``,
+in the ``gcp`` extra).
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_directory(directory: str | os.PathLike) -> epath.Path:
+  """``directory`` for Orbax: a URI (``gs://...``) as it is, a local path made absolute."""
+  path = epath.Path(directory)
+  if "://" in os.fspath(path):
+    return path  # epath's absolute() would make gs://b/x a local ./gs:/b/x
+  return path.absolute()
 
 
 class Checkpointer:
   """Saves when asked (the trainer decides when), keeps the last ``keep``.
 
   Args:
-    directory: where the step directories go (created if missing).
+    directory: where the step directories go (created if missing): local or ``gs://...``.
     keep: how many checkpoints to keep.
   """
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int):
+  def __init__(self, directory: str | os.PathLike, *, keep: int):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), options=options, item_names=("state", "data"))
+        checkpoint_directory(directory), options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""

@@ -193,7 +193,7 @@ class TrainConfig:
   """One training run. The top-level keys are the ones a user overrides most."""
 
   # Output directory: checkpoints/, metrics.jsonl, tensorboard/, loss.png. A workdir with
-  # checkpoints resumes from the latest one.
+  # checkpoints resumes from the latest one. Local or gs://bucket/path (the gcp extra).
   workdir: str = "runs/default"
   # Optimizer steps of the whole run (the schedule's length).
   steps: int = 300
@@ -216,8 +216,9 @@ class TrainConfig:
   # Checkpoints kept on disk.
   keep_checkpoints: int = 3
   # "auto": jax.distributed.initialize() when the environment says so (JAX_COORDINATOR_ADDRESS,
-  # Slurm, TPU pod); "on": always; "off": never.
-  distributed: str = "auto"
+  # Slurm, TPU pod); "on": always; "off": never. YAML reads an unquoted on/off (also from
+  # `distributed=on` on the command line) as true/false; those mean "on"/"off".
+  distributed: str | bool = "auto"
   # Console progress bar, TensorBoard events, final PNG plot.
   progress: bool = True
   tensorboard: bool = True
@@ -236,6 +237,8 @@ class TrainConfig:
     _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
     _require(self.loss_impl in LOSS_IMPLS,
              f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+    if isinstance(self.distributed, bool):
+      object.__setattr__(self, "distributed", "on" if self.distributed else "off")
     _require(self.distributed in ("auto", "on", "off"),
              f"distributed must be 'auto', 'on' or 'off', got {self.distributed!r}")
     _require(self.batch_size % self.grad_accum_steps == 0,

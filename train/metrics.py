@@ -5,35 +5,52 @@ JSON object per logged step, with at least ``step`` and ``loss`` (the training l
 step) and, at evaluation steps, ``eval_loss``. When a run resumes from step s, lines past s
 (logged after the checkpoint the run resumes from) are dropped, and TensorBoard's events past
 s are purged, so the files read as one uninterrupted run.
+
+The workdir may be local or a Cloud Storage URI (``gs://bucket/run``, through ``etils.epath``;
+needs the ``gcp`` extra: ``gcsfs`` for the files, ``google-cloud-storage`` for TensorBoard,
+which writes there itself). A local ``metrics.jsonl`` is appended to and flushed at every line.
+A Cloud Storage object cannot be appended to, so a remote one is rewritten whole: at the first
+line, then at most every :data:`REMOTE_UPLOAD_INTERVAL_S` seconds, and at :meth:`close`
+(lines logged in between reach it later, and a killed run loses at most that interval's lines,
+which its resumed run logs again).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import pathlib
+import os
+import time
 from typing import Any
 
 import tqdm
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
+# The shortest time (seconds) between two rewrites of a remote (gs://) metrics.jsonl.
+REMOTE_UPLOAD_INTERVAL_S = 30.0
 
 
-def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a ``metrics.jsonl``, in order."""
-  path = pathlib.Path(path)
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` (local or ``gs://``), in order; [] if it is missing."""
+  path = epath.Path(path)
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _jsonl(records: list[dict[str, Any]]) -> str:
+  return "".join(json.dumps(r) + "\n" for r in records)
 
 
 class MetricsWriter:
   """Console progress, JSONL, TensorBoard and a loss plot for one run.
 
   Args:
-    workdir: the run's directory.
+    workdir: the run's directory: a local path or a URI such as ``gs://bucket/run``.
     total_steps: the run's last step.
     start_step: the step the run starts (or resumes) from.
     enabled: write files (True on process 0 only).
@@ -41,25 +58,30 @@ class MetricsWriter:
     tensorboard: write TensorBoard event files under ``workdir/tensorboard``.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int,
+  def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int,
                enabled: bool, progress: bool, tensorboard: bool):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = epath.Path(workdir)
+    # A URI (gs://...) cannot be appended to: metrics.jsonl is rewritten whole, now and then.
+    self.remote = "://" in os.fspath(self.workdir)
     self.enabled = enabled
     self.path = self.workdir / METRICS_FILE
     self.history: list[dict[str, Any]] = []
     self._jsonl = None
     self._tensorboard = None
+    self._uploaded_at: float | None = None  # remote: time.monotonic() of the last rewrite
+    self._unsaved = False  # remote: lines logged since the last rewrite
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
       kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      self.path.write_text(_jsonl(kept))
       self.history = kept
-      self._jsonl = self.path.open("a")
+      if not self.remote:
+        self._jsonl = self.path.open("a")
       if tensorboard:
         import tensorboardX  # imported here: process 0 only
 
         self._tensorboard = tensorboardX.SummaryWriter(
-            str(self.workdir / TENSORBOARD_DIR),
+            os.fspath(self.workdir / TENSORBOARD_DIR),
             purge_step=start_step + 1 if start_step else None)
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=not (enabled and progress), dynamic_ncols=True)
@@ -74,8 +96,14 @@ class MetricsWriter:
     self.history.append(record)
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self.remote:
+      self._unsaved = True
+      now = time.monotonic()
+      if self._uploaded_at is None or now - self._uploaded_at >= REMOTE_UPLOAD_INTERVAL_S:
+        self._upload()
+    else:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
     if self._tensorboard is not None:
       for name, value in values.items():
         tag = "eval/loss" if name == "eval_loss" else f"train/{name}"
@@ -91,7 +119,13 @@ class MetricsWriter:
     if self.enabled:
       tqdm.tqdm.write(text)
 
-  def plot(self) -> pathlib.Path | None:
+  def _upload(self) -> None:
+    """Rewrites the remote ``metrics.jsonl`` with the whole history."""
+    self.path.write_text(_jsonl(self.history))
+    self._uploaded_at = time.monotonic()
+    self._unsaved = False
+
+  def plot(self) -> epath.Path | None:
     """Draws train and eval loss against step into ``workdir/loss.png``; its path."""
     if not self.enabled or not self.history:
       return None
@@ -112,14 +146,19 @@ class MetricsWriter:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = self.workdir / PLOT_FILE
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()  # written through epath: a local file or a gs:// object alike
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    path = self.workdir / PLOT_FILE
+    path.write_bytes(image.getvalue())
     return path
 
   def close(self) -> None:
+    """Closes the progress bar and the files; a remote ``metrics.jsonl`` gets its last lines."""
     self.bar.close()
     if self._jsonl is not None:
       self._jsonl.close()
+    if self.enabled and self.remote and self._unsaved:
+      self._upload()
     if self._tensorboard is not None:
       self._tensorboard.close()

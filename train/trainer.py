@@ -4,12 +4,17 @@
 newest checkpoint found there. SIGTERM (preemption) makes it save a checkpoint at the current
 step and return cleanly; the next run with the same workdir continues from it, and on CPU
 reproduces the uninterrupted run's losses exactly.
+
+The workdir is a local path or a Cloud Storage URI (``gs://bucket/run``, e.g. on a Cloud TPU
+pod, where every host must see it): it is handled through ``etils.epath``, which keeps the URI
+intact (``pathlib`` would collapse it to ``gs:/bucket/run``). Cloud Storage needs the ``gcp``
+extra (``gcsfs`` for ``etils.epath``, ``google-cloud-storage`` for TensorBoard).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 import signal
 import time
 from typing import Any
@@ -18,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from jax.experimental import multihost_utils
 
 from train import config as config_lib
@@ -43,7 +49,23 @@ class RunResult:
   preempted: bool
   # The metrics records of this run (process 0; including those of resumed-from runs).
   history: list[dict[str, Any]]
+  # The workdir, as pathlib would print it locally; a URI (gs://bucket/run) unchanged.
   workdir: str
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """``workdir`` as a path: a local one as given, a URI (``gs://bucket/run``) kept intact.
+
+  Raises:
+    ConfigError: a URI scheme ``etils.epath`` does not know (it knows gs://, s3://, az://,
+      hf://).
+  """
+  try:
+    return epath.Path(workdir)
+  except (KeyError, NotImplementedError) as error:
+    raise config_lib.ConfigError(
+        f"workdir={workdir!r}: unsupported URI scheme; use a local path or "
+        "gs://bucket/path") from error
 
 
 def with_vocab(cfg: config_lib.TrainConfig, data_vocab: int) -> config_lib.TrainConfig:
@@ -59,6 +81,12 @@ def with_vocab(cfg: config_lib.TrainConfig, data_vocab: int) -> config_lib.Train
     raise config_lib.ConfigError(
         f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def write_config(workdir: epath.Path, cfg: config_lib.TrainConfig) -> None:
+  """Creates ``workdir`` if missing and writes ``cfg`` to its ``config.yaml``."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 class _StopFlag:
@@ -183,7 +211,7 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
   Raises:
     ConfigError: a config the data, the devices or the mesh cannot satisfy.
   """
-  workdir = pathlib.Path(cfg.workdir)
+  workdir = workdir_path(cfg.workdir)
   is_writer = jax.process_index() == 0
   prepared = data.prepare(cfg.data)
   cfg = with_vocab(cfg, prepared.vocab_size)
@@ -197,8 +225,7 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
   train_iterator = iter(train_loader)
   checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
   if is_writer:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    write_config(workdir, cfg)
 
   with jax.set_mesh(mesh), _StopFlag() as stop:
     start_step = checkpointer.latest_step() or 0
@@ -219,4 +246,4 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
     writer.plot()
     writer.close()
   return RunResult(step=step, start_step=start_step, preempted=preempted,
-                   history=writer.history, workdir=str(workdir))
+                   history=writer.history, workdir=os.fspath(workdir))
