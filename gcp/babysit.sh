@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Keeps a training run going on a (spot) TPU slice until it finishes: creates the slice, sets it
+# up, launches the trainer, and after a preemption deletes, recreates and relaunches.
+set -euo pipefail
+# shellcheck source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
+# shellcheck source=lib/remote.sh
+source "$GCP_DIR/lib/remote.sh"
+# shellcheck source=lib/tpu.sh
+source "$GCP_DIR/lib/tpu.sh"
+
+usage() {
+  cat <<USAGE
+usage: gcp/babysit.sh [--env FILE] [--dry-run]
+
+Every POLL_SECONDS (default 60) it looks at the slice and at worker 0's trainer, and acts:
+  no slice                          create it (gcp/create.sh's command)
+  WAITING_FOR_RESOURCES, ...        wait
+  ACTIVE/READY, workers not set up  set up (gcp/setup.sh) and launch (gcp/launch.sh)
+  ACTIVE/READY, trainer stopped     launch (e.g. after a reboot)
+  ACTIVE/READY, trainer running     wait
+  PREEMPTED, SUSPENDED, FAILED, ... delete the slice and create it again (at most
+                                    MAX_RECREATES times, default 20)
+It exits 0 once the trainer has exited 0 (all CONFIG steps done; a SIGTERM on a surviving VM
+also ends with a checkpoint and status 0: run it again to go on), and 1 if the trainer failed.
+Every relaunch resumes from the newest checkpoint in WORKDIR. Run it where it may run for days
+(tmux, screen, or a small VM). Under --dry-run it prints one round of every command it can run.
+
+$(common_flags_help)
+USAGE
+}
+
+parse_common_args "$@"
+((${#ARGS[@]} == 0)) || die "unknown argument '${ARGS[0]}' (see --help)"
+load_env
+require_slice RUNTIME_VERSION REPO_URL REPO_COMMIT CONFIG
+require_workdir
+
+if ((DRY_RUN)); then
+  note "each round: the slice's state and worker 0's trainer"
+  slice_state
+  trainer_status
+  note "on a lost slice: delete, create; once usable: set up, launch"
+  delete_slice
+  create_slice
+  setup_workers
+  launch_workers
+  exit 0
+fi
+
+recreates=0
+previous=""
+while true; do
+  state=$(slice_state)
+  [[ $state == "$previous" ]] || note "$(slice_label) is $state"
+  previous=$state
+  if is_usable "$state"; then
+    status=$(trainer_status 2>/dev/null | tail -n 1) || status=unreachable
+    case $status in
+      running) ;;
+      exit:0)
+        note "the trainer finished (exit status 0); checkpoints in $WORKDIR"
+        exit 0
+        ;;
+      exit:*) die "the trainer failed on worker 0 ($status); gcp/logs.sh fetches the logs" ;;
+      fresh)
+        setup_workers
+        launch_workers
+        ;;
+      stopped) launch_workers ;;
+      *) note "worker 0 did not answer ($status); asking again in $POLL_SECONDS s" ;;
+    esac
+  elif [[ $state == NOT_FOUND ]]; then
+    create_slice
+  elif is_lost "$state"; then
+    ((recreates < MAX_RECREATES)) || die "$(slice_label) is $state again after $recreates recreation(s) (MAX_RECREATES); giving up"
+    recreates=$((recreates + 1))
+    note "recreating $(slice_label) ($recreates of at most $MAX_RECREATES)"
+    delete_slice
+    create_slice
+  fi
+  sleep "$POLL_SECONDS"
+done

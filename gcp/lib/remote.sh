@@ -1,0 +1,55 @@
+# shellcheck shell=bash
+# The command lines that run on a worker (a TPU VM host or a GPU VM) over ssh, shared by the
+# TPU and GPU scripts. Each is one line of bash run in the ssh user's home directory; every
+# setting is shell-quoted into it. Paths relative to the home directory stay relative.
+
+# setup_command: installs Python (if missing), clones REPO_URL into REMOTE_DIR at REPO_COMMIT,
+# creates the venv REMOTE_VENV there and installs JAX_INSTALL with the project's train and gcp
+# extras. Safe to run again (an existing clone is fetched and moved to the commit).
+setup_command() {
+  local py dir venv
+  py=$(quote "$PYTHON")
+  dir=$(quote "$REMOTE_DIR")
+  venv=$(quote "$REMOTE_VENV")
+  echo "set -euo pipefail;" \
+    "command -v $py >/dev/null || { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $py $py-venv; };" \
+    "[ -d $dir/.git ] || git clone -q $(quote "$REPO_URL") $dir;" \
+    "cd $dir; git fetch -q origin; git checkout -q --detach $(quote "$REPO_COMMIT");" \
+    "[ -x $venv/bin/python ] || $py -m venv $venv; . $venv/bin/activate;" \
+    "pip install -q --upgrade pip; pip install -q $(quote "$JAX_INSTALL") -e '.[train,gcp]';" \
+    "echo \"\$(hostname): cce_jax \$(git rev-parse --short HEAD) installed\""
+}
+
+# train_command [KEY=VALUE...]: starts `python -m train CONFIG workdir=WORKDIR KEY=VALUE...
+# TRAIN_ARGS` (TRAIN_ARGS last, so they win) in the background of this worker and returns. Its output is appended to LOG_DIR/train.log, its pid
+# written to LOG_DIR/train.pid and, when it ends, its exit status to LOG_DIR/exit_status.
+# Refuses (exit 1) while a trainer this command started is still running.
+train_command() {
+  local dir venv log args extra=()
+  dir=$(quote "$REMOTE_DIR")
+  venv=$(quote "$REMOTE_VENV")
+  log=$(quote "$LOG_DIR")
+  read -r -a extra <<<"$TRAIN_ARGS"
+  args=$(quote python -m train "$CONFIG" "workdir=$WORKDIR" "$@" "${extra[@]}")
+  local inner="$args; echo \$? > \"\$CCE_LOG/exit_status\""
+  echo "set -euo pipefail; mkdir -p $log; export CCE_LOG=\$(cd $log && pwd);" \
+    "if [ -f \"\$CCE_LOG/train.pid\" ] && kill -0 \"\$(cat \"\$CCE_LOG/train.pid\")\" 2>/dev/null;" \
+    "then echo \"\$(hostname): a trainer is already running (pid \$(cat \"\$CCE_LOG/train.pid\"))\" >&2; exit 1; fi;" \
+    "cd $dir; . $venv/bin/activate; rm -f \"\$CCE_LOG/exit_status\";" \
+    "echo \"=== \$(date -u +%FT%TZ) \$(hostname) launching cce_jax \$(git rev-parse --short HEAD)\" >> \"\$CCE_LOG/train.log\";" \
+    "nohup bash -c $(quote "$inner") >> \"\$CCE_LOG/train.log\" 2>&1 < /dev/null &" \
+    "echo \$! > \"\$CCE_LOG/train.pid\"; echo \"\$(hostname): trainer started, log \$CCE_LOG/train.log\""
+}
+
+# status_command: prints one word about this worker's trainer: `running`, `exit:N` (it ended
+# with status N), `stopped` (set up, but not running and no exit status: e.g. after a reboot)
+# or `fresh` (not set up).
+status_command() {
+  local dir venv log
+  dir=$(quote "$REMOTE_DIR")
+  venv=$(quote "$REMOTE_VENV")
+  log=$(quote "$LOG_DIR")
+  echo "if [ -f $log/exit_status ]; then echo exit:\$(cat $log/exit_status);" \
+    "elif [ -f $log/train.pid ] && kill -0 \"\$(cat $log/train.pid)\" 2>/dev/null; then echo running;" \
+    "elif (cd $dir 2>/dev/null && [ -x $venv/bin/python ]); then echo stopped; else echo fresh; fi"
+}
