@@ -90,6 +90,14 @@ def test_dotted_overrides_reach_nested_sections():
   assert cfg.loss.filter_eps is None
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("distributed=on", "on"), ("distributed=off", "off"), ("distributed='on'", "on"),
+    ("distributed=auto", "auto"), ("distributed=true", "on")])
+def test_distributed_accepts_yaml_on_and_off(override, expected):
+  # YAML reads an unquoted on/off as a boolean (gcp/launch.sh passes distributed=on).
+  assert config.load(None, [override]).distributed == expected
+
+
 @pytest.mark.parametrize("override, message", [
     ("stepz=3", "unknown config key(s) ['stepz']"),
     ("model.layers=3", "unknown config key(s) ['model.layers']"),
@@ -101,6 +109,7 @@ def test_dotted_overrides_reach_nested_sections():
     ("mesh.rules.vocab=model", "mesh axes are ('data', 'fsdp', 'tensor')"),
     ("data.source=web", "DataConfig.source must be one of"),
     ("steps", "is not key=value"),
+    ("distributed=maybe", "distributed must be 'auto', 'on' or 'off'"),
 ])
 def test_bad_overrides_raise_config_error(override, message):
   extra = ["grad_accum_steps=4"] if override.startswith("batch_size") else []
