@@ -21,6 +21,8 @@ Every POLL_SECONDS (default 60) it looks at the slice and at worker 0's trainer,
   ACTIVE/READY, trainer running     wait
   PREEMPTED, SUSPENDED, FAILED, ... delete the slice and create it again (at most
                                     MAX_RECREATES times, default 20)
+A command that fails (gcloud or ssh) is tried again in the next round; 5 failures in a row
+end it with status 1.
 It exits 0 once the trainer has exited 0 (all CONFIG steps done; a SIGTERM on a surviving VM
 also ends with a checkpoint and status 0: run it again to go on), and 1 if the trainer failed.
 Every relaunch resumes from the newest checkpoint in WORKDIR. Run it where it may run for days
@@ -48,6 +50,26 @@ if ((DRY_RUN)); then
   exit 0
 fi
 
+# Consecutive failed actions (a gcloud or ssh error: the slice may be going away under them)
+# are retried in the next round; this many in a row end the babysitting.
+FAILURES_ALLOWED=5
+failures=0
+
+# attempt WHAT FUNCTION...: runs the functions in order, stopping at the first that fails.
+attempt() {
+  local what=$1 step
+  shift
+  for step in "$@"; do
+    if ! "$step"; then
+      failures=$((failures + 1))
+      ((failures < FAILURES_ALLOWED)) || die "$what failed $failures times in a row; giving up"
+      note "$what failed ($failures of $FAILURES_ALLOWED in a row); trying again next round"
+      return 0
+    fi
+  done
+  failures=0
+}
+
 recreates=0
 previous=""
 while true; do
@@ -63,21 +85,17 @@ while true; do
         exit 0
         ;;
       exit:*) die "the trainer failed on worker 0 ($status); gcp/logs.sh fetches the logs" ;;
-      fresh)
-        setup_workers
-        launch_workers
-        ;;
-      stopped) launch_workers ;;
+      fresh) attempt "setup and launch" setup_workers launch_workers ;;
+      stopped) attempt "launch" launch_workers ;;
       *) note "worker 0 did not answer ($status); asking again in $POLL_SECONDS s" ;;
     esac
   elif [[ $state == NOT_FOUND ]]; then
-    create_slice
+    attempt "create" create_slice
   elif is_lost "$state"; then
     ((recreates < MAX_RECREATES)) || die "$(slice_label) is $state again after $recreates recreation(s) (MAX_RECREATES); giving up"
     recreates=$((recreates + 1))
     note "recreating $(slice_label) ($recreates of at most $MAX_RECREATES)"
-    delete_slice
-    create_slice
+    attempt "recreate" delete_slice create_slice
   fi
   sleep "$POLL_SECONDS"
 done

@@ -264,6 +264,25 @@ def test_babysit_recreates_and_relaunches_after_preemption(tmp_path, fast_env):
   assert "finished" in result.stderr
 
 
+def test_babysit_retries_failed_commands(tmp_path, fast_env):
+  # Calls 2 (the first create), 5 (a describe) and 8 (the first setup) fail once. A failed
+  # describe is no reason to create anything.
+  cloud = FakeCloud(tmp_path / "cloud", lives=[["ACTIVE"]], fail_calls=[2, 5, 8])
+  result = cloud.run("babysit.sh", fast_env)
+  assert result.returncode == 0, result.stderr
+  assert cloud.calls() == ["describe", "create", "describe", "create", "describe", "describe",
+                           "ssh:status", "ssh:setup", "describe", "ssh:status", "ssh:setup",
+                           "ssh:launch", "describe", "ssh:status"]
+  assert "create failed (1 of 5 in a row)" in result.stderr and "is UNKNOWN" in result.stderr
+  assert "setup and launch failed (1 of 5 in a row)" in result.stderr
+
+
+def test_babysit_gives_up_after_repeated_failures(tmp_path, fast_env):
+  cloud = FakeCloud(tmp_path / "cloud", lives=[["ACTIVE"]], fail_calls=[2, 4, 6, 8, 10])
+  result = cloud.run("babysit.sh", fast_env)
+  assert result.returncode == 1 and "create failed 5 times in a row" in result.stderr
+
+
 def test_babysit_gives_up_after_max_recreates(tmp_path):
   cloud = FakeCloud(tmp_path / "cloud", lives=[["ACTIVE", "PREEMPTED"], ["PREEMPTED"]])
   result = cloud.run("babysit.sh", write_env(tmp_path, POLL_SECONDS="0", MAX_RECREATES="1"))

@@ -58,18 +58,24 @@ create_slice() {
 }
 
 # slice_state: prints the state of the queued resource (or the TPU VM): ACTIVE, READY,
-# WAITING_FOR_RESOURCES, PREEMPTED, ..., or NOT_FOUND when there is none.
+# WAITING_FOR_RESOURCES, PREEMPTED, ..., NOT_FOUND when there is none, or UNKNOWN when gcloud
+# failed otherwise (e.g. a network error).
 slice_state() {
-  local flags state
+  local flags state errors
   read -r -a flags <<<"$(gcloud_location)"
+  errors=$(mktemp)
   if [[ $QUEUED == true ]]; then
     state=$(run gcloud compute tpus queued-resources describe "$QR_NAME" "${flags[@]}" \
-      "--format=value(state.state)" 2>/dev/null) || state=NOT_FOUND
+      "--format=value(state.state)" 2>"$errors") || state=FAILED_CALL
   else
     state=$(run gcloud compute tpus tpu-vm describe "$TPU_NAME" "${flags[@]}" \
-      "--format=value(state)" 2>/dev/null) || state=NOT_FOUND
+      "--format=value(state)" 2>"$errors") || state=FAILED_CALL
   fi
-  echo "${state:-NOT_FOUND}"
+  if [[ $state == FAILED_CALL ]]; then
+    if grep -q NOT_FOUND "$errors"; then state=NOT_FOUND; else state=UNKNOWN; fi
+  fi
+  rm -f "$errors"
+  echo "${state:-UNKNOWN}"
 }
 
 is_usable() { [[ $1 == ACTIVE || $1 == READY ]]; }

@@ -9,7 +9,8 @@ call, ``state.json`` is the fake's memory. ``script.json`` holds
          life (the last one repeats);
   exit_status: what the last life's trainer ends with (default 0);
   probes_before_exit: how many status probes after a launch in the last life say ``running``
-         before the trainer has ended (default 0). Earlier lives' trainers run until preempted.
+         before the trainer has ended (default 0). Earlier lives' trainers run until preempted;
+  fail_calls: numbers of calls (1 is the first) that fail with status 1 and change nothing.
 
 Only the commands the gcp/ TPU scripts use are understood; anything else exits 2.
 """
@@ -56,9 +57,13 @@ def _ssh(command: str, script: dict, state: dict) -> int:
 
 def main(argv: list[str]) -> int:
   directory = pathlib.Path(os.environ["FAKE_GCLOUD_DIR"])
-  with (directory / "calls.jsonl").open("a") as calls:
-    calls.write(json.dumps(argv) + "\n")
+  calls = directory / "calls.jsonl"
+  with calls.open("a") as log:
+    log.write(json.dumps(argv) + "\n")
   script, state = _load(directory)
+  if len(calls.read_text().splitlines()) in script.get("fail_calls", []):
+    print("ERROR: (gcloud) a failure the test asked for", file=sys.stderr)
+    return 1
   words = [a for a in argv if not a.startswith("-")]
   if words[:3] != ["compute", "tpus", "queued-resources"] and words[:4] != [
       "compute", "tpus", "tpu-vm", "ssh"]:
