@@ -35,7 +35,8 @@ USAGE
 parse_common_args "$@"
 ((${#ARGS[@]} == 0)) || die "unknown argument '${ARGS[0]}' (see --help)"
 load_env
-require_slice RUNTIME_VERSION REPO_URL REPO_COMMIT CONFIG
+require_slice RUNTIME_VERSION CONFIG
+require_remote_repo
 require_workdir
 
 if ((DRY_RUN)); then

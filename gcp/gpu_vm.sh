@@ -73,7 +73,7 @@ case $action in
       --maintenance-policy=TERMINATE --scopes=cloud-platform "${capacity[@]}"
     ;;
   setup)
-    require REPO_URL REPO_COMMIT
+    require_remote_repo
     on_vm "$(setup_command)"
     ;;
   launch)

@@ -188,6 +188,13 @@ def test_bad_setting_is_named(tmp_path, setting, value):
   assert result.returncode == 1 and setting in result.stderr
 
 
+@pytest.mark.parametrize("script", ["setup.sh", "babysit.sh"])
+def test_a_local_repo_url_is_refused(tmp_path, script):
+  result = run_script(script, "--env", str(write_env(tmp_path, REPO_URL="/home/me/cce_jax")),
+                      "--dry-run")
+  assert result.returncode == 1 and "REPO_URL=/home/me/cce_jax" in result.stderr
+
+
 def test_missing_env_file_points_at_the_template(tmp_path):
   result = run_script("create.sh", "--env", str(tmp_path / "nope.env"))
   assert result.returncode == 1 and "gcp/env.example" in result.stderr

@@ -3,6 +3,14 @@
 # TPU and GPU scripts. Each is one line of bash run in the ssh user's home directory; every
 # setting is shell-quoted into it. Paths relative to the home directory stay relative.
 
+# require_remote_repo: REPO_URL and REPO_COMMIT, the URL one the workers can clone from.
+require_remote_repo() {
+  require REPO_URL REPO_COMMIT
+  case $REPO_URL in
+    /* | ./* | ../* | file:*) die "REPO_URL=$REPO_URL is a path on this machine, which the workers cannot clone; set REPO_URL to a URL they can reach" ;;
+  esac
+}
+
 # setup_command: installs Python (if missing), clones REPO_URL into REMOTE_DIR at REPO_COMMIT,
 # creates the venv REMOTE_VENV there and installs JAX_INSTALL with the project's train and gcp
 # extras. Safe to run again (an existing clone is fetched and moved to the commit).

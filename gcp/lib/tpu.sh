@@ -128,7 +128,7 @@ on_workers() {
 }
 
 setup_workers() {
-  require REPO_URL REPO_COMMIT
+  require_remote_repo
   note "setting up all $WORKERS worker(s) of $TPU_NAME at commit $REPO_COMMIT"
   on_workers all "$(setup_command)"
 }
