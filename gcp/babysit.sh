@@ -2,12 +2,8 @@
 # Keeps a training run going on a (spot) TPU slice until it finishes: creates the slice, sets it
 # up, launches the trainer, and after a preemption deletes, recreates and relaunches.
 set -euo pipefail
-# shellcheck source=lib/common.sh
-source "$(dirname "$0")/lib/common.sh"
-# shellcheck source=lib/remote.sh
-source "$GCP_DIR/lib/remote.sh"
 # shellcheck source=lib/tpu.sh
-source "$GCP_DIR/lib/tpu.sh"
+source "$(dirname "$0")/lib/tpu.sh"
 
 usage() {
   cat <<USAGE

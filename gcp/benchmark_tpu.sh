@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # Runs benchmarks/tpu.py on a single-host TPU VM and copies its results back.
 set -euo pipefail
-# shellcheck source=lib/common.sh
-source "$(dirname "$0")/lib/common.sh"
-# shellcheck source=lib/remote.sh
-source "$GCP_DIR/lib/remote.sh"
 # shellcheck source=lib/tpu.sh
-source "$GCP_DIR/lib/tpu.sh"
+source "$(dirname "$0")/lib/tpu.sh"
 
 usage() {
   cat <<USAGE

@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # Creates the TPU slice of the env file and waits until it is usable.
 set -euo pipefail
-# shellcheck source=lib/common.sh
-source "$(dirname "$0")/lib/common.sh"
-# shellcheck source=lib/remote.sh
-source "$GCP_DIR/lib/remote.sh"
 # shellcheck source=lib/tpu.sh
-source "$GCP_DIR/lib/tpu.sh"
+source "$(dirname "$0")/lib/tpu.sh"
 
 usage() {
   cat <<USAGE

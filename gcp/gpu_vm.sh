@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # One multi-GPU Compute Engine VM: create it, set it up, train on all its GPUs, delete it.
 set -euo pipefail
-# shellcheck source=lib/common.sh
-source "$(dirname "$0")/lib/common.sh"
 # shellcheck source=lib/remote.sh
-source "$GCP_DIR/lib/remote.sh"
+source "$(dirname "$0")/lib/remote.sh"
 
 usage() {
   cat <<USAGE

@@ -3,6 +3,9 @@
 # TPU and GPU scripts. Each is one line of bash run in the ssh user's home directory; every
 # setting is shell-quoted into it. Paths relative to the home directory stay relative.
 
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 # require_remote_repo: REPO_URL and REPO_COMMIT, the URL one the workers can clone from.
 require_remote_repo() {
   require REPO_URL REPO_COMMIT
@@ -16,9 +19,7 @@ require_remote_repo() {
 # extras. Safe to run again (an existing clone is fetched and moved to the commit).
 setup_command() {
   local py dir venv
-  py=$(quote "$PYTHON")
-  dir=$(quote "$REMOTE_DIR")
-  venv=$(quote "$REMOTE_VENV")
+  read -r py dir venv <<<"$(quote "$PYTHON" "$REMOTE_DIR" "$REMOTE_VENV")"
   echo "set -euo pipefail;" \
     "command -v $py >/dev/null || { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $py $py-venv; };" \
     "[ -d $dir/.git ] || git clone -q $(quote "$REPO_URL") $dir;" \
@@ -34,9 +35,7 @@ setup_command() {
 # Refuses (exit 1) while a trainer this command started is still running.
 train_command() {
   local dir venv log args extra=()
-  dir=$(quote "$REMOTE_DIR")
-  venv=$(quote "$REMOTE_VENV")
-  log=$(quote "$LOG_DIR")
+  read -r dir venv log <<<"$(quote "$REMOTE_DIR" "$REMOTE_VENV" "$LOG_DIR")"
   read -r -a extra <<<"$TRAIN_ARGS"
   args=$(quote python -m train "$CONFIG" "workdir=$WORKDIR" "$@" "${extra[@]}")
   local inner="$args; echo \$? > \"\$CCE_LOG/exit_status\""
@@ -54,9 +53,7 @@ train_command() {
 # or `fresh` (not set up).
 status_command() {
   local dir venv log
-  dir=$(quote "$REMOTE_DIR")
-  venv=$(quote "$REMOTE_VENV")
-  log=$(quote "$LOG_DIR")
+  read -r dir venv log <<<"$(quote "$REMOTE_DIR" "$REMOTE_VENV" "$LOG_DIR")"
   echo "if [ -f $log/exit_status ]; then echo exit:\$(cat $log/exit_status);" \
     "elif [ -f $log/train.pid ] && kill -0 \"\$(cat $log/train.pid)\" 2>/dev/null; then echo running;" \
     "elif (cd $dir 2>/dev/null && [ -x $venv/bin/python ]); then echo stopped; else echo fresh; fi"

@@ -1,7 +1,9 @@
 # shellcheck shell=bash
 # Cloud TPU operations shared by the TPU scripts: create, wait, describe, delete a slice (as a
-# queued resource or a plain TPU VM), and ssh into its workers. Needs lib/common.sh and
-# lib/remote.sh sourced first, and load_env run.
+# queued resource or a plain TPU VM), and ssh into its workers. The scripts call load_env first.
+
+# shellcheck source=remote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/remote.sh"
 
 # States of a queued resource (or a TPU VM) after which the slice is gone for good: it must be
 # deleted and created again.
