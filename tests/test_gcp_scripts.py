@@ -157,6 +157,11 @@ def test_worker_count(tmp_path, accelerator, workers):
   assert len(commands) == 1 + workers
 
 
+def test_num_workers_overrides_the_accelerator_type(tmp_path):
+  commands = dry_run("logs.sh", write_env(tmp_path, ACCELERATOR_TYPE="tpu7x-x", NUM_WORKERS="2"))
+  assert len(commands) == 1 + 2
+
+
 def test_unknown_accelerator_asks_for_num_workers(tmp_path):
   result = run_script("logs.sh", "--env", str(write_env(tmp_path, ACCELERATOR_TYPE="tpu7x-x")),
                       "--dry-run")
@@ -181,7 +186,8 @@ def test_missing_setting_is_named(tmp_path, script, drop, named):
 
 
 @pytest.mark.parametrize(("setting", "value"), [
-    ("CAPACITY", "cheap"), ("QUEUED", "yes"), ("BUCKET", "my-bucket"), ("POLL_SECONDS", "1m")])
+    ("CAPACITY", "cheap"), ("QUEUED", "yes"), ("BUCKET", "my-bucket"), ("POLL_SECONDS", "1m"),
+    ("NUM_WORKERS", "four"), ("MAX_RECREATES", "-1")])
 def test_bad_setting_is_named(tmp_path, setting, value):
   result = run_script("launch.sh", "--env", str(write_env(tmp_path, **{setting: value})),
                       "--dry-run")

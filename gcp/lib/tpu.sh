@@ -24,6 +24,7 @@ gcloud_location() {
 # count TensorCores (8 per host); v5e and v6e count chips (one host up to 8, else 4 per host).
 num_workers() {
   if [[ -n ${NUM_WORKERS:-} ]]; then
+    [[ $NUM_WORKERS =~ ^[1-9][0-9]*$ ]] || die "NUM_WORKERS must be a positive whole number, not '$NUM_WORKERS'"
     echo "$NUM_WORKERS"
     return
   fi
