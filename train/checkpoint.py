@@ -27,11 +27,13 @@ import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
+from train import paths
+
 
 def checkpoint_directory(directory: str | os.PathLike) -> epath.Path:
   """``directory`` for Orbax: a URI (``gs://...``) as it is, a local path made absolute."""
   path = epath.Path(directory)
-  if "://" in os.fspath(path):
+  if paths.is_uri(path):
     return path  # epath's absolute() would make gs://b/x a local ./gs:/b/x
   return path.absolute()
 

@@ -27,6 +27,8 @@ from typing import Any
 import tqdm
 from etils import epath
 
+from train import paths
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -62,7 +64,7 @@ class MetricsWriter:
                enabled: bool, progress: bool, tensorboard: bool):
     self.workdir = epath.Path(workdir)
     # A URI (gs://...) cannot be appended to: metrics.jsonl is rewritten whole, now and then.
-    self.remote = "://" in os.fspath(self.workdir)
+    self.remote = paths.is_uri(self.workdir)
     self.enabled = enabled
     self.path = self.workdir / METRICS_FILE
     self.history: list[dict[str, Any]] = []
