@@ -60,13 +60,16 @@ def option(command: list[str], name: str) -> str:
   return values[0]
 
 
+def _exec_script(path: pathlib.Path, *words: str) -> None:
+  """An executable shell script at ``path`` that runs ``words`` with its own arguments."""
+  path.write_text(f'#!/bin/sh\nexec {shlex.join(words)} "$@"\n')
+  path.chmod(0o755)
+
+
 def install_fake(bin_dir: pathlib.Path, name: str, script: str, *prefix: str) -> None:
   """Puts an executable ``name`` into ``bin_dir`` running tests/gcp_fakes/``script``."""
   bin_dir.mkdir(parents=True, exist_ok=True)
-  path = bin_dir / name
-  words = shlex.join([sys.executable, str(FAKES / script), *prefix])
-  path.write_text(f'#!/bin/sh\nexec {words} "$@"\n')
-  path.chmod(0o755)
+  _exec_script(bin_dir / name, sys.executable, str(FAKES / script), *prefix)
 
 
 def fake_venv(directory: pathlib.Path) -> pathlib.Path:
@@ -74,7 +77,6 @@ def fake_venv(directory: pathlib.Path) -> pathlib.Path:
   first on PATH. Its path."""
   bin_dir = directory / "bin"
   bin_dir.mkdir(parents=True)
-  (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-  (bin_dir / "python").chmod(0o755)
+  _exec_script(bin_dir / "python", sys.executable)
   (bin_dir / "activate").write_text(f"export PATH={shlex.quote(str(bin_dir))}:\"$PATH\"\n")
   return directory

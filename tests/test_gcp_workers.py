@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import time
 
@@ -17,19 +16,12 @@ from gcp_testing import ROOT, fake_venv, install_fake, run_script, write_env
 
 STEPS = 4
 TIMEOUT = 600.0
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   with train_testing.session(tmp_path_factory) as base:
     yield base
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
 
 
 def _tiny_run(base: pathlib.Path, workdir: pathlib.Path) -> list[str]:
@@ -39,7 +31,8 @@ def _tiny_run(base: pathlib.Path, workdir: pathlib.Path) -> list[str]:
 
 
 def _cpu_env(base: pathlib.Path, port: int) -> dict[str, str]:
-  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "JAX_NUM_PROCESSES": "2",
+  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": train_testing.FAST_COMPILE,
+          "JAX_NUM_PROCESSES": "2",
           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
           **train_testing.cache_env(base / "jax_cache")}
 
@@ -72,7 +65,7 @@ def test_launch_worker_command_starts_a_two_host_run(base, tmp_path):
   command = result.stdout.strip()
   assert "distributed=on" in command  # v5p-16: two hosts
 
-  port = _free_port()
+  port = train_testing.free_port()
   homes = [tmp_path / f"worker{i}" for i in range(2)]
   for process_id, home in enumerate(homes):  # each worker runs it in its home directory
     home.mkdir()
@@ -106,7 +99,7 @@ def test_slurm_sbatch_starts_one_process_per_task(base, tmp_path):
              SLURM_JOB_NODELIST="node[1-2]", SLURM_NTASKS="2", FAKE_SLURM_NODES="2",
              REPO_DIR=str(ROOT), VENV=str(fake_venv(tmp_path / "venv")), LOG_DIR=str(logs),
              CONFIG="configs/default.yaml", WORKDIR=str(workdir),
-             COORDINATOR_PORT=str(_free_port()))
+             COORDINATOR_PORT=str(train_testing.free_port()))
   script = str(ROOT / "gcp" / "slurm_train.sbatch")
   dry = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True)
   assert dry.returncode == 0, dry.stderr

@@ -11,14 +11,11 @@ not bit for bit: measured <= 5e-7 relative; the bound is 2e-5.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import train_testing
 
 STEPS = train_testing.REFERENCE_STEPS
 TOLERANCE = 2e-5
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,8 @@ def test_sharded_2x2x2_matches_single_device(base, tmp_path):
                                  "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                                  "grad_accum_steps=2")
   process = train_testing.start_train(
-      args, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
+      args,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {train_testing.FAST_COMPILE}",
       JAX_PLATFORMS="cpu", **train_testing.cache_env(base / "jax_cache"))
   output, _ = process.communicate(timeout=600)
   assert process.returncode == 0, output
@@ -48,16 +46,11 @@ def test_sharded_2x2x2_matches_single_device(base, tmp_path):
   _assert_matches_reference(base, tmp_path)
 
 
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
-
-
 def test_two_processes_match_single_process(base, tmp_path):
   args = train_testing.overrides(tmp_path, base / "data_cache", f"steps={STEPS}")
-  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2",
-         "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu",
+  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{train_testing.free_port()}",
+         "JAX_NUM_PROCESSES": "2",
+         "XLA_FLAGS": train_testing.FAST_COMPILE, "JAX_PLATFORMS": "cpu",
          **train_testing.cache_env(base / "jax_cache")}
   processes = [train_testing.start_train(args, JAX_PROCESS_ID=str(i), **env) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in processes]

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,17 @@ def overrides(workdir: pathlib.Path, cache_dir: pathlib.Path, *extra: str) -> li
   return [f"workdir={workdir}", f"data.cache_dir={cache_dir}", *DATA, *TINY_MODEL,
           "batch_size=8", "seq_len=32", "log_every=1", "eval_every=0", "checkpoint_every=1000",
           "optim.warmup_steps=2", *QUIET, *extra]
+
+
+# XLA flags of trainer subprocesses: compiles faster (fusion, so rounding, may differ).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
 
 
 # Steps of the reference run that the resume, sharded and multi-host tests compare with.
