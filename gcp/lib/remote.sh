@@ -6,7 +6,7 @@
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# require_remote_repo: REPO_URL and REPO_COMMIT, the URL one the workers can clone from.
+# require_remote_repo: REPO_URL and REPO_COMMIT set, and REPO_URL one the workers can clone.
 require_remote_repo() {
   require REPO_URL REPO_COMMIT
   case $REPO_URL in
@@ -30,9 +30,10 @@ setup_command() {
 }
 
 # train_command [KEY=VALUE...]: starts `python -m train CONFIG workdir=WORKDIR KEY=VALUE...
-# TRAIN_ARGS` (TRAIN_ARGS last, so they win) in the background of this worker and returns. Its output is appended to LOG_DIR/train.log, its pid
-# written to LOG_DIR/train.pid and, when it ends, its exit status to LOG_DIR/exit_status.
-# Refuses (exit 1) while a trainer this command started is still running.
+# TRAIN_ARGS` (TRAIN_ARGS last, so they win) in the background of this worker and returns.
+# Its output is appended to LOG_DIR/train.log, its pid written to LOG_DIR/train.pid and, when
+# it ends, its exit status to LOG_DIR/exit_status. Refuses (exit 1) while a trainer this
+# command started is still running.
 train_command() {
   local dir venv log args extra=()
   read -r dir venv log <<<"$(quote "$REMOTE_DIR" "$REMOTE_VENV" "$LOG_DIR")"
