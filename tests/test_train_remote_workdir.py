@@ -19,7 +19,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.utils import stringify_path
 
-from train import checkpoint, config, metrics, trainer
+from train import checkpoint, config, metrics, paths, trainer
 from train.metrics import MetricsWriter, read_metrics
 
 RUN = "gs://bucket/run"
@@ -170,19 +170,19 @@ def test_checkpoint_directory_keeps_uris_and_makes_local_paths_absolute(tmp_path
 
 
 def test_trainer_workdir_keeps_gs_uris():
-  workdir = trainer.workdir_path(RUN)
+  workdir = paths.workdir_path(RUN)
   assert str(workdir) == RUN
   assert str(workdir / trainer.CHECKPOINT_DIR) == f"{RUN}/checkpoints"
   assert str(checkpoint.checkpoint_directory(workdir / trainer.CHECKPOINT_DIR)) == (
       f"{RUN}/checkpoints")
-  assert str(trainer.workdir_path("runs/a")) == "runs/a"  # local: as given, relative
+  assert str(paths.workdir_path("runs/a")) == "runs/a"  # local: as given, relative
   with pytest.raises(config.ConfigError, match="workdir='gcs://bucket/run'"):
-    trainer.workdir_path("gcs://bucket/run")
+    paths.workdir_path("gcs://bucket/run")
 
 
 def test_trainer_writes_config_yaml_to_gcs(gcs):
   cfg = config.load(None, [f"workdir={RUN}", "steps=3"])
-  trainer.write_config(trainer.workdir_path(cfg.workdir), cfg)
+  trainer.write_config(paths.workdir_path(cfg.workdir), cfg)
   written = yaml.safe_load(_object(gcs, "bucket/run/config.yaml"))
   assert written["workdir"] == RUN
   assert written["steps"] == 3

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from train import config as config_lib
-from train import data, distributed
+from train import data, distributed, paths
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter
 from train.sharding import make_mesh
@@ -51,21 +51,6 @@ class RunResult:
   history: list[dict[str, Any]]
   # The workdir, as pathlib would print it locally; a URI (gs://bucket/run) unchanged.
   workdir: str
-
-
-def workdir_path(workdir: str) -> epath.Path:
-  """``workdir`` as a path: a local one as given, a URI (``gs://bucket/run``) kept intact.
-
-  Raises:
-    ConfigError: a URI scheme ``etils.epath`` does not know (it knows gs://, s3://, az://,
-      hf://).
-  """
-  try:
-    return epath.Path(workdir)
-  except (KeyError, NotImplementedError) as error:
-    raise config_lib.ConfigError(
-        f"workdir={workdir!r}: unsupported URI scheme; use a local path or "
-        "gs://bucket/path") from error
 
 
 def with_vocab(cfg: config_lib.TrainConfig, data_vocab: int) -> config_lib.TrainConfig:
@@ -211,7 +196,7 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
   Raises:
     ConfigError: a config the data, the devices or the mesh cannot satisfy.
   """
-  workdir = workdir_path(cfg.workdir)
+  workdir = paths.workdir_path(cfg.workdir)
   is_writer = jax.process_index() == 0
   prepared = data.prepare(cfg.data)
   cfg = with_vocab(cfg, prepared.vocab_size)
