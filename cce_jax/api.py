@@ -128,7 +128,7 @@ def linear_cross_entropy(
   ``loss_n = 0`` where ``t_n == ignore_index``. All reductions run in float32. The N x V logit
   matrix is never stored: the forward streams over vocabulary blocks, the backward recomputes
   them block by block and skips the matrix products of blocks whose softmax gradient is
-  negligible (``filter_eps``). The exact statement of loss and gradient is ``shared/MATH.md``.
+  negligible (``filter_eps``). The exact statement of loss and gradient is ``docs/math.md``.
 
   With ``filter_eps=None`` this equals the masked mean of
   ``optax.softmax_cross_entropy_with_integer_labels(e @ c.T, labels)`` up to float rounding.
@@ -150,7 +150,7 @@ def linear_cross_entropy(
     z_loss: weight ``k`` of the ``k * lse**2`` term added per non-ignored token.
     label_smoothing: weight ``a`` of the uniform target over the V classes, in [0, 1).
     filter_eps: the backward skips a tile whose every softmax-gradient entry is below this
-      (``shared/MATH.md`` gives the rule). ``"auto"`` is ``finfo(e.dtype).eps / 32`` (2**-12
+      (``docs/math.md`` gives the rule). ``"auto"`` is ``finfo(e.dtype).eps / 32`` (2**-12
       for bfloat16); None is exact. The forward value never changes. See ``filter_c_grad``.
     filter_e_grad: apply filtering to the gradient of ``e``.
     filter_c_grad: apply filtering to the gradient of ``c``. Filtering drops many tiny
@@ -207,6 +207,15 @@ def linear_cross_entropy(
     >>> loss = cce_jax.linear_cross_entropy(e, c, labels, shift=1)
     >>> loss.shape, loss.dtype
     ((), dtype('float32'))
+
+    Exact (``filter_eps=None``), it is the mean cross-entropy of the materialized logits:
+
+    >>> logits = jnp.einsum("btd,vd->btv", e[:, :-1], c)
+    >>> log_p = jax.nn.log_softmax(logits)
+    >>> naive = -jnp.mean(jnp.take_along_axis(log_p, labels[:, 1:, None], axis=-1))
+    >>> exact = cce_jax.linear_cross_entropy(e, c, labels, shift=1, filter_eps=None)
+    >>> bool(jnp.allclose(exact, naive, rtol=1e-5))
+    True
   """
   reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
   return_lse = checks.check_bool("return_lse", return_lse)
@@ -278,6 +287,18 @@ def filter_stats(
     0 skipped when filtering is off (``filter_eps=None``, both ``filter_*_grad`` False, or
     softcap with label smoothing). With only one of ``filter_e_grad``/``filter_c_grad`` on,
     a skipped tile still recomputes its logits for the other product.
+
+  Example:
+    >>> import jax, cce_jax
+    >>> e = jax.random.normal(jax.random.key(0), (300, 32))  # (N, D)
+    >>> c = jax.random.normal(jax.random.key(1), (1000, 32))  # (V, D)
+    >>> labels = jax.random.randint(jax.random.key(2), (300,), 0, 1000)
+    >>> blocks = cce_jax.BlockSizes(token_block=64, vocab_block=128)
+    >>> stats = cce_jax.filter_stats(e, c, labels, block_sizes=blocks, filter_eps=1e-3)
+    >>> int(stats["total_tiles"])  # ceil(300 / 64) x ceil(1000 / 128)
+    40
+    >>> int(cce_jax.filter_stats(e, c, labels, filter_eps=None)["skipped_tiles"])
+    0
   """
   opts, shift = _prepare(
       e, c, labels, bias, shift=shift, classifier_layout=classifier_layout,

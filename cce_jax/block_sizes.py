@@ -25,6 +25,13 @@ class BlockSizes:
   Raises:
     TypeError: a size that is not an int.
     ValueError: a size that is not positive.
+
+  Example:
+    >>> from cce_jax import BlockSizes
+    >>> BlockSizes(token_block=128, vocab_block=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `BlockSizes.vocab_block` must be positive, got 0.
   """
 
   token_block: int = 1024
@@ -49,6 +56,14 @@ class BlockSizes:
     backward skip whole tiles on trained-model inputs, and smaller tiles are skipped more often
     (measured by ``benchmarks/speed.py``). float32's threshold (2**-28) almost never clears a
     tile, so it gets the large tiles that keep matrix products fastest.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from cce_jax import BlockSizes
+      >>> BlockSizes.get_default(jnp.bfloat16)
+      BlockSizes(token_block=256, vocab_block=512)
+      >>> BlockSizes.get_default() == BlockSizes(token_block=1024, vocab_block=2048)
+      True
     """
     if dtype is not None and np.dtype(dtype).itemsize == 2:
       return cls(token_block=256, vocab_block=512)

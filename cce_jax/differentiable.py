@@ -12,7 +12,7 @@ the logits (:class:`cce_jax.tiled.LocalForward`). Everything else is ordinary JA
 
 The statistics of a tiled implementation form one ``jax.custom_vjp`` whose backward turns the
 cotangents of (lse, target, logit sum) into the per-token factors of the softmax gradient
-(``TokenCoefficients``) and the filter scale of ``../shared/MATH.md``'s skip rule, and calls the
+(``TokenCoefficients``) and the filter scale of ``docs/math.md``'s skip rule, and calls the
 implementation's tiled backward. Because the collectives are ordinary differentiable JAX
 outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
 vocabulary axis by ``shard_map``'s own rules, correctly with ``check_vma`` on or off.
@@ -126,7 +126,7 @@ def backward_coefficients(
 
   With ``loss_n = L_n - (1 - a) z_t - (a / V) sum_v z + k L_n^2`` (``L`` combined over shards
   from the local ``lse``), the cotangent of the target logit is ``-(1 - a) g_n`` on every
-  shard, which recovers the loss cotangent ``g_n``, the scale of MATH.md's filter rule. The
+  shard, which recovers the loss cotangent ``g_n``, the scale of docs/math.md's filter rule. The
   lse's cotangent, ``alpha``, is NaN at an out-of-range label (see :func:`token_loss`).
   """
   g = -d_target / (1.0 - opts.label_smoothing)

@@ -31,6 +31,11 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   Raises:
     ValueError: ``impl`` is not one of ``checks.IMPLS``.
     NotImplementedError: a Pallas implementation this installation does not ship.
+
+  Example:
+    >>> from cce_jax import resolve_impl
+    >>> resolve_impl("auto", backend="cpu"), resolve_impl("reference")
+    ('xla', 'reference')
   """
   checks.check_choice("impl", impl, checks.IMPLS)
   if impl == "auto":

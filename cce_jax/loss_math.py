@@ -1,9 +1,19 @@
-"""The per-entry math of ../shared/MATH.md, written once for every implementation.
+r"""The per-entry math of ``docs/math.md``, written once for every implementation.
 
-Names follow MATH.md: ``x`` raw logits, ``z`` soft-capped logits, ``lse`` the per-token
-log-sum-exp ``L``, ``g`` the cotangent of the per-token loss, ``h`` the cotangent of ``lse``,
-``a`` label smoothing, ``k`` z-loss weight, ``s`` softcap. Everything here is f32 elementwise
-code on a tile of shape (tokens, classes) or on per-token vectors of shape (tokens,).
+Names follow ``docs/math.md``: ``x`` raw logits, ``z`` soft-capped logits, ``lse`` the
+per-token log-sum-exp ``L``, ``g`` the cotangent of the per-token loss, ``h`` the cotangent of
+``lse``, ``a`` label smoothing, ``k`` z-loss weight, ``s`` softcap. Everything here is f32
+elementwise code on a tile of shape (tokens, classes) or on per-token vectors of shape
+(tokens,). The formulas, for token ``n`` and class ``v``:
+
+.. math::
+  x_{nv} = e_n \cdot c_v + b_v, \qquad z_{nv} = s \tanh(x_{nv} / s), \qquad
+  L_n = \log \sum_v e^{z_{nv}}, \qquad p_{nv} = e^{z_{nv} - L_n},
+
+  \ell_n = L_n - (1 - a) z_{n t_n} - \frac{a}{V} \sum_v z_{nv} + k L_n^2,
+
+  dz_{nv} = \alpha_n p_{nv} - \beta_n [v = t_n] - \gamma_n, \qquad
+  dx_{nv} = dz_{nv} \left(1 - (z_{nv} / s)^2\right).
 """
 
 from __future__ import annotations
@@ -18,19 +28,51 @@ from cce_jax.options import LossOptions
 
 
 def default_filter_eps(dtype) -> float:
-  """``finfo(dtype).eps / 32``: 2**-12 for bfloat16, 2**-15 for float16, 2**-28 for float32."""
+  r"""The ``filter_eps`` that ``"auto"`` means for inputs of ``dtype``.
+
+  .. math::
+    \varepsilon = \operatorname{finfo}(\text{dtype}).\text{eps} / 32
+
+  that is 2**-12 for bfloat16, 2**-15 for float16, 2**-28 for float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from cce_jax import default_filter_eps
+    >>> default_filter_eps(jnp.bfloat16) == 2.0**-12, default_filter_eps(jnp.float32) == 2.0**-28
+    (True, True)
+  """
   return float(jnp.finfo(dtype).eps) / 32.0
 
 
 def apply_softcap(x: jax.Array, softcap: float | None) -> jax.Array:
-  """``z = s * tanh(x / s)``, or ``x`` itself without softcap."""
+  r"""The soft-capped logits, same shape and dtype as ``x``:
+
+  .. math::
+    z = s \tanh(x / s)
+
+  with ``s = softcap``, or ``x`` itself when ``softcap`` is None.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from cce_jax.loss_math import apply_softcap
+    >>> x = jnp.array([-1000.0, 0.0, 1000.0])
+    >>> apply_softcap(x, 30.0).tolist()  # saturates at +-s
+    [-30.0, 0.0, 30.0]
+    >>> apply_softcap(x, None) is x
+    True
+  """
   if softcap is None:
     return x
   return softcap * jnp.tanh(x / softcap)
 
 
 def softcap_derivative(z: jax.Array, softcap: float | None) -> jax.Array | float:
-  """``dz/dx = 1 - (z / s)**2`` written in terms of the capped logit ``z``."""
+  r"""The derivative of the softcap, written in terms of the capped logit ``z`` (shape of ``z``;
+  the float 1.0 without softcap):
+
+  .. math::
+    \frac{dz}{dx} = 1 - \tanh^2(x / s) = 1 - (z / s)^2
+  """
   if softcap is None:
     return 1.0
   return 1.0 - jnp.square(z / softcap)
@@ -42,7 +84,11 @@ def capped_logits(
     bias: jax.Array | None,  # (v,)
     opts: LossOptions,
 ) -> jax.Array:
-  """``z = softcap(e . c + b)``, (n, v) f32, the products accumulated in f32."""
+  r"""The soft-capped logits of a tile, (n, v) f32, the products accumulated in f32:
+
+  .. math::
+    z_{nv} = s \tanh\bigl((e_n \cdot c_v + b_v) / s\bigr)
+  """
   dims = (((1,), (1 - opts.vocab_dim,)), ((), ()))
   x = lax.dot_general(e, c, dims, preferred_element_type=jnp.float32)
   if bias is not None:
@@ -57,8 +103,12 @@ def target_logits(
     bias: jax.Array | None,  # (V,)
     opts: LossOptions,
 ) -> jax.Array:
-  """The soft-capped logit of each token's target by an indexed dot, (n,) f32; 0 where the
-  label is -1. Gathers n rows of ``c``, never the logits."""
+  r"""The soft-capped logit of each token's target by an indexed dot, (n,) f32; 0 where the
+  label is -1. Gathers n rows of ``c``, never the logits:
+
+  .. math::
+    z_{n t_n} = s \tanh\bigl((e_n \cdot c_{t_n} + b_{t_n}) / s\bigr)
+  """
   safe_labels = jnp.maximum(local_labels, 0)
   rows = jnp.take(c, safe_labels, axis=opts.vocab_dim)  # (n, D) or (D, n)
   if opts.vocab_dim == 1:
@@ -76,7 +126,23 @@ def token_loss(
     num_classes: int,
     opts: LossOptions,
 ) -> jax.Array:
-  """``loss_n = L_n - (1 - a) z_t - a mean_v z_nv + k L_n**2`` (before masking), (N,) f32."""
+  r"""The loss of each token before masking, (N,) f32:
+
+  .. math::
+    \ell_n = L_n - (1 - a) z_{n t_n} - \frac{a}{V} \sum_v z_{nv} + k L_n^2
+
+  with ``L = lse``, ``a = opts.label_smoothing``, ``k = opts.z_loss`` and ``V = num_classes``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from cce_jax.loss_math import token_loss
+    >>> from cce_jax.options import LossOptions
+    >>> z = jnp.array([[2.0, 0.0, -1.0]])  # (N=1, V=3) logits, target class 0
+    >>> lse = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+    >>> loss = token_loss(lse, z[:, 0], None, 3, LossOptions())
+    >>> bool(jnp.allclose(loss, -jnp.log(jnp.exp(2.0) / jnp.sum(jnp.exp(z)))))
+    True
+  """
   a, k = opts.label_smoothing, opts.z_loss
   loss = lse - (1.0 - a) * target_logit
   if a > 0.0:
@@ -105,20 +171,26 @@ def mask_token_loss(
     num_classes: int,
     ignore_index: int,
 ) -> jax.Array:
-  """Zero at ignored tokens, NaN at labels outside [0, V) that are not ``ignore_index``."""
+  """``loss`` (N,) f32, with 0 at ignored tokens (``labels == ignore_index``) and NaN at labels
+  outside [0, V) that are not ``ignore_index``."""
   kinds = label_kinds(labels, num_classes, ignore_index)
   loss = jnp.where(kinds.ignored, 0.0, loss)
   return jnp.where(kinds.out_of_range, jnp.nan, loss)
 
 
 class TokenCoefficients(NamedTuple):
-  """Per-token factors of ``dz_nv = alpha_n p_nv - beta_n [v == t_n] - gamma_n``, each (N,) f32.
+  r"""Per-token factors of the gradient w.r.t. the soft-capped logits, each (N,) f32:
 
-  For the loss alone, ``alpha_n = g_n (1 + 2 k L_n) + h_n``, ``beta_n = g_n (1 - a)``,
-  ``gamma_n = g_n a / V``, with ``g_n`` the cotangent of the per-token loss (0 at ignored
-  tokens) and ``h_n`` that of the lse; ``alpha_n`` is NaN at an out-of-range label, so that a
-  bad label poisons the gradient as it poisons the loss. (Over a vocabulary-sharded axis each
-  shard's ``alpha_n`` carries its share ``exp(L_local - L)``; see ``cce_jax.differentiable``.)
+  .. math::
+    dz_{nv} = \alpha_n p_{nv} - \beta_n [v = t_n] - \gamma_n, \qquad
+    \alpha_n = g_n (1 + 2 k L_n) + h_n, \quad \beta_n = (1 - a) g_n, \quad
+    \gamma_n = \frac{a}{V} g_n,
+
+  with ``g_n`` the cotangent of the per-token loss (0 at ignored tokens) and ``h_n`` that of
+  the lse. ``alpha_n`` is NaN at an out-of-range label, so that a bad label poisons the
+  gradient as it poisons the loss. (Over a vocabulary-sharded axis each shard's ``alpha_n``
+  carries its share ``exp(L_local - L)``; see ``cce_jax.differentiable`` and the
+  vocabulary-parallel section of ``docs/math.md``.)
   """
 
   g: jax.Array
@@ -136,7 +208,11 @@ def softmax_grad_tile(
     opts: LossOptions,
     uniform_in_tile: bool,
 ) -> jax.Array:
-  """The gradient of the loss w.r.t. the raw logits ``x`` of a tile, (n, v) f32.
+  r"""The gradient of the loss w.r.t. the raw logits ``x`` of a tile, (n, v) f32:
+
+  .. math::
+    dx_{nv} = \bigl(\alpha_n p_{nv} - \beta_n [v = t_n] - \gamma_n\bigr)
+      \left(1 - (z_{nv} / s)^2\right), \qquad p_{nv} = e^{z_{nv} - L_n}.
 
   Zero outside ``valid``. The uniform label-smoothing term ``-gamma_n`` is included only when
   ``uniform_in_tile`` (i.e. with softcap); otherwise the caller adds it exactly outside the

@@ -94,7 +94,7 @@ ForwardFn = Callable[..., LocalForward]
 #     dC_v = sum_n dx_nv e_n, db_v = sum_n dx_nv.
 #     The uniform term -gamma_n goes inside the tiles only with softcap. Without softcap it is
 #     added exactly outside them: dE_n -= gamma_n sum_v c_v, dC_v -= sum_n gamma_n e_n,
-#     db_v -= sum_n gamma_n (so that filtering can never drop it; ../shared/MATH.md).
+#     db_v -= sum_n gamma_n (so that filtering can never drop it; docs/math.md).
 #     alpha_n is NaN for a token with a bad label: the NaN must reach dE and dC.
 #   filter_scale (N,) f32 or None: None means exact (skip nothing). Otherwise a tile of rows R
 #     and local classes S may skip the products whose flag is on (opts.filter_e_grad: dE,

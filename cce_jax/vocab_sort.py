@@ -2,7 +2,7 @@
 
 Visiting classes by descending average logit puts the few classes with non-negligible
 probability into the same tiles, so that the rest of the tiles can be skipped together
-(``../shared/MATH.md``, "Vocabulary sort").
+(``docs/math.md``, "The vocabulary sort").
 """
 
 from __future__ import annotations

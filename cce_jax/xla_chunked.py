@@ -6,7 +6,7 @@ dot. When a gradient will be taken, the vocabulary is visited in the backward's 
 (descending average logit, computed exactly up front from ``c . mean(e)``), and when filtering
 is on the forward records the maximum logit of every token and vocabulary block. Once the lse
 and the filter scale are known, ``scale * exp(block max - lse)`` says, before anything is
-recomputed, which tiles hold only negligible softmax-gradient entries (``../shared/MATH.md``).
+recomputed, which tiles hold only negligible softmax-gradient entries (``docs/math.md``).
 
 Backward: for each vocabulary block (in that order) and each token block, a tile that is not
 skipped recomputes its logits, forms the softmax gradient and accumulates ``dE += G @ C`` and
@@ -273,7 +273,7 @@ def backward(
   skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
   if uniform_outside:
-    # The uniform smoothing term is added exactly outside the tiles (MATH.md).
+    # The uniform smoothing term is added exactly outside the tiles (docs/math.md).
     weighted_e_sum = coeffs.gamma @ e.astype(jnp.float32)  # (D,)
     gamma_sum = jnp.sum(coeffs.gamma)
 

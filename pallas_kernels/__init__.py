@@ -7,6 +7,6 @@ Each package registers a ``cce_jax.tiled.TiledImplementation`` as ``IMPLEMENTATI
   Triton lowering; ``interpret=True`` runs the same kernels on a CPU.
 * ``pallas_kernels.tpu``: ``impl="pallas_tpu"``, TPUs through Mosaic.
 
-The math they implement is ``cce_jax.loss_math`` (``shared/MATH.md``); an ``impl`` whose
+The math they implement is ``cce_jax.loss_math`` (``docs/math.md``); an ``impl`` whose
 package is missing raises NotImplementedError.
 """

@@ -1,4 +1,4 @@
-"""An independent float64 reference for the tests, written from ../shared/MATH.md.
+"""An independent float64 reference for the tests, written from docs/math.md.
 
 It shares no code with cce_jax: the logits are materialized in float64 and the gradients come
 from JAX's autodiff of this direct transcription of the loss, under ``jax.enable_x64``.

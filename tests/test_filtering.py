@@ -1,7 +1,7 @@
 """Gradient filtering: real skipped work, the vocabulary sort, and the error it costs.
 
 The error bound. A skipped tile drops entries of the softmax gradient ``dz_nv`` that are all
-below ``eps * |g_n|`` (MATH.md's rule times the row's cotangent). Only such entries can be
+below ``eps * |g_n|`` (docs/math.md's rule times the row's cotangent). Only such entries can be
 dropped, so with ``small_nv = [|dz_nv| < eps |g_n|]``:
 
     ||dE_n(filtered) - dE_n(exact)|| <= sum_v small_nv |dz_nv| ||c_v||
@@ -56,7 +56,7 @@ def _backward_primitives(**options) -> set[str]:
 def test_backward_skips_with_a_real_cond():
   assert "cond" in _backward_primitives(filter_eps=1e-4)
   assert "cond" not in _backward_primitives(filter_eps=None)
-  # Nothing may be skipped with softcap and label smoothing together (MATH.md).
+  # Nothing may be skipped with softcap and label smoothing together (docs/math.md).
   assert "cond" not in _backward_primitives(softcap=5.0, label_smoothing=0.1)
 
 

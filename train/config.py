@@ -123,7 +123,7 @@ class LossConfig:
   label_smoothing: float = 0.0
   # "auto", a float, or null (exact backward).
   filter_eps: float | str | None = "auto"
-  # The paper's pretraining recipe: filter dE, never dC (shared/MATH.md says why).
+  # The paper's pretraining recipe: filter dE, never dC (docs/math.md says why).
   filter_e_grad: bool = True
   filter_c_grad: bool = False
 

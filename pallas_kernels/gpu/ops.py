@@ -131,7 +131,7 @@ def backward(
   f32 = jnp.float32
   class_sum = weighted_e = gamma_sum = None
   if tile_math.uniform_outside(opts):
-    # The uniform smoothing term, exactly, outside the tiles (MATH.md).
+    # The uniform smoothing term, exactly, outside the tiles (docs/math.md).
     class_sum = jnp.sum(c, axis=opts.vocab_dim, dtype=f32)  # (D,)
     weighted_e = jnp.dot(coeffs.gamma.astype(f32), e.astype(f32),
                          precision=lax.Precision.HIGHEST)  # (D,)

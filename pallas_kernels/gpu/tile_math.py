@@ -2,7 +2,7 @@
 
 Everything here runs inside a kernel on one tile (or in thin JAX around the kernels) and knows
 nothing about Triton, so a Mosaic GPU variant of the kernels can call the same functions. The
-per-entry math itself is ``cce_jax.loss_math`` (``../shared/MATH.md``); this module adds the
+per-entry math itself is ``cce_jax.loss_math`` (``docs/math.md``); this module adds the
 tiling: which entries of a block are real, the online log-sum-exp, and the skip table.
 
 Tiling of an axis of ``size`` in blocks of ``block``:

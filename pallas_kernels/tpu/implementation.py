@@ -216,7 +216,7 @@ def backward(
     d_c = jnp.take(d_c, positions, axis=opts.vocab_dim)
     d_bias = None if d_bias is None else d_bias[positions]
   if uniform_outside:
-    # The uniform smoothing term, exactly (../shared/MATH.md).
+    # The uniform smoothing term, exactly (docs/math.md).
     class_sum = jnp.sum(c.astype(jnp.float32), axis=opts.vocab_dim)  # (D,)
     d_e = d_e - coeffs.gamma[:, None] * class_sum[None, :]
     if d_bias is not None:
