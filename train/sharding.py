@@ -104,10 +104,6 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), rules))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
 def check_divisible(shapes: Any, shardings: Any) -> None:
   """Raises ConfigError for an array dimension its mesh axes do not divide.
 
