@@ -80,10 +80,6 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored.state
 
-  def wait(self) -> None:
-    """Blocks until the pending asynchronous save is on disk."""
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
