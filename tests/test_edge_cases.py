@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
-from conftest import assert_rel_close
+from testing import assert_rel_close
 
 import cce_jax
 

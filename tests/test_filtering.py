@@ -14,12 +14,11 @@ of ``dz`` in a tile (it is added exactly outside), so it is not in the bound eit
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
-from conftest import assert_rel_close
+from testing import assert_rel_close, primitive_names
 
 import cce_jax
 from cce_jax import synthetic
@@ -39,18 +38,11 @@ def _grads(e, c, labels, **options):
   return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(e, c)
 
 
-def _primitive_names(jaxpr) -> set[str]:
-  """Every primitive in ``jaxpr`` and, recursively, in the jaxprs inside its equations."""
-  names = {eqn.primitive.name for eqn in jaxpr.eqns}
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    names |= _primitive_names(sub)
-  return names
-
-
 def _backward_primitives(**options) -> set[str]:
   e, c, labels = _trained_like(0)
   loss_fn = lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, block_sizes=BLOCKS, **options)
-  return _primitive_names(jax.make_jaxpr(jax.grad(loss_fn, argnums=(0, 1)))(e, c).jaxpr)
+  jaxpr = jax.make_jaxpr(jax.grad(loss_fn, argnums=(0, 1)))(e, c).jaxpr
+  return set(primitive_names(jaxpr))
 
 
 def test_backward_skips_with_a_real_cond():

@@ -2,7 +2,7 @@
 
 CI runs a pairwise-covering set of option combinations (every value of every option, and every
 pair of values of any two options, appears at least once) for every implementation; the full
-cross product runs with ``--runslow``.
+cross product runs with ``--runslow``. The matrix itself is in ``tests/testing.py``.
 """
 
 from __future__ import annotations
@@ -10,167 +10,29 @@ from __future__ import annotations
 import itertools
 import zlib
 
-import chex
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-import reference64
-from conftest import assert_rel_close
-
-import cce_jax
+from testing import (
+    FULL_CROSS_PRODUCT,
+    OPTION_SPACE,
+    PAIRWISE,
+    SINGLE_OPTION,
+    case_id,
+    check_case,
+)
 
 IMPLS = ("xla", "reference")
 
-OPTION_SPACE = {
-    "dtype": ("float32", "bfloat16", "float16"),
-    "reduction": ("mean", "sum", "none"),
-    "ignored": ("none", "some", "all"),
-    "ignore_index": (-100, 3),
-    "shift": (0, 1, 2),
-    "softcap": (None, 4.0),
-    "z_loss": (0.0, 0.05),
-    "label_smoothing": (0.0, 0.2),
-    "return_lse": (False, True),
-    "bias": (False, True),
-    "classifier_layout": ("vd", "dv"),
-    "sort_vocab": (True, False),
-}
-# Tolerances on ||out - ref|| / ||ref||: f32 accumulation; bf16/f16 outputs are rounded to
-# 8/11 bits and the bf16 backward multiplies in bf16.
-TOLERANCE = {"float32": 2e-5, "bfloat16": 1.5e-2, "float16": 4e-3}
-# Ragged everywhere: tokens 2 x 13, D = 24, V = 75, with 8 x 32 tiles.
-BATCH, SEQ_LEN, HIDDEN, NUM_CLASSES = 2, 13, 24, 75
-SMALL_BLOCKS = cce_jax.BlockSizes(token_block=8, vocab_block=32)
-
-
-def pairwise_cases(space: dict[str, tuple]) -> list[dict]:
-  """A small set of cases in which every pair of values of any two options occurs (greedy)."""
-  names = list(space)
-  uncovered = {
-      (i, a, j, b)
-      for i, j in itertools.combinations(range(len(names)), 2)
-      for a in range(len(space[names[i]]))
-      for b in range(len(space[names[j]]))
-  }
-  def newly_covered(chosen: dict[int, int], k: int, value: int) -> int:
-    pairs = ((min(k, m), value if k < m else v, max(k, m), v if k < m else value)
-             for m, v in chosen.items())
-    return sum(pair in uncovered for pair in pairs)
-
-  cases = []
-  while uncovered:
-    i, a, j, b = min(uncovered)
-    chosen = {i: a, j: b}
-    for k in range(len(names)):
-      if k not in chosen:
-        options = range(len(space[names[k]]))
-        chosen[k] = max(options, key=lambda value, k=k: newly_covered(chosen, k, value))
-    uncovered -= {
-        (p, chosen[p], q, chosen[q]) for p, q in itertools.combinations(range(len(names)), 2)
-    }
-    cases.append({names[k]: space[names[k]][v] for k, v in chosen.items()})
-  return cases
-
-
-def _case_id(case: dict) -> str:
-  return "-".join(f"{k}={v}" for k, v in case.items())
-
-
-def make_inputs(
-    seed: int, case: dict, batch: int = BATCH, seq_len: int = SEQ_LEN,
-    num_classes: int = NUM_CLASSES,
-):
-  """Fresh random inputs for one case: e, c, labels, bias in the case's dtype, and the
-  random weights (numpy) of the per-token loss and lse in the objective."""
-  rng = np.random.default_rng(seed)
-  dtype = jnp.dtype(case["dtype"])
-  # Nonzero means (as real hidden states have) make the uniform smoothing terms, which
-  # scale with sum_n g_n e_n and sum_v c_v, visible in the gradients.
-  e = (rng.normal(size=(batch, seq_len, HIDDEN)) + 0.5).astype(np.float32)
-  c = (rng.normal(size=(num_classes, HIDDEN)) * 0.6 + 0.2).astype(np.float32)
-  if case["classifier_layout"] == "dv":
-    c = np.ascontiguousarray(c.T)
-  labels = rng.integers(0, num_classes, size=(batch, seq_len)).astype(np.int32)
-  if case["ignored"] == "some":
-    labels[rng.random(labels.shape) < 0.3] = case["ignore_index"]
-  elif case["ignored"] == "all":
-    labels[:] = case["ignore_index"]
-  bias = rng.normal(size=(num_classes,)).astype(np.float32) if case["bias"] else None
-  out_shape = (batch, seq_len - case["shift"])
-  loss_weights = rng.normal(size=out_shape) if case["reduction"] == "none" else None
-  lse_weights = rng.normal(size=out_shape) * 0.1 if case["return_lse"] else None
-  cast = lambda x: None if x is None else jnp.asarray(x, dtype)
-  return cast(e), cast(c), jnp.asarray(labels), cast(bias), loss_weights, lse_weights
-
-
-def check_case(
-    impl: str, case: dict, seed: int, block_sizes=SMALL_BLOCKS, interpret: bool = False
-) -> None:
-  """Loss, lse and gradients of ``impl`` on ``case`` against the float64 reference.
-
-  The Pallas test files call this with their own ``block_sizes`` and ``interpret=True``.
-  """
-  e, c, labels, bias, loss_weights, lse_weights = make_inputs(seed, case)
-  options = {k: case[k] for k in (
-      "ignore_index", "softcap", "reduction", "shift", "z_loss", "label_smoothing",
-      "classifier_layout")}
-  expected = reference64.reference(
-      e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, **options
-  )
-
-  def scalar(e, c, bias):
-    out = cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, return_lse=case["return_lse"], impl=impl, filter_eps=None,
-        block_sizes=block_sizes, sort_vocab=case["sort_vocab"], interpret=interpret,
-        **options,
-    )
-    loss, lse = out if case["return_lse"] else (out, None)
-    lw = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
-    hw = None if lse_weights is None else jnp.asarray(lse_weights, jnp.float32)
-    return reference64.objective(loss, lse, lw, hw), (loss, lse)
-
-  grad_fn = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))
-  (_, (loss, lse)), (d_e, d_c, d_bias) = grad_fn(e, c, bias)
-
-  tol = TOLERANCE[case["dtype"]]
-  loss_tol = 2e-5 if case["dtype"] == "float32" else 1e-3  # logits accumulate in f32 anyway
-  chex.assert_type(loss, jnp.float32)
-  chex.assert_shape(loss, expected["loss"].shape)
-  assert_rel_close("loss", loss, expected["loss"], loss_tol)
-  if case["return_lse"]:
-    chex.assert_shape(lse, expected["lse"].shape)
-    assert_rel_close("lse", lse, expected["lse"], loss_tol)
-  chex.assert_equal_shape([d_e, e])
-  chex.assert_equal_shape([d_c, c])
-  chex.assert_type([d_e, d_c], e.dtype)
-  assert_rel_close("d_e", d_e, expected["d_e"], tol)
-  assert_rel_close("d_c", d_c, expected["d_c"], tol)
-  if bias is not None:
-    chex.assert_type(d_bias, bias.dtype)
-    assert_rel_close("d_bias", d_bias, expected["d_bias"], tol)
-
-
-PAIRWISE = pairwise_cases(OPTION_SPACE)
-DEFAULT_CASE = {name: values[0] for name, values in OPTION_SPACE.items()}
-# Every non-default value of every option alone, in float32 where the tolerance is tight.
-SINGLE_OPTION = [
-    {**DEFAULT_CASE, name: value, "dtype": value if name == "dtype" else "float32"}
-    for name, values in OPTION_SPACE.items()
-    for value in values[1:]
-] + [DEFAULT_CASE]
-
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", SINGLE_OPTION, ids=[_case_id(c) for c in SINGLE_OPTION])
+@pytest.mark.parametrize("case", SINGLE_OPTION, ids=[case_id(c) for c in SINGLE_OPTION])
 def test_each_option_alone(impl, case):
-  check_case(impl, case, seed=zlib.crc32(_case_id(case).encode()) + 1)
+  check_case(impl, case, seed=zlib.crc32(case_id(case).encode()) + 1)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE])
+@pytest.mark.parametrize("case", PAIRWISE, ids=[case_id(c) for c in PAIRWISE])
 def test_pairwise_options(impl, case):
-  check_case(impl, case, seed=zlib.crc32(_case_id(case).encode()))
+  check_case(impl, case, seed=zlib.crc32(case_id(case).encode()))
 
 
 def test_pairwise_cases_cover_every_pair():
@@ -180,12 +42,8 @@ def test_pairwise_cases_cover_every_pair():
     assert len(seen) == len(OPTION_SPACE[p]) * len(OPTION_SPACE[q]), (p, q)
 
 
-_FULL = [dict(zip(OPTION_SPACE, values, strict=True))
-         for values in itertools.product(*OPTION_SPACE.values())]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", _FULL, ids=[_case_id(c) for c in _FULL])
+@pytest.mark.parametrize("case", FULL_CROSS_PRODUCT, ids=[case_id(c) for c in FULL_CROSS_PRODUCT])
 def test_full_cross_product(impl, case):
-  check_case(impl, case, seed=zlib.crc32(_case_id(case).encode()))
+  check_case(impl, case, seed=zlib.crc32(case_id(case).encode()))

@@ -15,15 +15,20 @@ import re
 import zlib
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
-from conftest import assert_rel_close
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_option_matrix import PAIRWISE, SINGLE_OPTION, check_case
+from testing import (
+    PAIRWISE,
+    SINGLE_OPTION,
+    assert_rel_close,
+    case_id,
+    check_case,
+    primitive_names,
+)
 
 import cce_jax
 from cce_jax import synthetic
@@ -36,11 +41,6 @@ from pallas_kernels.gpu import SHARED_MEMORY_LIMITS, GPUBlockSizes, ops
 BLOCKS = GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
 
 
-def _case_id(case: dict) -> str:
-  """The case's id (and seed source), as in tests/test_option_matrix.py."""
-  return "-".join(f"{k}={v}" for k, v in case.items())
-
-
 def _has_gpu() -> bool:
   try:
     return bool(jax.devices("gpu"))
@@ -49,13 +49,6 @@ def _has_gpu() -> bool:
 
 
 gpu_only = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
-
-
-def _primitive_names(jaxpr) -> list[str]:
-  names = [eqn.primitive.name for eqn in jaxpr.eqns]
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    names += _primitive_names(sub)
-  return names
 
 
 # ---- the option matrix, interpret mode, against the float64 reference ----------------------
@@ -68,21 +61,21 @@ def test_public_api_runs_the_three_kernels():
   labels = jnp.zeros((20,), jnp.int32)
   loss = lambda e, c: cce_jax.linear_cross_entropy(
       e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS)
-  names = _primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(e, c).jaxpr)
+  names = primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(e, c).jaxpr)
   assert names.count("pallas_call") == 3
 
 
-@pytest.mark.parametrize("case", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE])
+@pytest.mark.parametrize("case", PAIRWISE, ids=[case_id(c) for c in PAIRWISE])
 def test_pairwise_options(case):
-  check_case("pallas_gpu", case, zlib.crc32(_case_id(case).encode()), block_sizes=BLOCKS,
+  check_case("pallas_gpu", case, zlib.crc32(case_id(case).encode()), block_sizes=BLOCKS,
              interpret=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", SINGLE_OPTION, ids=[_case_id(c) for c in SINGLE_OPTION])
+@pytest.mark.parametrize("case", SINGLE_OPTION, ids=[case_id(c) for c in SINGLE_OPTION])
 def test_each_option_alone(case):
   # Every option value also appears in float32 among the pairwise cases, which run by default.
-  check_case("pallas_gpu", case, zlib.crc32(_case_id(case).encode()) + 1, block_sizes=BLOCKS,
+  check_case("pallas_gpu", case, zlib.crc32(case_id(case).encode()) + 1, block_sizes=BLOCKS,
              interpret=True)
 
 
@@ -359,11 +352,11 @@ def test_block_sizes_of_the_wrong_type_and_too_small_problems_are_rejected():
 
 @pytest.mark.gpu
 @gpu_only
-@pytest.mark.parametrize("case", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE])
+@pytest.mark.parametrize("case", PAIRWISE, ids=[case_id(c) for c in PAIRWISE])
 @pytest.mark.parametrize("blocks", ["small", "default"])
 def test_compiled_kernels_match_the_reference(case, blocks):
   sizes = BLOCKS if blocks == "small" else None
-  check_case("pallas_gpu", case, zlib.crc32(_case_id(case).encode()), block_sizes=sizes)
+  check_case("pallas_gpu", case, zlib.crc32(case_id(case).encode()), block_sizes=sizes)
 
 
 @pytest.mark.gpu

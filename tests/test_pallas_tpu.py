@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
-from conftest import assert_rel_close
-from test_option_matrix import PAIRWISE, SINGLE_OPTION, TOLERANCE, _case_id, check_case
+from testing import PAIRWISE, SINGLE_OPTION, TOLERANCE, assert_rel_close, case_id, check_case
 
 import cce_jax
 from cce_jax import synthetic, vocab_sort
@@ -57,14 +56,14 @@ _SINGLE = [pytest.param(c, marks=() if c["dtype"] == "float16" else pytest.mark.
            for c in SINGLE_OPTION]
 
 
-@pytest.mark.parametrize("case", _SINGLE, ids=[_case_id(c) for c in SINGLE_OPTION])
+@pytest.mark.parametrize("case", _SINGLE, ids=[case_id(c) for c in SINGLE_OPTION])
 def test_each_option_alone(case):
-  _check(case, seed=zlib.crc32(_case_id(case).encode()) + 1)
+  _check(case, seed=zlib.crc32(case_id(case).encode()) + 1)
 
 
-@pytest.mark.parametrize("case", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE])
+@pytest.mark.parametrize("case", PAIRWISE, ids=[case_id(c) for c in PAIRWISE])
 def test_pairwise_options(case):
-  _check(case, seed=zlib.crc32(_case_id(case).encode()))
+  _check(case, seed=zlib.crc32(case_id(case).encode()))
 
 
 # ---- ragged sizes over several blocks of every axis ----------------------------------------
@@ -94,10 +93,10 @@ def test_tight_budget_splits_hidden_unevenly():
   assert (tiles.num_hidden_blocks, tiles.num_forward_hidden_blocks) == (2, 1)
 
 
-@pytest.mark.parametrize("case", _RAGGED, ids=[_case_id(c) for c in RAGGED_CASES])
+@pytest.mark.parametrize("case", _RAGGED, ids=[case_id(c) for c in RAGGED_CASES])
 def test_ragged_blocks(case):
   """Loss, lse and every gradient at sizes that are not a multiple of any block."""
-  rng = np.random.default_rng(zlib.crc32(_case_id(case).encode()))
+  rng = np.random.default_rng(zlib.crc32(case_id(case).encode()))
   e = (rng.normal(size=(RAGGED_N, RAGGED_D)) * 0.3 + 0.1).astype(np.float32)
   c = (rng.normal(size=(RAGGED_V, RAGGED_D)) * 0.3 + 0.05).astype(np.float32)
   if case["layout"] == "dv":

@@ -14,10 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
-from conftest import assert_rel_close
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
-from test_option_matrix import DEFAULT_CASE, PAIRWISE, SMALL_BLOCKS, _case_id, make_inputs
+from testing import (
+    DEFAULT_CASE,
+    PAIRWISE,
+    SMALL_BLOCKS,
+    assert_rel_close,
+    case_id,
+    make_inputs,
+)
 
 import cce_jax
 import cce_jax.synthetic
@@ -37,7 +43,7 @@ MODES = {
 }
 F32_TOL, BF16_TOL = 2e-5, 1.5e-2
 # f32 cases cover every pair of option values except dtype; one bf16 and one f16 case.
-CASES = list({_case_id(c): c for c in ({**c, "dtype": "float32"} for c in PAIRWISE)}.values())
+CASES = list({case_id(c): c for c in ({**c, "dtype": "float32"} for c in PAIRWISE)}.values())
 CASES += [{**DEFAULT_CASE, "dtype": "bfloat16", "bias": True, "shift": 1},
           {**DEFAULT_CASE, "dtype": "float16", "label_smoothing": 0.2, "z_loss": 0.05}]
 
@@ -86,12 +92,12 @@ def _mode_cases():
   for mode in MODES:
     for i, case in enumerate(CASES):
       marks = () if mode == "token+vocab" or i in (0, 1, len(CASES) - 2) else pytest.mark.slow
-      yield pytest.param(mode, case, id=f"{mode}-{_case_id(case)}", marks=marks)
+      yield pytest.param(mode, case, id=f"{mode}-{case_id(case)}", marks=marks)
 
 
 @pytest.mark.parametrize(("mode", "case"), list(_mode_cases()))
 def test_sharded_equals_unsharded(mode, case):
-  inputs = make_inputs(zlib.crc32(_case_id(case).encode()), case, batch=BATCH,
+  inputs = make_inputs(zlib.crc32(case_id(case).encode()), case, batch=BATCH,
                        num_classes=NUM_CLASSES)
   token_axes, vocab_axis = MODES[mode]
   expected = loss_and_grads(case, inputs)
