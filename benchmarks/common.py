@@ -1,16 +1,25 @@
-"""What the benchmark scripts share: the materialized baseline and the shape arguments."""
+"""What the benchmark scripts share: the losses they compare (the materialized baseline,
+``cce_jax``, ``jax-cce``), timing, compiled memory, error rows and the shape arguments."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+import cce_jax
+
 IGNORE_INDEX = -100
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+# (e (N, D), c (V, D), labels (N,)) -> the scalar loss.
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
@@ -21,6 +30,52 @@ def baseline_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
   per_token = jnp.where(valid, per_token, 0.0)
   return jnp.sum(per_token) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+def cce_loss(impl: str, **options: Any) -> LossFn:
+  """``cce_jax.linear_cross_entropy`` with ``impl``, ``ignore_index=IGNORE_INDEX`` and
+  ``options`` over the defaults."""
+
+  def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+    return cce_jax.linear_cross_entropy(
+        e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **options
+    )
+
+  return loss
+
+
+def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+  """The ``jax-cce`` package with its defaults (it has no ignore_index: a mean over all
+  tokens). Imported on first use: only ``memory.py`` and ``speed.py`` need it."""
+  import jax_cce
+
+  return jax_cce.linear_cross_entropy(e, c, labels)
+
+
+def timed(fn: Callable[..., Any], args: tuple) -> tuple[float, Any]:
+  """(seconds, output) of one call of ``fn(*args)``, waiting for the device to finish."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start, out
+
+
+def temp_bytes(fn: Callable[..., Any], *args: Any) -> int:
+  """Temporary bytes of ``jax.jit(fn)`` compiled for ``args`` (arrays or shape structs; the
+  function is compiled, never run).
+
+  Raises:
+    RuntimeError: the backend reports no memory analysis.
+  """
+  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  if stats is None:
+    raise RuntimeError(f"backend {jax.default_backend()!r} reports no memory analysis")
+  return int(stats.temp_size_in_bytes)
+
+
+def error_text(err: BaseException, limit: int = 300) -> str:
+  """The one line a benchmark row records for a failed implementation: ``Type: message``,
+  its first line, at most ``limit`` characters."""
+  return f"{type(err).__name__}: {err}".splitlines()[0][:limit]
 
 
 @dataclasses.dataclass(frozen=True)

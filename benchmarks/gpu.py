@@ -55,7 +55,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +62,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import DTYPES, IGNORE_INDEX, Shape, baseline_loss
+from common import DTYPES, IGNORE_INDEX, Shape, baseline_loss, cce_loss, error_text, timed
 
 import cce_jax
 from cce_jax import synthetic
@@ -77,13 +76,6 @@ def parse_shapes(text: str) -> list[Shape]:
 
 
 # ---- the JAX implementations --------------------------------------------------------------
-
-
-def cce_loss(impl: str, **options: Any) -> Callable[..., jax.Array]:
-  def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-    return cce_jax.linear_cross_entropy(e, c, labels, impl=impl, ignore_index=IGNORE_INDEX,
-                                        **options)
-  return loss
 
 
 def jax_impls(interpret: bool) -> dict[str, Callable[..., jax.Array]]:
@@ -128,9 +120,7 @@ class JaxRunner(Runner):
     jax.block_until_ready(grad(*args))
 
   def _time(self, fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*self.args))
-    return 1e3 * (time.perf_counter() - start)
+    return 1e3 * timed(fn, self.args)[0]
 
   def time_loss(self) -> float:
     return self._time(self.loss)
@@ -250,7 +240,7 @@ def run_shape(shape: Shape, args: argparse.Namespace, apple) -> list[dict[str, A
     try:
       runners.append(JaxRunner(name, fn, (e, c, labels)))
     except Exception as err:  # reported, never fatal
-      rows.append({"impl": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+      rows.append({"impl": name, "error": error_text(err)})
   if isinstance(apple, str):
     print(f"  apple columns skipped: {apple}")
   else:
@@ -260,7 +250,7 @@ def run_shape(shape: Shape, args: argparse.Namespace, apple) -> list[dict[str, A
       try:
         runners.append(TorchRunner(name, torch, apple_lce, impl, e, c, labels, shape.dtype))
       except Exception as err:  # reported, never fatal
-        rows.append({"impl": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+        rows.append({"impl": name, "error": error_text(err)})
   for _ in range(args.repeats):  # interleaved, so that drifts hit every implementation alike
     for runner in runners:
       runner.result["loss_times_ms"].append(runner.time_loss())

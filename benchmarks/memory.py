@@ -43,10 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jax_cce
-from common import baseline_loss
-
-import cce_jax
+from common import LossFn, baseline_loss, cce_loss, jax_cce_loss, temp_bytes
 
 PAPER_SHAPE = (8192, 2304, 256000)  # (N, D, V) of the CCE paper's Gemma 2 (2B) benchmark
 SWEEP_VOCAB = (32768, 65536, 131072, 262144)  # at N=8192, D=2304
@@ -58,7 +55,6 @@ NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 # Goals: xla temp / baseline temp at the paper's shape, f32.
 GOALS = {"loss": 0.005, "loss+grad": 0.01}
 
-LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 EXPLANATION = """
 'no LICM': compiled with XLA_FLAGS={flag}.
@@ -70,23 +66,15 @@ jax-cce has no ignore_index (its mean is over all tokens); the others mask label
 """
 
 
-def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """The ``jax-cce`` package with its defaults (it has no ignore_index: a mean over all)."""
-  return jax_cce.linear_cross_entropy(e, c, labels)
-
-
-def xla_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """``cce_jax`` chunked implementation, default options."""
-  return cce_jax.linear_cross_entropy(e, c, labels, impl="xla")
-
-
 def xla_loss_explicit_eps(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """``xla_loss`` with ``filter_eps`` spelled out as the value ``"auto"`` stands for."""
+  """The "xla" loss with ``filter_eps`` spelled out as the value ``"auto"`` stands for."""
   eps = float(jnp.finfo(e.dtype).eps) / 32.0
-  return cce_jax.linear_cross_entropy(e, c, labels, impl="xla", filter_eps=eps)
+  return cce_loss("xla", filter_eps=eps)(e, c, labels)
 
 
-LOSSES: dict[str, LossFn] = {"baseline": baseline_loss, "jax-cce": jax_cce_loss, "xla": xla_loss}
+LOSSES: dict[str, LossFn] = {
+    "baseline": baseline_loss, "jax-cce": jax_cce_loss, "xla": cce_loss("xla"),
+}
 
 
 def abstract_args(
@@ -98,14 +86,6 @@ def abstract_args(
       jax.ShapeDtypeStruct((v, d), dtype),
       jax.ShapeDtypeStruct((n,), jnp.int32),
   )
-
-
-def temp_bytes(fn: Callable[..., Any], *args: jax.ShapeDtypeStruct) -> int:
-  """Temporary bytes of ``jax.jit(fn)`` compiled for ``args`` (compiled, never run)."""
-  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-  if stats is None:
-    raise RuntimeError(f"backend {jax.default_backend()!r} reports no memory analysis")
-  return int(stats.temp_size_in_bytes)
 
 
 def with_mode(loss: LossFn, mode: str) -> Callable[..., Any]:

@@ -29,13 +29,22 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax_cce
-from common import DTYPES, IGNORE_INDEX, Shape, baseline_loss, parse_shapes
+from common import (
+    DTYPES,
+    IGNORE_INDEX,
+    LossFn,
+    Shape,
+    baseline_loss,
+    cce_loss,
+    error_text,
+    jax_cce_loss,
+    parse_shapes,
+    timed,
+)
 
 import cce_jax
 from cce_jax import synthetic
@@ -49,32 +58,13 @@ DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] 
 # Goals on the loss+grad time: xla / baseline per distribution, and xla <= jax-cce everywhere.
 BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
 
-LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-  """The jax-cce package with its default options."""
-  return jax_cce.linear_cross_entropy(e, c, labels)
-
-
-def xla_loss(**options: Any) -> LossFn:
-  """``cce_jax.linear_cross_entropy(impl="xla")`` with ``options`` over the defaults."""
-
-  def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-    return cce_jax.linear_cross_entropy(
-        e, c, labels, impl="xla", ignore_index=IGNORE_INDEX, **options
-    )
-
-  return loss
-
-
 # name -> (loss function, cce_jax options for filter_stats, or None when not a cce_jax impl).
 IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
     "baseline": (baseline_loss, None),
     "jax-cce": (jax_cce_loss, None),
-    "xla": (xla_loss(), {}),
-    "xla-exact": (xla_loss(filter_eps=None), {"filter_eps": None}),
-    "xla-nosort": (xla_loss(sort_vocab=False), {"sort_vocab": False}),
+    "xla": (cce_loss("xla"), {}),
+    "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
+    "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
 }
 EXTRA_IMPLS = ("xla-exact", "xla-nosort")
 
@@ -84,10 +74,6 @@ def make_inputs(shape: Shape, distribution: str, seed: int):
   key = jax.random.fold_in(jax.random.key(seed), list(DISTRIBUTIONS).index(distribution))
   gen = DISTRIBUTIONS[distribution]
   return jax.block_until_ready(gen(key, shape.n, shape.d, shape.v, dtype=DTYPES[shape.dtype]))
-
-
-def _error(err: Exception) -> str:
-  return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def describe_inputs(e, c, labels, summary_tokens: int) -> dict[str, Any]:
@@ -108,17 +94,11 @@ def skipped_fraction(e, c, labels, options: dict[str, Any]) -> float | str:
     stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, **options)
     return float(stats["skipped_fraction"])
   except Exception as err:  # reported in the output and the JSON
-    return _error(err)
+    return error_text(err)
 
 
 def _fmt_skip(value: float | str) -> str:
   return f"{value:.4f}" if isinstance(value, float) else f"error ({value})"
-
-
-def _timed(fn: Callable[..., Any], args: tuple) -> tuple[float, Any]:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start, out
 
 
 def time_impls(names: list[str], e, c, labels, repeats: int) -> dict[str, dict[str, Any]]:
@@ -132,10 +112,10 @@ def time_impls(names: list[str], e, c, labels, repeats: int) -> dict[str, dict[s
     fn = IMPLS[name][0]
     loss_jit, grad_jit = jax.jit(fn), jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
     try:
-      loss_first, loss_value = _timed(loss_jit, (e, c, labels))
-      grad_first, (grad_value, _) = _timed(grad_jit, (e, c, labels))
+      loss_first, loss_value = timed(loss_jit, (e, c, labels))
+      grad_first, (grad_value, _) = timed(grad_jit, (e, c, labels))
     except Exception as err:  # reported in the table and the JSON
-      results[name] = {"error": _error(err)}
+      results[name] = {"error": error_text(err)}
       continue
     fns[name] = (loss_jit, grad_jit)
     results[name] = {
@@ -148,8 +128,8 @@ def time_impls(names: list[str], e, c, labels, repeats: int) -> dict[str, dict[s
     }
   for _ in range(repeats):
     for name, (loss_jit, grad_jit) in fns.items():
-      results[name]["loss_times_ms"].append(1e3 * _timed(loss_jit, (e, c, labels))[0])
-      results[name]["loss_grad_times_ms"].append(1e3 * _timed(grad_jit, (e, c, labels))[0])
+      results[name]["loss_times_ms"].append(1e3 * timed(loss_jit, (e, c, labels))[0])
+      results[name]["loss_grad_times_ms"].append(1e3 * timed(grad_jit, (e, c, labels))[0])
   for name in fns:
     r = results[name]
     r["loss_ms"] = statistics.median(r["loss_times_ms"])

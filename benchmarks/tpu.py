@@ -38,14 +38,14 @@ import json
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import IGNORE_INDEX, baseline_loss
+from common import IGNORE_INDEX, LossFn, baseline_loss, error_text, temp_bytes, timed
 
 import cce_jax
 from cce_jax import synthetic
@@ -58,15 +58,12 @@ DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 MIB = 1024 * 1024
 DEFAULT_IMPLS = "baseline,xla,pallas_tpu,pallas_tpu-exact"
 
-LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def cce_loss(impl: str, interpret: bool, **options: Any) -> LossFn:
-  def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
-    extra = {"interpret": interpret} if impl == "pallas_tpu" else {}
-    return cce_jax.linear_cross_entropy(
-        e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **extra, **options)
-  return loss
+  """``common.cce_loss``, in interpret mode where ``interpret`` and ``impl`` is Pallas."""
+  extra = {"interpret": interpret} if impl == "pallas_tpu" else {}
+  return common.cce_loss(impl, **extra, **options)
 
 
 def implementations(interpret: bool) -> dict[str, tuple[LossFn, dict[str, Any] | None]]:
@@ -80,20 +77,6 @@ def implementations(interpret: bool) -> dict[str, tuple[LossFn, dict[str, Any] |
       "pallas_tpu-32MiB": (cce_loss("pallas_tpu", interpret, **budget32), budget32),
       "pallas_tpu-exact": (cce_loss("pallas_tpu", interpret, **exact), exact),
   }
-
-
-def _error(err: Exception) -> str:
-  return f"{type(err).__name__}: {err}".splitlines()[0][:300]
-
-
-def _timed(fn: Callable[..., Any], args: tuple) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
-def _temp_bytes(fn: Callable[..., Any], args: tuple) -> int:
-  return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
 def _peak_bytes() -> int | None:
@@ -132,7 +115,7 @@ def run_shape(name: str, shape: tuple[int, int, int], dtype: str, impl_names: li
         f"tokens: entropy {summary['mean_entropy_nats']:.2f} nats, below 2**-12 "
         f"{summary['fraction_below_eps']:.4f}", flush=True)
   impls = implementations(args.smoke)
-  rows, timed = [], {}
+  rows, compiled = [], {}
   for impl in impl_names:
     fn, pallas_options = impls[impl]
     row: dict[str, Any] = {"shape": name, "n": num_tokens, "d": hidden, "v": num_classes,
@@ -141,25 +124,25 @@ def run_shape(name: str, shape: tuple[int, int, int], dtype: str, impl_names: li
     try:
       if pallas_options is not None:
         row.update(pallas_details(e, c, labels, pallas_options, args.smoke))
-      row["loss_temp_bytes"] = _temp_bytes(fn, (e, c, labels))
-      row["loss_grad_temp_bytes"] = _temp_bytes(grad_fn, (e, c, labels))
+      row["loss_temp_bytes"] = temp_bytes(fn, e, c, labels)
+      row["loss_grad_temp_bytes"] = temp_bytes(grad_fn, e, c, labels)
       loss_jit, grad_jit = jax.jit(fn), jax.jit(grad_fn)
-      row["loss_first_call_s"] = _timed(loss_jit, (e, c, labels))
-      row["loss_grad_first_call_s"] = _timed(grad_jit, (e, c, labels))
+      row["loss_first_call_s"] = timed(loss_jit, (e, c, labels))[0]
+      row["loss_grad_first_call_s"] = timed(grad_jit, (e, c, labels))[0]
       row["loss_value"] = float(loss_jit(e, c, labels))
       row["peak_bytes_in_use"] = _peak_bytes()
-      timed[impl] = (loss_jit, grad_jit)
+      compiled[impl] = (loss_jit, grad_jit)
       row["loss_times_ms"], row["loss_grad_times_ms"] = [], []
     except Exception as err:  # an OOM of the baseline, say: reported, not fatal
-      row["error"] = _error(err)
+      row["error"] = error_text(err)
       print(f"  {impl:<17} ERROR {row['error']}", flush=True)
     rows.append(row)
   by_impl = {row["impl"]: row for row in rows}
   for _ in range(args.repeats):
-    for impl, (loss_jit, grad_jit) in timed.items():
-      by_impl[impl]["loss_times_ms"].append(1e3 * _timed(loss_jit, (e, c, labels)))
-      by_impl[impl]["loss_grad_times_ms"].append(1e3 * _timed(grad_jit, (e, c, labels)))
-  for impl in timed:
+    for impl, (loss_jit, grad_jit) in compiled.items():
+      by_impl[impl]["loss_times_ms"].append(1e3 * timed(loss_jit, (e, c, labels))[0])
+      by_impl[impl]["loss_grad_times_ms"].append(1e3 * timed(grad_jit, (e, c, labels))[0])
+  for impl in compiled:
     row = by_impl[impl]
     row["loss_ms"] = statistics.median(row["loss_times_ms"])
     row["loss_grad_ms"] = statistics.median(row["loss_grad_times_ms"])
