@@ -1,7 +1,7 @@
-"""The trainer's data pipeline (`train.data`): config checks, prepare and its cache, the loader.
+"""The trainer's data pipeline (``train.data``): config checks, prepare and its cache, the loader.
 
-Loader tests read a token stream `arange(N)` (source="tokens"), so every row names the window it
-came from: row == arange(w * seq_len, (w + 1) * seq_len) for its window `w`.
+Loader tests read a token stream ``arange(N)`` (source="tokens"), so every row names the window it
+came from: row == arange(w * seq_len, (w + 1) * seq_len) for its window ``w``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Build-once cache entries: a directory per key, built in a temporary directory and renamed.
 
 Concurrent callers (several processes of one job on one machine, or hosts sharing a POSIX file
-system with working `flock`) take an exclusive lock per entry; the first builds, the others wait
-and find the finished entry. An entry appears only complete (one `rename` of the whole
+system with working ``flock``) take an exclusive lock per entry; the first builds, the others wait
+and find the finished entry. An entry appears only complete (one ``rename`` of the whole
 directory), so a reader that takes no lock never sees a half-written file, and a build that
-dies leaves only a `.tmp-*` directory behind.
+dies leaves only a ``.tmp-*`` directory behind.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _COMPLETE = "entry.json"
 
 
 def key_of(description: dict) -> str:
-  """A short hash of `description` (JSON-serializable): the cache key of what it determines."""
+  """A short hash of ``description`` (JSON-serializable): the cache key of what it determines."""
   text = json.dumps({"format": FORMAT_VERSION, **description}, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -53,11 +53,11 @@ def read_entry(entry: pathlib.Path) -> dict | None:
 
 def build_once(cache_dir: pathlib.Path, kind: str, description: dict,
                build: Callable[[pathlib.Path], dict]) -> tuple[pathlib.Path, dict]:
-  """The entry `<cache_dir>/<kind>-<key_of(description)>`, built by `build` if missing.
+  """The entry ``<cache_dir>/<kind>-<key_of(description)>``, built by ``build`` if missing.
 
-  `build(tmp_dir)` writes its files into `tmp_dir` and returns JSON-serializable metadata; it runs
-  at most once per key across concurrent callers. Returns the entry directory and that metadata
-  (read back from the entry, so a cache hit returns the same as the build).
+  ``build(tmp_dir)`` writes its files into ``tmp_dir`` and returns JSON-serializable metadata;
+  it runs at most once per key across concurrent callers. Returns the entry directory and that
+  metadata (read back from the entry, so a cache hit returns the same as the build).
   """
   cache_dir.mkdir(parents=True, exist_ok=True)
   entry = cache_dir / f"{kind}-{key_of(description)}"

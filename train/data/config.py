@@ -1,4 +1,5 @@
-"""The data pipeline's settings (`DataConfig`) and what `prepare` hands back (`PreparedData`)."""
+"""The data pipeline's settings (``DataConfig``) and what ``prepare`` hands back
+(``PreparedData``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class DataConfig:
   """Where the tokens come from and how they are split.
 
   Raises:
-    TypeError / ValueError from `__post_init__`, naming the field, for a bad value.
+    TypeError / ValueError from ``__post_init__``, naming the field, for a bad value.
   """
 
   # "stdlib": the Python standard library's own *.py source (no download); "text": the UTF-8
@@ -89,7 +90,7 @@ class DataConfig:
       raise ValueError(f"DataConfig.worker_count must be an int >= 0, got {self.worker_count!r}")
 
   def resolved_cache_dir(self) -> pathlib.Path:
-    """`cache_dir`, else $CCE_JAX_CACHE, else ~/.cache/cce_jax (not created here)."""
+    """``cache_dir``, else $CCE_JAX_CACHE, else ~/.cache/cce_jax (not created here)."""
     if self.cache_dir is not None:
       return pathlib.Path(self.cache_dir).expanduser()
     env = os.environ.get("CCE_JAX_CACHE")
@@ -100,9 +101,9 @@ class DataConfig:
 class PreparedData:
   """The prepared token files.
 
-  Each token file is a 1-D `.npy` (open with `np.load(path, mmap_mode="r")`) of dtype uint16
-  when `vocab_size <= 65536`, else uint32. For text sources each document is followed by the
-  end-of-text token (`train.data.EOT`); the eval file is the last `eval_fraction` of the stream.
+  Each token file is a 1-D ``.npy`` (open with ``np.load(path, mmap_mode="r")``) of dtype uint16
+  when ``vocab_size <= 65536``, else uint32. For text sources each document is followed by the
+  end-of-text token (``train.data.EOT``); the eval file is the last ``eval_fraction`` of the stream.
   """
 
   train_tokens: str

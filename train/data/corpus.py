@@ -1,8 +1,8 @@
 """Finding the text: the standard library's source files or the user's files, read under a byte cap.
 
 A corpus is an ordered list of files; each file is one document. Reading walks the files in
-order and stops after `max_bytes` bytes (the last file read is cut there). Documents are yielded
-in pieces of about `CHUNK_BYTES` cut at line ends, so memory stays bounded however big a file is.
+order and stops after ``max_bytes`` bytes (the last file read is cut there). Documents are yielded
+in pieces of about ``CHUNK_BYTES`` cut at line ends, so memory stays bounded however big a file is.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ def stdlib_files() -> list[pathlib.Path]:
 
 
 def text_files(paths: Sequence[str]) -> list[pathlib.Path]:
-  """Expands `paths` (files, directories, globs with "**") in order, each match sorted.
+  """Expands ``paths`` (files, directories, globs with "**") in order, each match sorted.
 
   A directory stands for every file below it. Files met twice are kept once (first place).
 
   Raises:
-    ValueError naming `paths` for an entry that matches no file.
+    ValueError naming ``paths`` for an entry that matches no file.
   """
   files: list[pathlib.Path] = []
   seen: set[pathlib.Path] = set()
@@ -61,7 +61,7 @@ def text_files(paths: Sequence[str]) -> list[pathlib.Path]:
 
 
 def _pieces(path: pathlib.Path, budget: int) -> Iterator[bytes]:
-  """The first `budget` bytes of `path`, in pieces of about CHUNK_BYTES ending at a newline."""
+  """The first ``budget`` bytes of ``path``, in pieces of about CHUNK_BYTES ending at a newline."""
   with open(path, "rb") as f:
     while budget > 0:
       piece = f.read(min(CHUNK_BYTES, budget))
@@ -74,9 +74,9 @@ def _pieces(path: pathlib.Path, budget: int) -> Iterator[bytes]:
 
 
 def iter_documents(files: Sequence[pathlib.Path], max_bytes: int) -> Iterator[tuple[str, bool]]:
-  """Yields `(text, ends_document)` pieces of the files in order, `max_bytes` bytes in all.
+  """Yields ``(text, ends_document)`` pieces of the files in order, ``max_bytes`` bytes in all.
 
-  Text is decoded as UTF-8 with undecodable bytes replaced (U+FFFD). `ends_document` is True
+  Text is decoded as UTF-8 with undecodable bytes replaced (U+FFFD). ``ends_document`` is True
   on the last piece of each file (also for the file cut by the cap). Empty files yield nothing.
   """
   left = max_bytes
@@ -94,7 +94,8 @@ def iter_documents(files: Sequence[pathlib.Path], max_bytes: int) -> Iterator[tu
 
 
 def fingerprint(files: Sequence[pathlib.Path], max_bytes: int) -> str:
-  """sha256 hex over the bytes `iter_documents` reads: each file's size and content hash, in order.
+  """sha256 hex over the bytes ``iter_documents`` reads: each file's size and content hash, in
+  order.
 
   Depends on content only (not on absolute paths or mtimes), so hosts holding the same text
   agree on it.

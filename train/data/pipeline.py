@@ -1,16 +1,16 @@
-"""Serving batches: a Grain `DataLoader` over fixed-length windows of a token file.
+"""Serving batches: a Grain ``DataLoader`` over fixed-length windows of a token file.
 
-A split's token stream (documents joined by EOT, see `train.data.prepare`) is cut into
-`num_windows = num_tokens // seq_len` non-overlapping windows; window `w` is
-`stream[w * seq_len:(w + 1) * seq_len]` (the tail shorter than a window is never served).
-Epoch `e` visits the windows in the order `window_order(e)` (a permutation seeded by
-`(seed, e)`, or `0, 1, 2, ...` without shuffling), cut into `num_windows // global_batch_size`
-global batches of `global_batch_size` windows (the remainder is dropped every epoch).
+A split's token stream (documents joined by EOT, see ``train.data.prepare``) is cut into
+``num_windows = num_tokens // seq_len`` non-overlapping windows; window ``w`` is
+``stream[w * seq_len:(w + 1) * seq_len]`` (the tail shorter than a window is never served).
+Epoch ``e`` visits the windows in the order ``window_order(e)`` (a permutation seeded by
+``(seed, e)``, or ``0, 1, 2, ...`` without shuffling), cut into ``num_windows // global_batch_size``
+global batches of ``global_batch_size`` windows (the remainder is dropped every epoch).
 
-Multi-host: process `p` of `P` serves rows `[p * B, (p + 1) * B)` of every global batch, with
-`B = global_batch_size // P`, so stacking the processes' batches in process order gives the
+Multi-host: process ``p`` of ``P`` serves rows ``[p * B, (p + 1) * B)`` of every global batch, with
+``B = global_batch_size // P``, so stacking the processes' batches in process order gives the
 single-process global batch of the same seed. The loader's iterator is checkpointable
-(`get_state()` / `set_state()`): a restored iterator yields exactly the batches that followed.
+(``get_state()`` / ``set_state()``): a restored iterator yields exactly the batches that followed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SPLITS = ("train", "eval")
 
 
 class TokenWindows:
-  """Random-access source: window `w` of a 1-D token .npy, as {"tokens": int32 (seq_len,)}."""
+  """Random-access source: window ``w`` of a 1-D token .npy, as {"tokens": int32 (seq_len,)}."""
 
   def __init__(self, path: str, seq_len: int):
     self._path = path
@@ -59,11 +59,11 @@ class TokenWindows:
 
 
 class EpochSampler:
-  """Grain sampler: global index `g` to the window it serves (see the module docstring).
+  """Grain sampler: global index ``g`` to the window it serves (see the module docstring).
 
-  The DataLoader's `ShardOptions(p, P)` hands process `p` the indices `g = i * P + p`; local
-  record `i` lies in epoch `i // (batches_per_epoch * B)`, global batch `k`, row `j` of that
-  process's `B` rows, and serves window `window_order(epoch)[k * G + p * B + j]`.
+  The DataLoader's ``ShardOptions(p, P)`` hands process ``p`` the indices ``g = i * P + p``; local
+  record ``i`` lies in epoch ``i // (batches_per_epoch * B)``, global batch ``k``, row ``j`` of that
+  process's ``B`` rows, and serves window ``window_order(epoch)[k * G + p * B + j]``.
   """
 
   def __init__(self, *, num_windows: int, global_batch_size: int, process_count: int, seed: int,
@@ -82,7 +82,7 @@ class EpochSampler:
     self._lock = threading.Lock()
 
   def window_order(self, epoch: int) -> np.ndarray:
-    """(num_windows,) int64: the order in which epoch `epoch` visits the windows."""
+    """(num_windows,) int64: the order in which epoch ``epoch`` visits the windows."""
     with self._lock:
       order = self._orders.get(epoch)
       if order is None:
@@ -126,7 +126,7 @@ def _allow_grain_workers_without_absl() -> None:
   """Lets Grain start worker processes in a program that never parsed absl flags.
 
   Grain 0.2.18 reads an absl flag when it starts workers and raises UnparsedFlagAccessError in
-  scripts that do not use `absl.app` (google/grain#1355, fixed upstream in #1362). Marking the
+  scripts that do not use ``absl.app`` (google/grain#1355, fixed upstream in #1362). Marking the
   flags parsed makes them read their defaults; a program that parsed its flags is left alone.
   """
   if not flags.FLAGS.is_parsed():
@@ -147,16 +147,16 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
 
   Iterating it yields {"tokens": int32 (global_batch_size // process_count, seq_len)}: this
   process's rows of each global batch (see the module docstring for the order). Rows are
-  `seq_len` tokens; a trainer predicting the next token uses them with `shift=1`.
-  `num_epochs=None` repeats forever; otherwise iteration stops after that many epochs of
-  `num_windows // global_batch_size` batches. `worker_count` > 0 reads in Grain worker
+  ``seq_len`` tokens; a trainer predicting the next token uses them with ``shift=1``.
+  ``num_epochs=None`` repeats forever; otherwise iteration stops after that many epochs of
+  ``num_windows // global_batch_size`` batches. ``worker_count`` > 0 reads in Grain worker
   processes (same batches, same checkpoint semantics).
 
   Raises:
-    TypeError / ValueError naming the argument: `split` not in ("train", "eval"); non-positive
-    sizes; `global_batch_size` not divisible by `process_count`; `process_index` outside
-    [0, process_count); a split with fewer than `seq_len` tokens or fewer than
-    `global_batch_size` windows.
+    TypeError / ValueError naming the argument: ``split`` not in ("train", "eval"); non-positive
+    sizes; ``global_batch_size`` not divisible by ``process_count``; ``process_index`` outside
+    [0, process_count); a split with fewer than ``seq_len`` tokens or fewer than
+    ``global_batch_size`` windows.
   """
   if not isinstance(prepared, PreparedData):
     raise TypeError(

@@ -1,13 +1,13 @@
-"""`prepare`: text or token ids in, cached memory-mappable train/eval token files out.
+"""``prepare``: text or token ids in, cached memory-mappable train/eval token files out.
 
-Text ("stdlib", "text") goes through two cache entries: `tokenizer-<key>` (a byte-level BPE
+Text ("stdlib", "text") goes through two cache entries: ``tokenizer-<key>`` (a byte-level BPE
 trained on the corpus; the key hashes the corpus content and the vocabulary size) and
-`tokens-<key>` (the encoded stream split into train.npy and eval.npy; the key adds the eval
-fraction). "tokens" makes one `tokens-<key>` entry from the user's .npy (the key hashes its
+``tokens-<key>`` (the encoded stream split into train.npy and eval.npy; the key adds the eval
+fraction). "tokens" makes one ``tokens-<key>`` entry from the user's .npy (the key hashes its
 path, size, mtime, the declared vocabulary and the eval fraction). Entries are built once, under
-a lock, and appear atomically (see `train.data.cache`). Nothing is downloaded.
+a lock, and appear atomically (see ``train.data.cache``). Nothing is downloaded.
 
-Run `python -m train.data.prepare --help` to prepare from the command line.
+Run ``python -m train.data.prepare --help`` to prepare from the command line.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _COPY_CHUNK = 1 << 24
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-  """uint16 when every id of a `vocab_size` vocabulary fits, else uint32."""
+  """uint16 when every id of a ``vocab_size`` vocabulary fits, else uint32."""
   return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
@@ -37,7 +37,7 @@ def _write_splits(stream_N: np.ndarray, eval_fraction: float, vocab_size: int,
   """Copies the 1-D stream into out_dir/train.npy (head) and out_dir/eval.npy (last fraction).
 
   Raises:
-    ValueError naming `vocab_size` for an id outside [0, vocab_size); ValueError when the train
+    ValueError naming ``vocab_size`` for an id outside [0, vocab_size); ValueError when the train
     split would be empty.
   """
   num_tokens = int(stream_N.shape[0])
@@ -144,7 +144,7 @@ def prepare(cfg: DataConfig) -> PreparedData:
   """Tokenizes (or copies) the configured data into cached train/eval token files.
 
   Idempotent: a second call with the same inputs reads the cache (no tokenizer training, no
-  encoding). Safe under concurrent callers sharing `cache_dir`: one builds, the others wait.
+  encoding). Safe under concurrent callers sharing ``cache_dir``: one builds, the others wait.
 
   Raises:
     ValueError naming the field for paths that match nothing, a token file that is not a 1-D
@@ -159,10 +159,10 @@ def prepare(cfg: DataConfig) -> PreparedData:
 
 
 def load_tokenizer(prepared: PreparedData):
-  """The HF `tokenizers.Tokenizer` of `prepared` (for decoding samples).
+  """The HF ``tokenizers.Tokenizer`` of ``prepared`` (for decoding samples).
 
   Raises:
-    ValueError when `prepared` came from source="tokens" (no tokenizer).
+    ValueError when ``prepared`` came from source="tokens" (no tokenizer).
   """
   if prepared.tokenizer_path is None:
     raise ValueError("prepared.tokenizer_path is None: source='tokens' data has no tokenizer")

@@ -1,4 +1,4 @@
-"""`python -m train.data.prepare`: prepares the token files once and prints what it wrote."""
+"""``python -m train.data.prepare``: prepares the token files once and prints what it wrote."""
 
 from __future__ import annotations
 
