@@ -24,14 +24,16 @@ def _repository_files() -> list[pathlib.Path]:
   """The tracked files (``git ls-files``), or every file outside ``_NOT_CONTENT`` elsewhere."""
   try:
     listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+      ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.decode()
     return [ROOT / name for name in listed.split("\0") if name]
   except (OSError, subprocess.CalledProcessError):
     return [
-        path for path in ROOT.rglob("*")
-        if path.is_file() and not _NOT_CONTENT.intersection(path.relative_to(ROOT).parts)
-        and not path.relative_to(ROOT).parts[0].endswith(".egg-info")
+      path
+      for path in ROOT.rglob("*")
+      if path.is_file()
+      and not _NOT_CONTENT.intersection(path.relative_to(ROOT).parts)
+      and not path.relative_to(ROOT).parts[0].endswith(".egg-info")
     ]
 
 
@@ -51,19 +53,17 @@ def test_no_file_names_a_folder_outside_the_repository():
   # Built, so that this file does not name it.
   outside = "shared" + "/"
   offenders = [
-      f"{name}:{number}"
-      for name, text in _text_files().items()
-      for number, line in enumerate(text.splitlines(), start=1)
-      if outside in line
+    f"{name}:{number}"
+    for name, text in _text_files().items()
+    for number, line in enumerate(text.splitlines(), start=1)
+    if outside in line
   ]
   assert not offenders, f"these lines name {outside!r}, which a clone lacks: {offenders}"
 
 
 def test_every_docs_path_named_in_the_repository_exists():
   named = {
-      match
-      for text in _text_files().values()
-      for match in re.findall(r"\bdocs/[\w./-]+\.md\b", text)
+    match for text in _text_files().values() for match in re.findall(r"\bdocs/[\w./-]+\.md\b", text)
   }
   assert "docs/math.md" in named
   missing = sorted(name for name in named if not (ROOT / name).is_file())
@@ -91,6 +91,9 @@ def test_public_names_show_an_example(name):
   docs = [obj.__doc__ or ""]
   if isinstance(obj, type):  # a class shows it in its own docstring or in a method's
     docs += [member.__doc__ or "" for member in vars(obj).values() if callable(member)]
-    docs += [member.__func__.__doc__ or "" for member in vars(obj).values()
-             if isinstance(member, classmethod | staticmethod)]
+    docs += [
+      member.__func__.__doc__ or ""
+      for member in vars(obj).values()
+      if isinstance(member, classmethod | staticmethod)
+    ]
   assert any(">>>" in doc for doc in docs), f"cce_jax.{name} has no `>>>` example"

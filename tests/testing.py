@@ -51,18 +51,18 @@ def primitive_names(jaxpr) -> list[str]:
 
 
 OPTION_SPACE = {
-    "dtype": ("float32", "bfloat16", "float16"),
-    "reduction": ("mean", "sum", "none"),
-    "ignored": ("none", "some", "all"),
-    "ignore_index": (-100, 3),
-    "shift": (0, 1, 2),
-    "softcap": (None, 4.0),
-    "z_loss": (0.0, 0.05),
-    "label_smoothing": (0.0, 0.2),
-    "return_lse": (False, True),
-    "bias": (False, True),
-    "classifier_layout": ("vd", "dv"),
-    "sort_vocab": (True, False),
+  "dtype": ("float32", "bfloat16", "float16"),
+  "reduction": ("mean", "sum", "none"),
+  "ignored": ("none", "some", "all"),
+  "ignore_index": (-100, 3),
+  "shift": (0, 1, 2),
+  "softcap": (None, 4.0),
+  "z_loss": (0.0, 0.05),
+  "label_smoothing": (0.0, 0.2),
+  "return_lse": (False, True),
+  "bias": (False, True),
+  "classifier_layout": ("vd", "dv"),
+  "sort_vocab": (True, False),
 }
 # Tolerances on ||out - ref|| / ||ref||: f32 accumulation; bf16/f16 outputs are rounded to
 # 8/11 bits and the bf16 backward multiplies in bf16.
@@ -76,14 +76,17 @@ def pairwise_cases(space: dict[str, tuple]) -> list[dict]:
   """A small set of cases in which every pair of values of any two options occurs (greedy)."""
   names = list(space)
   uncovered = {
-      (i, a, j, b)
-      for i, j in itertools.combinations(range(len(names)), 2)
-      for a in range(len(space[names[i]]))
-      for b in range(len(space[names[j]]))
+    (i, a, j, b)
+    for i, j in itertools.combinations(range(len(names)), 2)
+    for a in range(len(space[names[i]]))
+    for b in range(len(space[names[j]]))
   }
+
   def newly_covered(chosen: dict[int, int], k: int, value: int) -> int:
-    pairs = ((min(k, m), value if k < m else v, max(k, m), v if k < m else value)
-             for m, v in chosen.items())
+    pairs = (
+      (min(k, m), value if k < m else v, max(k, m), v if k < m else value)
+      for m, v in chosen.items()
+    )
     return sum(pair in uncovered for pair in pairs)
 
   cases = []
@@ -95,7 +98,7 @@ def pairwise_cases(space: dict[str, tuple]) -> list[dict]:
         options = range(len(space[names[k]]))
         chosen[k] = max(options, key=lambda value, k=k: newly_covered(chosen, k, value))
     uncovered -= {
-        (p, chosen[p], q, chosen[q]) for p, q in itertools.combinations(range(len(names)), 2)
+      (p, chosen[p], q, chosen[q]) for p, q in itertools.combinations(range(len(names)), 2)
     }
     cases.append({names[k]: space[names[k]][v] for k, v in chosen.items()})
   return cases
@@ -107,8 +110,11 @@ def case_id(case: dict) -> str:
 
 
 def make_inputs(
-    seed: int, case: dict, batch: int = BATCH, seq_len: int = SEQ_LEN,
-    num_classes: int = NUM_CLASSES,
+  seed: int,
+  case: dict,
+  batch: int = BATCH,
+  seq_len: int = SEQ_LEN,
+  num_classes: int = NUM_CLASSES,
 ):
   """Fresh random inputs for one case: e, c, labels, bias in the case's dtype, and the
   random weights (numpy) of the per-token loss and lse in the objective."""
@@ -134,25 +140,42 @@ def make_inputs(
 
 
 def check_case(
-    impl: str, case: dict, seed: int, block_sizes=SMALL_BLOCKS, interpret: bool = False
+  impl: str, case: dict, seed: int, block_sizes=SMALL_BLOCKS, interpret: bool = False
 ) -> None:
   """Loss, lse and gradients of ``impl`` on ``case`` against the float64 reference.
 
   The Pallas test files call this with their own ``block_sizes`` and ``interpret=True``.
   """
   e, c, labels, bias, loss_weights, lse_weights = make_inputs(seed, case)
-  options = {k: case[k] for k in (
-      "ignore_index", "softcap", "reduction", "shift", "z_loss", "label_smoothing",
-      "classifier_layout")}
+  options = {
+    k: case[k]
+    for k in (
+      "ignore_index",
+      "softcap",
+      "reduction",
+      "shift",
+      "z_loss",
+      "label_smoothing",
+      "classifier_layout",
+    )
+  }
   expected = reference64.reference(
-      e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, **options
+    e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, **options
   )
 
   def scalar(e, c, bias):
     out = cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, return_lse=case["return_lse"], impl=impl, filter_eps=None,
-        block_sizes=block_sizes, sort_vocab=case["sort_vocab"], interpret=interpret,
-        **options,
+      e,
+      c,
+      labels,
+      bias=bias,
+      return_lse=case["return_lse"],
+      impl=impl,
+      filter_eps=None,
+      block_sizes=block_sizes,
+      sort_vocab=case["sort_vocab"],
+      interpret=interpret,
+      **options,
     )
     loss, lse = out if case["return_lse"] else (out, None)
     lw = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
@@ -184,9 +207,11 @@ PAIRWISE = pairwise_cases(OPTION_SPACE)
 DEFAULT_CASE = {name: values[0] for name, values in OPTION_SPACE.items()}
 # Every non-default value of every option alone, in float32 where the tolerance is tight.
 SINGLE_OPTION = [
-    {**DEFAULT_CASE, name: value, "dtype": value if name == "dtype" else "float32"}
-    for name, values in OPTION_SPACE.items()
-    for value in values[1:]
+  {**DEFAULT_CASE, name: value, "dtype": value if name == "dtype" else "float32"}
+  for name, values in OPTION_SPACE.items()
+  for value in values[1:]
 ] + [DEFAULT_CASE]
-FULL_CROSS_PRODUCT = [dict(zip(OPTION_SPACE, values, strict=True))
-         for values in itertools.product(*OPTION_SPACE.values())]
+FULL_CROSS_PRODUCT = [
+  dict(zip(OPTION_SPACE, values, strict=True))
+  for values in itertools.product(*OPTION_SPACE.values())
+]
