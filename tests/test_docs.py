@@ -16,8 +16,18 @@ import pytest
 import cce_jax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# Folders that are not part of the repository's content, when it is not a git checkout.
-_NOT_CONTENT = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "build", "dist"}
+# Folders that are not part of the repository's content, when it is not a git checkout (a
+# "shared" folder is what a checkout may have beside its files and a clone lacks).
+_NOT_CONTENT = {
+  ".git",
+  ".venv",
+  "__pycache__",
+  ".pytest_cache",
+  ".ruff_cache",
+  "build",
+  "dist",
+  "shared",
+}
 
 
 def _repository_files() -> list[pathlib.Path]:
