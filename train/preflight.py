@@ -19,6 +19,13 @@ MEMORY_KEYS = ("batch_size", "grad_accum_steps", "mesh (fsdp/tensor)", "model.re
                "model.attention_chunk")
 
 
+def size(num_bytes: int) -> str:
+  """Bytes as "12.34 GiB", or "5.6 MiB" below a GiB."""
+  if num_bytes >= GIB:
+    return f"{num_bytes / GIB:.2f} GiB"
+  return f"{num_bytes / 2**20:.1f} MiB"
+
+
 def check_data(cfg: TrainConfig, num_train_tokens: int, num_eval_tokens: int) -> None:
   """Checks that the train split fills one global batch and, when ``cfg.eval_every > 0``, the
   eval split ``cfg.eval_batches`` of them (windows of ``cfg.seq_len`` tokens, without reuse).
@@ -71,8 +78,8 @@ def check_memory(peak_bytes: int | None, limit_bytes: int | None, device_kind: s
   if peak_bytes is None or limit_bytes is None or peak_bytes <= limit_bytes:
     return
   raise ConfigError(
-      f"memory: the compiled train step needs {peak_bytes / GIB:.2f} GiB per device, more than "
-      f"the {limit_bytes / GIB:.2f} GiB a {device_kind} device allows (mesh {mesh_shape}); "
+      f"memory: the compiled train step needs {size(peak_bytes)} per device, more than the "
+      f"{size(limit_bytes)} a {device_kind} device allows (mesh {mesh_shape}); "
       f"change {', '.join(MEMORY_KEYS)}, and check with python -m train.aot")
 
 
