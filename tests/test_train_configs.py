@@ -72,6 +72,15 @@ def test_aot_fails_a_config_that_does_not_fit():
   assert "grad_accum_steps" in run.stdout
 
 
+def test_aot_real_devices_compiles_for_the_devices_jax_finds():
+  # Here the "real" devices are 2 host devices; hardware.chips (5) is not forced.
+  run = run_aot("--real-devices", "configs/default.yaml", "hardware.chip=v5e", "hardware.chips=5",
+                "hardware.hbm_gib=16", devices_env=2)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert "compiled for 2 cpu devices; mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout
+  assert "fits: peak" in run.stdout and "<= 16.00 GiB (5 x v5e)" in run.stdout
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["configs/default.yaml", "--devices", "0"], "--devices must be >= 1, got 0"),
     (["configs/default.yaml", "stepz=1"], "unknown config key(s) ['stepz']"),
