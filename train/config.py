@@ -224,7 +224,8 @@ class TrainConfig:
   # Slurm, TPU pod); "on": always; "off": never. YAML reads an unquoted on/off (also from
   # `distributed=on` on the command line) as true/false; those mean "on"/"off".
   distributed: str | bool = "auto"
-  # Console progress bar, TensorBoard events, final PNG plot.
+  # Console progress bar (on a terminal; false, or output not a terminal: one plain line per
+  # logged step, train/progress.py), TensorBoard events, final PNG plot.
   progress: bool = True
   tensorboard: bool = True
   plot: bool = True

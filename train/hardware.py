@@ -24,8 +24,9 @@ class Chip:
   hbm_gib: float
 
 
-# Per chip (one JAX device), dense bf16, from the vendors' published specifications. A TPU v4
-# or v5p "chip" is one JAX device (megacore); GPUs are the SXM parts (the H100 PCIe: h100_pcie).
+# Per chip (one JAX device): dense bf16 FLOP/s from the vendors' published specifications, and
+# HBM in GiB, rounded (a "141 GB" H200 holds 140). A TPU v4 or v5p chip is one JAX device
+# (megacore); GPUs are the SXM parts (the H100 PCIe: h100_pcie).
 CHIPS: dict[str, Chip] = {
     "v4": Chip(275e12, 32),
     "v5e": Chip(197e12, 16),
@@ -34,7 +35,7 @@ CHIPS: dict[str, Chip] = {
     "a100": Chip(312e12, 80),
     "h100": Chip(989e12, 80),
     "h100_pcie": Chip(756e12, 80),
-    "h200": Chip(989e12, 141),
+    "h200": Chip(989e12, 140),
 }
 
 # ``jax.Device.device_kind`` -> chip name: the first pattern that matches (lower case) wins.
