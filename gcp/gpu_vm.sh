@@ -15,7 +15,7 @@ PROJECT, ZONE, BUCKET (or WORKDIR) and CAPACITY of the env file and:
   GPU_IMAGE_FAMILY   default common-cu128-ubuntu-2204-nvidia-570 (project
                      deeplearning-platform-release: CUDA and the NVIDIA driver)
   GPU_DISK_SIZE      default 500GB
-  GPU_CONFIG         default configs/llama3_8b.yaml
+  GPU_CONFIG         default configs/gemma2_2b.yaml
   GPU_JAX_INSTALL    default jax[cuda12]
 REPO_URL, REPO_COMMIT, TRAIN_ARGS, REMOTE_DIR, REMOTE_VENV, LOG_DIR and PYTHON work as for TPUs.
 
@@ -49,7 +49,7 @@ require PROJECT ZONE GPU_VM_NAME
 : "${GPU_MACHINE_TYPE:=a3-highgpu-8g}"
 : "${GPU_IMAGE_FAMILY:=common-cu128-ubuntu-2204-nvidia-570}"
 : "${GPU_DISK_SIZE:=500GB}"
-CONFIG=${GPU_CONFIG:-configs/llama3_8b.yaml}
+CONFIG=${GPU_CONFIG:-configs/gemma2_2b.yaml}
 JAX_INSTALL=${GPU_JAX_INSTALL:-jax[cuda12]}
 location=("--project=$PROJECT" "--zone=$ZONE")
 

@@ -10,7 +10,7 @@ usage: gcp/launch.sh [--env FILE] [--dry-run] [--print-worker-command]
 
 Starts \`python -m train CONFIG workdir=WORKDIR TRAIN_ARGS\` on every worker of TPU_NAME at once
 (ssh --worker=all) in the background and returns. CONFIG defaults to
-configs/llama3_8b_pod.yaml; WORKDIR to BUCKET/runs/RUN_NAME (a gs:// URL all hosts share:
+configs/llama3_8b_v5p32.yaml; WORKDIR to BUCKET/runs/RUN_NAME (a gs:// URL all hosts share:
 Orbax writes the checkpoints there and a relaunch resumes from the newest). On a multi-host
 slice distributed=on is added, so that jax.distributed.initialize() joins the hosts (it finds
 the pod's topology itself). Each worker appends its output to ~/LOG_DIR/train.log (default

@@ -92,7 +92,7 @@ def test_launch_dry_run_starts_the_pod_config_on_all_workers(env_file):
   assert worker.returncode == 0, worker.stderr
   assert remote == worker.stdout.strip()
   # 4 hosts: distributed=on joins them; TRAIN_ARGS come last and win.
-  assert ("python -m train configs/llama3_8b_pod.yaml workdir=gs://demo-bucket/runs/llama3-8b "
+  assert ("python -m train configs/llama3_8b_v5p32.yaml workdir=gs://demo-bucket/runs/llama3-8b "
           "distributed=on steps=100 log_every=5; ") in remote
   assert "nohup bash -c" in remote and "train.log" in remote and "exit_status" in remote
 
@@ -143,7 +143,7 @@ def test_gpu_vm_dry_run(env_file):
   assert setup[:6] == ["gcloud", "compute", "ssh", "cce-gpu", *LOCATION]
   assert "pip install -q 'jax[cuda12]' -e '.[train,gcp]'" in option(setup, "command")
   [launch] = dry_run("gpu_vm.sh", env_file, "launch")
-  assert ("python -m train configs/llama3_8b.yaml workdir=gs://demo-bucket/runs/llama3-8b "
+  assert ("python -m train configs/gemma2_2b.yaml workdir=gs://demo-bucket/runs/llama3-8b "
           "steps=100") in option(launch, "command")
   assert dry_run("gpu_vm.sh", env_file, "delete") == [
       ["gcloud", "compute", "instances", "delete", "cce-gpu", *LOCATION, "--quiet"]]

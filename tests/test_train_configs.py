@@ -1,71 +1,153 @@
-"""Configs and the command line: every config in configs/ compiles on 8 devices; overrides and
-their errors.
+"""Configs and the command line: every config in configs/ names its hardware and fits it;
+overrides and their errors.
 
-The compile test runs ``python -m train.aot`` in subprocesses with 8 forced CPU devices: each
-config's train step is lowered and compiled for abstract inputs (``jax.ShapeDtypeStruct`` with
-shardings; nothing is allocated, no data is read), on the config's own mesh when it fits 8
-devices and on a (data=2, fsdp=2, tensor=2) mesh otherwise (the pod config), at the config's
-full sizes and batch.
+The fit test runs ``python -m train.aot CONFIG`` in a subprocess per config: it compiles the
+train step for abstract inputs (``jax.ShapeDtypeStruct`` with shardings; nothing is allocated,
+no data is read) on as many forced CPU devices as the config's ``hardware.chips``, at the
+config's full sizes, mesh and batch, and fails when the per-device peak exceeds
+``hardware.hbm_gib`` (about 15 s of CPU each, the v5p-256 one for 128 devices included).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import math
-import pathlib
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 import train_testing
 
-from train import cli, config
+from train import aot, cli, config
+from train.hardware import CHIPS
+from train.sharding import mesh_shape
 
-CONFIGS = sorted((train_testing.ROOT / "configs").glob("*.yaml"))
-DEVICES = 8
+CONFIGS_DIR = train_testing.ROOT / "configs"
+SHIPPED = ("default.yaml", "gemma2_2b.yaml", "llama3_8b_v5p32.yaml", "llama3_8b_v5p256.yaml")
 TOP_LEVEL_KEYS = {"workdir": "/tmp/x", "steps": 40, "batch_size": 16, "seq_len": 64,
                   "loss_impl": "naive", "seed": 3, "checkpoint_every": 7, "log_every": 2,
                   "eval_every": 5}
 
 
-def _mesh_overrides(path: pathlib.Path) -> list[str]:
-  mesh = config.load(path).mesh
-  fixed = math.prod(s for s in (mesh.data, mesh.fsdp, mesh.tensor) if s != -1)
-  if fixed <= DEVICES and DEVICES % fixed == 0:
-    return []
-  return ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+def run_aot(*args: str, devices_env: int | None = None) -> subprocess.CompletedProcess:
+  """``python -m train.aot ARGS`` from the repository root (CPU only; output captured)."""
+  env = train_testing.subprocess_env(JAX_PLATFORMS="cpu")
+  if devices_env is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_env}"
+  return subprocess.run([sys.executable, "-m", "train.aot", *args], cwd=train_testing.ROOT,
+                        env=env, capture_output=True, text=True, timeout=900)
 
 
-def _compile_all() -> dict[str, subprocess.CompletedProcess]:
-  env = train_testing.subprocess_env(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+def test_configs_dir_holds_exactly_the_shipped_configs():
+  assert sorted(p.name for p in CONFIGS_DIR.glob("*.yaml")) == sorted(SHIPPED)
 
-  def compile_one(path: pathlib.Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "train.aot", str(path), *_mesh_overrides(path)]
-    return subprocess.run(command, cwd=train_testing.ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
 
-  # Two at a time: XLA:CPU compiles on one core.
+def test_every_config_compiles_and_fits_its_hardware():
+  # Two compiles at a time: XLA:CPU compiles on one core.
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    return dict(zip([p.name for p in CONFIGS], pool.map(compile_one, CONFIGS), strict=True))
-
-
-def test_every_config_compiles_on_8_devices():
-  results = _compile_all()
-  assert {"default.yaml", "gemma2_2b.yaml", "llama3_8b.yaml", "llama3_8b_pod.yaml"} <= set(results)
-  for name, run in results.items():
+    runs = dict(zip(SHIPPED, pool.map(lambda name: run_aot(f"configs/{name}"), SHIPPED),
+                    strict=True))
+  for name, run in runs.items():
+    cfg = config.load(CONFIGS_DIR / name)
     assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
-    assert f"{name}: compiled" in run.stdout, run.stdout
+    devices = cfg.hardware.chips or 1
+    assert f"{name}: compiled for {devices} cpu devices" in run.stdout, run.stdout
+    if cfg.hardware.hbm_gib is None:
+      assert "no memory limit to check" in run.stdout
+      continue
+    peak = float(re.search(r"fits: peak ([0-9.]+) GiB per device", run.stdout).group(1))
+    assert 0 < peak <= cfg.hardware.hbm_gib, run.stdout
+
+
+def test_aot_fails_a_config_that_does_not_fit():
+  # The default model on a made-up slice of 0.01 GiB chips: its peak of about 0.1 GiB per
+  # device exceeds that. --devices 2 beats both XLA_FLAGS (3 devices) and hardware.chips (5).
+  run = run_aot("--devices", "2", "configs/default.yaml", "hardware.chip=v5e",
+                "hardware.chips=5", "hardware.hbm_gib=0.01", devices_env=3)
+  assert run.returncode == 1, run.stdout + run.stderr
+  assert "compiled for 2 cpu devices; mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout
+  peak = float(re.search(r"does NOT fit: peak ([0-9.]+) GiB per device", run.stdout).group(1))
+  assert peak > 0.01 and "> 0.01 GiB (5 x v5e)" in run.stdout
+  assert "grad_accum_steps" in run.stdout
+
+
+def test_aot_real_devices_compiles_for_the_devices_jax_finds():
+  # Here the "real" devices are 2 host devices; hardware.chips (5) is not forced.
+  run = run_aot("--real-devices", "configs/default.yaml", "hardware.chip=v5e", "hardware.chips=5",
+                "hardware.hbm_gib=16", devices_env=2)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert "compiled for 2 cpu devices; mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout
+  assert "fits: peak" in run.stdout and "<= 16.00 GiB (5 x v5e)" in run.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["configs/default.yaml", "--devices", "0"], "--devices must be >= 1, got 0"),
+    (["configs/default.yaml", "stepz=1"], "unknown config key(s) ['stepz']"),
+    (["configs/missing.yaml"], "config file 'configs/missing.yaml' not found"),
+    (["configs/default.yaml", "hardware.chip=v9"], "hardware.chip must be one of"),
+])
+def test_aot_bad_config_is_one_line_and_status_2(args, message, capsys, monkeypatch):
+  monkeypatch.chdir(train_testing.ROOT)
+  assert aot.main(args) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["configs/default.yaml", "--devices", "x"], "argument --devices: invalid int value: 'x'"),
+    ([], "the following arguments are required: CONFIG.yaml"),
+])
+def test_aot_bad_arguments_are_one_line_and_status_2(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    aot.main(args)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_aot_help(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    aot.main(["--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for word in ("usage: python -m train.aot", "--devices N", "--real-devices", "key=value",
+               "hardware.hbm_gib"):
+    assert word in out
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "default.yaml"])
+def test_accelerator_configs_name_their_hardware_and_a_realistic_batch(name):
+  cfg = config.load(CONFIGS_DIR / name)
+  hardware = cfg.hardware
+  assert hardware.chip in CHIPS and hardware.chips >= 8
+  assert hardware.hbm_gib == CHIPS[hardware.chip].hbm_gib
+  mesh_shape(cfg.mesh, hardware.chips)  # the mesh fills exactly the slice's chips
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  assert 0.5e6 <= tokens_per_step <= 4.2e6, tokens_per_step
+  assert cfg.grad_accum_steps > 1  # the batch reaches that size through accumulation
+  if hardware.chips > 8:  # a multi-host slice: every host joins, logs are files
+    assert cfg.distributed == "on" and not cfg.progress
+
+
+def test_default_config_names_no_hardware_and_equals_the_dataclass_defaults():
+  # An installed package has no configs/ folder: `python -m train` then trains the defaults.
+  from_file = config.load(CONFIGS_DIR / "default.yaml")
+  assert from_file.hardware == config.HardwareConfig()
+  assert from_file == config.TrainConfig()
+  for field in dataclasses.fields(config.TrainConfig):
+    assert getattr(from_file, field.name) == getattr(config.TrainConfig(), field.name), field.name
 
 
 def test_configs_name_the_models_they_claim():
-  gemma = config.load(train_testing.ROOT / "configs" / "gemma2_2b.yaml")
-  llama = config.load(train_testing.ROOT / "configs" / "llama3_8b.yaml")
-  pod = config.load(train_testing.ROOT / "configs" / "llama3_8b_pod.yaml")
+  gemma = config.load(CONFIGS_DIR / "gemma2_2b.yaml")
+  llama = config.load(CONFIGS_DIR / "llama3_8b_v5p32.yaml")
+  pod = config.load(CONFIGS_DIR / "llama3_8b_v5p256.yaml")
   assert (gemma.model.vocab_size, gemma.model.d_model, gemma.model.num_layers) == (256000, 2304, 26)
   assert gemma.model.tie_embeddings and gemma.model.final_softcap == 30.0 and gemma.model.remat
   assert (llama.model.vocab_size, llama.model.d_model, llama.model.num_layers) == (128256, 4096, 32)
-  assert pod.distributed == "on" and pod.model == llama.model
+  assert pod.model == llama.model
+  assert (gemma.hardware.chip, llama.hardware.chips, pod.hardware.chips) == ("h100", 16, 128)
 
 
 def test_default_config_is_the_cpu_run():

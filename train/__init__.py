@@ -4,7 +4,9 @@ Run it with ``python -m train [CONFIG.yaml] [key=value ...]`` (or ``cce-train``)
 job each: ``config`` (dataclasses, YAML, overrides), ``model`` (the NNX transformer),
 ``sharding`` (mesh, logical axes), ``loss`` (the one loss call), ``optimizer`` (optax),
 ``step`` (the jitted train/eval steps), ``checkpoint`` (Orbax), ``metrics`` (console, JSONL,
-TensorBoard, plot), ``distributed`` (multi-host), ``trainer`` (the loop), ``cli``, ``aot``
-(compile a config ahead of time and report its memory); ``data``
+TensorBoard, plot), ``progress`` (tokens/s, MFU, ETA, plain log lines), ``hardware`` (the
+``hardware`` section, chips' peak FLOP/s, model FLOPs), ``preflight`` (data and memory checks
+before a run), ``distributed`` (multi-host), ``trainer`` (the loop), ``cli``, ``aot``
+(compile a config ahead of time, report its memory and whether it fits); ``data``
 (Grain pipeline and tokenizer) lives in ``train/data/``.
 """

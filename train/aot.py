@@ -1,24 +1,39 @@
-"""Compile a config's train step ahead of time, with abstract inputs, and report its memory.
+"""Compile a config's train step ahead of time, with abstract inputs, and check that it fits.
 
-    python -m train.aot CONFIG.yaml [CONFIG.yaml ...] [key=value ...]
+    python -m train.aot CONFIG.yaml [key=value ...] [--devices N | --real-devices]
 
-For each config, builds the mesh over this host's devices (forced CPU devices work too:
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``), lowers and compiles the jitted train
-step for ``jax.ShapeDtypeStruct`` inputs carrying their shardings (nothing is allocated or
-run, no data is read) and prints ``memory_analysis()`` per device. A config that cannot be
-sharded or compiled fails here, on a laptop, rather than on a TPU pod. The vocabulary of a
-config without ``model.vocab_size`` is taken as ``data.vocab_size`` rounded up to 128.
+Lowers and compiles the jitted train step for ``jax.ShapeDtypeStruct`` inputs carrying their
+shardings (nothing is allocated or run, no data is read) on ``N`` forced CPU host devices
+(default: the config's ``hardware.chips``, else the devices JAX finds), and prints the
+per-device memory of ``memory_analysis()``: arguments, temporaries and the peak (arguments +
+outputs - donated + temporaries). A config that cannot be sharded or compiled fails here, on a
+laptop, rather than on a TPU pod.
+
+Exit status: 0 when it compiles and the peak fits ``hardware.hbm_gib`` (or the config names no
+memory), 1 when the peak exceeds it, 2 for a bad config or argument (one line naming it).
+``--real-devices`` compiles for the accelerators of this host (of every host of a multi-host
+slice, started on all of them, per the config's ``distributed``) with their own compiler, and
+also checks each device's reported memory limit. The CPU compiler's numbers estimate a TPU's or
+GPU's (layouts and fusions differ); leave headroom. The vocabulary of a config without
+``model.vocab_size`` is ``data.vocab_size`` rounded up to 128.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from train import config as config_lib
+
+GIB = 2**30
+# Exit status of a config whose step does not fit its hardware.
+EXIT_DOES_NOT_FIT = 1
+EXIT_BAD_CONFIG = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +56,14 @@ class CompiledStep:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
+def memory_of(compiled: Any) -> tuple[int | None, int | None, int | None, int | None]:
+  """(argument, output, alias, temp) bytes per device of a compiled step's memory_analysis()."""
+  stats = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes")
+  return tuple(None if stats is None else int(getattr(stats, f)) for f in fields)
+
+
 def compile_train_step(cfg: config_lib.TrainConfig, batch_size: int | None = None) -> CompiledStep:
   """Lowers and compiles ``cfg``'s train step on this host's devices for abstract inputs.
 
@@ -61,37 +84,121 @@ def compile_train_step(cfg: config_lib.TrainConfig, batch_size: int | None = Non
   mesh = make_mesh(cfg.mesh)
   program = build_program(cfg, mesh)
   compiled = program.lower_train_step().compile()
-  stats = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes")
-  values = [None if stats is None else int(getattr(stats, f)) for f in fields]
-  return CompiledStep(cfg, dict(mesh.shape), compiled, *values)
+  return CompiledStep(cfg, dict(mesh.shape), compiled, *memory_of(compiled))
 
 
-def _gb(value: int | None) -> str:
-  return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+def gib(value: int | float | None) -> str:
+  """Bytes as "12.34 GiB" ("n/a" for None)."""
+  return "n/a" if value is None else f"{value / GIB:.2f} GiB"
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line (exit status 2), not usage + error."""
+
+  def error(self, message: str):
+    self.exit(EXIT_BAD_CONFIG, f"{self.prog}: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+      prog="python -m train.aot",
+      description="Compile a trainer config's step for abstract inputs on forced host devices, "
+                  "print its per-device memory, and fail (exit 1) when the peak exceeds the "
+                  "config's hardware.hbm_gib. Exit 2: a bad config or argument.",
+      epilog="Example: python -m train.aot configs/llama3_8b_v5p32.yaml grad_accum_steps=16")
+  parser.add_argument("config", metavar="CONFIG.yaml", help="a trainer config file")
+  parser.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config overrides, as for python -m train (model.num_layers=2)")
+  devices = parser.add_mutually_exclusive_group()
+  devices.add_argument("--devices", type=int, metavar="N",
+                       help="compile on N forced CPU devices (default: hardware.chips of the "
+                            "config, else the devices JAX finds)")
+  devices.add_argument("--real-devices", action="store_true",
+                       help="compile for this host's accelerators (on a multi-host slice: start "
+                            "it on every host) and check their reported memory limit too")
+  return parser
+
+
+def force_host_devices(count: int) -> None:
+  """Makes JAX (not yet initialized) start with ``count`` CPU devices.
+
+  Raises:
+    RuntimeError: JAX's backends are already initialized (the count can no longer change).
+  """
+  from jax._src import xla_bridge
+
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("train.aot: JAX's backends are already initialized; run "
+                       "`python -m train.aot` in a fresh process")
+  import jax
+
+  # A count in XLA_FLAGS (the older way) would compete with jax_num_cpu_devices.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", count)
+
+
+def fits(step: CompiledStep, limit_bytes: float | None) -> bool:
+  """Whether the step's peak is known and at most ``limit_bytes`` (True without a limit)."""
+  if limit_bytes is None or step.peak_bytes is None:
+    return True
+  return step.peak_bytes <= limit_bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Compiles each config given; exit status 0 if all compile, 2 for a bad config."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  paths = [a for a in argv if "=" not in a]
-  overrides = [a for a in argv if "=" in a]
-  if not paths:
-    print(__doc__)
-    return 2
-  for path in paths:
-    try:
-      step = compile_train_step(config_lib.load(path, overrides))
-    except config_lib.ConfigError as error:
-      print(f"{path}: config error: {error}", file=sys.stderr)
-      return 2
-    cfg = step.config
-    print(f"{pathlib.Path(path).name}: compiled; mesh {step.mesh_shape}, "
-          f"batch {cfg.batch_size} x {cfg.seq_len} in {cfg.grad_accum_steps} micro-batches, "
-          f"V={cfg.model.vocab_size}, loss {cfg.loss_impl}; per device: arguments "
-          f"{_gb(step.argument_bytes)}, temporaries {_gb(step.temp_bytes)}, "
-          f"peak {_gb(step.peak_bytes)}", flush=True)
+  """Compiles one config; 0: fits, 1: does not fit its hardware.hbm_gib, 2: bad config."""
+  args = _parser().parse_intermixed_args(argv)
+  name = pathlib.Path(args.config).name
+  try:
+    cfg = config_lib.load(args.config, args.overrides)
+  except config_lib.ConfigError as error:
+    print(f"{name}: config error: {error}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  if args.devices is not None and args.devices < 1:
+    print(f"--devices must be >= 1, got {args.devices}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  count = args.devices if args.devices is not None else cfg.hardware.chips
+  limit = None if cfg.hardware.hbm_gib is None else cfg.hardware.hbm_gib * GIB
+  try:
+    if args.real_devices:
+      from train import distributed
+
+      distributed.initialize(cfg.distributed)
+    elif count is not None:
+      force_host_devices(count)
+    step = compile_train_step(cfg)
+  except config_lib.ConfigError as error:
+    print(f"{name}: config error: {error}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  import jax
+
+  if args.real_devices:
+    from train import preflight
+
+    device_limit = preflight.device_memory_limit(jax.local_devices()[0])
+    if device_limit is not None:
+      limit = device_limit if limit is None else min(limit, device_limit)
+  cfg = step.config
+  devices = jax.devices()
+  print(f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices; "
+        f"mesh {step.mesh_shape}, batch {cfg.batch_size} x {cfg.seq_len} in "
+        f"{cfg.grad_accum_steps} micro-batches, V={cfg.model.vocab_size}, loss {cfg.loss_impl}; "
+        f"per device: arguments {gib(step.argument_bytes)}, temporaries {gib(step.temp_bytes)}, "
+        f"peak {gib(step.peak_bytes)}", flush=True)
+  if limit is None:
+    print(f"{name}: no memory limit to check (the config sets no hardware.hbm_gib)")
+    return 0
+  hardware = cfg.hardware
+  target = (f"{hardware.chips} x {hardware.chip}" if hardware.chip else "the devices")
+  if not fits(step, limit):
+    print(f"{name}: does NOT fit: peak {gib(step.peak_bytes)} per device > {gib(limit)} "
+          f"({target}); raise grad_accum_steps, lower batch_size, shard more (mesh), or set "
+          "model.remat=true / model.attention_chunk", flush=True)
+    return EXIT_DOES_NOT_FIT
+  print(f"{name}: fits: peak {gib(step.peak_bytes)} per device <= {gib(limit)} ({target})",
+        flush=True)
   return 0
 
 

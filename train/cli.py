@@ -13,17 +13,26 @@ A workdir holding checkpoints resumes from the newest.
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the trainer; the exit status (0 also after a SIGTERM checkpoint, 2 for a bad config)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(arg in ("-h", "--help") for arg in argv):
-    from train.config import valid_keys
+# What `pip install cce-jax` without extras lacks; the message names the extra that brings it.
+MISSING_EXTRA = ("the trainer needs the 'train' extra (missing module {name!r}): "
+                 "pip install 'cce-jax[train]' (from a checkout: pip install '.[train]')")
 
-    print(USAGE + "\nkeys: " + ", ".join(valid_keys()))
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the trainer; the exit status (0 also after a SIGTERM checkpoint, 2 for a bad config
+  or a missing ``train`` extra)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    from train import config, distributed, trainer
+  except ModuleNotFoundError as error:
+    if error.name is None or error.name.split(".")[0] in ("train", "cce_jax"):
+      raise
+    print(MISSING_EXTRA.format(name=error.name), file=sys.stderr)
+    return 2
+  if any(arg in ("-h", "--help") for arg in argv):
+    print(USAGE + "\nkeys: " + ", ".join(config.valid_keys()))
     return 0
   path = argv.pop(0) if argv and "=" not in argv[0] else None
-
-  from train import config, distributed, trainer
 
   try:
     cfg = config.load(path, argv)

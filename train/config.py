@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from train import data
+from train.hardware import HardwareConfig
 
 # Where `python -m train` looks when no config file is given.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -62,23 +63,27 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama/Gemma-style decoder-only transformer."""
+  """A Llama/Gemma-style decoder-only transformer.
+
+  The defaults (here and in every section) are the CPU run of ``configs/default.yaml``, so an
+  installed package without that file trains the same model.
+  """
 
   # Classes of the output layer; null: the tokenizer's vocabulary size, rounded up to 128.
   vocab_size: int | None = None
   # Width D of the residual stream.
-  d_model: int = 256
-  num_layers: int = 4
+  d_model: int = 128
+  num_layers: int = 2
   # Query heads; num_kv_heads < num_heads is grouped-query attention (must divide it).
   num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 64
+  num_kv_heads: int = 2
+  head_dim: int = 32
   # Hidden width of the SwiGLU MLP.
-  mlp_dim: int = 1024
+  mlp_dim: int = 512
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   # The head reuses the (V, D) embedding table instead of its own (D, V) kernel.
-  tie_embeddings: bool = False
+  tie_embeddings: bool = True
   # Multiply token embeddings by sqrt(d_model) (Gemma).
   scale_embeddings: bool = False
   # Final-logit soft-capping s: logits become s * tanh(logits / s) (Gemma 2: 30.0).
@@ -86,7 +91,7 @@ class ModelConfig:
   # Dropout on the residual branches during training (0: none; uses the run's RNG).
   dropout: float = 0.0
   # Activation/compute dtype; parameters and optimizer state stay in param_dtype.
-  dtype: str = "bfloat16"
+  dtype: str = "float32"
   param_dtype: str = "float32"
   # Recompute each layer's activations in the backward (jax.checkpoint per layer).
   remat: bool = False
@@ -219,7 +224,8 @@ class TrainConfig:
   # Slurm, TPU pod); "on": always; "off": never. YAML reads an unquoted on/off (also from
   # `distributed=on` on the command line) as true/false; those mean "on"/"off".
   distributed: str | bool = "auto"
-  # Console progress bar, TensorBoard events, final PNG plot.
+  # Console progress bar (on a terminal; false, or output not a terminal: one plain line per
+  # logged step, train/progress.py), TensorBoard events, final PNG plot.
   progress: bool = True
   tensorboard: bool = True
   plot: bool = True
@@ -228,6 +234,8 @@ class TrainConfig:
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: data.DataConfig = dataclasses.field(default_factory=data.DataConfig)
+  # The slice or machine this config is sized for (train/hardware.py); null: none.
+  hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_batches",
@@ -399,18 +407,22 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
 
   Args:
     path: a YAML file; None looks for ``configs/default.yaml`` in the current directory,
-      then in the repository this package lives in.
+      then in the repository this package lives in, and else (an installed package) uses the
+      dataclass defaults, which equal that file (a test checks it).
     overrides: ``key=value`` strings, dotted keys for nested fields.
 
   Raises:
     ConfigError: a missing file, an unknown key or a bad value (the message names it).
   """
   if path is None:
-    path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else REPO_ROOT / DEFAULT_CONFIG
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConfigError(f"config file {str(path)!r} not found")
-  tree = yaml.safe_load(path.read_text()) or {}
+    found = [p for p in (DEFAULT_CONFIG, REPO_ROOT / DEFAULT_CONFIG) if p.is_file()]
+    tree = yaml.safe_load(found[0].read_text()) if found else {}
+  else:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(f"config file {str(path)!r} not found")
+    tree = yaml.safe_load(path.read_text())
+  tree = tree or {}
   if not isinstance(tree, dict):
     raise ConfigError(f"{path}: expected a YAML mapping at the top level")
   # Rules are merged key by key into the defaults, so a config names only what it changes.

@@ -28,6 +28,7 @@ import tqdm
 from etils import epath
 
 from train import paths
+from train import progress as _progress  # `progress` is an argument below
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -56,7 +57,8 @@ class MetricsWriter:
     total_steps: the run's last step.
     start_step: the step the run starts (or resumes) from.
     enabled: write files (True on process 0 only).
-    progress: show a tqdm progress bar (with ETA) on the console.
+    progress: show a tqdm progress bar (with ETA) when stdout and stderr are terminals; else
+      (also with progress False) print one plain line per logged step (train/progress.py).
     tensorboard: write TensorBoard event files under ``workdir/tensorboard``.
   """
 
@@ -85,8 +87,12 @@ class MetricsWriter:
         self._tensorboard = tensorboardX.SummaryWriter(
             os.fspath(self.workdir / TENSORBOARD_DIR),
             purge_step=start_step + 1 if start_step else None)
+    self.total_steps = total_steps
+    show_bar = enabled and progress and _progress.is_terminal()
+    # Not a terminal (a pod's log file) or no bar wanted: one plain line per logged step.
+    self._plain_lines = enabled and not show_bar
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                         disable=not (enabled and progress), dynamic_ncols=True)
+                         disable=not show_bar, dynamic_ncols=True)
 
   def advance(self, steps: int = 1) -> None:
     """Moves the progress bar (its ETA comes from the observed step rate)."""
@@ -115,6 +121,8 @@ class MetricsWriter:
     if "eval_loss" in record:
       shown["eval"] = f"{record['eval_loss']:.4f}"
     self.bar.set_postfix(shown, refresh=False)
+    if self._plain_lines:
+      print(_progress.format_line(step, self.total_steps, record), flush=True)
 
   def message(self, text: str) -> None:
     """A line on the console of process 0 that does not break the progress bar."""

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from train import config as config_lib
-from train import data, distributed, paths
+from train import data, distributed, paths, preflight, progress
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter
 from train.sharding import make_mesh
@@ -134,7 +134,7 @@ def _describe(program: Program, compiled: Any, prepared: data.PreparedData,
   num_params = sum(x.size for x in jax.tree.leaves(program.abstract_state.params))
   text = (f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
           f"{num_params / 1e6:.1f}M parameters, vocabulary {cfg.model.vocab_size}, "
-          f"{prepared.num_train_tokens / 1e6:.1f}M training tokens, "
+          f"{prepared.num_train_tokens:,} training and {prepared.num_eval_tokens:,} eval tokens, "
           f"mesh {dict(program.mesh.shape)}, loss {cfg.loss_impl}")
   memory = compiled.memory_analysis()
   if memory is not None:
@@ -159,7 +159,7 @@ class _Loop:
     """Trains from ``start_step`` to ``config.steps``; (last step, stopped by SIGTERM)."""
     cfg = self.program.config
     step = start_step
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    throughput = progress.Throughput.of(cfg, jax.devices())
     last_time, last_step = time.perf_counter(), step
     while step < cfg.steps:
       batch = next(train_iterator)
@@ -172,8 +172,7 @@ class _Loop:
         now = time.perf_counter()
         step_time = (now - last_time) / (step - last_step)
         last_time, last_step = now, step
-        values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                      **_memory_in_use())
+        values.update(throughput.metrics(step, step_time), **_memory_in_use())
         if evaluate_now:
           values["eval_loss"] = evaluate(self.program, state.params, self.prepared, self.rows)
           last_time = time.perf_counter()  # evaluation time is not step time
@@ -199,6 +198,7 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
   workdir = paths.workdir_path(cfg.workdir)
   is_writer = jax.process_index() == 0
   prepared = data.prepare(cfg.data)
+  preflight.check_data(cfg, prepared.num_train_tokens, prepared.num_eval_tokens)
   cfg = with_vocab(cfg, prepared.vocab_size)
   mesh = make_mesh(cfg.mesh)
   program = build_program(cfg, mesh)
@@ -219,11 +219,12 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
                            tensorboard=cfg.tensorboard)
     step, preempted = start_step, False
     if start_step < cfg.steps:
+      compiled = program.lower_train_step().compile()
+      preflight.check_compiled(compiled, program.mesh)
       if start_step:
         state = checkpointer.restore(start_step, program.abstract_state, train_iterator)
       else:
         state = program.init(jnp.asarray(cfg.seed, jnp.int32))
-      compiled = program.lower_train_step().compile()
       writer.message(_describe(program, compiled, prepared, start_step))
       loop = _Loop(program, compiled, checkpointer, writer, prepared, rows, stop)
       step, preempted = loop.run(state, train_iterator, start_step)

@@ -59,7 +59,7 @@ load_env() {
   : "${QUEUED:=true}"
   : "${QR_NAME:=${TPU_NAME:-}-qr}"
   : "${RUN_NAME:=${TPU_NAME:-run}}"
-  : "${CONFIG:=configs/llama3_8b_pod.yaml}"
+  : "${CONFIG:=configs/llama3_8b_v5p32.yaml}"
   : "${TRAIN_ARGS:=}"
   : "${REMOTE_DIR:=cce_jax}"
   : "${REMOTE_VENV:=.venv}"

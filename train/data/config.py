@@ -35,7 +35,8 @@ class DataConfig:
   # Tokenizer vocabulary to train for "stdlib"/"text" (>= 257); for "tokens" the vocabulary the
   # user declares (checked >= max id + 1).
   vocab_size: int = 32000
-  # Cap on the text read for "stdlib"/"text", in bytes, in file order (the last file is cut).
+  # Cap on the text read for "stdlib" (the embedded default corpus), in bytes, in file order
+  # (the last file is cut). The user's own data ("text", "tokens") is never cut.
   max_corpus_bytes: int = 8_000_000
   # The held-out split: the last fraction of the token stream, in [0, 1).
   eval_fraction: float = 0.02

@@ -1,7 +1,8 @@
 """Finding the text: the standard library's source files or the user's files, read under a byte cap.
 
 A corpus is an ordered list of files; each file is one document. Reading walks the files in
-order and stops after ``max_bytes`` bytes (the last file read is cut there). Documents are yielded
+order and, given ``max_bytes``, stops after that many bytes (the last file read is cut there);
+``max_bytes=None`` reads every file whole. Documents are yielded
 in pieces of about ``CHUNK_BYTES`` cut at line ends, so memory stays bounded however big a file is.
 """
 
@@ -11,6 +12,7 @@ import glob
 import hashlib
 import os
 import pathlib
+import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 
@@ -73,13 +75,19 @@ def _pieces(path: pathlib.Path, budget: int) -> Iterator[bytes]:
       yield piece
 
 
-def iter_documents(files: Sequence[pathlib.Path], max_bytes: int) -> Iterator[tuple[str, bool]]:
-  """Yields ``(text, ends_document)`` pieces of the files in order, ``max_bytes`` bytes in all.
+def _budget(max_bytes: int | None) -> int:
+  return sys.maxsize if max_bytes is None else max_bytes
+
+
+def iter_documents(files: Sequence[pathlib.Path],
+                   max_bytes: int | None) -> Iterator[tuple[str, bool]]:
+  """Yields ``(text, ends_document)`` pieces of the files in order, ``max_bytes`` bytes in all
+  (None: no cap).
 
   Text is decoded as UTF-8 with undecodable bytes replaced (U+FFFD). ``ends_document`` is True
   on the last piece of each file (also for the file cut by the cap). Empty files yield nothing.
   """
-  left = max_bytes
+  left = _budget(max_bytes)
   for path in files:
     if left <= 0:
       return
@@ -93,15 +101,14 @@ def iter_documents(files: Sequence[pathlib.Path], max_bytes: int) -> Iterator[tu
       yield piece.decode("utf-8", errors="replace"), True
 
 
-def fingerprint(files: Sequence[pathlib.Path], max_bytes: int) -> str:
-  """sha256 hex over the bytes ``iter_documents`` reads: each file's size and content hash, in
-  order.
+def fingerprint(files: Sequence[pathlib.Path], max_bytes: int | None) -> str:
+  """sha256 hex over the bytes ``iter_documents`` reads: each file's size and content hash, in order.
 
   Depends on content only (not on absolute paths or mtimes), so hosts holding the same text
   agree on it.
   """
   digest = hashlib.sha256(f"max_bytes={max_bytes}\n".encode())
-  left = max_bytes
+  left = _budget(max_bytes)
   for path in files:
     if left <= 0:
       break

@@ -75,7 +75,9 @@ def _write_stream(chunks: Iterable[np.ndarray], path: pathlib.Path, dtype: np.dt
 
 def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
   files = corpus.stdlib_files() if cfg.source == "stdlib" else corpus.text_files(cfg.paths)
-  documents = lambda: corpus.iter_documents(files, cfg.max_corpus_bytes)
+  # The cap sizes the embedded default corpus; the user's own text is read whole.
+  max_bytes = cfg.max_corpus_bytes if cfg.source == "stdlib" else None
+  documents = lambda: corpus.iter_documents(files, max_bytes)
 
   def build_tokenizer(out_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
@@ -85,7 +87,7 @@ def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
 
   tokenizer_description = {
     "tokenizer": "bpe-bytelevel",
-    "corpus_sha256": corpus.fingerprint(files, cfg.max_corpus_bytes),
+    "corpus_sha256": corpus.fingerprint(files, max_bytes),
     "vocab_size": cfg.vocab_size,
   }
   tokenizer_dir, tokenizer_meta = cache.build_once(
