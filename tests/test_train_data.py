@@ -267,14 +267,16 @@ def test_failed_build_leaves_no_entry(tmp_path):
 
 
 def test_cli_prints_what_it_wrote(tmp_path, capsys):
-  np.save(tmp_path / "ids.npy", np.arange(100))
-  argv = ["--source", "tokens", "--paths", str(tmp_path / "ids.npy"), "--vocab-size", "100",
-          "--cache-dir", str(tmp_path / "c")]
+  (tmp_path / "doc.txt").write_text("words to learn a tokenizer from\n" * 40)
+  argv = ["data.source=text", f"data.paths=[{tmp_path / 'doc.txt'}]", "data.vocab_size=300",
+          f"data.cache_dir={tmp_path / 'c'}"]
   assert prepare_main(argv) == 0
   out = capsys.readouterr().out
-  assert out.startswith("built:") and "train.npy" in out and "98" in out  # 2% of 100 held out
+  assert out.startswith("built:") and "train.npy" in out and "tokenizer.json" in out
   assert prepare_main(argv) == 0
   assert capsys.readouterr().out.startswith("cached:")
+  assert prepare_main(["data.vocab_size=12"]) == 2
+  assert "DataConfig.vocab_size must be in" in capsys.readouterr().err
 
 
 # --- the loader ---------------------------------------------------------------------------------

@@ -73,13 +73,27 @@ def _write_stream(chunks: Iterable[np.ndarray], path: pathlib.Path, dtype: np.dt
   return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
 
 
-def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
-  files = corpus.stdlib_files() if cfg.source == "stdlib" else corpus.text_files(cfg.paths)
-  documents = lambda: corpus.iter_documents(files, cfg.max_corpus_bytes)
+def _text_files(cfg: DataConfig) -> list[pathlib.Path]:
+  return corpus.stdlib_files() if cfg.source == "stdlib" else corpus.text_files(cfg.paths)
+
+
+def cached_tokenizer(cfg: DataConfig) -> tuple[pathlib.Path, int]:
+  """The byte-level BPE of a "stdlib"/"text" config: (its tokenizer.json, its vocabulary size).
+
+  Trained on the config's corpus once and cached (the entry `tokenizer-<key>`); the trainer
+  and `python -m train.data.prepare tokenizer=bpe` share it.
+
+  Raises:
+    ValueError for a "tokens" config (it has no tokenizer) or paths that match nothing.
+  """
+  if cfg.source == "tokens":
+    raise ValueError("DataConfig.source='tokens' has no tokenizer; use 'stdlib' or 'text'")
+  files = _text_files(cfg)
 
   def build_tokenizer(out_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
-    tokenizer = tokenizer_lib.train_tokenizer((text for text, _ in documents()), cfg.vocab_size)
+    texts = (text for text, _ in corpus.iter_documents(files, cfg.max_corpus_bytes))
+    tokenizer = tokenizer_lib.train_tokenizer(texts, cfg.vocab_size)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     return {"vocab_size": tokenizer.get_vocab_size(), "train_seconds": time.perf_counter() - start}
 
@@ -89,9 +103,15 @@ def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
     "vocab_size": cfg.vocab_size,
   }
   tokenizer_dir, tokenizer_meta = cache.build_once(
-    cache_dir, "tokenizer", tokenizer_description, build_tokenizer)
-  tokenizer_path = tokenizer_dir / "tokenizer.json"
-  vocab_size = int(tokenizer_meta["vocab_size"])
+    cfg.resolved_cache_dir(), "tokenizer", tokenizer_description, build_tokenizer)
+  return tokenizer_dir / "tokenizer.json", int(tokenizer_meta["vocab_size"])
+
+
+def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
+  files = _text_files(cfg)
+  documents = lambda: corpus.iter_documents(files, cfg.max_corpus_bytes)
+  tokenizer_path, vocab_size = cached_tokenizer(cfg)
+  tokenizer_dir = tokenizer_path.parent
 
   def build_tokens(out_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
