@@ -63,9 +63,10 @@ def _write_shards(options, data_cfg) -> int:
   else:
     tokenizer_json = to_shards.load_tokenizer_json(options.tokenizer)
   summary = to_shards.write_shards(options, tokenizer_json)
-  print(f"{summary.num_shards} shards in {summary.out} ({summary.num_written} written now, "
-        f"the others by an earlier run): {summary.num_tokens:,} tokens, {summary.dtype}, "
-        f"vocabulary {summary.vocab_size:,}")
+  earlier = summary.num_shards - summary.num_written
+  resumed = f", {earlier} of them by an earlier run" if earlier else ""
+  print(f"{summary.num_shards} shards in {summary.out}{resumed}: {summary.num_tokens:,} tokens, "
+        f"{summary.dtype}, vocabulary {summary.vocab_size:,}")
   print(f"train on them with: data.source=tokens "
         f"data.paths=[{summary.out.rstrip('/')}/shard-*.npy] data.vocab_size={summary.vocab_size}")
   return 0
