@@ -5,7 +5,7 @@
 tell which objects and how much of them a process read. `python tests/gcs_testing.py SRC
 gs://bucket/dir COUNTS -- ARGS...` runs `python -m train ARGS` in this process with the files
 of local directory SRC uploaded to gs://bucket/dir first (not counted) and writes the bytes read
-per object to the JSON file COUNTS at exit: a stand-in for a host of a multi-host job reading
+per object and every ranged read to the JSON file COUNTS at exit: a stand-in for a host of a multi-host job reading
 its data from a bucket.
 """
 
@@ -32,6 +32,8 @@ class CountingGCS(MemoryFileSystem):
   pseudo_dirs: ClassVar[list[str]] = [""]
   # Object name ("/bucket/dir/file") -> bytes handed out by cat_file and open().read().
   bytes_read: ClassVar[collections.Counter] = collections.Counter()
+  # Every cat_file read: [object name, first byte, end byte].
+  reads: ClassVar[list] = []
 
   @classmethod
   def _strip_protocol(cls, path):
@@ -42,7 +44,9 @@ class CountingGCS(MemoryFileSystem):
 
   def cat_file(self, path, start=None, end=None, **kwargs):
     data = super().cat_file(path, start=start, end=end, **kwargs)
-    type(self).bytes_read[self._strip_protocol(path)] += len(data)
+    name = self._strip_protocol(path)
+    type(self).bytes_read[name] += len(data)
+    type(self).reads.append([name, start or 0, (start or 0) + len(data)])
     return data
 
   def _open(self, path, mode="rb", **kwargs):
@@ -81,6 +85,7 @@ def install(setitem=None) -> type[CountingGCS]:
     store: ClassVar[dict] = {}
     pseudo_dirs: ClassVar[list[str]] = [""]
     bytes_read: ClassVar[collections.Counter] = collections.Counter()
+    reads: ClassVar[list] = []
 
   for protocol in ("gs", "gcs"):
     setitem(registry._registry, protocol, FreshGCS)
@@ -105,7 +110,9 @@ def _main(argv: list[str]) -> int:
   gcs = install()
   upload(pathlib.Path(source), url)
   gcs.bytes_read.clear()
-  atexit.register(lambda: pathlib.Path(counts_path).write_text(json.dumps(gcs.bytes_read)))
+  gcs.reads.clear()
+  atexit.register(lambda: pathlib.Path(counts_path).write_text(
+    json.dumps({"bytes_read": gcs.bytes_read, "reads": gcs.reads})))
   from train import cli
 
   return cli.main(train_args)

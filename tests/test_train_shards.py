@@ -7,6 +7,7 @@ in-memory Cloud Storage of tests/gcs_testing.py, which counts the bytes each obj
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -158,17 +159,40 @@ def gcs(monkeypatch):
   gcs_testing.clear_epath_filesystems()
 
 
-def _bytes_of_windows(split: shards.TokenSplit, windows: list[int], seq_len: int) -> int:
-  """The bytes of the shards that the windows (of seq_len tokens, from the split's start) span."""
-  total = 0
+def _pieces(split: shards.TokenSplit, windows: list[int], seq_len: int) -> set[tuple]:
+  """(object name, first byte, end byte) of each shard piece that the windows (of seq_len
+  tokens, from the split's start) span: the reads that serve them."""
+  found = set()
   for window in windows:
     begin, end = split.start + window * seq_len, split.start + (window + 1) * seq_len
     position = 0
     for shard in split.shards:
-      overlap = min(end, position + shard.num_tokens) - max(begin, position)
-      total += max(overlap, 0) * np.dtype(shard.dtype).itemsize
+      first, last = max(begin, position), min(end, position + shard.num_tokens)
+      if first < last:
+        itemsize = np.dtype(shard.dtype).itemsize
+        found.add((shard.path.removeprefix("gs:/"),
+                   shard.offset + (first - position) * itemsize,
+                   shard.offset + (last - position) * itemsize))
       position += shard.num_tokens
-  return total
+  return found
+
+
+def _host_windows(stream_N, loader, steps: int) -> list[list[int]]:
+  """The windows of the rows of each of the first `steps` batches of `loader`."""
+  return [_windows(stream_N, rows) for rows in _rows(loader, steps)]
+
+
+def _is_header(read: list) -> bool:
+  """Whether a read [name, start, end] is of a .npy header (tokens start after it)."""
+  return read[0].endswith(".npy") and read[1] == 0
+
+
+def _check_reads(reads, split, consumed: list[int], ahead: list[int], seq_len: int) -> None:
+  """The token reads of one host: every piece of the windows it consumed, and otherwise only
+  pieces of its own windows of the next batches (read ahead by the loader's threads)."""
+  token_reads = {tuple(r) for r in reads if not _is_header(r)}
+  assert _pieces(split, consumed, seq_len) <= token_reads
+  assert token_reads <= _pieces(split, consumed + ahead, seq_len)
 
 
 def test_each_host_reads_only_its_rows_from_gs(tmp_path, gcs):
@@ -186,12 +210,18 @@ def test_each_host_reads_only_its_rows_from_gs(tmp_path, gcs):
     # Opening reads the .npy headers (a .bin's size is metadata), no token.
     assert sorted(gcs.bytes_read) == npy_names and max(gcs.bytes_read.values()) <= 256
     gcs.bytes_read.clear()
-    rows = _rows(make_loader(prepared, process_index=process, process_count=2, **args), steps)
+    gcs.reads.clear()
+    loader = make_loader(prepared, process_index=process, process_count=2, **args)
+    rows = _rows(loader, steps)
+    reads, bytes_read = list(gcs.reads), sum(gcs.bytes_read.values())
     per_host.append(rows)
-    # Exactly the bytes of its 4 rows of each of the 6 batches, nothing else.
-    windows = [w for batch in rows for w in _windows(stream_N, batch)]
-    assert sum(gcs.bytes_read.values()) == _bytes_of_windows(prepared.train_split, windows, SEQ_LEN)
-    assert sum(gcs.bytes_read.values()) < stream_N.size * 2 / 5
+    windows = _host_windows(stream_N, loader, steps + 5)  # (reads again)
+    assert [_windows(stream_N, r) for r in rows] == windows[:steps]
+    # Its 4 rows of each of the 6 batches, and at most its rows of the 4 batches (16 rows, one
+    # per reading thread) read ahead.
+    _check_reads(reads, prepared.train_split, sum(windows[:steps], []),
+                 sum(windows[steps:], []), SEQ_LEN)
+    assert bytes_read <= (steps + 4) * 4 * SEQ_LEN * 4 < stream_N.size * 2 * 0.7
   whole = _rows(make_loader(prepare(cfg), **args), steps)
   for step in range(steps):
     np.testing.assert_array_equal(np.concatenate([per_host[0][step], per_host[1][step]]),
@@ -227,15 +257,46 @@ def test_two_process_run_reads_each_hosts_rows_from_gs(tmp_path):
   # The reference: the same corpus read locally; host i serves rows [4i, 4i + 4) of each batch.
   prepared = prepare(DataConfig(source="tokens", paths=(str(local / "part-*"),),
                                 vocab_size=VOCAB, eval_fraction=0.0))
-  header_bytes = {f"/bucket/corpus/{p.name}": min(p.stat().st_size, 256)
-                  for p in local.glob("*.npy")}
+  headers = {f"/bucket/corpus/{p.name}" for p in local.glob("*.npy")}
   for i in range(2):
     counts = json.loads((tmp_path / f"counts{i}.json").read_text())
     loader = make_loader(prepared, split="train", seq_len=seq_len, global_batch_size=batch,
                          seed=0, process_index=i, process_count=2)
-    windows = [w for rows in _rows(loader, steps) for w in _windows(stream_N, rows)]
-    # The shards' headers and the bytes of its own rows of the 3 steps: nothing else.
-    expected = sum(header_bytes.values()) + _bytes_of_windows(prepared.train_split, windows,
-                                                              seq_len)
-    assert sum(counts.values()) == expected, (i, counts)
-    assert expected < stream_N.size * 2 / 10
+    windows = _host_windows(stream_N, loader, steps + 5)
+    # Every .npy header, then its own rows: those of the 3 steps, and some read ahead.
+    assert {r[0] for r in counts["reads"] if _is_header(r)} == headers
+    split = shards.TokenSplit([dataclasses.replace(s, path="gs://bucket/corpus/"
+                                                   + os.path.basename(s.path))
+                               for s in prepared.train_split.shards])
+    _check_reads(counts["reads"], split, sum(windows[:steps], []), sum(windows[steps:], []),
+                 seq_len)
+    assert sum(counts["bytes_read"].values()) < stream_N.size * 2 / 10
+
+
+def test_a_saved_loader_state_restores_with_the_shards_elsewhere(tmp_path):
+  """The state names shards by file name and length, so another host's copy restores it."""
+  stream_N = _write_corpus(tmp_path / "here", 12, seed=10)
+  (tmp_path / "there").mkdir()
+  for path in (tmp_path / "here").iterdir():
+    (tmp_path / "there" / path.name).write_bytes(path.read_bytes())
+  args = dict(split="train", seq_len=SEQ_LEN, global_batch_size=4, seed=1, process_index=1,
+              process_count=2)
+
+  def loader(where: str):
+    return make_loader(prepare(DataConfig(source="tokens", paths=(str(tmp_path / where / "*"),),
+                                          vocab_size=VOCAB)), **args)
+
+  iterator = iter(loader("here"))
+  for _ in range(3):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator)["tokens"] for _ in range(4)]
+  restored = iter(loader("there"))
+  restored.set_state(state)
+  np.testing.assert_array_equal(np.stack([next(restored)["tokens"] for _ in range(4)]),
+                                np.stack(expected))
+  _windows(stream_N, expected[0])
+  # A shard of another length makes another stream: the state is refused.
+  np.save(tmp_path / "there" / "part-000.npy", np.zeros(5, np.uint16))
+  with pytest.raises(ValueError):
+    iter(loader("there")).set_state(state)

@@ -44,6 +44,7 @@ class TokenWindows:
     self._seq_len = seq_len
     self._vocab_size = vocab_size
     self.num_tokens = split.num_tokens
+    self.remote = split.remote
 
   def __len__(self) -> int:
     return self.num_tokens // self._seq_len
@@ -138,6 +139,20 @@ def _allow_grain_workers_without_absl() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+# Threads reading the windows of shards behind URLs: each window is a network request.
+REMOTE_READ_THREADS = 16
+
+
+def _read_options(source: TokenWindows, rows: int) -> grain.ReadOptions:
+  """Local files: read in the iterating thread (a read is a page-cache copy; threads would only
+  contend for the GIL). URLs: `REMOTE_READ_THREADS` threads fetch the rows of up to two batches
+  (at least `REMOTE_READ_THREADS` rows) ahead."""
+  if not source.remote:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions(num_threads=REMOTE_READ_THREADS,
+                           prefetch_buffer_size=max(2 * rows, REMOTE_READ_THREADS))
+
+
 def _split_of(prepared: PreparedData, split: str) -> TokenSplit:
   """The `TokenSplit` of `split`: the shards' for source "tokens", else the cached .npy."""
   given = prepared.train_split if split == "train" else prepared.eval_split
@@ -215,6 +230,5 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
     worker_count=worker_count,
     shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                                      drop_remainder=True),
-    # The windows are memory-mapped slices: reading threads would only contend for the GIL.
-    read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
+    read_options=_read_options(source, rows),
   )

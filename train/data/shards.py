@@ -159,8 +159,9 @@ class TokenSplit:
   """Tokens `[start, stop)` of the stream of `shards` joined in order; read on demand.
 
   Holds no open file (each read opens, reads and closes), so it pickles into Grain worker
-  processes and thousands of shards need no thousands of descriptors. `repr` names the shards by file name
-  and length, not by absolute local path, so a checkpointed loader state restores on any host.
+  processes and thousands of shards need no thousands of descriptors. `repr` names the shards
+  by file name and length, not by absolute local path, so a checkpointed loader state restores
+  on any host.
   """
 
   def __init__(self, shards: Sequence[Shard], start: int = 0, stop: int | None = None):
@@ -177,6 +178,11 @@ class TokenSplit:
   @property
   def num_tokens(self) -> int:
     return self.stop - self.start
+
+  @property
+  def remote(self) -> bool:
+    """Whether any shard lies behind a URL (each read is then a network request)."""
+    return any(is_url(s.path) for s in self.shards)
 
   def read(self, start: int, count: int) -> np.ndarray:
     """(count,) int64: tokens `[start, start + count)` of this split (not of the stream).
