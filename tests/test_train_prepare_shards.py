@@ -81,8 +81,9 @@ def test_jsonl_to_shards_in_parallel_and_train_on_them(tmp_path, tokenizer_file,
   assert f"{len(shards)} shards" in printed and f"{reference.size:,} tokens" in printed
   assert f"data.paths=[{out}/shard-*.npy]" in printed
   # The trainer's tokens source serves windows of exactly that stream.
-  prepared = prepare(DataConfig(source="tokens", paths=(str(out / "shard-*.npy"),),
+  prepared = prepare(DataConfig(source="tokens", paths=(str(out),),  # the folder: its shards
                                 vocab_size=300, eval_fraction=0.0))
+  assert [s.path for s in prepared.train_split.shards] == [str(p) for p in shards]
   batch = next(iter(make_loader(prepared, split="train", seq_len=50, global_batch_size=3, seed=0,
                                 shuffle=False)))["tokens"]
   np.testing.assert_array_equal(batch, reference[:150].reshape(3, 50))
@@ -180,8 +181,9 @@ def test_shards_on_gcs_from_inputs_on_gcs(tmp_path, tokenizer_file, monkeypatch)
                        "shard_mb=0.003", "progress=false"]) == 0
   names = sorted(n for n in gcs.store if n.startswith("/bucket/tokens/shard-"))
   assert len(names) > 2
-  prepared = prepare(DataConfig(source="tokens", paths=("gs://bucket/tokens/shard-*.npy",),
+  prepared = prepare(DataConfig(source="tokens", paths=("gs://bucket/tokens",),  # the folder
                                 vocab_size=300, eval_fraction=0.0))
+  assert len(prepared.train_split.shards) == len(names)
   reference = _reference(tokenizer_file, texts)
   assert prepared.num_train_tokens == reference.size
   np.testing.assert_array_equal(prepared.train_split.read(0, reference.size), reference)

@@ -31,7 +31,8 @@ class DataConfig:
   # .npy, or raw .bin ids of `bin_dtype`) in `paths`, read in place, lazily (train.data.shards).
   source: str = "stdlib"
   # Files, directories (every file below, sorted) or globs ("**" allowed) for "text"; shard
-  # files or globs, local or URLs (gs://bucket/shards/*.npy), for "tokens"; empty for "stdlib".
+  # files, folders (their .npy/.bin, sorted) or globs, local or URLs (gs://bucket/shards/*.npy),
+  # for "tokens"; empty for "stdlib".
   paths: tuple[str, ...] = ()
   # "tokens" only: shard files or globs of a separate held-out split (then `eval_fraction` is
   # not used and every token of `paths` is trained on). Empty: the held-out split is the last

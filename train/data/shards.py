@@ -56,10 +56,10 @@ def _url(fs, path: str, like: str) -> str:
 
 
 def expand(patterns: Sequence[str], field: str) -> list[str]:
-  """The shard files that `patterns` (files or globs, local or URLs) name, in order.
+  """The shard files that `patterns` (files, globs or folders; local or URLs) name, in order.
 
-  Each glob's matches are sorted; a file met twice is kept once, at its first place; only
-  `.npy` and `.bin` files count.
+  Each glob's matches and each folder's files are sorted; a file met twice is kept once, at
+  its first place; only `.npy` and `.bin` files count (a folder's plan.json is left out).
 
   Raises:
     ValueError naming `field` for a pattern that matches no shard file.
@@ -71,12 +71,18 @@ def expand(patterns: Sequence[str], field: str) -> list[str]:
       fs, inner = _filesystem(pattern)
       if glob.has_magic(inner):
         matches = sorted(_url(fs, m, pattern) for m in fs.glob(inner))
+      elif fs.isdir(inner):
+        matches = sorted(_url(fs, m, pattern) for m in fs.ls(inner, detail=False))
       else:
         matches = [pattern] if fs.isfile(inner) else []
     else:
       local = os.path.expanduser(pattern)
-      matches = (sorted(glob.glob(local, recursive=True)) if glob.has_magic(local)
-                 else [local] if os.path.isfile(local) else [])
+      if glob.has_magic(local):
+        matches = sorted(glob.glob(local, recursive=True))
+      elif os.path.isdir(local):
+        matches = sorted(os.path.join(local, name) for name in os.listdir(local))
+      else:
+        matches = [local] if os.path.isfile(local) else []
     matches = [m for m in matches if m.endswith(SUFFIXES)]
     if not matches:
       raise ValueError(f"{field} entry {pattern!r} matches no .npy or .bin shard")
