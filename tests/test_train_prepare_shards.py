@@ -173,6 +173,7 @@ def test_parquet_row_groups_become_shards(tmp_path, tokenizer_file):
 
 
 def test_shards_on_gcs_from_inputs_on_gcs(tmp_path, tokenizer_file, monkeypatch):
+  monkeypatch.setenv("EPATH_USE_TF", "false")  # put back after the test (install sets it)
   gcs = gcs_testing.install(monkeypatch.setitem)
   texts = _jsonl_corpus(tmp_path / "raw", files=2, lines=60, seed=8)
   gcs_testing.upload(tmp_path / "raw", "gs://bucket/raw")
