@@ -12,9 +12,10 @@ USAGE = """usage: python -m train.data.prepare [CONFIG.yaml] [key=value ...]
 Writes token shards for `data.source: tokens` when `paths` and `out` are given:
   python -m train.data.prepare paths=[corpus/*.jsonl] field=text \\
       tokenizer=tokenizer.json out=gs://bucket/tokens/train
-encodes the documents of text files, JSONL (`field`) or Parquet (column `field`) with the
-tokenizer, in parallel (`workers`), into out/shard-00000.npy, ...; a killed run resumes where
-it stopped when run again. Train on them with
+encodes the documents of text files, JSONL (`field`) or Parquet (column `field`; needs
+pyarrow, the `data` extra) with the tokenizer (a tokenizers JSON file, or `bpe`: the trainer's
+cached BPE of the data.* keys), in parallel (`workers`), into out/shard-00000.npy, ...; a
+killed run resumes where it stopped when run again. Train on them with
   data.source=tokens data.paths=[gs://bucket/tokens/train/shard-*.npy] data.vocab_size=V
 
 Otherwise prepares the trainer's cached token files of the `data.*` keys (CONFIG.yaml's data
