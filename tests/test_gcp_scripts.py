@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -85,8 +86,13 @@ def test_setup_dry_run(env_file):
     assert part in remote
 
 
-def test_launch_dry_run_starts_the_pod_config_on_all_workers(env_file):
-  [command] = dry_run("launch.sh", env_file)
+def test_launch_dry_run_runs_the_preflight_then_the_v5p32_config_on_all_workers(env_file):
+  preflight, command = dry_run("launch.sh", env_file)
+  # The memory preflight on worker 0 first, in the foreground: a config that does not fit
+  # fails there (set -e) and the launch stops before any worker starts training.
+  assert _remote(preflight, "0") == (
+      "set -euo pipefail; cd cce_jax; . .venv/bin/activate; "
+      "python -m train.aot configs/llama3_8b_v5p32.yaml steps=100 log_every=5")
   remote = _remote(command, "all")
   worker = run_script("launch.sh", "--env", str(env_file), "--print-worker-command")
   assert worker.returncode == 0, worker.stderr
@@ -97,9 +103,25 @@ def test_launch_dry_run_starts_the_pod_config_on_all_workers(env_file):
   assert "nohup bash -c" in remote and "train.log" in remote and "exit_status" in remote
 
 
-def test_single_host_launch_does_not_force_distributed(tmp_path):
-  [command] = dry_run("launch.sh", write_env(tmp_path, ACCELERATOR_TYPE="v5p-8"))
-  assert "distributed=on" not in _remote(command, "all")
+def test_launch_without_preflight(tmp_path):
+  [command] = dry_run("launch.sh", write_env(tmp_path, PREFLIGHT="false"))
+  assert "train.aot" not in _remote(command, "all")
+
+
+def test_launch_trains_on_token_shards_in_the_bucket(tmp_path):
+  env_file = write_env(tmp_path, DATA_PATHS="gs://demo-bucket/tokens/train/shard-*.npy",
+                       EVAL_DATA_PATHS="gs://demo-bucket/tokens/eval/shard-*.npy",
+                       VOCAB_SIZE="128256")
+  preflight, command = dry_run("launch.sh", env_file)
+  data = ("'data.paths=[gs://demo-bucket/tokens/train/shard-*.npy]' "
+          "'data.eval_paths=[gs://demo-bucket/tokens/eval/shard-*.npy]' data.vocab_size=128256")
+  assert (f"python -m train.aot configs/llama3_8b_v5p32.yaml data.source=tokens {data} "
+          "steps=100 log_every=5") in _remote(preflight, "0")
+  words = shlex.split(_remote(command, "all"))
+  inner = words[words.index("nohup") + 3]  # nohup bash -c 'python -m train ...'
+  assert inner.startswith(
+      "python -m train configs/llama3_8b_v5p32.yaml workdir=gs://demo-bucket/runs/llama3-8b "
+      f"data.source=tokens {data} distributed=on steps=100 log_every=5;")
 
 
 def test_babysit_dry_run_lists_every_command(env_file):
@@ -229,13 +251,15 @@ class FakeCloud:
     return run_script(script, "--env", str(env_file), *args, env=self.env, stdin=stdin)
 
   def calls(self) -> list[str]:
-    """Each call in short: the verb (create, describe, delete) or ssh:setup|launch|status."""
+    """Each call in short: the verb (create, describe, delete) or
+    ssh:setup|preflight|launch|status."""
     short = []
     for line in (self.directory / "calls.jsonl").read_text().splitlines():
       argv = json.loads(line)
       if "ssh" in argv:
         remote = option(argv, "command")
         short.append("ssh:" + ("setup" if "git clone" in remote else
+                               "preflight" if "train.aot" in remote else
                                "launch" if "nohup" in remote else "status"))
       else:
         short.append(argv[3])
@@ -269,9 +293,10 @@ def test_babysit_recreates_and_relaunches_after_preemption(tmp_path, fast_env):
   result = cloud.run("babysit.sh", fast_env)
   assert result.returncode == 0, result.stderr
   first_life = ["describe", "create", "describe", "describe", "ssh:status", "ssh:setup",
-                "ssh:launch", "describe", "ssh:status"]
+                "ssh:preflight", "ssh:launch", "describe", "ssh:status"]
   second_life = ["describe", "delete", "create", "describe", "describe", "ssh:status",
-                 "ssh:setup", "ssh:launch", "describe", "ssh:status", "describe", "ssh:status"]
+                 "ssh:setup", "ssh:preflight", "ssh:launch", "describe", "ssh:status",
+                 "describe", "ssh:status"]
   assert cloud.calls() == first_life + second_life
   assert "is PREEMPTED" in result.stderr and "recreating" in result.stderr
   assert "finished" in result.stderr
@@ -285,9 +310,17 @@ def test_babysit_retries_failed_commands(tmp_path, fast_env):
   assert result.returncode == 0, result.stderr
   assert cloud.calls() == ["describe", "create", "describe", "create", "describe", "describe",
                            "ssh:status", "ssh:setup", "describe", "ssh:status", "ssh:setup",
-                           "ssh:launch", "describe", "ssh:status"]
+                           "ssh:preflight", "ssh:launch", "describe", "ssh:status"]
   assert "create failed (1 of 5 in a row)" in result.stderr and "is UNKNOWN" in result.stderr
   assert "setup and launch failed (1 of 5 in a row)" in result.stderr
+
+
+def test_a_failed_preflight_stops_the_launch(tmp_path, env_file):
+  cloud = FakeCloud(tmp_path / "cloud", lives=[["ACTIVE"]], preflight_status=1)
+  assert cloud.run("create.sh", env_file).returncode == 0
+  result = cloud.run("launch.sh", env_file)
+  assert result.returncode == 1
+  assert cloud.calls()[-1] == "ssh:preflight"  # no worker was started
 
 
 def test_babysit_gives_up_after_repeated_failures(tmp_path, fast_env):

@@ -69,7 +69,10 @@ def arange_data(tmp_path_factory) -> PreparedData:
   (dict(source=3), "source"),
   (dict(paths=("a.txt",)), "paths"),  # stdlib takes no paths
   (dict(source="text"), "paths"),
-  (dict(source="tokens", paths=("a.npy", "b.npy")), "paths"),
+  (dict(source="tokens"), "paths"),  # tokens need shards
+  (dict(source="tokens", paths=("a.npy",), eval_paths="b.npy"), "eval_paths"),
+  (dict(eval_paths=("b.npy",)), "eval_paths"),  # tokens only
+  (dict(source="tokens", paths=("a.bin",), bin_dtype="int8"), "bin_dtype"),
   (dict(source="text", paths="a.txt"), "paths"),  # one string, not a sequence of paths
   (dict(vocab_size=256), "vocab_size"),  # below the byte alphabet + EOT
   (dict(vocab_size=2**32 + 1), "vocab_size"),
@@ -254,61 +257,26 @@ def test_concurrent_prepare_builds_once(tmp_path):
 
 
 def test_failed_build_leaves_no_entry(tmp_path):
-  np.save(tmp_path / "ids.npy", np.array([0, 5, 9, 2], np.int64))
-  cfg = DataConfig(source="tokens", paths=(str(tmp_path / "ids.npy"),), vocab_size=9,
-                   cache_dir=str(tmp_path / "c"))
-  with pytest.raises(ValueError, match=r"vocab_size=9 does not cover token id 9"):
-    prepare(cfg)
+  def build(out_dir):
+    (out_dir / "half.npy").write_bytes(b"half")
+    raise ValueError("the build failed")
+
+  with pytest.raises(ValueError, match="the build failed"):
+    cache.build_once(tmp_path / "c", "tokens", {"any": 1}, build)
   assert [p for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")] == []
 
 
-def test_tokens_source(tmp_path):
-  ids = np.random.default_rng(0).integers(0, 70_000, size=5_000)
-  np.save(tmp_path / "ids.npy", ids)
-  prepared = prepare(DataConfig(source="tokens", paths=(str(tmp_path / "ids.npy"),),
-                                vocab_size=70_000, eval_fraction=0.2,
-                                cache_dir=str(tmp_path / "c")))
-  assert prepared.vocab_size == 70_000 and prepared.tokenizer_path is None
-  assert (prepared.num_train_tokens, prepared.num_eval_tokens) == (4_000, 1_000)
-  train, evals = np.load(prepared.train_tokens), np.load(prepared.eval_tokens)
-  assert train.dtype == np.uint32  # ids beyond uint16
-  np.testing.assert_array_equal(np.concatenate([train, evals]), ids)
-  with pytest.raises(ValueError, match="tokenizer_path"):
-    load_tokenizer(prepared)
-  # No held-out split: an empty eval file, which the loader refuses to serve.
-  no_eval = prepare(DataConfig(source="tokens", paths=(str(tmp_path / "ids.npy"),),
-                               vocab_size=70_000, eval_fraction=0.0, cache_dir=str(tmp_path / "c")))
-  assert (no_eval.num_train_tokens, no_eval.num_eval_tokens) == (5_000, 0)
-  assert np.load(no_eval.eval_tokens).shape == (0,)
-  with pytest.raises(ValueError, match=r"'eval' split holds 0 tokens.*`seq_len`"):
-    make_loader(no_eval, split="eval", seq_len=8, global_batch_size=1, seed=0)
-
-
-@pytest.mark.parametrize("array, match", [
-  (np.zeros((4, 4), np.int32), r"DataConfig\.paths\[0\].*1-D"),
-  (np.zeros(8, np.float32), r"DataConfig\.paths\[0\].*integer"),
-  (np.array([0, -1, 2]), r"vocab_size=10 does not cover token id -1"),
-])
-def test_tokens_source_rejects_bad_files(tmp_path, array, match):
-  np.save(tmp_path / "ids.npy", array)
-  with pytest.raises(ValueError, match=match):
-    prepare(DataConfig(source="tokens", paths=(str(tmp_path / "ids.npy"),), vocab_size=10,
-                       cache_dir=str(tmp_path / "c")))
-  (tmp_path / "bad.npy").write_text("not an array")
-  with pytest.raises(ValueError, match=r"DataConfig\.paths\[0\]"):
-    prepare(DataConfig(source="tokens", paths=(str(tmp_path / "bad.npy"),), vocab_size=10,
-                       cache_dir=str(tmp_path / "c")))
-
-
 def test_cli_prints_what_it_wrote(tmp_path, capsys):
-  np.save(tmp_path / "ids.npy", np.arange(100))
-  argv = ["--source", "tokens", "--paths", str(tmp_path / "ids.npy"), "--vocab-size", "100",
-          "--cache-dir", str(tmp_path / "c")]
+  (tmp_path / "doc.txt").write_text("words to learn a tokenizer from\n" * 40)
+  argv = ["data.source=text", f"data.paths=[{tmp_path / 'doc.txt'}]", "data.vocab_size=300",
+          f"data.cache_dir={tmp_path / 'c'}"]
   assert prepare_main(argv) == 0
   out = capsys.readouterr().out
-  assert out.startswith("built:") and "train.npy" in out and "98" in out  # 2% of 100 held out
+  assert out.startswith("built:") and "train.npy" in out and "tokenizer.json" in out
   assert prepare_main(argv) == 0
   assert capsys.readouterr().out.startswith("cached:")
+  assert prepare_main(["data.vocab_size=12"]) == 2
+  assert "DataConfig.vocab_size must be in" in capsys.readouterr().err
 
 
 # --- the loader ---------------------------------------------------------------------------------

@@ -197,7 +197,10 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
   """
   workdir = paths.workdir_path(cfg.workdir)
   is_writer = jax.process_index() == 0
-  prepared = data.prepare(cfg.data)
+  try:
+    prepared = data.prepare(cfg.data)
+  except ValueError as error:  # the data the config names is missing or malformed
+    raise config_lib.ConfigError(str(error)) from error
   preflight.check_data(cfg, prepared.num_train_tokens, prepared.num_eval_tokens)
   cfg = with_vocab(cfg, prepared.vocab_size)
   mesh = make_mesh(cfg.mesh)

@@ -60,6 +60,7 @@ load_env() {
   : "${QR_NAME:=${TPU_NAME:-}-qr}"
   : "${RUN_NAME:=${TPU_NAME:-run}}"
   : "${CONFIG:=configs/llama3_8b_v5p32.yaml}"
+  : "${PREFLIGHT:=true}"
   : "${TRAIN_ARGS:=}"
   : "${REMOTE_DIR:=cce_jax}"
   : "${REMOTE_VENV:=.venv}"
@@ -84,6 +85,10 @@ load_env() {
   case $QUEUED in
     true | false) ;;
     *) die "QUEUED must be true or false, not '$QUEUED'" ;;
+  esac
+  case $PREFLIGHT in
+    true | false) ;;
+    *) die "PREFLIGHT must be true or false, not '$PREFLIGHT'" ;;
   esac
   [[ $POLL_SECONDS =~ ^[0-9]+$ ]] || die "POLL_SECONDS must be a whole number of seconds, not '$POLL_SECONDS'"
   [[ $MAX_RECREATES =~ ^[0-9]+$ ]] || die "MAX_RECREATES must be a whole number, not '$MAX_RECREATES'"

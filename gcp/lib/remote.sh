@@ -29,16 +29,58 @@ setup_command() {
     "echo \"\$(hostname): cce_jax \$(git rev-parse --short HEAD) installed\""
 }
 
-# train_command [KEY=VALUE...]: starts `python -m train CONFIG workdir=WORKDIR KEY=VALUE...
+# data_args: the trainer's data keys of DATA_PATHS (comma-separated shard globs, e.g.
+# gs://bucket/tokens/train/shard-*.npy), EVAL_DATA_PATHS and VOCAB_SIZE, one per line; nothing
+# when DATA_PATHS is unset (the config's own data section then applies).
+data_args() {
+  [[ -n ${DATA_PATHS:-} ]] || return 0
+  echo "data.source=tokens"
+  echo "data.paths=[$DATA_PATHS]"
+  if [[ -n ${EVAL_DATA_PATHS:-} ]]; then echo "data.eval_paths=[$EVAL_DATA_PATHS]"; fi
+  if [[ -n ${VOCAB_SIZE:-} ]]; then echo "data.vocab_size=$VOCAB_SIZE"; fi
+}
+
+# trainer_args [KEY=VALUE...]: CONFIG, workdir=WORKDIR, the data keys, the arguments, then
+# TRAIN_ARGS (last, so they win), one per line.
+trainer_args() {
+  local extra=()
+  read -r -a extra <<<"$TRAIN_ARGS"
+  printf '%s\n' "$CONFIG" "workdir=$WORKDIR"
+  data_args
+  if (($#)); then printf '%s\n' "$@"; fi
+  if ((${#extra[@]})); then printf '%s\n' "${extra[@]}"; fi
+}
+
+# preflight_args: the arguments of `python -m train.aot`, the memory preflight: CONFIG, the
+# data keys and TRAIN_ARGS (the ones that decide the compiled step), one per line.
+preflight_args() {
+  local extra=()
+  read -r -a extra <<<"$TRAIN_ARGS"
+  echo "$CONFIG"
+  data_args
+  if ((${#extra[@]})); then printf '%s\n' "${extra[@]}"; fi
+}
+
+# preflight_command: runs `python -m train.aot CONFIG ...` in the foreground: it compiles the
+# training step and fails (non-zero) when its memory exceeds the config's hardware, so that a
+# launch stops before the run would run out of memory.
+preflight_command() {
+  local dir venv args=()
+  read -r dir venv <<<"$(quote "$REMOTE_DIR" "$REMOTE_VENV")"
+  mapfile -t args < <(preflight_args)
+  echo "set -euo pipefail; cd $dir; . $venv/bin/activate; $(quote python -m train.aot "${args[@]}")"
+}
+
+# train_command [KEY=VALUE...]: starts `python -m train CONFIG workdir=WORKDIR DATA KEY=VALUE...
 # TRAIN_ARGS` (TRAIN_ARGS last, so they win) in the background of this worker and returns.
 # Its output is appended to LOG_DIR/train.log, its pid written to LOG_DIR/train.pid and, when
 # it ends, its exit status to LOG_DIR/exit_status. Refuses (exit 1) while a trainer this
 # command started is still running.
 train_command() {
-  local dir venv log args extra=()
+  local dir venv log args words=()
   read -r dir venv log <<<"$(quote "$REMOTE_DIR" "$REMOTE_VENV" "$LOG_DIR")"
-  read -r -a extra <<<"$TRAIN_ARGS"
-  args=$(quote python -m train "$CONFIG" "workdir=$WORKDIR" "$@" "${extra[@]}")
+  mapfile -t words < <(trainer_args "$@")
+  args=$(quote python -m train "${words[@]}")
   local inner="$args; echo \$? > \"\$CCE_LOG/exit_status\""
   echo "set -euo pipefail; mkdir -p $log; export CCE_LOG=\$(cd $log && pwd);" \
     "if [ -f \"\$CCE_LOG/train.pid\" ] && kill -0 \"\$(cat \"\$CCE_LOG/train.pid\")\" 2>/dev/null;" \

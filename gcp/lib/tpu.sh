@@ -146,9 +146,15 @@ worker_command() {
   fi
 }
 
+# launch_workers: the memory preflight on worker 0 (unless PREFLIGHT=false; a config that does
+# not fit stops the launch there), then the trainer on every worker.
 launch_workers() {
   require CONFIG
   require_workdir
+  if [[ $PREFLIGHT == true ]]; then
+    note "preflight: python -m train.aot $CONFIG on worker 0"
+    on_workers 0 "$(preflight_command)"
+  fi
   note "launching $CONFIG on all $WORKERS worker(s) of $TPU_NAME, workdir $WORKDIR"
   on_workers all "$(worker_command)"
 }

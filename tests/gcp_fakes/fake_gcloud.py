@@ -10,7 +10,8 @@ call, ``state.json`` is the fake's memory. ``script.json`` holds
   exit_status: what the last life's trainer ends with (default 0);
   probes_before_exit: how many status probes after a launch in the last life say ``running``
          before the trainer has ended (default 0). Earlier lives' trainers run until preempted;
-  fail_calls: numbers of calls (1 is the first) that fail with status 1 and change nothing.
+  fail_calls: numbers of calls (1 is the first) that fail with status 1 and change nothing;
+  preflight_status: what the memory preflight (python -m train.aot) exits with (default 0).
 
 Only the commands the gcp/ TPU scripts use are understood; anything else exits 2.
 """
@@ -37,6 +38,9 @@ def _ssh(command: str, script: dict, state: dict) -> int:
   if "git clone" in command:
     state["setup"] = True
     print("fake-host: cce_jax installed")
+  elif "train.aot" in command:
+    print("fake-host: preflight: peak memory fits")
+    return script.get("preflight_status", 0)
   elif "nohup" in command:
     state["launched"], state["probes"] = True, 0
     print("fake-host: trainer started")

@@ -7,6 +7,8 @@ import dataclasses
 import os
 import pathlib
 
+from train.data.shards import BIN_DTYPES, TokenSplit
+
 SOURCES = ("stdlib", "text", "tokens")
 # The byte-level alphabet (256 symbols) plus the end-of-text token.
 MIN_TEXT_VOCAB = 257
@@ -26,12 +28,19 @@ class DataConfig:
   """
 
   # "stdlib": the Python standard library's own *.py source (no download); "text": the UTF-8
-  # text files or globs in `paths`, one document per file; "tokens": a 1-D .npy of integer
-  # token ids in `paths[0]`.
+  # text files or globs in `paths`, one document per file; "tokens": token shards (1-D integer
+  # .npy, or raw .bin ids of `bin_dtype`) in `paths`, read in place, lazily (train.data.shards).
   source: str = "stdlib"
-  # Files, directories (every file below, sorted) or globs ("**" allowed) for "text"; one .npy
+  # Files, directories (every file below, sorted) or globs ("**" allowed) for "text"; shard
+  # files, folders (their .npy/.bin, sorted) or globs, local or URLs (gs://bucket/shards/*.npy),
   # for "tokens"; empty for "stdlib".
   paths: tuple[str, ...] = ()
+  # "tokens" only: shard files or globs of a separate held-out split (then `eval_fraction` is
+  # not used and every token of `paths` is trained on). Empty: the held-out split is the last
+  # `eval_fraction` of the stream of `paths`.
+  eval_paths: tuple[str, ...] = ()
+  # The id dtype of raw .bin shards ("uint16" or "uint32", little-endian); .npy carry their own.
+  bin_dtype: str = "uint16"
   # Tokenizer vocabulary to train for "stdlib"/"text" (>= 257); for "tokens" the vocabulary the
   # user declares (checked >= max id + 1).
   vocab_size: int = 32000
@@ -64,9 +73,23 @@ class DataConfig:
       raise ValueError(f"DataConfig.paths must be empty for source='stdlib', got {paths}")
     if self.source == "text" and not paths:
       raise ValueError("DataConfig.paths must name at least one file or glob for source='text'")
-    if self.source == "tokens" and len(paths) != 1:
-      raise ValueError(
-        f"DataConfig.paths must hold exactly one .npy for source='tokens', got {paths}")
+    if self.source == "tokens" and not paths:
+      raise ValueError("DataConfig.paths must name at least one shard file or glob for "
+                       "source='tokens'")
+    eval_paths = self.eval_paths
+    if isinstance(eval_paths, str | os.PathLike):
+      raise TypeError(f"DataConfig.eval_paths must be a sequence of paths, not one path: "
+                      f"{eval_paths!r}")
+    try:
+      eval_paths = tuple(os.fspath(p) for p in eval_paths)
+    except TypeError as error:
+      raise TypeError(f"DataConfig.eval_paths must be a sequence of str paths: {error}") from None
+    object.__setattr__(self, "eval_paths", eval_paths)
+    if eval_paths and self.source != "tokens":
+      raise ValueError(f"DataConfig.eval_paths is for source='tokens' only, got source="
+                       f"{self.source!r}")
+    if self.bin_dtype not in BIN_DTYPES:
+      raise ValueError(f"DataConfig.bin_dtype must be one of {BIN_DTYPES}, got {self.bin_dtype!r}")
     if not _is_int(self.vocab_size):
       raise TypeError(f"DataConfig.vocab_size must be an int, got {self.vocab_size!r}")
     low = 1 if self.source == "tokens" else MIN_TEXT_VOCAB
@@ -100,11 +123,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
-  """The prepared token files.
+  """The prepared token files, or the shards read in place.
 
-  Each token file is a 1-D ``.npy`` (open with ``np.load(path, mmap_mode="r")``) of dtype uint16
-  when ``vocab_size <= 65536``, else uint32. For text sources each document is followed by the
-  end-of-text token (``train.data.EOT``); the eval file is the last ``eval_fraction`` of the stream.
+  For "stdlib"/"text" each token file is a 1-D ``.npy`` in the cache (open with
+  ``np.load(path, mmap_mode="r")``) of dtype uint16 when ``vocab_size <= 65536``, else uint32; each
+  document is followed by the end-of-text token (``train.data.EOT``); the eval file is the last
+  ``eval_fraction`` of the stream. For "tokens" nothing is copied: ``train_tokens``/``eval_tokens``
+  describe the shards and ``train_split``/``eval_split`` read them (``train.data.shards.TokenSplit``).
   """
 
   train_tokens: str
@@ -115,3 +140,6 @@ class PreparedData:
   tokenizer_path: str | None
   num_train_tokens: int
   num_eval_tokens: int
+  # "tokens": the splits of the shards (None: the whole `train_tokens`/`eval_tokens` file).
+  train_split: TokenSplit | None = dataclasses.field(default=None, compare=False)
+  eval_split: TokenSplit | None = dataclasses.field(default=None, compare=False)

@@ -1,4 +1,4 @@
-"""Serving batches: a Grain ``DataLoader`` over fixed-length windows of a token file.
+"""Serving batches: a Grain ``DataLoader`` over fixed-length windows of a split's token stream.
 
 A split's token stream (documents joined by EOT, see ``train.data.prepare``) is cut into
 ``num_windows = num_tokens // seq_len`` non-overlapping windows; window ``w`` is
@@ -23,39 +23,45 @@ import numpy as np
 from absl import flags
 
 from train.data.config import PreparedData
+from train.data.shards import TokenSplit, open_shards
 
 SPLITS = ("train", "eval")
 
 
 class TokenWindows:
-  """Random-access source: window ``w`` of a 1-D token .npy, as {"tokens": int32 (seq_len,)}."""
+  """Random-access source: window ``w`` of a split, as {"tokens": int32 (seq_len,)}.
 
-  def __init__(self, path: str, seq_len: int):
-    self._path = path
+  The split is a `TokenSplit` of shards (source "tokens") or one token .npy (the cache's files);
+  a window is read when it is asked for, so a process reads only its own rows. `vocab_size`
+  (when given) is checked on every window read.
+
+  Raises (from `__getitem__`):
+    ValueError naming `data.vocab_size` for a token id outside [0, vocab_size).
+  """
+
+  def __init__(self, split: TokenSplit, seq_len: int, vocab_size: int | None = None):
+    self._split = split
     self._seq_len = seq_len
-    self._tokens_N: np.ndarray | None = None
-    self.num_tokens = int(self._tokens().shape[0])
-
-  def _tokens(self) -> np.ndarray:
-    if self._tokens_N is None:
-      self._tokens_N = np.load(self._path, mmap_mode="r", allow_pickle=False)
-    return self._tokens_N
+    self._vocab_size = vocab_size
+    self.num_tokens = split.num_tokens
+    self.remote = split.remote
 
   def __len__(self) -> int:
     return self.num_tokens // self._seq_len
 
   def __getitem__(self, window: int) -> dict[str, np.ndarray]:
-    start = int(window) * self._seq_len
-    return {"tokens": np.asarray(self._tokens()[start:start + self._seq_len], np.int32)}
-
-  def __getstate__(self) -> dict:  # Worker processes reopen the memmap.
-    return {**self.__dict__, "_tokens_N": None}
+    tokens_L = self._split.read(int(window) * self._seq_len, self._seq_len)  # (seq_len,)
+    if self._vocab_size is not None and tokens_L.size:
+      low, high = int(tokens_L.min()), int(tokens_L.max())
+      if low < 0 or high >= self._vocab_size:
+        raise ValueError(f"data.vocab_size={self._vocab_size} does not cover token id "
+                         f"{low if low < 0 else high} in window {window} of {self._split!r}")
+    return {"tokens": tokens_L.astype(np.int32)}
 
   def __repr__(self) -> str:
-    # Names the cache entry (a content hash) and file, not the absolute path, so a checkpoint
-    # restores on a host whose cache lives elsewhere.
-    entry, name = self._path.rsplit("/", 2)[-2:]
-    return f"TokenWindows({entry}/{name}, num_tokens={self.num_tokens}, seq_len={self._seq_len})"
+    # Names the shards by file name and length (see TokenSplit), not by absolute path, so a
+    # checkpoint restores on a host whose files live elsewhere.
+    return f"TokenWindows({self._split!r}, seq_len={self._seq_len})"
 
 
 class EpochSampler:
@@ -133,6 +139,29 @@ def _allow_grain_workers_without_absl() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+# Threads reading the windows of shards behind URLs: each window is a network request.
+REMOTE_READ_THREADS = 16
+
+
+def _read_options(source: TokenWindows, rows: int) -> grain.ReadOptions:
+  """Local files: read in the iterating thread (a read is a page-cache copy; threads would only
+  contend for the GIL). URLs: `REMOTE_READ_THREADS` threads fetch the rows of up to two batches
+  (at least `REMOTE_READ_THREADS` rows) ahead."""
+  if not source.remote:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions(num_threads=REMOTE_READ_THREADS,
+                           prefetch_buffer_size=max(2 * rows, REMOTE_READ_THREADS))
+
+
+def _split_of(prepared: PreparedData, split: str) -> TokenSplit:
+  """The `TokenSplit` of `split`: the shards' for source "tokens", else the cached .npy."""
+  given = prepared.train_split if split == "train" else prepared.eval_split
+  if given is not None:
+    return given
+  path = prepared.train_tokens if split == "train" else prepared.eval_tokens
+  return TokenSplit(open_shards([path], "uint16", f"prepared.{split}_tokens"))
+
+
 def _check_int(name: str, value: object, low: int) -> None:
   if not isinstance(value, int) or isinstance(value, bool):
     raise TypeError(f"make_loader: `{name}` must be an int, got {value!r}")
@@ -179,8 +208,8 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
   if global_batch_size % process_count:
     raise ValueError(f"make_loader: `global_batch_size`={global_batch_size} must be divisible by "
                      f"`process_count`={process_count}")
-  path = prepared.train_tokens if split == "train" else prepared.eval_tokens
-  source = TokenWindows(path, seq_len)
+  source = TokenWindows(_split_of(prepared, split), seq_len,
+                        prepared.vocab_size if prepared.train_split is not None else None)
   if source.num_tokens < seq_len:
     raise ValueError(f"make_loader: the {split!r} split holds {source.num_tokens} tokens, fewer "
                      f"than `seq_len`={seq_len}")
@@ -201,6 +230,5 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
     worker_count=worker_count,
     shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                                      drop_remainder=True),
-    # The windows are memory-mapped slices: reading threads would only contend for the GIL.
-    read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
+    read_options=_read_options(source, rows),
   )

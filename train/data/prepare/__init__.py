@@ -3,9 +3,9 @@
 Text ("stdlib", "text") goes through two cache entries: ``tokenizer-<key>`` (a byte-level BPE
 trained on the corpus; the key hashes the corpus content and the vocabulary size) and
 ``tokens-<key>`` (the encoded stream split into train.npy and eval.npy; the key adds the eval
-fraction). "tokens" makes one ``tokens-<key>`` entry from the user's .npy (the key hashes its
-path, size, mtime, the declared vocabulary and the eval fraction). Entries are built once, under
-a lock, and appear atomically (see ``train.data.cache``). Nothing is downloaded.
+fraction). Entries are built once, under a lock, and appear atomically (see
+``train.data.cache``). Nothing is downloaded. "tokens" copies nothing: the user's shards are
+read in place, lazily (``train.data.shards``); only their headers are read here.
 
 Run ``python -m train.data.prepare --help`` to prepare from the command line.
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from train.data import cache, corpus
+from train.data import cache, corpus, shards
 from train.data import tokenizer as tokenizer_lib
 from train.data.config import DataConfig, PreparedData
 
@@ -73,15 +73,34 @@ def _write_stream(chunks: Iterable[np.ndarray], path: pathlib.Path, dtype: np.dt
   return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
 
 
-def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
-  files = corpus.stdlib_files() if cfg.source == "stdlib" else corpus.text_files(cfg.paths)
-  # The cap sizes the embedded default corpus; the user's own text is read whole.
-  max_bytes = cfg.max_corpus_bytes if cfg.source == "stdlib" else None
-  documents = lambda: corpus.iter_documents(files, max_bytes)
+def _text_files(cfg: DataConfig) -> list[pathlib.Path]:
+  return corpus.stdlib_files() if cfg.source == "stdlib" else corpus.text_files(cfg.paths)
+
+
+def _max_bytes(cfg: DataConfig) -> int | None:
+  """The byte cap: it sizes the embedded default corpus; the user's own text is read whole."""
+  return cfg.max_corpus_bytes if cfg.source == "stdlib" else None
+
+
+def cached_tokenizer(cfg: DataConfig) -> tuple[pathlib.Path, int]:
+  """The byte-level BPE of a "stdlib"/"text" config: (its tokenizer.json, its vocabulary size).
+
+  Trained on the config's corpus once and cached (the entry ``tokenizer-<key>``); the trainer
+  and ``python -m train.data.prepare tokenizer=bpe`` share it.
+
+  Raises:
+    ValueError for a "tokens" config (it has no tokenizer) or paths that match nothing.
+  """
+  if cfg.source == "tokens":
+    raise ValueError("DataConfig.source='tokens' has no tokenizer; use 'stdlib' or 'text'")
+  files = _text_files(cfg)
+  max_bytes = _max_bytes(cfg)
 
   def build_tokenizer(out_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
-    tokenizer = tokenizer_lib.train_tokenizer((text for text, _ in documents()), cfg.vocab_size)
+    # The BPE is trained on at most max_corpus_bytes of text; every byte is encoded below.
+    texts = (text for text, _ in corpus.iter_documents(files, cfg.max_corpus_bytes))
+    tokenizer = tokenizer_lib.train_tokenizer(texts, cfg.vocab_size)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     return {"vocab_size": tokenizer.get_vocab_size(), "train_seconds": time.perf_counter() - start}
 
@@ -91,9 +110,15 @@ def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
     "vocab_size": cfg.vocab_size,
   }
   tokenizer_dir, tokenizer_meta = cache.build_once(
-    cache_dir, "tokenizer", tokenizer_description, build_tokenizer)
-  tokenizer_path = tokenizer_dir / "tokenizer.json"
-  vocab_size = int(tokenizer_meta["vocab_size"])
+    cfg.resolved_cache_dir(), "tokenizer", tokenizer_description, build_tokenizer)
+  return tokenizer_dir / "tokenizer.json", int(tokenizer_meta["vocab_size"])
+
+
+def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
+  files = _text_files(cfg)
+  documents = lambda: corpus.iter_documents(files, _max_bytes(cfg))
+  tokenizer_path, vocab_size = cached_tokenizer(cfg)
+  tokenizer_dir = tokenizer_path.parent
 
   def build_tokens(out_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
@@ -110,25 +135,37 @@ def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
   return _prepared(tokens_dir, meta, str(tokenizer_path))
 
 
-def _prepare_tokens(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
-  path = pathlib.Path(cfg.paths[0]).expanduser().resolve()
-  try:
-    stream_N = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (OSError, ValueError) as error:
-    raise ValueError(f"DataConfig.paths[0] must be a readable .npy file: {error}") from None
-  if stream_N.ndim != 1 or stream_N.dtype.kind not in "iu":
-    raise ValueError(f"DataConfig.paths[0] must hold a 1-D integer array, got shape "
-                     f"{stream_N.shape} dtype {stream_N.dtype}")
-  stat = path.stat()
-  description = {"tokens_file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                 "vocab_size": cfg.vocab_size, "eval_fraction": cfg.eval_fraction}
+def _prepare_tokens(cfg: DataConfig) -> PreparedData:
+  """The "tokens" source: the shards' headers are read, their tokens stay where they are."""
+  train_shards = shards.open_shards(shards.expand(cfg.paths, "data.paths"), cfg.bin_dtype,
+                                    "data.paths")
+  stream = shards.TokenSplit(train_shards)
+  if cfg.eval_paths:
+    eval_shards = shards.open_shards(shards.expand(cfg.eval_paths, "data.eval_paths"),
+                                     cfg.bin_dtype, "data.eval_paths")
+    train_split, eval_split = stream, shards.TokenSplit(eval_shards)
+  else:
+    num_eval = round(stream.num_tokens * cfg.eval_fraction)
+    boundary = stream.num_tokens - num_eval
+    train_split = shards.TokenSplit(train_shards, 0, boundary)
+    eval_split = shards.TokenSplit(train_shards, boundary, stream.num_tokens)
+  if train_split.num_tokens < 1:
+    raise ValueError(f"data.paths: the shards hold {stream.num_tokens} tokens, nothing to train "
+                     f"on (data.eval_fraction={cfg.eval_fraction})")
 
-  def build_tokens(out_dir: pathlib.Path) -> dict:
-    meta = _write_splits(stream_N, cfg.eval_fraction, cfg.vocab_size, out_dir)
-    return {**meta, "vocab_size": cfg.vocab_size}
+  def describe(split: shards.TokenSplit, field: str) -> str:
+    return f"{len(split.shards)} shards of {field}"
 
-  tokens_dir, meta = cache.build_once(cache_dir, "tokens", description, build_tokens)
-  return _prepared(tokens_dir, meta, None)
+  return PreparedData(
+    train_tokens=describe(train_split, "data.paths"),
+    eval_tokens=describe(eval_split, "data.eval_paths" if cfg.eval_paths else "data.paths"),
+    vocab_size=cfg.vocab_size,
+    tokenizer_path=None,
+    num_train_tokens=train_split.num_tokens,
+    num_eval_tokens=eval_split.num_tokens,
+    train_split=train_split,
+    eval_split=eval_split,
+  )
 
 
 def _prepared(tokens_dir: pathlib.Path, meta: dict, tokenizer_path: str | None) -> PreparedData:
@@ -143,20 +180,22 @@ def _prepared(tokens_dir: pathlib.Path, meta: dict, tokenizer_path: str | None) 
 
 
 def prepare(cfg: DataConfig) -> PreparedData:
-  """Tokenizes (or copies) the configured data into cached train/eval token files.
+  """Tokenizes the configured text into cached train/eval token files, or opens the shards.
 
   Idempotent: a second call with the same inputs reads the cache (no tokenizer training, no
   encoding). Safe under concurrent callers sharing ``cache_dir``: one builds, the others wait.
+  For source="tokens" it reads only the shards' headers (ids beyond ``vocab_size`` are caught
+  when a window holding one is read).
 
   Raises:
-    ValueError naming the field for paths that match nothing, a token file that is not a 1-D
-    integer .npy or holds ids >= vocab_size, or a corpus too small to leave train tokens.
+    ValueError naming the field for paths that match nothing, a shard that is not a 1-D
+    integer .npy (or a .bin of whole ids), or a corpus too small to leave train tokens.
   """
   if not isinstance(cfg, DataConfig):
     raise TypeError(f"prepare expects a DataConfig, got {type(cfg).__name__}")
   cache_dir = cfg.resolved_cache_dir()
   if cfg.source == "tokens":
-    return _prepare_tokens(cfg, cache_dir)
+    return _prepare_tokens(cfg)
   return _prepare_text(cfg, cache_dir)
 
 
