@@ -87,6 +87,65 @@ def test_each_option_alone(case):
              interpret=True)
 
 
+# ---- vmap: the forward folded into one kernel call, the backward example by example -------
+
+
+def _vmap_inputs(classifier_per_example: bool = False):
+  rng = np.random.default_rng(7)
+  e = jnp.asarray(rng.normal(size=(3, 13, 24)), jnp.float32)
+  c_shape = (3, 75, 24) if classifier_per_example else (75, 24)
+  c = jnp.asarray(rng.normal(size=c_shape) * 0.5, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 75, size=(3, 13)), jnp.int32)
+  return e, c, labels
+
+
+def _vmapped_loss(impl: str, blocks, c_axis):
+  per_example = lambda e1, c1, labels1: cce_jax.linear_cross_entropy(
+      e1, c1, labels1, impl=impl, block_sizes=blocks, interpret=True, filter_eps=1e-3,
+      label_smoothing=0.1, z_loss=0.01)
+  return jax.vmap(per_example, in_axes=(0, c_axis, 0))
+
+
+def test_vmap_folds_forward_and_maps_backward():
+  """Under jax.vmap with a shared classifier the forward is one kernel call over all 3 x 13
+  tokens, the backward runs example by example (filtering on, so the block maxima are split
+  per example), and loss and gradients are those of "xla", itself checked against float64."""
+  e, c, labels = _vmap_inputs()
+
+  def total(impl, blocks):
+    batched = _vmapped_loss(impl, blocks, None)
+    return jax.jit(jax.value_and_grad(
+        lambda e, c: jnp.sum(batched(e, c, labels)), argnums=(0, 1)))(e, c)
+
+  loss, (d_e, d_c) = total("pallas_gpu", BLOCKS)
+  loss_xla, (d_e_xla, d_c_xla) = total("xla", cce_jax.BlockSizes(token_block=8, vocab_block=32))
+  assert_rel_close("loss", loss, loss_xla, 2e-5)
+  assert_rel_close("d_e", d_e, d_e_xla, 2e-5)
+  assert_rel_close("d_c", d_c, d_c_xla, 2e-5)
+  # The fold: the forward's one pallas_call sees every example's tokens as one (39, 24) e.
+  jaxpr = jax.make_jaxpr(_vmapped_loss("pallas_gpu", BLOCKS, None))(e, c, labels).jaxpr
+  calls = [q for q in _equations(jaxpr) if q.primitive.name == "pallas_call"]
+  assert len(calls) == 1 and calls[0].invars[0].aval.shape == (39, 24)
+
+
+def test_vmap_with_a_classifier_per_example_runs_the_examples_in_sequence():
+  e, c, labels = _vmap_inputs(classifier_per_example=True)
+  loss = jax.jit(_vmapped_loss("pallas_gpu", BLOCKS, 0))(e, c, labels)
+  want = _vmapped_loss("xla", cce_jax.BlockSizes(token_block=8, vocab_block=32), 0)(e, c, labels)
+  assert_rel_close("loss", loss, want, 2e-5)
+  for b in range(3):
+    exact = reference64.reference(
+        e[b], c[b], labels[b], None, ignore_index=-100, softcap=None, reduction="mean",
+        shift=0, z_loss=0.01, label_smoothing=0.1, classifier_layout="vd")
+    assert_rel_close(f"loss[{b}]", loss[b], exact["loss"], 2e-5)
+
+
+def _equations(jaxpr):
+  yield from jaxpr.eqns
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from _equations(sub)
+
+
 # ---- gradient filtering: tests/test_filtering.py, parametrized over the implementations ----
 
 
