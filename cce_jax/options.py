@@ -64,7 +64,7 @@ class LossOptions:
 
   @property
   def filters_anything(self) -> bool:
-    """Whether the backward may skip any tile (see ../shared/MATH.md)."""
+    """Whether the backward may skip any tile (see docs/math.md)."""
     if self.filter_eps is None or not (self.filter_e_grad or self.filter_c_grad):
       return False
     # With softcap the uniform label-smoothing term is scaled by every entry's softcap
