@@ -136,17 +136,22 @@ def skip_table(
   row's target lies among those classes and ``filter_scale * exp(block_max - lse) <
   filter_eps`` for every row; NaN or inf in any row keeps the tile.
   """
-  if block_max_token_axis == 0:
-    block_max = block_max.T  # (B, N); a copy of N x B floats, small beside N x D
-  bound = filter_scale[None, :] * jnp.exp(block_max - lse[None, :])  # (B, N)
+  axis = block_max_token_axis  # the layout is kept: no transposed copy of the N x B maxima
+  per_token = lambda x: jnp.expand_dims(x, 1 - axis)  # (N,) -> broadcastable to block_max
+  bound = per_token(filter_scale) * jnp.exp(block_max - per_token(lse))  # (N, B) or (B, N)
   # The rows i * block .. (i + 1) * block - 1 of every block, padded rows bounded by 0.
-  padded = tokens.count * tokens.block - tokens.size
-  rows = jnp.pad(bound, ((0, 0), (0, padded))).reshape(classes.count, tokens.count, -1)
-  tile_bound = jnp.max(rows, axis=2)  # (B, T)
+  padding = [(0, 0), (0, 0)]
+  padding[axis] = (0, tokens.count * tokens.block - tokens.size)
+  rows = jnp.pad(bound, padding)
+  if axis == 0:
+    tile_bound = jnp.max(rows.reshape(tokens.count, tokens.block, -1), axis=1)  # (T, B)
+  else:
+    tile_bound = jnp.max(rows.reshape(-1, tokens.count, tokens.block), axis=2).T  # (T, B)
   if tokens.policy == "overlap" and tokens.ragged:
-    last_rows = bound[:, tokens.size - tokens.block :]  # the last block starts early
-    tile_bound = tile_bound.at[:, -1].set(jnp.max(last_rows, axis=1))
-  small = (tile_bound < filter_eps).T  # (T, B); NaN compares False: kept
+    # The last block starts early: its rows are the last `block` ones.
+    last_rows = lax.slice_in_dim(bound, tokens.size - tokens.block, tokens.size, axis=axis)
+    tile_bound = tile_bound.at[-1].set(jnp.max(last_rows, axis=axis))
+  small = tile_bound < filter_eps  # (T, B); NaN compares False: kept
   # The vocabulary block whose live classes hold each row's target; past the end for none.
   columns = tile_columns(local_labels, order)
   target_block = jnp.where(columns >= 0, columns // classes.block, classes.count)
