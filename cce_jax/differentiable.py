@@ -10,11 +10,11 @@ the logits (:class:`cce_jax.tiled.LocalForward`). Everything else is ordinary JA
 * the loss formula (``loss_math.token_loss``), the masking of ignored tokens and the NaN of
   out-of-range labels.
 
-The statistics of a tiled implementation form one ``jax.custom_vjp`` whose backward turns the
-cotangents of (lse, target, logit sum) into the per-token factors of the softmax gradient
-(``TokenCoefficients``) and the filter scale of ``docs/math.md``'s skip rule, and calls the
-implementation's backward. Every implementation, "reference" included, goes through it. Because the collectives are ordinary differentiable JAX
-outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
+The statistics of an implementation ("reference" included) form one ``jax.custom_vjp`` whose
+backward turns the cotangents of (lse, target, logit sum) into the per-token factors of the
+softmax gradient (``TokenCoefficients``) and the filter scale of ``docs/math.md``'s skip rule,
+and calls the implementation's backward. Because the collectives are ordinary differentiable
+JAX outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
 vocabulary axis by ``shard_map``'s own rules, correctly with ``check_vma`` on or off.
 """
 

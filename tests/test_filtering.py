@@ -1,8 +1,9 @@
-"""Gradient filtering: real skipped work, the vocabulary sort, and the error it costs.
+"""Gradient filtering: real skipped work, the vocabulary sort, and the error it costs, for
+every implementation (parametrized over ``impl``), and one skip rule shared by all of them.
 
 The error bound. A skipped tile drops entries of the softmax gradient ``dz_nv`` that are all
-below ``eps * |g_n|`` (the rule of ``docs/math.md`` times the row's cotangent). Only such entries can be
-dropped, so with ``small_nv = [|dz_nv| < eps |g_n|]``:
+below ``eps * |g_n|`` (the rule of ``docs/math.md`` times the row's cotangent). Only such
+entries can be dropped, so with ``small_nv = [|dz_nv| < eps |g_n|]``:
 
     ||dE_n(filtered) - dE_n(exact)|| <= sum_v small_nv |dz_nv| ||c_v||
     ||dC_v(filtered) - dC_v(exact)|| <= sum_n small_nv |dz_nv| ||e_n||
