@@ -16,11 +16,11 @@ without filtering (why, and its measured cost: ``benchmarks/RESULTS.md``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from collections.abc import Callable
 
 from cce_jax import filtering, loss_math, vocab_sort
 from cce_jax.filtering import AxisTiling
