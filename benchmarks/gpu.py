@@ -218,15 +218,9 @@ class TorchRunner(Runner):
 
 def pallas_skipped_fraction(e, c, labels, interpret: bool) -> float:
   """Fraction of backward tiles the default pallas_gpu loss skips (its skip table)."""
-  from cce_jax.options import LossOptions
-  from pallas_kernels.gpu import GPUBlockSizes, ops
-
-  opts = LossOptions(filter_eps=cce_jax.default_filter_eps(e.dtype), interpret=interpret,
-                     block_sizes=GPUBlockSizes.get_default(e.dtype))
-  skipped, total = jax.jit(
-      lambda e, c, labels: ops.filter_tile_counts(e, c, labels, None, jnp.ones_like, opts)
-  )(e, c, labels)
-  return int(skipped) / int(total)
+  stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, impl="pallas_gpu",
+                               interpret=interpret)
+  return float(stats["skipped_fraction"])
 
 
 def run_shape(shape: Shape, args: argparse.Namespace, apple) -> list[dict[str, Any]]:

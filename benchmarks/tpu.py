@@ -49,8 +49,7 @@ from common import IGNORE_INDEX, LossFn, baseline_loss, error_text, temp_bytes, 
 
 import cce_jax
 from cce_jax import synthetic
-from cce_jax.options import LossOptions
-from pallas_kernels.tpu import TPUBlockSizes, implementation, kernel_vmem_bytes, resolve
+from pallas_kernels.tpu import TPUBlockSizes, kernel_vmem_bytes, resolve
 
 SHAPES = {"paper": (8192, 2304, 256000), "llama3_8b": (8192, 4096, 128256)}
 SMOKE_SHAPES = {"smoke": (256, 256, 1024)}
@@ -92,15 +91,12 @@ def pallas_details(e, c, labels, options: dict[str, Any], interpret: bool) -> di
   vmem = kernel_vmem_bytes(tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden,
                            e.dtype.itemsize)
   filter_eps = options.get("filter_eps", cce_jax.default_filter_eps(e.dtype))
-  opts = LossOptions(filter_eps=filter_eps, block_sizes=blocks, interpret=interpret,
-                     ignore_index=IGNORE_INDEX)
-  counted = (labels != IGNORE_INDEX).astype(jnp.float32)
-  skip = jax.jit(lambda e, c, labels: implementation.skipped_tiles(
-      e, c, labels, None, lambda lse: counted, opts))(e, c, labels)
+  stats = cce_jax.filter_stats(e, c, labels, filter_eps=filter_eps, block_sizes=blocks,
+                               ignore_index=IGNORE_INDEX, impl="pallas_tpu", interpret=interpret)
   return {
       "tiles": dict(tiles._asdict()),
       "vmem_estimate_bytes": vmem,
-      "skipped_fraction": float(jnp.mean(skip)),
+      "skipped_fraction": float(stats["skipped_fraction"]),
   }
 
 

@@ -9,20 +9,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import checks, differentiable, dispatch, loss_math, sharding, xla_chunked
+from cce_jax import checks, differentiable, dispatch, loss_math, sharding
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.dispatch import resolve_impl
 from cce_jax.options import LossOptions
+from cce_jax.tiled import TiledInputs
 
 
-def _target_labels(labels: jax.Array, shift: int, num_classes: int, ignore_index: int):
+def _target_labels(labels: jax.Array, shift: int, ignore_index: int) -> jax.Array:
   """int32 labels where position i holds labels[..., i + shift] (the last ``shift`` ignored).
 
-  64-bit labels beyond int32 become ``num_classes`` (out of range, so NaN), not a wrapped value.
+  ``labels`` went through ``checks.labels_as_int32`` (64-bit values beyond int32 are already
+  out of range, not wrapped).
   """
-  if jnp.dtype(labels.dtype).itemsize > 4:
-    beyond = (labels < checks.INT32_MIN) | (labels > checks.INT32_MAX)
-    labels = jnp.where(beyond, num_classes, labels)
   labels = labels.astype(jnp.int32)
   if shift == 0:
     return labels
@@ -49,9 +48,7 @@ def _linear_cross_entropy(
   """The loss on this device's arrays; sums and counts are psum-ed over ``token_axes``."""
   batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
   out_shape = (*batch_shape, seq_len - shift)
-  num_local = c.shape[opts.vocab_dim]
-  num_classes = differentiable.vocab_shard(num_local, opts.vocab_axis)[1]
-  labels = _target_labels(labels, shift, num_classes, opts.ignore_index)
+  labels = _target_labels(labels, shift, opts.ignore_index)
   counted = labels[..., : seq_len - shift] != opts.ignore_index
   if 0 in out_shape:
     # No token: the loss is 0 (not 0/0) and every gradient is zero.
@@ -80,13 +77,18 @@ def _linear_cross_entropy(
 
 
 def _prepare(
-    e, c, labels, bias, *, shift: Any, classifier_layout: Any, **options: Any
+    e, c, labels, bias, *, impl: str, shift: Any, classifier_layout: Any, **options: Any
 ) -> tuple[LossOptions, int]:
-  """Checks the arrays and options shared by the public functions (at trace time)."""
+  """Checks the arrays and options shared by the public functions (at trace time); ``impl``
+  is resolved (not "auto")."""
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   checks.check_arrays(e, c, labels, bias, layout)
   shift = checks.check_shift(shift, labels.shape[-1])
-  return checks.build_options(dtype=e.dtype, classifier_layout=layout, **options), shift
+  opts = checks.build_options(
+      dtype=e.dtype, classifier_layout=layout, implementation=dispatch.implementation(impl),
+      **options,
+  )
+  return opts, shift
 
 
 def linear_cross_entropy(
@@ -220,7 +222,6 @@ def linear_cross_entropy(
   reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
   return_lse = checks.check_bool("return_lse", return_lse)
   impl = resolve_impl(impl)
-  tiled = None if impl == "reference" else dispatch.tiled_implementation(impl)
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   token_axes = sharding.check_axes("token_axes", token_axes)
   vocab_axes = sharding.check_axes("vocab_axis", vocab_axis)
@@ -229,12 +230,10 @@ def linear_cross_entropy(
   elif vocab_axes or token_axes:
     sharding.check_bound_axes(token_axes, vocab_axes)
   opts, shift = _prepare(
-      e, c, labels, bias, shift=shift, classifier_layout=layout,
+      e, c, labels, bias, impl=impl, shift=shift, classifier_layout=layout,
       ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
       label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
       filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
-      block_sizes_type=BlockSizes if tiled is None else tiled.block_sizes_type,
-      default_block_sizes=BlockSizes.get_default if tiled is None else tiled.default_block_sizes,
       interpret=interpret, vocab_axis=vocab_axes,
   )
   num_classes = c.shape[opts.vocab_dim]
@@ -254,7 +253,7 @@ def linear_cross_entropy(
       vocab_dim=opts.vocab_dim, per_token=reduction == "none", return_lse=return_lse,
       # Pallas implementations run with check_vma off (their interpret mode cannot track
       # varying axes); the gradients are right either way (cce_jax.differentiable).
-      check_vma=tiled is None or not tiled.uses_interpret,
+      check_vma=not dispatch.implementation(impl).is_pallas,
   )
 
 
@@ -273,20 +272,27 @@ def filter_stats(
     filter_e_grad: bool = True,
     filter_c_grad: bool = True,
     classifier_layout: str = "vd",
-    block_sizes: BlockSizes | None = None,
+    block_sizes: Any = None,
     sort_vocab: bool = True,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> dict[str, jax.Array]:
-  """How many backward tiles of ``linear_cross_entropy(impl="xla")`` filtering skips.
+  """How many backward tiles of ``linear_cross_entropy(impl=impl)`` filtering skips.
 
   Takes the arguments of :func:`linear_cross_entropy` that shape the backward's tiles and its
-  skip rule, runs the same forward, and evaluates the same per-tile skip table as the backward
-  of the loss (without ``return_lse``) does; no gradient is computed.
+  skip rule, runs the same forward, and evaluates the same per-tile skip table
+  (``cce_jax.filtering.skip_table``) as the backward of the loss (without ``return_lse``)
+  does; no gradient is computed. ``impl``, ``interpret`` and ``block_sizes`` are those of
+  :func:`linear_cross_entropy`; "reference" has one tile, never skipped.
 
   Returns:
     ``{"skipped_tiles": () int32, "total_tiles": () int32, "skipped_fraction": () float32}``;
     0 skipped when filtering is off (``filter_eps=None``, both ``filter_*_grad`` False, or
     softcap with label smoothing). With only one of ``filter_e_grad``/``filter_c_grad`` on,
     a skipped tile still recomputes its logits for the other product.
+
+  Raises:
+    TypeError, ValueError, NotImplementedError: as :func:`linear_cross_entropy`.
 
   Example:
     >>> import jax, cce_jax
@@ -300,14 +306,18 @@ def filter_stats(
     >>> int(cce_jax.filter_stats(e, c, labels, filter_eps=None)["skipped_tiles"])
     0
   """
+  impl = resolve_impl(impl)
   opts, shift = _prepare(
-      e, c, labels, bias, shift=shift, classifier_layout=classifier_layout,
+      e, c, labels, bias, impl=impl, shift=shift, classifier_layout=classifier_layout,
       ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
       label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
       filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
+      interpret=interpret,
   )
   labels = checks.labels_as_int32(labels, c.shape[opts.vocab_dim])
-  skipped, total = _filter_tile_counts(e, c, labels, bias, opts=opts, shift=shift)
+  table = _skip_table(e, c, labels, bias, opts=opts, shift=shift, impl=impl)
+  skipped = jnp.sum(table, dtype=jnp.int32)
+  total = jnp.asarray(table.size, jnp.int32)
   return {
       "skipped_tiles": skipped,
       "total_tiles": total,
@@ -315,10 +325,11 @@ def filter_stats(
   }
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "shift"))
-def _filter_tile_counts(e, c, labels, bias, *, opts: LossOptions, shift: int):
+@functools.partial(jax.jit, static_argnames=("opts", "shift", "impl"))
+def _skip_table(e, c, labels, bias, *, opts: LossOptions, shift: int, impl: str) -> jax.Array:
+  """(token blocks, vocab blocks) bool: the tiles the backward of the loss skips."""
   num_classes = c.shape[opts.vocab_dim]
-  labels = _target_labels(labels, shift, num_classes, opts.ignore_index).reshape(-1)
+  labels = _target_labels(labels, shift, opts.ignore_index).reshape(-1)
   e = e.reshape(-1, e.shape[-1])
   held = differentiable.local_labels(labels, 0, num_classes, num_classes, opts)
   kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
@@ -329,4 +340,5 @@ def _filter_tile_counts(e, c, labels, bias, *, opts: LossOptions, shift: int):
     d_lse, d_target = g * (1.0 + 2.0 * opts.z_loss * lse), -(1.0 - opts.label_smoothing) * g
     return differentiable.backward_coefficients(d_lse, d_target, None, opts)[1]
 
-  return xla_chunked.filter_tile_counts(e, c, held, bias, scale, opts)
+  inputs = TiledInputs(e, c, held, bias)
+  return dispatch.implementation(impl).skip_table(inputs, scale, opts)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cce_jax import loss_math
-from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
+from cce_jax.tiled import Implementation
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
@@ -38,10 +38,8 @@ def _require_array(name: str, x: Any) -> None:
     raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.")
 
 
-def check_arrays(
-    e: Any, c: Any, labels: Any, bias: Any, classifier_layout: str
-) -> tuple[int, int]:
-  """Checks the arrays' ranks, shapes and dtypes; returns (num_classes, hidden).
+def check_arrays(e: Any, c: Any, labels: Any, bias: Any, classifier_layout: str) -> None:
+  """Checks the arrays' ranks, shapes and dtypes.
 
   Raises:
     TypeError: a non-array, a non-float ``e``/``c``/``bias``, ``e`` and ``c`` of different
@@ -89,7 +87,6 @@ def check_arrays(
       raise ValueError(f"`bias` must have shape (V,) = ({num_classes},), got {_describe(bias)}.")
     if not jnp.issubdtype(bias.dtype, jnp.floating):
       raise TypeError(f"`bias` must be a float array, got {_describe(bias)}.")
-  return num_classes, hidden
 
 
 def _check_float(name: str, value: Any, *, low: float, high: float, high_open: bool) -> float:
@@ -156,15 +153,15 @@ def build_options(
     sort_vocab: Any,
     classifier_layout: str,
     block_sizes: Any,
-    block_sizes_type: type = BlockSizes,
-    default_block_sizes=BlockSizes.get_default,
+    implementation: Implementation,
     interpret: Any = False,
     vocab_axis: str | tuple[str, ...] | None = None,
 ) -> LossOptions:
   """Validates the scalar options and bundles them into the static :class:`LossOptions`.
 
-  ``block_sizes`` must be a ``block_sizes_type`` (the chosen implementation's dataclass);
-  None picks ``default_block_sizes(dtype)``.
+  ``implementation`` resolves and validates ``block_sizes`` (None: its default for
+  ``dtype``); ``interpret`` is validated, and kept only for a Pallas implementation (the
+  others ignore it).
   """
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(
@@ -178,16 +175,7 @@ def build_options(
     softcap = _check_float("softcap", softcap, low=0.0, high=math.inf, high_open=True)
     if softcap == 0.0:
       raise ValueError("`softcap` must be positive (or None for no softcap), got 0.0.")
-  if block_sizes is None:
-    block_sizes = default_block_sizes(dtype)
-  if not isinstance(block_sizes, block_sizes_type):
-    expected = (
-        "cce_jax.BlockSizes" if block_sizes_type is BlockSizes
-        else f"{block_sizes_type.__module__}.{block_sizes_type.__qualname__}"
-    )
-    raise TypeError(
-        f"`block_sizes` must be a {expected} for this `impl`, got {type(block_sizes).__name__}."
-    )
+  block_sizes = implementation.resolve_block_sizes(block_sizes, dtype)
   return LossOptions(
       ignore_index=int(ignore_index),
       softcap=softcap,
@@ -201,7 +189,7 @@ def build_options(
       sort_vocab=check_bool("sort_vocab", sort_vocab),
       classifier_layout=classifier_layout,
       block_sizes=block_sizes,
-      interpret=check_bool("interpret", interpret),
+      interpret=check_bool("interpret", interpret) and implementation.is_pallas,
       vocab_axis=vocab_axis,
   )
 
@@ -246,14 +234,17 @@ def check_label_values(labels: Any, num_classes: int, ignore_index: int, shift: 
 
 
 def labels_as_int32(labels: Any, num_classes: int) -> Any:
-  """Concrete 64-bit labels as int32, values beyond int32 mapped to ``num_classes``.
+  """64-bit labels as int32, values beyond int32 mapped to ``num_classes``; narrower labels
+  are returned as they are.
 
   A plain cast would wrap 2**32 + k around to the valid class k. ``num_classes`` is out of
-  range, so such a label gets the NaN loss of every other bad label. Traced labels are left
-  alone (under ``jax.jit`` they are already int32 unless x64 is on; see ``api``).
+  range, so such a label gets the NaN loss of every other bad label. Concrete labels are
+  mapped in NumPy (``jnp.asarray`` would already wrap them without x64); traced ones (64-bit
+  only under x64) in JAX.
   """
-  if isinstance(labels, jax.core.Tracer) or np.dtype(labels.dtype).itemsize <= 4:
+  if np.dtype(labels.dtype).itemsize <= 4:
     return labels
-  values = np.asarray(labels)
+  xp = jnp if isinstance(labels, jax.core.Tracer) else np
+  values = labels if xp is jnp else np.asarray(labels)
   beyond = (values < INT32_MIN) | (values > INT32_MAX)
-  return np.where(beyond, num_classes, values).astype(np.int32)
+  return xp.where(beyond, num_classes, values).astype(xp.int32)

@@ -10,11 +10,11 @@ the logits (:class:`cce_jax.tiled.LocalForward`). Everything else is ordinary JA
 * the loss formula (``loss_math.token_loss``), the masking of ignored tokens and the NaN of
   out-of-range labels.
 
-The statistics of a tiled implementation form one ``jax.custom_vjp`` whose backward turns the
-cotangents of (lse, target, logit sum) into the per-token factors of the softmax gradient
-(``TokenCoefficients``) and the filter scale of ``docs/math.md``'s skip rule, and calls the
-implementation's tiled backward. Because the collectives are ordinary differentiable JAX
-outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
+The statistics of an implementation ("reference" included) form one ``jax.custom_vjp`` whose
+backward turns the cotangents of (lse, target, logit sum) into the per-token factors of the
+softmax gradient (``TokenCoefficients``) and the filter scale of ``docs/math.md``'s skip rule,
+and calls the implementation's backward. Because the collectives are ordinary differentiable
+JAX outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
 vocabulary axis by ``shard_map``'s own rules, correctly with ``check_vma`` on or off.
 """
 
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import dispatch, loss_math, reference, vma
+from cce_jax import dispatch, loss_math, vma
 from cce_jax.options import LossOptions
-from cce_jax.tiled import LocalForward
+from cce_jax.tiled import LocalForward, TiledInputs
 
 
 def vocab_shard(num_local: int, vocab_axis) -> tuple[jax.Array | int, int]:
@@ -72,8 +72,11 @@ def token_loss(
   """Per-token loss, (N,) f32 (0 at ignored tokens, NaN at out-of-range labels), and with
   ``return_lse`` the lse over all classes, differentiable w.r.t. ``e``, ``c`` and ``bias``.
 
-  ``impl`` is "reference" (materialized logits, differentiated by JAX) or a tiled
-  implementation registered in :mod:`cce_jax.dispatch`.
+  ``impl`` names an implementation registered in :mod:`cce_jax.dispatch` (not "auto").
+
+  Raises:
+    ValueError: a Pallas implementation in interpret mode inside ``shard_map`` with
+      ``check_vma=True``.
   """
   num_local = c.shape[opts.vocab_dim]
   offset, num_classes = vocab_shard(num_local, opts.vocab_axis)
@@ -83,16 +86,14 @@ def token_loss(
   # that the transpose of the cast sums the per-shard gradients (with check_vma off,
   # shard_map's own transpose does that sum).
   e, c, bias = vma.vary_like((e, c, bias), e, c, bias, held)
-  if opts.interpret and impl != "reference" and vma.varying_axes(e, c, bias, held):
+  # opts.interpret is only ever True for a Pallas implementation (checks.build_options).
+  if opts.interpret and vma.varying_axes(e, c, bias, held):
     raise ValueError(
         f"`impl`={impl!r} with `interpret=True` inside jax.shard_map needs check_vma=False: "
         "JAX's Pallas interpreter does not track varying manual axes. (Compiled kernels, and "
         "`mesh=`, which uses check_vma=False for Pallas implementations, are not affected.)"
     )
-  if impl == "reference":
-    stats = reference.local_stats(e, c, held, bias, opts)
-  else:
-    stats = LocalForward(*_local_stats(e, c, held, bias, opts, impl))
+  stats = LocalForward(*_local_stats(e, c, held, bias, opts, impl))
   lse, target, logit_sum = _combine(stats, opts.vocab_axis)[:3]
   # A label outside [0, V) poisons the gradients (through the lse's cotangent), not only the
   # masked loss value; the lse returned keeps its true value.
@@ -103,17 +104,19 @@ def token_loss(
   return (loss, lse) if return_lse else loss
 
 
-# ---- the custom_vjp around a tiled implementation --------------------------------------------
+# ---- the custom_vjp around an implementation ---------------------------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
-  stats = dispatch.tiled_implementation(impl).forward(e, c, held, bias, opts, for_backward=False)
+  inputs = TiledInputs(e, c, held, bias)
+  stats = dispatch.implementation(impl).forward(inputs, opts, for_backward=False)
   return stats.lse, stats.target, stats.logit_sum
 
 
 def _local_stats_fwd(e, c, held, bias, opts: LossOptions, impl: str):
-  stats = dispatch.tiled_implementation(impl).forward(e, c, held, bias, opts, for_backward=True)
+  inputs = TiledInputs(e, c, held, bias)
+  stats = dispatch.implementation(impl).forward(inputs, opts, for_backward=True)
   residuals = (e, c, held, bias, stats.lse, stats.residuals)
   return (stats.lse, stats.target, stats.logit_sum), residuals
 
@@ -126,7 +129,8 @@ def backward_coefficients(
 
   With ``loss_n = L_n - (1 - a) z_t - (a / V) sum_v z + k L_n^2`` (``L`` combined over shards
   from the local ``lse``), the cotangent of the target logit is ``-(1 - a) g_n`` on every
-  shard, which recovers the loss cotangent ``g_n``, the scale of docs/math.md's filter rule. The
+  shard, which recovers the loss cotangent ``g_n``, the scale of the filter rule
+(``docs/math.md``). The
   lse's cotangent, ``alpha``, is NaN at an out-of-range label (see :func:`token_loss`).
   """
   g = -d_target / (1.0 - opts.label_smoothing)
@@ -144,8 +148,8 @@ def backward_coefficients(
 def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
   e, c, held, bias, lse, impl_residuals = residuals
   coeffs, filter_scale = backward_coefficients(*cotangents, opts)
-  grads = dispatch.tiled_implementation(impl).backward(
-      e, c, held, bias, impl_residuals, lse, coeffs, filter_scale, opts
+  grads = dispatch.implementation(impl).backward(
+      TiledInputs(e, c, held, bias), impl_residuals, lse, coeffs, filter_scale, opts
   )
   d_bias = None if bias is None else grads.d_bias.astype(bias.dtype)
   return grads.d_e.astype(e.dtype), grads.d_c.astype(c.dtype), None, d_bias

@@ -11,14 +11,15 @@ import importlib
 import jax
 
 from cce_jax import checks
-from cce_jax.tiled import TiledImplementation
+from cce_jax.tiled import Implementation
 
 # What impl="auto" picks on each backend. A Pallas implementation becomes the choice of its
 # backend only once benchmarks/RESULTS.md shows it faster than "xla" on real hardware.
 AUTO_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 
-# impl -> module exposing ``IMPLEMENTATION: cce_jax.tiled.TiledImplementation``.
-_TILED_MODULES = {
+# impl -> module exposing ``IMPLEMENTATION: cce_jax.tiled.Implementation``.
+_MODULES = {
+    "reference": "cce_jax.reference",
     "xla": "cce_jax.xla_chunked",
     "pallas_gpu": "pallas_kernels.gpu",
     "pallas_tpu": "pallas_kernels.tpu",
@@ -40,14 +41,17 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   checks.check_choice("impl", impl, checks.IMPLS)
   if impl == "auto":
     return AUTO_IMPL.get(backend or jax.default_backend(), "xla")
-  if impl != "reference":
-    tiled_implementation(impl)  # raises NotImplementedError when it is missing
+  implementation(impl)  # raises NotImplementedError when it is missing
   return impl
 
 
-def tiled_implementation(impl: str) -> TiledImplementation:
-  """The :class:`TiledImplementation` registered as ``impl`` (not "auto" nor "reference")."""
-  module_name = _TILED_MODULES[impl]
+def implementation(impl: str) -> Implementation:
+  """The :class:`cce_jax.tiled.Implementation` registered as ``impl`` (not "auto").
+
+  Raises:
+    NotImplementedError: an implementation this installation does not ship.
+  """
+  module_name = _MODULES[impl]
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as err:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal, Protocol
 
 from cce_jax.block_sizes import BlockSizes
 
 ClassifierLayout = Literal["vd", "dv"]
+
+
+class TileSizes(Protocol):
+  """What every implementation's block-size dataclass is: frozen (so hashable, a static
+  argument), with at least these two sizes (None: left to the implementation's heuristic)."""
+
+  @property
+  def token_block(self) -> int | None: ...
+
+  @property
+  def vocab_block(self) -> int | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +35,11 @@ class LossOptions:
     filter_c_grad: whether skipping applies to the gradient of ``c``.
     sort_vocab: visit the vocabulary by descending average logit in the backward.
     classifier_layout: "vd" for ``c`` of shape (V, D), "dv" for (D, V).
-    block_sizes: the tile sizes, an instance of the implementation's ``block_sizes_type``
-      (:class:`BlockSizes` for "xla" and "reference").
-    interpret: run Pallas kernels in interpret mode (ignored by the other implementations).
+    block_sizes: the tile sizes, as the implementation resolved them
+      (``cce_jax.tiled.Implementation.resolve_block_sizes``; :class:`BlockSizes` for "xla"
+      and "reference").
+    interpret: run Pallas kernels in interpret mode; always False for the other
+      implementations (``checks.build_options`` drops it for them).
     vocab_axis: the mesh axis (or axes) over which ``c`` is split along the vocabulary, when
       called inside ``shard_map``; None when this device holds the whole vocabulary.
   """
@@ -40,7 +53,7 @@ class LossOptions:
   filter_c_grad: bool = True
   sort_vocab: bool = True
   classifier_layout: ClassifierLayout = "vd"
-  block_sizes: Any = dataclasses.field(default_factory=BlockSizes)
+  block_sizes: TileSizes = dataclasses.field(default_factory=BlockSizes)
   interpret: bool = False
   vocab_axis: str | tuple[str, ...] | None = None
 

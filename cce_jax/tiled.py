@@ -1,19 +1,20 @@
-"""The contract between the differentiable loss and a tiled implementation ("xla", Pallas).
+"""The contract between the differentiable loss and an implementation ("xla", "reference",
+Pallas), as typed ``Protocol``s over one bundle of inputs (:class:`TiledInputs`).
 
-A tiled implementation computes per-token statistics over *its* classes, the classes of ``c``
+An implementation computes per-token statistics over *its* classes, the classes of ``c``
 it was given, and the gradients of one backward pass; it never sees the loss formula, the
 reductions or the mesh. :mod:`cce_jax.differentiable` owns those: it combines the statistics
 over a vocabulary-sharded mesh axis, forms the loss (``loss_math``) and the per-token
 coefficients of the softmax gradient, and calls the implementation's backward. So every
 implementation gets every option and both sharded modes from one place.
 
-Conventions shared by ``forward`` and ``backward``:
+Conventions shared by ``forward`` and ``backward`` (:class:`ForwardFn`, :class:`BackwardFn`):
 
-* ``e`` (N, D) and ``c`` (V, D) (``opts.classifier_layout == "vd"``) or (D, V) (``"dv"``),
-  the same float dtype; ``bias`` (V,) any float dtype, or None. V is the local vocabulary.
-* ``local_labels`` (N,) int32: the token's target class in ``[0, V)`` where this classifier
-  holds it, else ``-1`` (ignored tokens, targets held by another shard, and out-of-range
-  labels, which the caller has already turned into NaN loss and gradients).
+* the arrays come as :class:`TiledInputs`; ``local_labels`` is -1 for ignored tokens, targets
+  held by another shard, and out-of-range labels (which the caller has already turned into
+  NaN loss and gradients);
+* each implementation resolves and validates its own ``block_sizes``
+  (:class:`ResolveBlockSizesFn`) and its tiling (``cce_jax.filtering``);
 * Logits: ``z_nv = capped(e_n . c_v + b_v)`` in f32 (``loss_math.capped_logits``).
 * Sizes need not be multiples of any block: ragged blocks are masked, ``c`` is never padded.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -81,51 +82,140 @@ class Residuals(NamedTuple):
   block_max: jax.Array | None
 
 
-# forward(e, c, local_labels, bias, opts, for_backward: bool) -> LocalForward
-ForwardFn = Callable[..., LocalForward]
-# backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale, opts) -> LocalGrads
-#
-#   lse (N,) f32: the forward's local lse (LocalForward.lse); p_nv = exp(z_nv - lse_n) over
-#     the local classes.
-#   coeffs: per-token factors (loss_math.TokenCoefficients; ``g`` is informative only) of the
-#     gradient w.r.t. the soft-capped logits:
-#       dz_nv = alpha_n p_nv - beta_n [v == local_labels[n]] - gamma_n,
-#     then dx_nv = dz_nv * loss_math.softcap_derivative(z_nv); dE_n = sum_v dx_nv c_v,
-#     dC_v = sum_n dx_nv e_n, db_v = sum_n dx_nv.
-#     The uniform term -gamma_n goes inside the tiles only with softcap. Without softcap it is
-#     added exactly outside them: dE_n -= gamma_n sum_v c_v, dC_v -= sum_n gamma_n e_n,
-#     db_v -= sum_n gamma_n (so that filtering can never drop it; docs/math.md).
-#     alpha_n is NaN for a token with a bad label: the NaN must reach dE and dC.
-#   filter_scale (N,) f32 or None: None means exact (skip nothing). Otherwise a tile of rows R
-#     and local classes S may skip the products whose flag is on (opts.filter_e_grad: dE,
-#     opts.filter_c_grad: dC) iff no row of R has its local label in S and
-#       filter_scale_n * exp(z_nv - lse_n) < opts.filter_eps   for every n in R, v in S.
-#     (filter_scale_n = |alpha_n| / |g_n|: 0 for rows whose gradient is zero, inf for rows with
-#     only an lse cotangent, NaN for a bad label; NaN and inf never let a tile go.)
-#     A skipped tile's bias-gradient entries may be dropped with it.
-BackwardFn = Callable[..., LocalGrads]
+class TiledInputs(NamedTuple):
+  """The arrays every implementation's functions take, as one bundle (a pytree).
+
+  Attributes:
+    e: (N, D) hidden states.
+    c: (V, D) (``opts.classifier_layout == "vd"``) or (D, V) (``"dv"``), the dtype of ``e``;
+      V is the local vocabulary.
+    local_labels: (N,) int32: the token's target class in ``[0, V)`` where this classifier
+      holds it, else -1.
+    bias: (V,) any float dtype, or None.
+  """
+
+  e: jax.Array
+  c: jax.Array
+  local_labels: jax.Array
+  bias: jax.Array | None
+
+
+class ForwardFn(Protocol):
+  """Per-token statistics over the local classes (:class:`LocalForward`); with
+  ``for_backward`` also the residuals the backward needs (any pytree, e.g. :class:`Residuals`).
+
+  Raises:
+    TypeError, ValueError: inputs or options the implementation does not take.
+  """
+
+  def __call__(
+      self, inputs: TiledInputs, opts: LossOptions, for_backward: bool
+  ) -> LocalForward: ...
+
+
+class BackwardFn(Protocol):
+  """The gradients of one backward pass over the local classes (:class:`LocalGrads`).
+
+  Args:
+    inputs: as given to the forward.
+    residuals: ``LocalForward.residuals`` of ``forward(inputs, opts, for_backward=True)``.
+    lse: (N,) f32, the forward's local lse; ``p_nv = exp(z_nv - lse_n)`` over the local
+      classes.
+    coeffs: per-token factors (``loss_math.TokenCoefficients``, each (N,) f32; ``g`` is
+      informative only) of the gradient w.r.t. the soft-capped logits
+      ``dz_nv = alpha_n p_nv - beta_n [v == local_labels[n]] - gamma_n``, then
+      ``dx_nv = dz_nv * loss_math.softcap_derivative(z_nv)``; ``dE_n = sum_v dx_nv c_v``,
+      ``dC_v = sum_n dx_nv e_n``, ``db_v = sum_n dx_nv``. The uniform term ``-gamma_n`` goes
+      inside the tiles only with softcap (``filtering.uniform_in_tile``); without softcap it
+      is added exactly outside them (``filtering.uniform_terms``), so that filtering can never
+      drop it. ``alpha_n`` is NaN for a token with a bad label: the NaN must reach dE and dC.
+    filter_scale: (N,) f32, or None for exact (skip nothing). Otherwise a tile may skip the
+      products whose flag is on (``opts.filter_e_grad``: dE, ``opts.filter_c_grad``: dC)
+      where ``filtering.skip_table`` says so (``filter_scale_n = |alpha_n| / |g_n|``: 0 for
+      rows whose gradient is zero, inf for rows with only an lse cotangent, NaN for a bad
+      label; NaN and inf never let a tile go). A skipped tile's bias-gradient entries may be
+      dropped with it. Skipping is allowed, never required.
+    opts: the loss options.
+  """
+
+  def __call__(
+      self,
+      inputs: TiledInputs,
+      residuals: Any,
+      lse: jax.Array,
+      coeffs: TokenCoefficients,
+      filter_scale: jax.Array | None,
+      opts: LossOptions,
+  ) -> LocalGrads: ...
+
+
+class SkipTableFn(Protocol):
+  """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips (it runs the
+  forward); ``filter_scale`` maps the forward's (N,) lse to the (N,) filter scale. All False
+  when nothing filters."""
+
+  def __call__(
+      self,
+      inputs: TiledInputs,
+      filter_scale: Callable[[jax.Array], jax.Array],
+      opts: LossOptions,
+  ) -> jax.Array: ...
+
+
+class ResolveBlockSizesFn(Protocol):
+  """The implementation's tile sizes for inputs of ``dtype``: ``block_sizes`` itself when it
+  is of the implementation's type, its default when None.
+
+  Raises:
+    TypeError: ``block_sizes`` of another type (the message names ``block_sizes``).
+    ValueError: sizes the implementation cannot run with inputs of ``dtype``.
+  """
+
+  def __call__(self, block_sizes: Any, dtype: Any) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
-class TiledImplementation:
-  """One tiled implementation, as registered in :mod:`cce_jax.dispatch`.
+class Implementation:
+  """One implementation, as registered in :mod:`cce_jax.dispatch` (each module exposes one as
+  ``IMPLEMENTATION``).
 
   Attributes:
     name: the ``impl`` string.
-    forward: see :class:`LocalForward` and the module docstring.
-    backward: see ``BackwardFn``.
-    block_sizes_type: the frozen dataclass ``block_sizes`` must be an instance of.
-    default_block_sizes: ``dtype -> block_sizes_type`` instance used when the caller gives
-      None.
-    uses_interpret: whether ``opts.interpret`` means anything to it (Pallas).
+    forward: see :class:`ForwardFn`.
+    backward: see :class:`BackwardFn`.
+    skip_table: see :class:`SkipTableFn`.
+    resolve_block_sizes: see :class:`ResolveBlockSizesFn`.
+    is_pallas: runs Pallas kernels: ``interpret`` means something to it, and inside
+      ``shard_map`` its interpret mode needs ``check_vma=False``.
   """
 
   name: str
   forward: ForwardFn
   backward: BackwardFn
-  block_sizes_type: type
-  default_block_sizes: Callable[[Any], Any]
-  uses_interpret: bool = False
+  skip_table: SkipTableFn
+  resolve_block_sizes: ResolveBlockSizesFn
+  is_pallas: bool = False
+
+
+def resolve_block_sizes_of(block_sizes_type: type, default: Callable[[Any], Any]
+                           ) -> ResolveBlockSizesFn:
+  """A :class:`ResolveBlockSizesFn` that takes instances of ``block_sizes_type`` and gives
+  ``default(dtype)`` for None."""
+
+  def resolve(block_sizes: Any, dtype: Any) -> Any:
+    if block_sizes is None:
+      return default(dtype)
+    if not isinstance(block_sizes, block_sizes_type):
+      name = block_sizes_type.__qualname__
+      module = block_sizes_type.__module__
+      expected = f"cce_jax.{name}" if module.startswith("cce_jax") else f"{module}.{name}"
+      raise TypeError(
+          f"`block_sizes` must be a {expected} for this `impl`, got "
+          f"{type(block_sizes).__name__}."
+      )
+    return block_sizes
+
+  return resolve
 
 
 def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
@@ -143,14 +233,15 @@ def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
 
     @custom_vmap
     def call(e, c, local_labels, bias):
-      return one_call(e, c, local_labels, bias)
+      return one_call(TiledInputs(e, c, local_labels, bias))
 
     @call.def_vmap
     def rule(axis_size, in_batched, e, c, local_labels, bias):
       e_batched, c_batched, labels_batched, bias_batched = in_batched
       if c_batched or bias_batched:
         in_axes = tuple(0 if b else None for b in in_batched)
-        out = jax.vmap(sequential_vmap(one_call), in_axes=in_axes)(e, c, local_labels, bias)
+        one_example = lambda *arrays: one_call(TiledInputs(*arrays))
+        out = jax.vmap(sequential_vmap(one_example), in_axes=in_axes)(e, c, local_labels, bias)
         return out, jax.tree.map(lambda _: True, out)
       if not e_batched:
         e = jnp.broadcast_to(e, (axis_size, *e.shape))
@@ -178,8 +269,8 @@ def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
 
     return call
 
-  def folded_forward(e, c, local_labels, bias, opts: LossOptions, for_backward: bool):
-    return folded(opts, for_backward)(e, c, local_labels, bias)
+  def folded_forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool):
+    return folded(opts, for_backward)(*inputs)
 
   return folded_forward
 
@@ -189,12 +280,10 @@ def examples_in_sequence(backward: BackwardFn) -> BackwardFn:
   per-tile branches stay real branches (a vmapped ``cond`` computes both sides) and kernels
   that cannot be batched still run."""
 
-  def sequential_backward(e, c, local_labels, bias, residuals, lse, coeffs, filter_scale,
+  def sequential_backward(inputs: TiledInputs, residuals, lse, coeffs, filter_scale,
                           opts: LossOptions):
     one_call = functools.partial(backward, opts=opts)
-    return sequential_vmap(one_call)(
-        e, c, local_labels, bias, residuals, lse, coeffs, filter_scale
-    )
+    return sequential_vmap(one_call)(inputs, residuals, lse, coeffs, filter_scale)
 
   return sequential_backward
 
@@ -202,12 +291,16 @@ def examples_in_sequence(backward: BackwardFn) -> BackwardFn:
 __all__ = [
   "BackwardFn",
   "ForwardFn",
+  "Implementation",
   "LocalForward",
   "LocalGrads",
   "LossOptions",
+  "ResolveBlockSizesFn",
   "Residuals",
-  "TiledImplementation",
+  "SkipTableFn",
+  "TiledInputs",
   "TokenCoefficients",
   "examples_in_sequence",
   "fold_examples",
+  "resolve_block_sizes_of",
 ]

@@ -6,7 +6,8 @@ dot. When a gradient will be taken, the vocabulary is visited in the backward's 
 (descending average logit, computed exactly up front from ``c . mean(e)``), and when filtering
 is on the forward records the maximum logit of every token and vocabulary block. Once the lse
 and the filter scale are known, ``scale * exp(block max - lse)`` says, before anything is
-recomputed, which tiles hold only negligible softmax-gradient entries (``docs/math.md``).
+recomputed, which tiles hold only negligible softmax-gradient entries (``docs/math.md``;
+the skip table is ``cce_jax.filtering``'s).
 
 Backward: for each vocabulary block (in that order) and each token block, a tile that is not
 skipped recomputes its logits, forms the softmax gradient and accumulates ``dE += G @ C`` and
@@ -15,9 +16,10 @@ size N x V is ever allocated: the temporaries are a few f32 tiles of ``token_blo
 vocab_block``, an f32 (N, D) accumulator for dE, an f32 (vocab_block, D) accumulator for one
 block of dC, and the (vocab blocks, N) block maxima.
 
-Sizes that are not a multiple of a block are handled without padding: the last block starts
-early (``min(i * block, size - block)``) and the entries that an earlier block already covered
-are masked out.
+Sizes that are not a multiple of a block are handled without padding: both axes use the
+"overlap" tiling of :class:`cce_jax.filtering.AxisTiling` (the last block starts early, at
+``min(i * block, size - block)``, and the entries that an earlier block already covered are
+masked out).
 
 Under ``jax.vmap`` the forward folds the mapped axis into the token axis (one pass over all
 tokens); the backward runs example by example in a ``lax.map``, so each tile's ``lax.cond``
@@ -28,51 +30,33 @@ computes both sides).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import loss_math, vma, vocab_sort
+from cce_jax import filtering, loss_math, vma, vocab_sort
 from cce_jax.block_sizes import BlockSizes
+from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
 from cce_jax.tiled import (
+    Implementation,
     LocalForward,
     LocalGrads,
     Residuals,
-    TiledImplementation,
+    TiledInputs,
     examples_in_sequence,
     fold_examples,
+    resolve_block_sizes_of,
 )
 
 
-class _Tiling(NamedTuple):
-  """One axis cut into ``count`` blocks of ``block`` (the last one overlapping if ragged)."""
-
-  size: int
-  block: int
-  count: int
-
-
-def _tiling(size: int, block: int) -> _Tiling:
-  block = max(1, min(block, size))
-  return _Tiling(size, block, -(-size // block))
-
-
-def _block_start(i: jax.Array, tiling: _Tiling) -> jax.Array:
-  return jnp.minimum(i * tiling.block, tiling.size - tiling.block)
-
-
-def _fresh(i: jax.Array, start: jax.Array, tiling: _Tiling) -> jax.Array | None:
-  """(block,) bool: the entries of block ``i`` that no earlier block covered.
-
-  None when the axis is a whole number of blocks: then every entry is fresh, and the callers
-  skip the masking altogether.
-  """
-  if tiling.size % tiling.block == 0:
-    return None
-  return start + jnp.arange(tiling.block) >= i * tiling.block
+def _tilings(num_tokens: int, num_classes: int, opts: LossOptions
+             ) -> tuple[AxisTiling, AxisTiling]:
+  """The (tokens, classes) tilings: both overlapped, blocks clamped to the axis."""
+  sizes = opts.block_sizes
+  return (filtering.overlapped(num_tokens, sizes.token_block),
+          filtering.overlapped(num_classes, sizes.vocab_block))
 
 
 def _outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
@@ -108,14 +92,7 @@ def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
   return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
 
 
-def forward(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32, -1 where no target class is held
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
-    for_backward: bool,
-) -> LocalForward:
+def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> LocalForward:
   """Per-token lse, target logit and logit sum (``cce_jax.tiled.LocalForward``).
 
   For a backward the vocabulary is visited in :func:`vocab_sort.vocab_order` (blocks of
@@ -123,10 +100,10 @@ def forward(
   visit, and when filtering is on the maximum logit of every (block, token) is recorded:
   with the lse and the filter scale it bounds every entry of a tile's softmax gradient.
   """
+  e, c, local_labels, bias = inputs  # (N, D), (V, D) or (D, V), (N,), (V,) or None
   num_tokens = e.shape[0]
   axis = opts.vocab_dim
-  tok = _tiling(num_tokens, opts.block_sizes.token_block)
-  voc = _tiling(c.shape[axis], opts.block_sizes.vocab_block)
+  tok, voc = _tilings(num_tokens, c.shape[axis], opts)
   want_logit_sum = opts.label_smoothing > 0.0
   order = vocab_sort.vocab_order(e, c, bias, opts) if for_backward else None
   want_block_max = for_backward and opts.filters_anything
@@ -139,21 +116,18 @@ def forward(
 
   def token_step(i, carry):
     lse_N, target_N, logit_sum_N, block_max_BN = carry
-    t0 = _block_start(i, tok)
+    t0 = tok.start(i)
     e_blk = _slice(e, t0, tok.block)  # (n, D)
     target = loss_math.target_logits(e_blk, c, _slice(local_labels, t0, tok.block), bias, opts)
 
     def vocab_step(j, inner):
       running_max, running_sum, logit_sum, block_max = inner
-      v0 = _block_start(j, voc)
+      v0 = voc.start(j)
       c_blk, bias_blk = classifier_block(v0)
       z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
-      fresh_v = _fresh(j, v0, voc)  # (v,) or None
-      z_live = z if fresh_v is None else jnp.where(fresh_v[None, :], z, -jnp.inf)
-      tile_max = jnp.max(z_live, axis=1)  # (n,)
-      new_max = jnp.maximum(running_max, tile_max)
-      running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
-          jnp.exp(z_live - new_max[:, None]), axis=1
+      fresh_v = voc.live(j, v0)  # (v,) or None
+      new_max, running_sum, tile_max = filtering.online_lse_step(
+          running_max, running_sum, z, None if fresh_v is None else fresh_v[None, :]
       )
       if want_logit_sum:
         z_sum = z if fresh_v is None else jnp.where(fresh_v[None, :], z, 0.0)
@@ -193,40 +167,6 @@ def forward(
   )
 
 
-def skip_table(
-    residuals: Residuals,
-    lse: jax.Array,  # (N,) f32
-    filter_scale: jax.Array,  # (N,) f32
-    local_labels: jax.Array,  # (N,) int32
-    opts: LossOptions,
-) -> jax.Array:
-  """(token blocks, vocab blocks) bool: the tiles the backward skips.
-
-  A tile is skipped when no row's target class lies in it and, for every row, ``filter_scale
-  * exp(block max - lse)`` (which bounds every entry of the row in the block) is below
-  ``filter_eps``: the rule of ``cce_jax.tiled``.
-  """
-  num_tokens, num_classes = local_labels.shape[0], residuals.order.shape[0]
-  tok = _tiling(num_tokens, opts.block_sizes.token_block)
-  voc = _tiling(num_classes, opts.block_sizes.vocab_block)
-  bound = filter_scale[None, :] * jnp.exp(residuals.block_max - lse[None, :])  # (blocks, N)
-  position = jnp.zeros((num_classes,), jnp.int32).at[residuals.order].set(
-      jnp.arange(num_classes, dtype=jnp.int32)
-  )
-  target_block = jnp.where(
-      local_labels >= 0, position[jnp.maximum(local_labels, 0)] // voc.block, -1
-  )  # (N,): the vocabulary block holding each token's target, -1 for none
-
-  def tile(i, j):
-    t0 = _block_start(i, tok)
-    rows_bound = _slice(bound[j], t0, tok.block)
-    rows_target = _slice(target_block, t0, tok.block)
-    return (jnp.max(rows_bound) < opts.filter_eps) & ~jnp.any(rows_target == j)
-
-  i, j = jnp.meshgrid(jnp.arange(tok.count), jnp.arange(voc.count), indexing="ij")
-  return jax.vmap(jax.vmap(tile))(i, j)
-
-
 def _unless(skip: jax.Array | None, work, state):
   """``work(state)``, or ``state`` untouched when ``skip``: a real branch, the work not done."""
   if skip is None:
@@ -234,61 +174,53 @@ def _unless(skip: jax.Array | None, work, state):
   return lax.cond(skip, lambda st: st, work, state)
 
 
-def _product_dtype(dtype) -> jnp.dtype:
-  """Operand dtype of the backward's two products: bf16 stays bf16 (f32 accumulation); f16
-  goes to f32, because the softmax gradient scaled by 1/N underflows float16's range."""
-  return jnp.dtype(dtype) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
-
-
 def backward(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32
-    bias: jax.Array | None,  # (V,)
+    inputs: TiledInputs,
     residuals: Residuals,
     lse: jax.Array,  # (N,) f32
     coeffs: loss_math.TokenCoefficients,
     filter_scale: jax.Array | None,  # (N,) f32
     opts: LossOptions,
 ) -> LocalGrads:
-  """Gradients w.r.t. e, c and bias (``cce_jax.tiled``), skipping the tiles of
-  :func:`skip_table`.
+  """Gradients w.r.t. e, c and bias (``cce_jax.tiled.BackwardFn``), skipping the tiles of
+  ``cce_jax.filtering.skip_table``.
 
   A skipped tile costs nothing when both ``filter_e_grad`` and ``filter_c_grad`` are on (not
   even the logits are recomputed; its bias-gradient entries are dropped with it); with one of
   them on, only that product is skipped.
   """
+  e, c, local_labels, bias = inputs
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_dim]
   axis = opts.vocab_dim
-  tok = _tiling(num_tokens, opts.block_sizes.token_block)
-  voc = _tiling(num_classes, opts.block_sizes.vocab_block)
-  a = opts.label_smoothing
-  uniform_in_tile = a > 0.0 and opts.softcap is not None
-  uniform_outside = a > 0.0 and opts.softcap is None
-  product_dtype = _product_dtype(e.dtype)
+  tok, voc = _tilings(num_tokens, num_classes, opts)
+  uniform_in_tile = filtering.uniform_in_tile(opts)
+  uniform_outside = filtering.uniform_outside(opts)
+  product_dtype = filtering.product_dtype(e.dtype)
   skips = None
   if filter_scale is not None:
-    skips = skip_table(residuals, lse, filter_scale, local_labels, opts)
+    skips = filtering.skip_table(
+        residuals.block_max, lse, filter_scale, local_labels, residuals.order, tok, voc,
+        opts.filter_eps, block_max_token_axis=1,
+    )
   skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
   if uniform_outside:
     # The uniform smoothing term is added exactly outside the tiles (docs/math.md).
-    weighted_e_sum = coeffs.gamma @ e.astype(jnp.float32)  # (D,)
-    gamma_sum = jnp.sum(coeffs.gamma)
+    uniform = filtering.uniform_terms(e, c, coeffs.gamma, opts)
 
   def vocab_step(j, carry):
     d_e_acc, d_c, d_bias = carry
-    p0 = _block_start(j, voc)
+    p0 = voc.start(j)
     class_ids = _slice(residuals.order, p0, voc.block)  # (v,) int32
-    fresh_v = _fresh(j, p0, voc)
+    fresh_v = voc.live(j, p0)
     c_blk = jnp.take(c, class_ids, axis=axis)  # a (v, D) block, never a permuted copy of c
     c_blk_product = c_blk.astype(product_dtype)
     bias_blk = None if bias is None else bias[class_ids]
 
     def token_step(i, inner):
       d_e_acc, d_c_blk, d_bias_blk = inner
-      t0 = _block_start(i, tok)
+      t0 = tok.start(i)
       e_blk = _slice(e, t0, tok.block)  # (n, D)
       skip = None if skips is None else skips[i, j]
 
@@ -297,7 +229,7 @@ def backward(
         rows, c_acc, b_acc = state
         labels_blk = _slice(local_labels, t0, tok.block)
         co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
-        valid = _outer_and(_fresh(i, t0, tok), fresh_v)  # (n, v) or None
+        valid = _outer_and(tok.live(i, t0), fresh_v)  # (n, v) or None
         z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
@@ -334,9 +266,9 @@ def backward(
     init = vma.vary_like(init, e, c, bias, coeffs)
     d_e_acc, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
     if uniform_outside:
-      d_c_blk = d_c_blk - jnp.expand_dims(weighted_e_sum, axis)
+      d_c_blk = d_c_blk - jnp.expand_dims(uniform.weighted_e, axis)
       if d_bias_blk is not None:
-        d_bias_blk = d_bias_blk - gamma_sum
+        d_bias_blk = d_bias_blk - uniform.gamma_sum
     # Classes an earlier block already wrote get an out-of-range index and are dropped.
     write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
     d_c_blk = d_c_blk.astype(d_c.dtype)
@@ -356,36 +288,33 @@ def backward(
   init = vma.vary_like(init, e, c, bias, coeffs)
   d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
   if uniform_outside:
-    class_sum = jnp.sum(c.astype(jnp.float32), axis=axis)  # (D,)
-    d_e = d_e - coeffs.gamma[:, None] * class_sum[None, :]
+    d_e = d_e - coeffs.gamma[:, None] * uniform.class_sum[None, :]
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
 
 
-IMPLEMENTATION = TiledImplementation(
+def skip_table(
+    inputs: TiledInputs,
+    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+    opts: LossOptions,
+) -> jax.Array:
+  """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips
+  (``cce_jax.tiled.SkipTableFn``); runs the forward."""
+  tok, voc = _tilings(inputs.e.shape[0], inputs.c.shape[opts.vocab_dim], opts)
+  if not opts.filters_anything:
+    return jnp.zeros((tok.count, voc.count), bool)
+  fwd = forward(inputs, opts, for_backward=True)
+  return filtering.skip_table(
+      fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), inputs.local_labels,
+      fwd.residuals.order, tok, voc, opts.filter_eps, block_max_token_axis=1,
+  )
+
+
+IMPLEMENTATION = Implementation(
     name="xla",
     # Under vmap the forward runs once over every example's tokens; the backward runs the
     # examples one after another, so each tile's lax.cond stays a real branch.
     forward=fold_examples(forward, block_max_token_axis=1),
     backward=examples_in_sequence(backward),
-    block_sizes_type=BlockSizes,
-    default_block_sizes=BlockSizes.get_default,
+    skip_table=skip_table,
+    resolve_block_sizes=resolve_block_sizes_of(BlockSizes, BlockSizes.get_default),
 )
-
-
-def filter_tile_counts(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32
-    bias: jax.Array | None,  # (V,)
-    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-    opts: LossOptions,
-) -> tuple[jax.Array, jax.Array]:
-  """(skipped tiles, total tiles) of a backward, as () int32 arrays; runs the forward."""
-  tok = _tiling(e.shape[0], opts.block_sizes.token_block)
-  voc = _tiling(c.shape[opts.vocab_dim], opts.block_sizes.vocab_block)
-  total = jnp.asarray(tok.count * voc.count, jnp.int32)
-  if not opts.filters_anything:
-    return jnp.zeros((), jnp.int32), total
-  fwd = forward(e, c, local_labels, bias, opts, for_backward=True)
-  table = skip_table(fwd.residuals, fwd.lse, filter_scale(fwd.lse), local_labels, opts)
-  return jnp.sum(table, dtype=jnp.int32), total

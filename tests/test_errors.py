@@ -297,6 +297,6 @@ def test_check_labels_with_shift_reports_index_into_labels():
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_missing_implementation_module(monkeypatch, impl):
   """An installation without a Pallas package says so, naming ``impl``."""
-  monkeypatch.setitem(cce_jax.dispatch._TILED_MODULES, impl, "pallas_kernels.no_such_module")
+  monkeypatch.setitem(cce_jax.dispatch._MODULES, impl, "pallas_kernels.no_such_module")
   with pytest.raises(NotImplementedError, match=rf"`impl`='{impl}' is not available"):
     cce_jax.linear_cross_entropy(**_inputs(), impl=impl)

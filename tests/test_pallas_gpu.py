@@ -34,7 +34,8 @@ import cce_jax
 from cce_jax import synthetic
 from cce_jax.loss_math import TokenCoefficients
 from cce_jax.options import LossOptions
-from pallas_kernels.gpu import SHARED_MEMORY_LIMITS, GPUBlockSizes, ops
+from cce_jax.tiled import TiledInputs
+from pallas_kernels.gpu import SHARED_MEMORY_LIMITS, GPUBlockSizes, implementation
 
 # Small tiles, so that the option matrix's 2 x 13 tokens, D = 24 and V = 75 are ragged in
 # every axis and span several blocks of each.
@@ -79,81 +80,66 @@ def test_each_option_alone(case):
              interpret=True)
 
 
-# ---- gradient filtering and the vocabulary sort --------------------------------------------
-
-FILTER_BLOCKS = GPUBlockSizes(token_block=16, vocab_block=64, hidden_block=16)
-NUM_TOKENS, HIDDEN, NUM_CLASSES = 200, 32, 1000  # ragged in every axis
+# ---- vmap: the forward folded into one kernel call, the backward example by example -------
 
 
-def _trained_like(seed: int, dtype=jnp.float32):
-  return synthetic.trained_like_inputs(
-      jax.random.key(seed), NUM_TOKENS, HIDDEN, NUM_CLASSES, dtype)
+def _vmap_inputs(classifier_per_example: bool = False):
+  rng = np.random.default_rng(7)
+  e = jnp.asarray(rng.normal(size=(3, 13, 24)), jnp.float32)
+  c_shape = (3, 75, 24) if classifier_per_example else (75, 24)
+  c = jnp.asarray(rng.normal(size=c_shape) * 0.5, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 75, size=(3, 13)), jnp.int32)
+  return e, c, labels
 
 
-def _skipped_fraction(e, c, labels, eps: float, sort_vocab: bool) -> tuple[int, int]:
-  opts = LossOptions(filter_eps=eps, sort_vocab=sort_vocab, block_sizes=FILTER_BLOCKS,
-                     interpret=True)
-  # The loss alone, every token counted: filter scale |alpha| / |g| = 1.
-  skipped, total = jax.jit(
-      lambda e, c, labels: ops.filter_tile_counts(e, c, labels, None, jnp.ones_like, opts)
-  )(e, c, labels)
-  return int(skipped), int(total)
+def _vmapped_loss(impl: str, blocks, c_axis):
+  per_example = lambda e1, c1, labels1: cce_jax.linear_cross_entropy(
+      e1, c1, labels1, impl=impl, block_sizes=blocks, interpret=True, filter_eps=1e-3,
+      label_smoothing=0.1, z_loss=0.01)
+  return jax.vmap(per_example, in_axes=(0, c_axis, 0))
 
 
-@pytest.mark.parametrize(
-    "dtype, eps",
-    [
-        ("float32", 2.0**-12),
-        ("float32", 1e-3),
-        # The same in bfloat16 (its "auto" threshold); interpret mode multiplies bf16 slowly.
-        pytest.param("bfloat16", 2.0**-12, marks=pytest.mark.slow),
-    ],
-)
-def test_sort_clusters_the_skippable_tiles(dtype, eps):
-  e, c, labels = _trained_like(1, jnp.dtype(dtype))
-  skipped_sorted, total = _skipped_fraction(e, c, labels, eps, sort_vocab=True)
-  skipped_unsorted, total_unsorted = _skipped_fraction(e, c, labels, eps, sort_vocab=False)
-  assert total == total_unsorted == 13 * 16
-  # Some tiles go and some stay, and the sort lets more go (measured here: 18 vs 0 of 208
-  # tiles at 2**-12, 75 vs 1 at 1e-3).
-  assert 0 < skipped_sorted < total
-  assert skipped_sorted > 1.5 * skipped_unsorted
+def test_vmap_folds_forward_and_maps_backward():
+  """Under jax.vmap with a shared classifier the forward is one kernel call over all 3 x 13
+  tokens, the backward runs example by example (filtering on, so the block maxima are split
+  per example), and loss and gradients are those of "xla", itself checked against float64."""
+  e, c, labels = _vmap_inputs()
+
+  def total(impl, blocks):
+    batched = _vmapped_loss(impl, blocks, None)
+    return jax.jit(jax.value_and_grad(
+        lambda e, c: jnp.sum(batched(e, c, labels)), argnums=(0, 1)))(e, c)
+
+  loss, (d_e, d_c) = total("pallas_gpu", BLOCKS)
+  loss_xla, (d_e_xla, d_c_xla) = total("xla", cce_jax.BlockSizes(token_block=8, vocab_block=32))
+  assert_rel_close("loss", loss, loss_xla, 2e-5)
+  assert_rel_close("d_e", d_e, d_e_xla, 2e-5)
+  assert_rel_close("d_c", d_c, d_c_xla, 2e-5)
+  # The fold: the forward's one pallas_call sees every example's tokens as one (39, 24) e.
+  jaxpr = jax.make_jaxpr(_vmapped_loss("pallas_gpu", BLOCKS, None))(e, c, labels).jaxpr
+  calls = [q for q in _equations(jaxpr) if q.primitive.name == "pallas_call"]
+  assert len(calls) == 1 and calls[0].invars[0].aval.shape == (39, 24)
 
 
-def _grads(e, c, labels, **options):
-  loss = lambda e, c: cce_jax.linear_cross_entropy(
-      e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=FILTER_BLOCKS, **options)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(e, c)
+def test_vmap_with_a_classifier_per_example_runs_the_examples_in_sequence():
+  e, c, labels = _vmap_inputs(classifier_per_example=True)
+  loss = jax.jit(_vmapped_loss("pallas_gpu", BLOCKS, 0))(e, c, labels)
+  want = _vmapped_loss("xla", cce_jax.BlockSizes(token_block=8, vocab_block=32), 0)(e, c, labels)
+  assert_rel_close("loss", loss, want, 2e-5)
+  for b in range(3):
+    exact = reference64.reference(
+        e[b], c[b], labels[b], None, ignore_index=-100, softcap=None, reduction="mean",
+        shift=0, z_loss=0.01, label_smoothing=0.1, classifier_layout="vd")
+    assert_rel_close(f"loss[{b}]", loss[b], exact["loss"], 2e-5)
 
 
-@pytest.mark.parametrize("label_smoothing", [pytest.param(0.0, marks=pytest.mark.slow), 0.1])
-def test_filtered_gradient_error_is_within_the_skipped_mass(label_smoothing):
-  eps = 1e-3
-  e, c, labels = _trained_like(3)
-  loss, (d_e, d_c) = _grads(e, c, labels, filter_eps=eps, label_smoothing=label_smoothing)
-  exact = reference64.reference(
-      e, c, labels, None, ignore_index=-100, softcap=None, reduction="mean", shift=0,
-      z_loss=0.0, label_smoothing=label_smoothing, classifier_layout="vd")
-  assert float(loss) == pytest.approx(float(exact["loss"]), rel=1e-5)  # forward unchanged
-  reference64.assert_filtered_within_dropped_mass(
-      d_e, d_c, exact, reference64.small_entry_bounds(e, c, labels, label_smoothing, eps))
+def _equations(jaxpr):
+  yield from jaxpr.eqns
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from _equations(sub)
 
 
-def test_filter_flags_keep_each_gradient_exact():
-  """With one flag off, the kernel of that gradient skips nothing: exact to rounding."""
-  e, c, labels = _trained_like(4)
-  exact = reference64.reference(
-      e, c, labels, None, ignore_index=-100, softcap=None, reduction="mean", shift=0,
-      z_loss=0.0, label_smoothing=0.0, classifier_layout="vd")
-  _, (d_e_kept, d_c_filtered) = _grads(e, c, labels, filter_eps=1e-3, filter_e_grad=False)
-  _, (d_e_filtered, d_c_kept) = _grads(e, c, labels, filter_eps=1e-3, filter_c_grad=False)
-  assert_rel_close("d_e (filter_e_grad=False)", d_e_kept, exact["d_e"], 2e-5)
-  assert_rel_close("d_c (filter_c_grad=False)", d_c_kept, exact["d_c"], 2e-5)
-  # The filtered ones did lose something (1e-3 is far above float32 rounding).
-  for name, got, want in (("d_e", d_e_filtered, exact["d_e"]),
-                          ("d_c", d_c_filtered, exact["d_c"])):
-    err = np.max(np.abs(np.asarray(got, np.float64) - want))
-    assert err > 1e-4 * np.abs(want).max(), name  # 10x float32 accumulation error
+# ---- gradient filtering: tests/test_filtering.py, parametrized over the implementations ----
 
 
 # ---- lowering for CUDA on the CPU machine --------------------------------------------------
@@ -166,10 +152,11 @@ def _loss_and_grads(opts: LossOptions):
   """Forward for a backward and the backward, as ``cce_jax.differentiable`` calls them."""
 
   def run(e, c, labels, bias):
-    out = ops.forward(e, c, labels, bias, opts, True)
+    inputs = TiledInputs(e, c, labels, bias)
+    out = implementation.forward(inputs, opts, True)
     coeffs = TokenCoefficients(g=out.lse, alpha=out.lse, beta=out.lse, gamma=out.lse)
     scale = out.lse if opts.filters_anything else None
-    return out.lse, ops.backward(e, c, labels, bias, out.residuals, out.lse, coeffs, scale, opts)
+    return out.lse, implementation.backward(inputs, out.residuals, out.lse, coeffs, scale, opts)
 
   return run
 
@@ -258,10 +245,11 @@ def test_offsets_are_64_bit_past_2_31_elements(layout):
                      block_sizes=GPUBlockSizes.get_default(jnp.bfloat16))
 
   def run(e, c, labels, bias):
-    out = ops.forward(e, c, labels, bias, opts, True, debug=True)
+    inputs = TiledInputs(e, c, labels, bias)
+    out = implementation.forward(inputs, opts, True, debug=True)
     coeffs = TokenCoefficients(g=out.lse, alpha=out.lse, beta=out.lse, gamma=out.lse)
-    return ops.backward(e, c, labels, bias, out.residuals, out.lse, coeffs, out.lse, opts,
-                        debug=True)
+    return implementation.backward(inputs, out.residuals, out.lse, coeffs, out.lse, opts,
+                                   debug=True)
 
   big = _triton_ir(run, _abstract_args(2**18, 12288, 256000, jnp.bfloat16, layout, False))
   assert 256000 * 12288 > 2**31 and 2**18 * 12288 > 2**31

@@ -22,6 +22,7 @@ import cce_jax
 from cce_jax import synthetic, vocab_sort
 from cce_jax.loss_math import TokenCoefficients
 from cce_jax.options import LossOptions
+from cce_jax.tiled import TiledInputs
 from pallas_kernels.tpu import IMPLEMENTATION, TPUBlockSizes, implementation, kernels
 from pallas_kernels.tpu.block_sizes import (
     DEFAULT_VMEM_BUDGET,
@@ -185,8 +186,8 @@ def _unit_scale(lse):
 
 
 def _skip_table(e, c, labels, opts):
-  return jax.jit(lambda e, c, labels: implementation.skipped_tiles(
-      e, c, labels, None, _unit_scale, opts))(e, c, labels)
+  return jax.jit(lambda e, c, labels: implementation.skip_table(
+      TiledInputs(e, c, labels, None), _unit_scale, opts))(e, c, labels)
 
 
 @pytest.mark.parametrize("filter_flags", [
@@ -327,11 +328,11 @@ def _export_both(shape, dtype, opts: LossOptions, with_bias: bool):
           s((num_classes,), dtype) if with_bias else None)
 
   def forward(e, c, labels, bias):
-    return IMPLEMENTATION.forward(e, c, labels, bias, opts, for_backward=True)
+    return IMPLEMENTATION.forward(TiledInputs(e, c, labels, bias), opts, for_backward=True)
 
   def backward(e, c, labels, bias, residuals, lse, coeffs, filter_scale):
-    return IMPLEMENTATION.backward(e, c, labels, bias, residuals, lse, coeffs, filter_scale,
-                                   opts)
+    return IMPLEMENTATION.backward(TiledInputs(e, c, labels, bias), residuals, lse, coeffs,
+                                   filter_scale, opts)
 
   fwd = jax.export.export(jax.jit(forward), platforms=["tpu"])(*args)
   vector = s((num_tokens,), jnp.float32)
@@ -414,7 +415,7 @@ def test_block_sizes_in_the_api():
     cce_jax.linear_cross_entropy(e, c, labels, impl="pallas_tpu", interpret=True,
                                  block_sizes=cce_jax.BlockSizes())
   assert TPUBlockSizes.get_default(jnp.bfloat16) == TPUBlockSizes()
-  assert IMPLEMENTATION.default_block_sizes(jnp.float32) == TPUBlockSizes()
+  assert IMPLEMENTATION.resolve_block_sizes(None, jnp.float32) == TPUBlockSizes()
 
 
 @pytest.mark.parametrize("budget", [16 * MIB, 32 * MIB], ids=["16MiB", "32MiB"])

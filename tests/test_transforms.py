@@ -115,3 +115,31 @@ def test_checkpoint_and_bias_gradient(inputs):
   ):
     assert_rel_close(name, got_plain, ref, 2e-5)
     assert_rel_close(f"checkpoint {name}", got_remat, ref, 2e-5)
+
+
+def test_interpret_is_ignored_by_xla_inside_shard_map_with_check_vma(inputs):
+  """``interpret`` means nothing to "xla": inside a check_vma=True shard_map it must neither
+  raise the Pallas interpreter's error nor change the numbers."""
+  e, c, labels = inputs
+  mesh = jax.make_mesh((1,), ("tokens",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:1])
+  spec = jax.sharding.PartitionSpec("tokens")
+
+  def per_device(e, c, labels, interpret):
+    return loss_fn(e, c, labels, impl="xla", interpret=interpret, token_axes="tokens")
+
+  def sharded(interpret):
+    body = lambda e, c, labels: per_device(e, c, labels, interpret)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(), spec),
+                           out_specs=jax.sharding.PartitionSpec(), check_vma=True)
+    return jax.jit(jax.value_and_grad(mapped, argnums=(0, 1)))(e, c, labels)
+
+  loss, (d_e, d_c) = sharded(True)
+  want = reference64.reference(e, c, labels, None, reduction="mean", **REF_OPTIONS)
+  assert_rel_close("loss", loss, want["loss"], 2e-6)
+  assert_rel_close("d_e", d_e, want["d_e"], 2e-5)
+  assert_rel_close("d_c", d_c, want["d_c"], 2e-5)
+  loss_plain, (d_e_plain, d_c_plain) = sharded(False)
+  np.testing.assert_array_equal(np.asarray(loss), np.asarray(loss_plain))
+  np.testing.assert_array_equal(np.asarray(d_e), np.asarray(d_e_plain))
+  np.testing.assert_array_equal(np.asarray(d_c), np.asarray(d_c_plain))

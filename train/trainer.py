@@ -26,6 +26,7 @@ import yaml
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cce_jax.filtering import cdiv
 from train import config as config_lib
 from train import data, distributed, paths, preflight, progress
 from train.checkpoint import Checkpointer
@@ -61,7 +62,7 @@ def with_vocab(cfg: config_lib.TrainConfig, data_vocab: int) -> config_lib.Train
   """
   vocab = cfg.model.vocab_size
   if vocab is None:
-    vocab = -(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    vocab = cdiv(data_vocab, VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   elif vocab < data_vocab:
     raise config_lib.ConfigError(
         f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")

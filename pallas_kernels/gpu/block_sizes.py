@@ -15,6 +15,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from cce_jax import filtering
+
 # Shared memory a thread block may use (opt-in maximum), bytes.
 SHARED_MEMORY_LIMITS = {
     "a100": 163 * 1024,  # sm_80
@@ -27,12 +29,6 @@ _WARPS = (1, 2, 4, 8, 16)
 
 def _is_power_of_two(value: int) -> bool:
   return value > 0 and value & (value - 1) == 0
-
-
-def product_dtype(dtype) -> np.dtype:
-  """Operand dtype of the backward's two products: bfloat16 stays bfloat16 (f32 accumulation);
-  float16 goes to float32, because the softmax gradient scaled by 1/N underflows float16."""
-  return np.dtype(dtype) if np.dtype(dtype) == jax.numpy.bfloat16 else np.dtype(np.float32)
 
 
 def detect_generation() -> str:
@@ -125,7 +121,7 @@ class GPUBlockSizes:
     ``OutOfResources`` when it does not fit).
     """
     in_bytes = np.dtype(dtype).itemsize
-    p_bytes = product_dtype(dtype).itemsize
+    p_bytes = filtering.product_dtype(dtype).itemsize
     bn, bv, bd, stages = self.token_block, self.vocab_block, self.hidden_block, self.num_stages
     logits = stages * (bn + bv) * bd * in_bytes
     grad_operand = bn * bv * p_bytes

@@ -13,10 +13,10 @@
   ``sum_n G`` into the bias gradient.
 
 Each output row is written by exactly one program, so the backward is deterministic and needs
-no atomics (see ``pallas_kernels/gpu/__init__.py`` for the choice). A skipped tile is a
+no atomics (``benchmarks/RESULTS.md`` explains the choice). A skipped tile is a
 ``pl.when`` / ``lax.cond`` branch that loads and multiplies nothing.
 
-Indexing follows :mod:`pallas_kernels.gpu.tile_math`: token blocks are masked at the end,
+Indexing follows :class:`cce_jax.filtering.AxisTiling`: token blocks are masked at the end,
 class and hidden blocks overlap at the end so that every load of ``c`` is in bounds. Element
 offsets are computed by the lowering, in 64-bit arithmetic for arrays of more than 2**32 bytes
 (checked by ``tests/test_pallas_gpu.py`` on the lowered Triton IR).
@@ -34,10 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cce_jax import loss_math, vma
+from cce_jax import filtering, loss_math, vma
+from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
 from pallas_kernels.gpu import tile_math
-from pallas_kernels.gpu.tile_math import Axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,9 @@ class KernelConfig:
   """
 
   opts: LossOptions
-  tokens: Axis
-  classes: Axis
-  hidden: Axis
+  tokens: AxisTiling  # "mask"
+  classes: AxisTiling  # "overlap"
+  hidden: AxisTiling  # "overlap"
   gathered: bool
   has_bias: bool
   skip: bool = False
@@ -82,10 +82,10 @@ class ClassBlock(NamedTuple):
 
 def class_block(j: jax.Array, order_ref, cfg: KernelConfig) -> ClassBlock:
   bv = cfg.classes.block
-  start = tile_math.overlapped_start(j, cfg.classes)
+  start = cfg.classes.start(j)
   # The class ids: gathered from the order, or the positions themselves.
   ids = order_ref[pl.ds(start, bv)] if cfg.gathered else start + lax.iota(jnp.int32, bv)
-  return ClassBlock(start, ids, tile_math.fresh(j, start, cfg.classes))
+  return ClassBlock(start, ids, cfg.classes.live(j, start))
 
 
 def _class_index(blk: ClassBlock, cfg: KernelConfig):
@@ -186,9 +186,9 @@ def tile_logits(e_ref, c_ref, bias_ref, n0: jax.Array, rows_ok: jax.Array | None
   bn, bv = cfg.tokens.block, cfg.classes.block
 
   def hidden_step(k, acc):
-    d0 = tile_math.overlapped_start(k, cfg.hidden)
+    d0 = cfg.hidden.start(k)
     e_chunk = load_token_rows(e_ref, n0, rows_ok, d0, cfg)  # (bn, bd)
-    fresh_d = tile_math.fresh(k, d0, cfg.hidden)
+    fresh_d = cfg.hidden.live(k, d0)
     if fresh_d is not None:  # columns the previous chunk covered count once
       e_chunk = jnp.where(fresh_d[None, :], e_chunk, 0)
     c_chunk = load_classifier(c_ref, blk, d0, cfg)  # (bv, bd) or (bd, bv)
@@ -224,7 +224,7 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
     blk = class_block(j, order_ref, cfg)
     z = tile_logits(e_ref, c_ref, bias_ref, n0, rows_ok, blk, cfg)  # (bn, bv)
     live = None if blk.fresh is None else blk.fresh[None, :]
-    running_max, running_sum, tile_max = tile_math.online_lse_step(
+    running_max, running_sum, tile_max = filtering.online_lse_step(
         running_max, running_sum, z, live)
     if cfg.want_logit_sum:
       logit_sum = logit_sum + jnp.sum(z if live is None else jnp.where(live, z, 0.0), axis=1)
@@ -246,7 +246,7 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
     safe = jnp.maximum(labels, 0)  # (bn,) valid class ids
 
     def hidden_step(k, acc):
-      d0 = tile_math.overlapped_start(k, cfg.hidden)
+      d0 = cfg.hidden.start(k)
       e_chunk = load_token_rows(e_ref, n0, rows_ok, d0, cfg).astype(jnp.float32)
       # (bn, bd): an indexed gather of the target rows.
       if cfg.opts.vocab_dim == 0:
@@ -257,7 +257,7 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
         rows = c_ref[jnp.broadcast_to(hidden_ids[:, None], shape),
                      jnp.broadcast_to(safe[None, :], shape)].T
       product = e_chunk * rows.astype(jnp.float32)
-      fresh_d = tile_math.fresh(k, d0, cfg.hidden)
+      fresh_d = cfg.hidden.live(k, d0)
       if fresh_d is not None:
         product = jnp.where(fresh_d[None, :], product, 0.0)
       return acc + jnp.sum(product, axis=1)
@@ -377,8 +377,8 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
   p_dtype = jnp.dtype(cfg.product_dtype)
 
   def init_step(k, carry):
-    d0 = tile_math.overlapped_start(k, cfg.hidden)
-    if tile_math.uniform_outside(cfg.opts):
+    d0 = cfg.hidden.start(k)
+    if filtering.uniform_outside(cfg.opts):
       init = -rows.gamma[:, None] * class_sum_ref[pl.ds(d0, bd)][None, :]
     else:
       init = jnp.zeros((bn, bd), jnp.float32)
@@ -393,14 +393,14 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
     dx = tile_grad(e_ref, c_ref, bias_ref, rows, n0, rows_ok, blk, cfg).astype(p_dtype)
 
     def product_step(k, carry):
-      d0 = tile_math.overlapped_start(k, cfg.hidden)
+      d0 = cfg.hidden.start(k)
       c_chunk = load_classifier(c_ref, blk, d0, cfg).astype(p_dtype)
       update = _dot(dx, c_chunk, (1, cfg.opts.vocab_dim))  # (bn, bd)
       acc = load_token_rows(d_e_ref, n0, rows_ok, d0, cfg)
       # The last chunk writes only its fresh columns: its overlap with the previous chunk
       # holds that chunk's result, possibly read before it was stored.
       store_token_rows(d_e_ref, n0, rows_ok, d0, acc + update, cfg,
-                       tile_math.fresh(k, d0, cfg.hidden))
+                       cfg.hidden.live(k, d0))
       return carry
 
     lax.fori_loop(0, cfg.hidden.count, product_step, 0)
@@ -430,10 +430,10 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
   bv, bd = cfg.classes.block, cfg.hidden.block
   vd = cfg.opts.vocab_dim == 0
   p_dtype = jnp.dtype(cfg.product_dtype)
-  outside = tile_math.uniform_outside(cfg.opts)
+  outside = filtering.uniform_outside(cfg.opts)
 
   def init_step(k, carry):
-    d0 = tile_math.overlapped_start(k, cfg.hidden)
+    d0 = cfg.hidden.start(k)
     index, mask = class_chunk_index(blk, d0, cfg)
     shape = (bv, bd) if vd else (bd, bv)
     if outside:
@@ -456,12 +456,12 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
     dx = dx.astype(p_dtype)
 
     def product_step(k, carry):
-      d0 = tile_math.overlapped_start(k, cfg.hidden)
+      d0 = cfg.hidden.start(k)
       e_chunk = load_token_rows(e_ref, n0, rows_ok, d0, cfg).astype(p_dtype)  # (bn, bd)
       # (bv, bd) for "vd", (bd, bv) for "dv".
       update = _dot(dx, e_chunk, (0, 0)) if vd else _dot(e_chunk, dx, (0, 0))
       index, mask = class_chunk_index(blk, d0, cfg)
-      fresh_d = tile_math.fresh(k, d0, cfg.hidden)  # as in grad_e_kernel
+      fresh_d = cfg.hidden.live(k, d0)  # as in grad_e_kernel
       if fresh_d is not None:
         mask = tile_math.and_masks(mask, fresh_d[None, :] if vd else fresh_d[:, None])
       plgpu.store(d_c_ref.at[index], d_c_ref[index] + update, mask=mask)

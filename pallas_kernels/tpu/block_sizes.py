@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cce_jax.filtering import cdiv
+
 LANES = 128
 # The default VMEM budget: the default scoped VMEM limit of TPU v4 and v5e (v5p and v6e: 32 MiB).
 DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
@@ -113,7 +115,7 @@ class Tiles(NamedTuple):
 def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
   """VMEM bytes of a (rows, cols) buffer, padded to the (8 * packing, 128) tiling."""
   sublanes = 8 * max(1, 4 // itemsize)
-  return -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * itemsize
+  return cdiv(rows, sublanes) * sublanes * cdiv(cols, LANES) * LANES * itemsize
 
 
 def kernel_vmem_bytes(
@@ -160,10 +162,6 @@ def kernel_vmem_bytes(
       + _tile_bytes(bv, hidden_padded, f32) + _tile_bytes(1, bv, f32)  # dC, dbias accumulators
   )
   return {"forward": forward, "backward_e": backward_e, "backward_c": backward_c}
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 def _hidden_blocks(hidden: int, requested: int | None):

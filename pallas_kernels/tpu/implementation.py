@@ -1,35 +1,37 @@
-"""``impl="pallas_tpu"``: the :mod:`cce_jax.tiled` contract on the kernels of :mod:`.kernels`.
+"""``impl="pallas_tpu"``: ``cce_jax.tiled``'s contract on the kernels of :mod:`.kernels`.
 
 The thin JAX around the kernels: argument checks, the tile choice (:func:`.block_sizes.resolve`),
-the target logit (an indexed dot, ``loss_math.target_logits``), the vocabulary sort, the skip
-table, and the exact label-smoothing term.
+the target logit (an indexed dot, ``loss_math.target_logits``), the vocabulary sort, and
+``cce_jax.filtering``'s skip table (packed into bits, :func:`pack_skip_table`) and exact
+label-smoothing term. Both axes use the "mask" tiling (``cce_jax.filtering.AxisTiling``).
 
-Vocabulary sort: a temporary permuted copy of ``c``. Mosaic cannot gather rows inside a kernel,
-and the alternatives cost more than the copy: per-row DMA from HBM would issue V row copies
-per token block in the forward and in the dE kernel (each re-reads every class block once per
-token block); a block-level order reorders whole blocks, which changes no tile's contents and
-so skips nothing more. So when a backward will filter (``opts.sort_vocab`` and
-``opts.filters_anything``), the forward and the backward each gather ``c`` (and ``bias``) into
-descending-average-logit order (:func:`cce_jax.vocab_sort.vocab_order`) and run the kernels on
-the copy; the dC kernel writes dC in that order and one gather by the inverse permutation
-puts it back. Memory: one (V, D) array in c's dtype beyond the gradients at any time (the sorted
-``c`` while the kernels run, then the sorted dC while it is gathered back; measured with
-``memory_analysis()`` of loss+grad in interpret mode at N=1024, D=512, V=16384 f32: 35.6 MiB
-of temporaries sorted, 4.2 MiB unsorted, V x D x 4 = 32 MiB); 1.18 GB at the paper's bf16
-shape (V=256000, D=2304). Nothing of that size is kept from forward to backward (the
-residuals are the (V,) order and the (N, V / vocab_block) block maxima). Without filtering
-nothing is sorted or copied.
+Vocabulary sort: Mosaic cannot gather rows inside a kernel, so when a backward will filter
+(``opts.sort_vocab`` and ``opts.filters_anything``) the forward and the backward each gather
+``c`` (and ``bias``) into the order of :func:`cce_jax.vocab_sort.vocab_order` and run the
+kernels on that temporary copy; the dC kernel writes dC in that order and one gather by the
+inverse permutation (``cce_jax.filtering.positions``) puts it back. That is one (V, D) array in
+c's dtype at peak, nothing of that size kept from forward to backward, and nothing copied
+without filtering (why, and its measured cost: ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import loss_math, vocab_sort
+from cce_jax import filtering, loss_math, vocab_sort
+from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
-from cce_jax.tiled import LocalForward, LocalGrads, Residuals
+from cce_jax.tiled import (
+    LocalForward,
+    LocalGrads,
+    Residuals,
+    TiledInputs,
+    resolve_block_sizes_of,
+)
 from pallas_kernels.tpu import kernels
 from pallas_kernels.tpu.block_sizes import TPUBlockSizes, resolve
 from pallas_kernels.tpu.kernels import Geometry, Math
@@ -65,11 +67,18 @@ def geometry(e: jax.Array, c: jax.Array, opts: LossOptions) -> Geometry:
   return Geometry(num_tokens, num_classes, hidden, opts.vocab_dim, tiles)
 
 
+def tilings(geo: Geometry) -> tuple[AxisTiling, AxisTiling]:
+  """The (tokens, classes) tilings of the kernels: both masked."""
+  t = geo.tiles
+  return (AxisTiling(geo.num_tokens, t.token_block, "mask"),
+          AxisTiling(geo.num_classes, t.vocab_block, "mask"))
+
+
 def _math(e: jax.Array, bias: jax.Array | None, opts: LossOptions) -> Math:
   return Math(
       softcap=opts.softcap,
       with_bias=bias is not None,
-      uniform_in_tile=opts.label_smoothing > 0.0 and opts.softcap is not None,
+      uniform_in_tile=filtering.uniform_in_tile(opts),
       precision=lax.Precision.HIGHEST if e.dtype == jnp.float32 else None,
   )
 
@@ -86,14 +95,7 @@ def sorts_vocabulary(opts: LossOptions) -> bool:
   return opts.sort_vocab and opts.filters_anything
 
 
-def forward(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32, -1 where no target class is held
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
-    for_backward: bool,
-) -> LocalForward:
+def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> LocalForward:
   """Per-token lse, target logit and logit sum (``cce_jax.tiled.LocalForward``).
 
   For a backward that filters, the kernel also records the maximum logit of every token and
@@ -102,6 +104,7 @@ def forward(
   Raises:
     TypeError, ValueError: see :func:`check_inputs` and :func:`.block_sizes.resolve`.
   """
+  e, c, local_labels, bias = inputs  # (N, D), (V, D) or (D, V), (N,), (V,) or None
   check_inputs(e, c, opts)
   geo = geometry(e, c, opts)
   want_block_max = for_backward and opts.filters_anything
@@ -122,37 +125,6 @@ def forward(
   )
 
 
-def _positions(order: jax.Array) -> jax.Array:
-  """(V,) int32: the tile column of each class, the inverse permutation of ``order``."""
-  num_classes = order.shape[0]
-  return jnp.zeros((num_classes,), jnp.int32).at[order].set(
-      jnp.arange(num_classes, dtype=jnp.int32))
-
-
-def skip_table(
-    block_max: jax.Array,  # (N, vocab blocks) f32
-    lse: jax.Array,  # (N,) f32
-    filter_scale: jax.Array,  # (N,) f32
-    tile_labels: jax.Array,  # (N,) int32: tile column of the target, -1 for none
-    geo: Geometry,
-    opts: LossOptions,
-) -> jax.Array:
-  """(token blocks, vocab blocks) bool: the tiles the backward may skip (``cce_jax.tiled``'s
-  rule: no row's target in the tile, and ``filter_scale * exp(block max - lse) < filter_eps``
-  for every row; NaN and inf never let a tile go)."""
-  t = geo.tiles
-  bound = filter_scale[:, None] * jnp.exp(block_max - lse[:, None])  # (N, nv)
-  small = bound < opts.filter_eps
-  padded_tokens = t.num_token_blocks * t.token_block
-  small = jnp.pad(small, ((0, padded_tokens - geo.num_tokens), (0, 0)), constant_values=True)
-  all_small = jnp.all(small.reshape(t.num_token_blocks, t.token_block, -1), axis=1)
-  token_block = jnp.arange(geo.num_tokens, dtype=jnp.int32) // t.token_block
-  target_block = jnp.where(tile_labels >= 0, tile_labels // t.vocab_block, t.num_vocab_blocks)
-  holds_target = jnp.zeros(all_small.shape, bool).at[token_block, target_block].set(
-      True, mode="drop")
-  return all_small & ~holds_target
-
-
 def pack_skip_table(skip: jax.Array, geo: Geometry) -> jax.Array:
   """(token blocks * skip words,) int32: bit ``j % 32`` of word ``i * words + j // 32`` is
   ``skip[i, j]`` (one SMEM word per 32 tiles)."""
@@ -165,10 +137,7 @@ def pack_skip_table(skip: jax.Array, geo: Geometry) -> jax.Array:
 
 
 def backward(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32
-    bias: jax.Array | None,  # (V,)
+    inputs: TiledInputs,
     residuals: Residuals,
     lse: jax.Array,  # (N,) f32
     coeffs: loss_math.TokenCoefficients,
@@ -182,15 +151,15 @@ def backward(
   ``opts.filter_c_grad``; a skipped tile's bias-gradient entries go with it). Without softcap
   the uniform label-smoothing term is added exactly outside the tiles.
   """
+  e, c, local_labels, bias = inputs
   check_inputs(e, c, opts)
   geo = geometry(e, c, opts)
   math = _math(e, bias, opts)
   order = None if residuals is None else residuals.order
   c_run, bias_run = _sorted(c, bias, order, opts)
-  positions = None if order is None else _positions(order)
-  tile_labels = local_labels if positions is None else jnp.where(
-      local_labels >= 0, positions[jnp.maximum(local_labels, 0)], -1)
-  uniform_outside = opts.label_smoothing > 0.0 and opts.softcap is None
+  tile_labels = filtering.tile_columns(local_labels, order)  # (N,) positions in the order
+  uniform_outside = filtering.uniform_outside(opts)
+  uniform = filtering.uniform_terms(e, c, coeffs.gamma, opts) if uniform_outside else None
   gamma_in_tile = coeffs.gamma if math.uniform_in_tile else jnp.zeros_like(coeffs.gamma)
   token_stats = jnp.stack([lse, coeffs.alpha, coeffs.beta, gamma_in_tile], axis=1)  # (N, 4)
 
@@ -200,48 +169,49 @@ def backward(
       raise AssertionError(  # the tile choice must not depend on N (block_sizes.resolve)
           f"block maxima of {residuals.block_max.shape[1]} vocabulary blocks for "
           f"{geo.tiles.num_vocab_blocks} blocks in the backward")
-    skip = skip_table(residuals.block_max, lse, filter_scale, tile_labels, geo, opts)
+    tokens, classes = tilings(geo)
+    skip = filtering.skip_table(residuals.block_max, lse, filter_scale, local_labels, order,
+                                tokens, classes, opts.filter_eps, block_max_token_axis=0)
     skip_bits = pack_skip_table(skip, geo)
 
   d_e = kernels.grad_e(
       e, c_run, bias_run, token_stats, tile_labels,
       skip_bits if opts.filter_e_grad else None, geo, math, opts.interpret,
   )
-  class_offset = coeffs.gamma @ e.astype(jnp.float32) if uniform_outside else None  # (D,)
+  class_offset = uniform.weighted_e if uniform_outside else None  # (D,)
   d_c, d_bias = kernels.grad_c(
       e, c_run, bias_run, token_stats, tile_labels,
       skip_bits if opts.filter_c_grad else None, class_offset, geo, math, opts.interpret,
   )
-  if positions is not None:
+  if order is not None:
+    positions = filtering.positions(order)  # (V,) the inverse permutation
     d_c = jnp.take(d_c, positions, axis=opts.vocab_dim)
     d_bias = None if d_bias is None else d_bias[positions]
   if uniform_outside:
     # The uniform smoothing term, exactly (docs/math.md).
-    class_sum = jnp.sum(c.astype(jnp.float32), axis=opts.vocab_dim)  # (D,)
-    d_e = d_e - coeffs.gamma[:, None] * class_sum[None, :]
+    d_e = d_e - coeffs.gamma[:, None] * uniform.class_sum[None, :]
     if d_bias is not None:
-      d_bias = d_bias - jnp.sum(coeffs.gamma)
+      d_bias = d_bias - uniform.gamma_sum
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
 
 
-def skipped_tiles(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32
-    bias: jax.Array | None,  # (V,)
-    filter_scale,  # (N,) lse -> (N,) filter scale
+def skip_table(
+    inputs: TiledInputs,
+    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
     opts: LossOptions,
 ) -> jax.Array:
-  """(token blocks, vocab blocks) bool: the tiles a backward of these inputs skips (runs the
-  forward kernel; all False when nothing filters)."""
-  check_inputs(e, c, opts)
-  geo = geometry(e, c, opts)
-  shape = (geo.tiles.num_token_blocks, geo.tiles.num_vocab_blocks)
+  """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips
+  (``cce_jax.tiled.SkipTableFn``); runs the forward kernel."""
+  check_inputs(inputs.e, inputs.c, opts)
+  geo = geometry(inputs.e, inputs.c, opts)
+  tokens, classes = tilings(geo)
   if not opts.filters_anything:
-    return jnp.zeros(shape, bool)
-  fwd = forward(e, c, local_labels, bias, opts, for_backward=True)
-  order = fwd.residuals.order
-  tile_labels = local_labels if order is None else jnp.where(
-      local_labels >= 0, _positions(order)[jnp.maximum(local_labels, 0)], -1)
-  return skip_table(fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), tile_labels, geo,
-                    opts)
+    return jnp.zeros((tokens.count, classes.count), bool)
+  fwd = forward(inputs, opts, for_backward=True)
+  return filtering.skip_table(
+      fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), inputs.local_labels,
+      fwd.residuals.order, tokens, classes, opts.filter_eps, block_max_token_axis=0,
+  )
+
+
+resolve_block_sizes = resolve_block_sizes_of(TPUBlockSizes, TPUBlockSizes.get_default)

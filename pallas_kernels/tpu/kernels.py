@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from cce_jax import loss_math
+from cce_jax.filtering import cdiv
 from pallas_kernels.tpu.block_sizes import LANES, Tiles
 
 # Per-token inputs of the backward kernels, the columns of one (N, 4) f32 array.
@@ -64,7 +65,7 @@ class Geometry(NamedTuple):
   @property
   def skip_words(self) -> int:
     """int32 words per token block of the packed skip table."""
-    return -(-self.tiles.num_vocab_blocks // SKIP_BITS)
+    return cdiv(self.tiles.num_vocab_blocks, SKIP_BITS)
 
 
 class Math(NamedTuple):
@@ -257,7 +258,7 @@ def forward_stats(
   out_shape = [jax.ShapeDtypeStruct((geo.num_tokens, LANES), jnp.float32)]
   out_specs = [pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, 0))]
   if with_block_max:
-    block_max_cols = -(-nv // LANES) * LANES
+    block_max_cols = cdiv(nv, LANES) * LANES
     out_shape.append(jax.ShapeDtypeStruct((geo.num_tokens, block_max_cols), jnp.float32))
     out_specs.append(
         pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, lax.div(j, LANES))))

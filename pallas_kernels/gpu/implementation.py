@@ -1,9 +1,9 @@
-"""``forward`` and ``backward`` of ``cce_jax.tiled``'s contract: thin JAX around the kernels.
+"""``impl="pallas_gpu"``: ``cce_jax.tiled``'s contract on the kernels of :mod:`.kernels`.
 
 Around :mod:`pallas_kernels.gpu.kernels` this module only: checks shapes and the shared-memory
 budget, computes the class order of the vocabulary sort (``cce_jax.vocab_sort``), merges the
-forward's per-split partial log-sum-exps, builds the backward's skip table from the forward's
-per-block row maxima, and computes the three vectors of the exact uniform smoothing term.
+forward's per-split partial log-sum-exps, and hands the kernels ``cce_jax.filtering``'s skip
+table (as int32, one word per tile) and exact uniform smoothing term.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from cce_jax import vocab_sort
+from cce_jax import filtering, vocab_sort
 from cce_jax.loss_math import TokenCoefficients
 from cce_jax.options import LossOptions
-from cce_jax.tiled import LocalForward, LocalGrads, Residuals
+from cce_jax.tiled import LocalForward, LocalGrads, Residuals, TiledInputs, resolve_block_sizes_of
 from pallas_kernels.gpu import kernels, tile_math
-from pallas_kernels.gpu.block_sizes import MIN_BLOCK, GPUBlockSizes, product_dtype
+from pallas_kernels.gpu.block_sizes import MIN_BLOCK, GPUBlockSizes
 
 
 def kernel_config(e: jax.Array, c: jax.Array, opts: LossOptions, gathered: bool,
@@ -59,10 +58,7 @@ def kernel_config(e: jax.Array, c: jax.Array, opts: LossOptions, gathered: bool,
 
 
 def forward(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32, -1 for none
-    bias: jax.Array | None,  # (V,)
+    inputs: TiledInputs,
     opts: LossOptions,
     for_backward: bool,
     *,
@@ -74,6 +70,7 @@ def forward(
   (when ``opts.sort_vocab``) and, when filtering is on, the row maxima of every vocabulary
   block are kept for the backward's skip test. ``debug`` prints the Triton IR at lowering.
   """
+  e, c, local_labels, bias = inputs  # (N, D), (V, D) or (D, V), (N,), (V,) or None
   gathered = for_backward and opts.sort_vocab
   want_block_max = for_backward and opts.filters_anything
   cfg = kernel_config(
@@ -83,8 +80,8 @@ def forward(
   )
   cfg = _with_bias(cfg, bias)
   blocks = cfg.classes.count
-  per_split = -(-blocks // min(opts.block_sizes.vocab_splits, blocks))
-  splits = -(-blocks // per_split)  # no split is empty
+  per_split = filtering.cdiv(blocks, min(opts.block_sizes.vocab_splits, blocks))
+  splits = filtering.cdiv(blocks, per_split)  # no split is empty
   cfg = _replace(cfg, blocks_per_split=per_split)
   order = vocab_sort.vocab_order(e, c, bias, opts) if gathered else None
   out = kernels.forward_call(e, c, local_labels.astype(jnp.int32), bias, order, cfg, splits,
@@ -98,10 +95,7 @@ def forward(
 
 
 def backward(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32
-    bias: jax.Array | None,  # (V,)
+    inputs: TiledInputs,
     residuals: Residuals,
     lse: jax.Array,  # (N,) f32
     coeffs: TokenCoefficients,
@@ -116,26 +110,26 @@ def backward(
   blocks for dC and the bias. A tile the skip table marks is skipped in the kernel whose
   filter flag is on.
   """
+  e, c, local_labels, bias = inputs
   order, block_max = residuals
   labels = local_labels.astype(jnp.int32)
   base = kernel_config(e, c, opts, order is not None,
-                       product_dtype=product_dtype(e.dtype).name)
+                       product_dtype=filtering.product_dtype(e.dtype).name)
   base = _with_bias(base, bias)
   skip = None
   if filter_scale is not None and opts.filters_anything:
     if block_max is None:
       raise ValueError("filter_scale given but the forward kept no block maxima "
                        "(was it called with for_backward=True and the same options?).")
-    skip = tile_math.skip_table(block_max, lse, filter_scale, labels, order, base.tokens,
-                                base.classes, opts.filter_eps)
+    table = filtering.skip_table(block_max, lse, filter_scale, labels, order, base.tokens,
+                                 base.classes, opts.filter_eps, block_max_token_axis=1)
+    skip = table.astype(jnp.int32)  # the kernels read one int32 per tile
   f32 = jnp.float32
   class_sum = weighted_e = gamma_sum = None
-  if tile_math.uniform_outside(opts):
+  if filtering.uniform_outside(opts):
     # The uniform smoothing term, exactly, outside the tiles (docs/math.md).
-    class_sum = jnp.sum(c, axis=opts.vocab_dim, dtype=f32)  # (D,)
-    weighted_e = jnp.dot(coeffs.gamma.astype(f32), e.astype(f32),
-                         precision=lax.Precision.HIGHEST)  # (D,)
-    gamma_sum = jnp.sum(coeffs.gamma).reshape(1)
+    class_sum, weighted_e, gamma_sum = filtering.uniform_terms(e, c, coeffs.gamma, opts)
+    gamma_sum = gamma_sum.reshape(1)
   coeffs = TokenCoefficients(*(x.astype(f32) for x in coeffs))
   lse = lse.astype(f32)
   cfg_e = _replace(base, skip=skip is not None and opts.filter_e_grad)
@@ -147,28 +141,22 @@ def backward(
   return LocalGrads(d_e, d_c.astype(c.dtype), d_bias if bias is not None else None)
 
 
-def filter_tile_counts(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    local_labels: jax.Array,  # (N,) int32
-    bias: jax.Array | None,  # (V,)
+def skip_table(
+    inputs: TiledInputs,
     filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
     opts: LossOptions,
-) -> tuple[jax.Array, jax.Array]:
-  """(skipped tiles, total tiles) of the backward, as () int32 arrays; runs the forward.
-
-  The same signature as ``cce_jax.xla_chunked.filter_tile_counts``; the table is the one both
-  backward kernels read (a tile counts as skipped when its skip bit is set).
-  """
-  cfg = kernel_config(e, c, opts, opts.sort_vocab)
-  total = jnp.asarray(cfg.tokens.count * cfg.classes.count, jnp.int32)
+) -> jax.Array:
+  """(token blocks, vocab blocks) bool: the tiles both backward kernels skip
+  (``cce_jax.tiled.SkipTableFn``); runs the forward."""
+  cfg = kernel_config(inputs.e, inputs.c, opts, opts.sort_vocab)
   if not opts.filters_anything:
-    return jnp.zeros((), jnp.int32), total
-  out = forward(e, c, local_labels, bias, opts, for_backward=True)
-  labels = local_labels.astype(jnp.int32)
-  table = tile_math.skip_table(out.residuals.block_max, out.lse, filter_scale(out.lse), labels,
-                               out.residuals.order, cfg.tokens, cfg.classes, opts.filter_eps)
-  return jnp.sum(table, dtype=jnp.int32), total
+    return jnp.zeros((cfg.tokens.count, cfg.classes.count), bool)
+  out = forward(inputs, opts, for_backward=True)
+  labels = inputs.local_labels.astype(jnp.int32)
+  return filtering.skip_table(
+      out.residuals.block_max, out.lse, filter_scale(out.lse), labels, out.residuals.order,
+      cfg.tokens, cfg.classes, opts.filter_eps, block_max_token_axis=1,
+  )
 
 
 def _replace(cfg: kernels.KernelConfig, **changes) -> kernels.KernelConfig:
@@ -184,3 +172,19 @@ def _with_bias(cfg: kernels.KernelConfig, bias: jax.Array | None) -> kernels.Ker
 def default_block_sizes(dtype=None) -> GPUBlockSizes:
   """``GPUBlockSizes.get_default(dtype)`` for the GPU this process sees."""
   return GPUBlockSizes.get_default(None if dtype is None else np.dtype(dtype))
+
+
+def resolve_block_sizes(block_sizes: GPUBlockSizes | None, dtype) -> GPUBlockSizes:
+  """``block_sizes`` (None: :func:`default_block_sizes`), checked against the shared memory
+  of its generation for inputs of ``dtype`` (``cce_jax.tiled.ResolveBlockSizesFn``).
+
+  Raises:
+    TypeError: ``block_sizes`` that is not a :class:`GPUBlockSizes`.
+    ValueError: tiles over the shared-memory limit for ``dtype``.
+  """
+  block_sizes = _resolve_type(block_sizes, dtype)
+  block_sizes.check_shared_memory(np.dtype(dtype))
+  return block_sizes
+
+
+_resolve_type = resolve_block_sizes_of(GPUBlockSizes, default_block_sizes)
