@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 import typing
 
 import chex
@@ -26,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import train_testing
-import yaml
 
 from train import checkpoint, cli, config, data, metrics, resume, trainer, validation
 from train.sharding import make_mesh
@@ -88,10 +88,9 @@ def test_bad_values_stop_at_config_time(tmp_path, capsys, override, message):
 
 
 def _numeric(kind: typing.Any) -> bool:
-  options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union,
-                                                                 __import__("types").UnionType)\
-      else (kind,)
-  return any(option in (int, float) for option in options)
+  """Whether a field of type ``kind`` holds a number (int, float, or either or None)."""
+  union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+  return any(option in (int, float) for option in (typing.get_args(kind) if union else (kind,)))
 
 
 @pytest.mark.parametrize("cls, ranges, exempt", [
@@ -487,7 +486,7 @@ def test_stored_config_yaml_resumes_the_run(base, finished, capsys):
                            train_testing.VOCAB)
   assert config.load(finished / "config.yaml") == cfg
   assert cli.main([str(finished / "config.yaml")]) == 0
-  assert f"step 4: loss" in capsys.readouterr().out
+  assert "step 4: loss" in capsys.readouterr().out
 
 
 def test_failing_evaluation_keeps_its_checkpoint(base, tmp_path, monkeypatch):
