@@ -186,3 +186,23 @@ def test_trainer_writes_config_yaml_to_gcs(gcs):
   written = yaml.safe_load(_object(gcs, "bucket/run/config.yaml"))
   assert written["workdir"] == RUN
   assert written["steps"] == 3
+
+
+def test_workdir_lock_on_gcs(gcs, monkeypatch):
+  from train import workdir_lock
+
+  monkeypatch.setattr(workdir_lock, "URI_SETTLE_S", 0.0)
+  run = epath.Path(RUN)
+  run.mkdir(parents=True, exist_ok=True)
+  first = workdir_lock.WorkdirLock(run, force=False, warn=print)
+  first.acquire()
+  holder = json.loads(_object(gcs, "bucket/run/run.lock"))
+  # As if held from another host: a second run refuses, naming it; force_unlock takes over.
+  (run / "run.lock").write_text(json.dumps({**holder, "host": "tpu-worker-0"}))
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="host tpu-worker-0"):
+    workdir_lock.WorkdirLock(run, force=False, warn=print).acquire()
+  warnings = []
+  with workdir_lock.WorkdirLock(run, force=True, warn=warnings.append) as second:
+    assert json.loads(_object(gcs, "bucket/run/run.lock"))["token"] == second.holder.token
+  assert "force_unlock=true" in warnings[0]
+  assert not (run / "run.lock").exists()

@@ -1,5 +1,6 @@
 """Exact resume: a run killed (SIGKILL) or preempted (SIGTERM) mid-way and resumed from its
-checkpoints logs the same losses, bit for bit, as the uninterrupted run (on CPU).
+checkpoints logs the same losses, bit for bit, as the uninterrupted run (on CPU). SIGINT
+(Ctrl-C) saves and stops like SIGTERM.
 
 The interrupted run is a real ``python -m train`` subprocess. It evaluates after every step
 (``eval_every=1``): evaluation reads neither the train state nor the train iterator, and it
@@ -59,3 +60,14 @@ def test_resume_after_sigterm_is_exact(base, tmp_path):
   result = _resume(base, tmp_path)
   assert result.start_step == saved
   assert train_testing.losses(tmp_path) == train_testing.reference_losses(base, STEPS)
+
+
+def test_sigint_saves_and_stops_like_sigterm(base, tmp_path):
+  logged, returncode, output = _interrupted_run(base, tmp_path, signal.SIGINT)
+  assert returncode == 0, output
+  assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+  saved = int(output.split("SIGINT: saved a checkpoint at step ")[1].split(";")[0])
+  assert saved >= logged
+  # The save was committed before the process exited.
+  assert (tmp_path / "checkpoints" / str(saved) / "state" / "commit_success.txt").is_file()
+  assert not (tmp_path / "run.lock").exists()

@@ -9,7 +9,9 @@ USAGE = """usage: python -m train [CONFIG.yaml] [key=value ...]
 
 Trains the language model of CONFIG.yaml (default: configs/default.yaml), with each
 key=value overriding one config entry (dotted keys for nested ones: model.num_layers=2).
-A workdir holding checkpoints resumes from the newest.
+A workdir holding checkpoints resumes from the newest that restores; so does
+`python -m train WORKDIR/config.yaml` (the config the run stored there).
+SIGTERM or Ctrl-C saves a checkpoint and stops; the workdir is locked while a run uses it.
 """
 
 
@@ -19,11 +21,17 @@ MISSING_EXTRA = ("the trainer needs the 'train' extra (missing module {name!r}):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the trainer; the exit status (0 also after a SIGTERM checkpoint, 2 for a bad config
-  or a missing ``train`` extra)."""
+  """Runs the trainer; the exit status.
+
+  0: done, also after a SIGTERM/SIGINT checkpoint; 2: a bad config, a missing ``train`` extra
+  or a run that cannot go on for a reason the user fixes (one line on stderr, no traceback:
+  ``ConfigError``, ``RunError``); 130: a second Ctrl-C. Anything else is a bug and keeps its
+  traceback.
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     from train import config, distributed, trainer
+    from train.errors import RunError
   except ModuleNotFoundError as error:
     if error.name is None or error.name.split(".")[0] in ("train", "cce_jax"):
       raise
@@ -41,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except config.ConfigError as error:
     print(f"config error: {error}", file=sys.stderr)
     return 2
+  except RunError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted (the in-flight checkpoint saves were completed)", file=sys.stderr)
+    return 130
   import jax
 
   if result.history and jax.process_index() == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import pathlib
 import types
 import typing
@@ -22,6 +23,7 @@ import yaml
 
 from train import data
 from train.hardware import HardwareConfig
+from train.validation import Range, at_least, check_ranges, fraction, positive
 
 # Where `python -m train` looks when no config file is given.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -50,6 +52,10 @@ DEFAULT_RULES: dict[str, Any] = {
 MESH_AXES = ("data", "fsdp", "tensor")
 LOSS_IMPLS = ("cce", "naive")
 DTYPES = ("float32", "bfloat16")
+# The `impl` values cce_jax.linear_cross_entropy accepts (loss.cce_impl).
+CCE_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+# seed is an int32 on the device.
+MAX_SEED = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -100,22 +106,26 @@ class ModelConfig:
   attention_chunk: int | None = None
 
   def __post_init__(self):
-    for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
-      _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-    _require(self.vocab_size is None or self.vocab_size >= 2,
-             f"model.vocab_size must be >= 2 or null, got {self.vocab_size}")
+    check_ranges(self, MODEL_RANGES, "model.", ConfigError)
     _require(self.num_heads % self.num_kv_heads == 0,
              f"model.num_kv_heads={self.num_kv_heads} must divide "
              f"model.num_heads={self.num_heads}")
     _require(self.head_dim % 2 == 0, f"model.head_dim must be even (RoPE), got {self.head_dim}")
-    _require(self.final_softcap is None or self.final_softcap > 0,
-             f"model.final_softcap must be > 0 or null, got {self.final_softcap}")
-    _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-    _require(self.attention_chunk is None or self.attention_chunk >= 1,
-             f"model.attention_chunk must be >= 1 or null, got {self.attention_chunk}")
     _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
     _require(self.param_dtype in DTYPES,
              f"model.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+
+
+MODEL_RANGES: dict[str, Range] = {
+    "vocab_size": at_least(2, nullable=True),
+    **{name: at_least(1) for name in ("d_model", "num_layers", "num_heads", "num_kv_heads",
+                                      "head_dim", "mlp_dim")},
+    "rope_theta": positive(),
+    "norm_eps": positive(),
+    "final_softcap": positive(nullable=True),
+    "dropout": fraction(),
+    "attention_chunk": at_least(1, nullable=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +143,19 @@ class LossConfig:
   filter_c_grad: bool = False
 
   def __post_init__(self):
-    _require(self.z_loss >= 0, f"loss.z_loss must be >= 0, got {self.z_loss}")
-    _require(0 <= self.label_smoothing < 1,
-             f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    _require(self.cce_impl in CCE_IMPLS,
+             f"loss.cce_impl must be one of {CCE_IMPLS}, got {self.cce_impl!r}")
+    check_ranges(self, LOSS_RANGES, "loss.", ConfigError)
     _require(self.filter_eps is None or self.filter_eps == "auto"
-             or (isinstance(self.filter_eps, float) and self.filter_eps >= 0),
-             f"loss.filter_eps must be 'auto', a float >= 0 or null, got {self.filter_eps!r}")
+             or (isinstance(self.filter_eps, float) and FILTER_EPS_RANGE.contains(self.filter_eps)
+                 and math.isfinite(self.filter_eps)),
+             f"loss.filter_eps must be 'auto', a float {FILTER_EPS_RANGE.describe()} or null, "
+             f"got {self.filter_eps!r}")
+
+
+LOSS_RANGES: dict[str, Range] = {"z_loss": at_least(0), "label_smoothing": fraction()}
+# A softmax-gradient entry is at most 1: a larger threshold would skip every tile.
+FILTER_EPS_RANGE = fraction(high_open=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,12 +174,19 @@ class OptimConfig:
   clip_norm: float | None = 1.0
 
   def __post_init__(self):
-    _require(self.learning_rate > 0, f"optim.learning_rate must be > 0, got {self.learning_rate}")
-    _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-    _require(0 <= self.end_lr_ratio <= 1,
-             f"optim.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
-    _require(self.clip_norm is None or self.clip_norm > 0,
-             f"optim.clip_norm must be > 0 or null, got {self.clip_norm}")
+    check_ranges(self, OPTIM_RANGES, "optim.", ConfigError)
+
+
+OPTIM_RANGES: dict[str, Range] = {
+    "learning_rate": positive(),
+    "warmup_steps": at_least(0),
+    "end_lr_ratio": fraction(high_open=False),
+    "b1": fraction(),
+    "b2": fraction(),
+    "eps": at_least(0),
+    "weight_decay": at_least(0),
+    "clip_norm": positive(nullable=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +253,11 @@ class TrainConfig:
   progress: bool = True
   tensorboard: bool = True
   plot: bool = True
+  # Stop with an error after this many steps in a row whose loss or gradient norm is not
+  # finite (each such step's update is skipped: parameters and optimizer state unchanged).
+  max_skipped_steps: int = 10
+  # Take the workdir's lock even if another live run (or another host) seems to hold it.
+  force_unlock: bool = False
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -238,11 +267,10 @@ class TrainConfig:
   hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_batches",
-                 "grad_accum_steps", "keep_checkpoints"):
-      _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-    _require(self.seq_len >= 2, f"seq_len must be >= 2 (shifted targets), got {self.seq_len}")
-    _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+    _require(isinstance(self.workdir, str) and self.workdir.strip() != "",
+             f"workdir must name a directory (a local path or gs://bucket/path), "
+             f"got {self.workdir!r}")
+    check_ranges(self, TRAIN_RANGES, "", ConfigError)
     _require(self.loss_impl in LOSS_IMPLS,
              f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
     if isinstance(self.distributed, bool):
@@ -252,6 +280,21 @@ class TrainConfig:
     _require(self.batch_size % self.grad_accum_steps == 0,
              f"batch_size={self.batch_size} must be a multiple of "
              f"grad_accum_steps={self.grad_accum_steps}")
+    chunk = self.model.attention_chunk
+    _require(chunk is None or chunk >= self.seq_len or self.seq_len % chunk == 0,
+             f"model.attention_chunk={chunk} must divide seq_len={self.seq_len} "
+             "(or be null, or >= seq_len)")
+
+
+# seq_len >= 2: a sequence needs a token and its successor (shifted targets).
+TRAIN_RANGES: dict[str, Range] = {
+    **{name: at_least(1) for name in ("steps", "batch_size", "checkpoint_every", "log_every",
+                                      "eval_batches", "grad_accum_steps", "keep_checkpoints",
+                                      "max_skipped_steps")},
+    "seq_len": at_least(2),
+    "seed": Range(low=0, high=MAX_SEED),
+    "eval_every": at_least(0),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,17 +455,26 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
     overrides: ``key=value`` strings, dotted keys for nested fields.
 
   Raises:
-    ConfigError: a missing file, an unknown key or a bad value (the message names it).
+    ConfigError: a missing or unreadable file, invalid YAML, an unknown key or a bad value (the
+      message names it).
   """
   if path is None:
     found = [p for p in (DEFAULT_CONFIG, REPO_ROOT / DEFAULT_CONFIG) if p.is_file()]
-    tree = yaml.safe_load(found[0].read_text()) if found else {}
+    # Installed without the repository's configs/: the dataclass defaults are the default
+    # config (a test keeps them equal).
+    path = found[0] if found else None
+  if path is None:
+    tree = {}
   else:
     path = pathlib.Path(path)
     if not path.is_file():
       raise ConfigError(f"config file {str(path)!r} not found")
-    tree = yaml.safe_load(path.read_text())
-  tree = tree or {}
+    try:
+      tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+      raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    except (OSError, UnicodeDecodeError) as error:
+      raise ConfigError(f"config file {str(path)!r} cannot be read: {error}") from None
   if not isinstance(tree, dict):
     raise ConfigError(f"{path}: expected a YAML mapping at the top level")
   # Rules are merged key by key into the defaults, so a config names only what it changes.

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import tqdm
@@ -29,6 +30,7 @@ from etils import epath
 
 from train import paths
 from train import progress as _progress  # `progress` is an argument below
+from train.errors import RunError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -37,12 +39,42 @@ TENSORBOARD_DIR = "tensorboard"
 REMOTE_UPLOAD_INTERVAL_S = 30.0
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a ``metrics.jsonl`` (local or ``gs://``), in order; [] if it is missing."""
+class MetricsFileError(RunError):
+  """A ``metrics.jsonl`` line before the last that is not a JSON object (names file and line)."""
+
+
+def read_metrics(path: str | os.PathLike,
+                 warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` (local or ``gs://``), in order; [] if it is missing.
+
+  A torn last line (a crash mid-write) is dropped, through ``warn`` if given.
+
+  Raises:
+    MetricsFileError: any other line that is not a JSON object with a ``step``; the message
+      names the file and the line number.
+  """
   path = epath.Path(path)
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = path.read_text().splitlines()
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a JSON object with an integer step")
+    except ValueError as error:
+      if i == last:
+        if warn is not None:
+          warn(f"warning: {path}: dropped the torn last line {i + 1} ({line[:60]!r})")
+        break
+      raise MetricsFileError(
+          f"{path}, line {i + 1}: not a metrics record ({error}); fix or delete that line")
+    records.append(record)
+  return records
 
 
 def _jsonl(records: list[dict[str, Any]]) -> str:
@@ -60,10 +92,15 @@ class MetricsWriter:
     progress: show a tqdm progress bar (with ETA) when stdout and stderr are terminals; else
       (also with progress False) print one plain line per logged step (train/progress.py).
     tensorboard: write TensorBoard event files under ``workdir/tensorboard``.
+    warn: where a warning about the existing ``metrics.jsonl`` goes (a torn last line).
+
+  Raises:
+    MetricsFileError: an existing ``metrics.jsonl`` with a bad line before its last.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int,
-               enabled: bool, progress: bool, tensorboard: bool):
+               enabled: bool, progress: bool, tensorboard: bool,
+               warn: Callable[[str], None] | None = None):
     self.workdir = epath.Path(workdir)
     # A URI (gs://...) cannot be appended to: metrics.jsonl is rewritten whole, now and then.
     self.remote = paths.is_uri(self.workdir)
@@ -76,7 +113,7 @@ class MetricsWriter:
     self._unsaved = False  # remote: lines logged since the last rewrite
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+      kept = [r for r in read_metrics(self.path, warn) if r["step"] <= start_step]
       self.path.write_text(_jsonl(kept))
       self.history = kept
       if not self.remote:

@@ -192,7 +192,11 @@ class Transformer(nnx.Module):
           kernel_init=nnx.with_partitioning(_fan_in_init(0, 1), ("embed", "vocab")), rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-    """Final hidden states (B, T, D) in ``cfg.dtype`` of int tokens (B, T)."""
+    """Final hidden states (B, T, D) in ``cfg.dtype`` of int tokens (B, T).
+
+    ``dropout_key`` (a typed PRNG key) turns on ``cfg.dropout`` (training); None turns it off
+    (evaluation).
+    """
     cfg = self.cfg
     # The lookup reads a table gathered over its "embed" axis (FSDP) but still split over
     # "vocab": XLA then gathers locally and sums over the vocabulary shards, instead of
@@ -203,13 +207,15 @@ class Transformer(nnx.Module):
       x_BTD = x_BTD * jnp.asarray(cfg.d_model**0.5, x_BTD.dtype)
     x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
     positions_T = jnp.arange(tokens_BT.shape[-1], dtype=jnp.int32)
-    if cfg.dropout > 0 and dropout_key is not None:
-      keys_L = jax.random.split(dropout_key, cfg.num_layers)
+    # Decided here, statically: a scanned typed key has ndim 0, so the key itself cannot say.
+    use_dropout = cfg.dropout > 0 and dropout_key is not None
+    if use_dropout:
+      keys_L = jax.random.split(dropout_key, cfg.num_layers)  # (L,) typed keys
     else:
       keys_L = jnp.zeros((cfg.num_layers,), jnp.uint32)  # unused: no dropout
 
     def layer(block: Block, x_BTD: jax.Array, key: jax.Array) -> jax.Array:
-      return block(x_BTD, positions_T, key if cfg.dropout > 0 and key.ndim else None)
+      return block(x_BTD, positions_T, key if use_dropout else None)
 
     if cfg.remat:
       layer = nnx.remat(layer, prevent_cse=False)

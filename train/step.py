@@ -51,7 +51,9 @@ class Program:
   Attributes:
     init: ``init(seed: () int32) -> TrainState``, placed on ``state_shardings``.
     train_step: ``train_step(state, tokens (B, T) int32) -> (state, metrics)``; donates
-      ``state``. metrics: ``loss``, ``grad_norm``, ``learning_rate`` (() f32 each).
+      ``state``. metrics: ``loss``, ``grad_norm``, ``learning_rate`` (() f32 each) and
+      ``skipped`` (() int32: 1 when the update was skipped, the loss, gradient norm or new
+      parameters being non-finite; parameters and optimizer state are then unchanged).
     eval_step: ``eval_step(params, tokens (B, T)) -> (loss_sum () f32, num_targets () f32)``.
     abstract_state: the TrainState of ShapeDtypeStructs carrying their shardings.
     state_shardings: NamedShardings of the TrainState.
@@ -92,6 +94,18 @@ def _with_sharding(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract, shardings)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """() bool: every floating-point entry of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``keep_new`` (a () bool), else ``old``, leaf by leaf."""
+  return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
 
 
 def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
@@ -170,10 +184,17 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
             accumulate, (jnp.zeros((), jnp.float32), zeros),
             (micro_MBT, jnp.arange(accum, dtype=jnp.int32)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                 "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
+      updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      grad_norm = optax.tree.norm(grads)
+      # The NaN guard: a step whose loss, gradient norm or updated parameters are not finite
+      # keeps the old parameters and optimizer state (the step counter still advances).
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
+      params = _select(finite, new_params, state.params)
+      opt_state = _select(finite, new_opt_state, state.opt_state)
+      metrics = {"loss": loss, "grad_norm": grad_norm,
+                 "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+                 "skipped": jnp.logical_not(finite).astype(jnp.int32)}
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                         rng=state.rng), metrics
 
@@ -183,7 +204,8 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
       total = loss_fn(params, tokens_BT, None, 1)
       return total, jnp.asarray(num_targets, jnp.float32)
 
-  metric_shardings = {"loss": replicated, "grad_norm": replicated, "learning_rate": replicated}
+  metric_shardings = {"loss": replicated, "grad_norm": replicated, "learning_rate": replicated,
+                      "skipped": replicated}
   return Program(
       config=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
       schedule=schedule,
