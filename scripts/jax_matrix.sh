@@ -9,17 +9,18 @@
 #   scripts/jax_matrix.sh --build-only           # make the venvs, run nothing
 #   scripts/jax_matrix.sh 0.12.0.1 -- -x -q tests/test_pallas_gpu.py   # pytest arguments after --
 #
-# Environment: CCE_JAX_MATRIX_DIR (where the venvs go; default .matrix/ in the checkout, which git
-# ignores). Venvs are reused when their jax already has the wanted version. Each suite's output
-# goes to DIR/jax-VERSION.log; a summary line per version is printed at the end, and the exit
-# status is 0 only when every version built and passed.
+# Environment: CCE_JAX_MATRIX_DIR (where the venvs go; default .matrix/ in the checkout, which
+# git ignores). A venv is reused when its jax has the wanted version (the suite runs this
+# checkout's code either way). Each suite's output goes to DIR/jax-VERSION.log; a summary line
+# per version is printed at the end, and the exit status is 0 only when every version built
+# and passed.
 set -euo pipefail
 
 # The versions tested: the lowest supported, and the newest of each later minor release.
 readonly DEFAULT_VERSIONS=(0.10.2 0.11.2 0.12.0.1)
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # The Python minor version a JAX release needs (jax 0.11 dropped Python 3.11).
@@ -52,7 +53,7 @@ find_python() {
 
 # Creates (or reuses) the venv for one JAX version; prints its folder.
 build_venv() {
-  local version="$1" dir="$2" python venv installed
+  local version="$1" dir="$2" python venv installed log
   venv="${dir}/jax-${version}"
   if [[ -x "${venv}/bin/python" ]]; then
     installed="$("${venv}/bin/python" -c 'import jax; print(jax.__version__)' 2>/dev/null || true)"
@@ -62,12 +63,17 @@ build_venv() {
     fi
   fi
   python="$(find_python "$(python_for_jax "${version}")")" || return 2
-  echo "jax_matrix: building ${venv} with ${python} ($("${python}" --version 2>&1))" >&2
+  log="${dir}/jax-${version}.build.log"
+  echo "jax_matrix: building ${venv} with ${python} ($("${python}" --version 2>&1))," \
+    "pip's output in ${log}" >&2
   rm -rf "${venv}"
-  "${python}" -m venv "${venv}"
-  "${venv}/bin/python" -m pip install -q --upgrade pip >&2
-  "${venv}/bin/python" -m pip install -q -e ".[test,train]" "jax==${version}" \
-    "jaxlib==${version}" >&2
+  if ! { "${python}" -m venv "${venv}" \
+      && "${venv}/bin/python" -m pip install --upgrade pip \
+      && "${venv}/bin/python" -m pip install -e ".[test,train]" "jax==${version}" \
+        "jaxlib==${version}"; } >"${log}" 2>&1; then
+    tail -n 5 "${log}" >&2
+    return 1
+  fi
   echo "${venv}"
 }
 
@@ -106,7 +112,10 @@ main() {
     fi
     log="${dir}/jax-${version}.log"
     echo "jax_matrix: jax ${version}: python -m pytest ${pytest_args[*]} > ${log}" >&2
-    if "${venv}/bin/python" -m pytest "${pytest_args[@]}" >"${log}" 2>&1; then
+    # PYTHONPATH: this checkout's code, even where a reused venv's editable install points
+    # at another checkout.
+    if PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}" "${venv}/bin/python" -m pytest \
+        "${pytest_args[@]}" >"${log}" 2>&1; then
       summary+=("jax ${version} ($("${venv}/bin/python" --version 2>&1)): $(tail -n 1 "${log}")")
     else
       summary+=("jax ${version} ($("${venv}/bin/python" --version 2>&1)): FAILED: $(tail -n 1 \
