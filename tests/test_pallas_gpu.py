@@ -15,7 +15,6 @@ import re
 import warnings
 import zlib
 
-import gpu_testing
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from cce_jax import synthetic
 from cce_jax.loss_math import TokenCoefficients
 from cce_jax.options import LossOptions
 from pallas_kernels.gpu import SHARED_MEMORY_LIMITS, GPUBlockSizes, ops
+from pallas_kernels.probes import cuda_lowering
 
 # JAX >= 0.11 warns at every Triton lowering that Pallas' Triton backend is deprecated. The
 # kernels keep that lowering until its successor lands (docs/gpu_backend.md); the library
@@ -199,7 +199,7 @@ def _abstract_args(num_tokens, hidden, num_classes, dtype, layout, bias):
 
 
 def _export_for_cuda(fn, args, mesh=None):
-  return gpu_testing.export_for_cuda(fn, args, mesh=mesh)
+  return cuda_lowering.export_for_cuda(fn, args, mesh=mesh)
 
 
 @pytest.mark.parametrize(
@@ -234,7 +234,7 @@ def test_kernels_lower_for_each_gpu_generation(generation):
   opts = LossOptions(filter_eps=2.0**-12,
                      block_sizes=GPUBlockSizes.get_default("bfloat16", generation=generation))
   args = _abstract_args(4099, 2304, 50_001, jnp.bfloat16, "vd", True)
-  module = gpu_testing.export_for_cuda(_loss_and_grads(opts), args,
+  module = cuda_lowering.export_for_cuda(_loss_and_grads(opts), args,
                                        generation=generation).mlir_module()
   assert re.findall(r'name = "(cce_\w+)"', module) == ["cce_forward", "cce_grad_e", "cce_grad_c"]
 
@@ -248,7 +248,7 @@ def test_triton_lowering_warns_only_of_the_triton_deprecation():
   messages = {str(warning.message) for warning in caught}
   others = {message for message in messages if not message.startswith(_TRITON_DEPRECATION)}
   assert not others
-  if gpu_testing.reads_abstract_gpu_device():  # JAX >= 0.11 deprecates the Triton lowering
+  if cuda_lowering.reads_abstract_gpu_device():  # JAX >= 0.11 deprecates the Triton lowering
     assert {warning.category for warning in caught} == {DeprecationWarning}
     assert messages
 
@@ -256,7 +256,7 @@ def test_triton_lowering_warns_only_of_the_triton_deprecation():
 def test_kernels_lower_inside_shard_map_with_check_vma():
   """Vocabulary-parallel inside a user's shard_map with check_vma=True: the kernels' inputs
   and outputs carry the varying manual axes (a one-device mesh is enough to lower)."""
-  mesh = gpu_testing.cuda_mesh(("data", "tensor"))
+  mesh = cuda_lowering.cuda_mesh(("data", "tensor"))
   specs = (P("data"), P("tensor"), P("data"))
 
   def per_device(e, c, labels):

@@ -1,8 +1,8 @@
 """Lowering GPU kernels for CUDA on a machine without a GPU, on every supported JAX.
 
 ``jax.export(..., platforms=["cuda"])`` runs the Pallas-to-Triton (or Mosaic GPU) lowering on a
-CPU host, which is how the tests check, short of a GPU, that the kernels lower. The lowering
-needs to know which GPU it targets:
+CPU host, which is how the tests (and the probes beside this module) check, short of a GPU,
+that kernels lower. The Triton lowering needs to know which GPU it targets:
 
 * JAX 0.10 takes the local GPU, or without one falls back to compute capability 9.0 (H100);
 * JAX 0.11 and newer read the target from the abstract mesh in context
