@@ -127,4 +127,7 @@ main() {
   return "${status}"
 }
 
-main "$@"
+# Run unless sourced (the tests source the script to call its functions).
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi
