@@ -150,3 +150,26 @@ def test_block_sizes_of_another_implementation_are_rejected():
   with pytest.raises((TypeError, ValueError), match="block_sizes"):
     cce_jax.linear_cross_entropy(e, e, jnp.zeros((8,), jnp.int32), impl="pallas_mosaic_gpu",
                                  block_sizes=cce_jax.BlockSizes(), interpret=True)
+
+
+@pytest.mark.slow  # interpret mode
+@interpret_only
+def test_vmap_folds_the_examples_into_one_kernel_call():
+  """Under vmap the forward runs once over every example's tokens: the loss and gradients
+  equal those of the examples one by one."""
+  rng = np.random.default_rng(13)
+  e = jnp.asarray(rng.normal(size=(2, 40, 24)), jnp.bfloat16)
+  c = jnp.asarray(rng.normal(size=(75, 24)) * 0.5, jnp.bfloat16)
+  labels = jnp.asarray(rng.integers(0, 75, size=(2, 40)), jnp.int32)
+
+  def loss(e, c, labels):
+    return cce_jax.linear_cross_entropy(e, c, labels, impl="pallas_mosaic_gpu", interpret=True,
+                                        block_sizes=BLOCKS, filter_eps=None)
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1))
+  batched, (d_e, d_c) = jax.vmap(grad, in_axes=(0, None, 0))(e, c, labels)
+  for i in range(2):
+    one, (d_e_one, d_c_one) = grad(e[i], c, labels[i])
+    assert_rel_close("loss", batched[i], np.asarray(one), 1e-6)
+    assert_rel_close("d_e", d_e[i], np.asarray(d_e_one, np.float32), 1e-2)
+    assert_rel_close("d_c", d_c[i], np.asarray(d_c_one, np.float32), 1e-2)
