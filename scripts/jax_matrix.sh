@@ -130,4 +130,5 @@ main() {
 # Run unless sourced (the tests source the script to call its functions).
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   main "$@"
+  exit  # with main's status; bash reads no further (the file may change during a long run)
 fi
