@@ -163,7 +163,8 @@ def linear_cross_entropy(
     impl: ``"auto"`` (``cce_jax.dispatch.AUTO_IMPL`` per backend: ``"xla"`` everywhere until
       a Pallas kernel is measured faster on real hardware), ``"xla"`` (chunked pure JAX, every
       backend), ``"reference"`` (materialized f32 logits; for tests and small problems),
-      ``"pallas_gpu"`` (Pallas Triton kernels, CUDA) or ``"pallas_tpu"`` (Pallas Mosaic).
+      ``"pallas_gpu"`` (Pallas Triton kernels, CUDA), ``"pallas_tpu"`` (Pallas Mosaic) or
+      ``"pallas_mosaic_gpu"`` (Pallas Mosaic GPU forward, Hopper+, 16-bit inputs).
     interpret: run a Pallas implementation in interpret mode; ignored by the others.
     classifier_layout: ``"vd"`` when ``c`` is (V, D), ``"dv"`` when it is (D, V).
     block_sizes: tile sizes of the implementation: :class:`BlockSizes` for "xla" (default

@@ -19,7 +19,7 @@ from cce_jax.options import LossOptions
 from cce_jax.tiled import Implementation
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu")
 CLASSIFIER_LAYOUTS = ("vd", "dv")
 _FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

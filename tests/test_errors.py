@@ -294,7 +294,7 @@ def test_check_labels_with_shift_reports_index_into_labels():
     cce_jax.linear_cross_entropy(**args, labels=labels, shift=1, check_labels=True)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu"])
 def test_missing_implementation_module(monkeypatch, impl):
   """An installation without a Pallas package says so, naming ``impl``."""
   monkeypatch.setitem(cce_jax.dispatch._MODULES, impl, "pallas_kernels.no_such_module")

@@ -7,9 +7,9 @@ import shlex
 import subprocess
 
 import pytest
+
 import yaml
-from gcp_testing import GCP, dry_run, run_script, write_env
-from test_gcp_scripts import _shellcheck
+from gcp_testing import GCP, dry_run, run_script, shellcheck, write_env
 
 DATA = {"DATA_PATHS": "gs://demo-bucket/tokens/train/shard-*.npy", "VOCAB_SIZE": "32000"}
 WORKDIR = "workdir=gs://demo-bucket/runs/llama3-8b"
@@ -158,6 +158,6 @@ def test_help_and_shellcheck():
   assert result.returncode == 0 and result.stdout.startswith("usage:")
   assert "--dry-run" in result.stdout and "GKE_GPU_ACCELERATOR" in result.stdout
   assert "set -euo pipefail" in (GCP / "gke" / "jobset.sh").read_text()
-  check = subprocess.run([_shellcheck(), "gke/jobset.sh"], capture_output=True, text=True,
+  check = subprocess.run([shellcheck(), "gke/jobset.sh"], capture_output=True, text=True,
                          cwd=GCP)
   assert check.returncode == 0, check.stdout + check.stderr

