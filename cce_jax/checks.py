@@ -57,8 +57,10 @@ def check_arrays(e: Any, c: Any, labels: Any, bias: Any, classifier_layout: str)
     raise TypeError(f"`e` must be float32, bfloat16, float16 or float64, got {_describe(e)}.")
   if c.dtype != e.dtype:
     raise TypeError(
-        f"`c` and `e` must have the same dtype, got c {c.dtype} and e {e.dtype}; cast one "
-        "explicitly (a silent cast of c would copy the whole classifier)."
+        f"`c` and `e` must have the same dtype, got c {c.dtype} and e {e.dtype}; cast the "
+        "classifier to the activations' dtype yourself, `c.astype(e.dtype)` (e.g. float32 "
+        "parameters with bfloat16 activations): a silent cast would hide a copy of the whole "
+        "classifier."
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"`labels` must be an integer array, got {_describe(labels)}.")
