@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import dispatch, loss_math, vma
+from cce_jax import dispatch, filtering, loss_math, vma
 from cce_jax.options import LossOptions
 from cce_jax.tiled import LocalForward, TiledInputs
 
@@ -148,6 +148,9 @@ def backward_coefficients(
 def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
   e, c, held, bias, lse, impl_residuals = residuals
   coeffs, filter_scale = backward_coefficients(*cotangents, opts)
+  # A shard whose classes are all masked (-inf logits) has lse -inf: its softmax is 0, which
+  # exp(z - 0) gives, where exp(z - lse) would be exp(-inf + inf) = NaN.
+  lse = filtering.exp_shift(lse)
   grads = dispatch.implementation(impl).backward(
       TiledInputs(e, c, held, bias), impl_residuals, lse, coeffs, filter_scale, opts
   )
