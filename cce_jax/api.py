@@ -19,8 +19,8 @@ from cce_jax.tiled import TiledInputs
 def _target_labels(labels: jax.Array, shift: int, ignore_index: int) -> jax.Array:
   """int32 labels where position i holds labels[..., i + shift] (the last ``shift`` ignored).
 
-  ``labels`` went through ``checks.labels_as_int32`` (64-bit values beyond int32 are already
-  out of range, not wrapped).
+  ``labels`` went through ``checks.labels_as_int32`` (values beyond int32 of wider dtypes are
+  already out of range, not wrapped).
   """
   labels = labels.astype(jnp.int32)
   if shift == 0:
@@ -237,8 +237,9 @@ def linear_cross_entropy(
       interpret=interpret, vocab_axis=vocab_axes,
   )
   num_classes = c.shape[opts.vocab_dim]
-  if vocab_axes:
-    num_classes *= sharding.axes_size(mesh, vocab_axes)
+  if vocab_axes and mesh is None:
+    # Inside the user's shard_map c is this device's slice; with mesh= it is the global array.
+    num_classes *= sharding.axes_size(None, vocab_axes)
   if checks.check_bool("check_labels", check_labels):
     checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
   labels = checks.labels_as_int32(labels, num_classes)
