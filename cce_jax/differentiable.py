@@ -106,6 +106,27 @@ def token_loss(
 
 # ---- the custom_vjp around an implementation ---------------------------------------------------
 
+FIRST_ORDER_ONLY = (
+    "cce_jax.linear_cross_entropy supports first-order reverse-mode differentiation only "
+    "(jax.grad, jax.value_and_grad, jax.vjp); it was asked for a derivative of its gradient "
+    "(a second-order derivative: jax.hessian, jax.grad of jax.grad, jax.jacfwd or jax.jacrev "
+    "of jax.grad, a Hessian-vector product, or a derivative of a jax.vjp function). The "
+    "gradient comes from the loss's own tiled backward, which is not differentiable itself."
+)
+
+
+@jax.custom_jvp
+def _first_order_only(tree):
+  """``tree`` unchanged; differentiating it raises NotImplementedError (FIRST_ORDER_ONLY)."""
+  return tree
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+  del primals, tangents
+  raise NotImplementedError(FIRST_ORDER_ONLY)
+
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
@@ -115,6 +136,9 @@ def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
 
 
 def _local_stats_fwd(e, c, held, bias, opts: LossOptions, impl: str):
+  # The inputs carry tangents here only when a derivative encloses this reverse-mode one
+  # (jax.hessian, grad of grad): refuse it plainly rather than fail deep inside JAX.
+  e, c, bias = _first_order_only((e, c, bias))
   inputs = TiledInputs(e, c, held, bias)
   stats = dispatch.implementation(impl).forward(inputs, opts, for_backward=True)
   residuals = (e, c, held, bias, stats.lse, stats.residuals)
@@ -146,6 +170,8 @@ def backward_coefficients(
 
 
 def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
+  # Only a derivative of the gradient differentiates the backward (e.g. of a jax.vjp function).
+  residuals, cotangents = _first_order_only((residuals, cotangents))
   e, c, held, bias, lse, impl_residuals = residuals
   coeffs, filter_scale = backward_coefficients(*cotangents, opts)
   # A shard whose classes are all masked (-inf logits) has lse -inf: its softmax is 0, which
