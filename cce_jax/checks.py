@@ -176,6 +176,9 @@ def build_options(
     if softcap == 0.0:
       raise ValueError("`softcap` must be positive (or None for no softcap), got 0.0.")
   block_sizes = implementation.resolve_block_sizes(block_sizes, dtype)
+  interpret = check_bool("interpret", interpret) and implementation.is_pallas
+  if not interpret:
+    check_backend(implementation)
   return LossOptions(
       ignore_index=int(ignore_index),
       softcap=softcap,
@@ -189,8 +192,23 @@ def build_options(
       sort_vocab=check_bool("sort_vocab", sort_vocab),
       classifier_layout=classifier_layout,
       block_sizes=block_sizes,
-      interpret=check_bool("interpret", interpret) and implementation.is_pallas,
+      interpret=interpret,
       vocab_axis=vocab_axis,
+  )
+
+
+def check_backend(implementation: Implementation, backend: str | None = None) -> None:
+  """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
+  (default ``jax.default_backend()``), naming ``impl``, the backend and ``interpret=True``,
+  before JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
+  backend = backend or jax.default_backend()
+  backends = implementation.backends
+  if backends is None or backend in backends:
+    return
+  raise ValueError(
+      f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
+      f"backend only, but JAX's default backend is {backend!r}: pass `interpret=True` to run "
+      "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
   )
 
 

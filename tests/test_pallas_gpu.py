@@ -198,9 +198,11 @@ def test_kernels_lower_for_cuda_at_the_paper_shape(dtype, layout, sort_vocab, op
   assert re.findall(r'name = "(cce_\w+)"', module) == ["cce_forward", "cce_grad_e", "cce_grad_c"]
 
 
-def test_kernels_lower_inside_shard_map_with_check_vma():
+def test_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
   """Vocabulary-parallel inside a user's shard_map with check_vma=True: the kernels' inputs
   and outputs carry the varying manual axes (a one-device mesh is enough to lower)."""
+  # Exported for CUDA from this host: the loss's up-front backend check must see a GPU.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   mesh = jax.make_mesh((1, 1), ("data", "tensor"), devices=jax.devices()[:1])
   specs = (P("data"), P("tensor"), P("data"))
 
