@@ -29,9 +29,11 @@ MASKED = np.r_[0:150, 203, 257, 299]
 def _block_sizes(impl: str):
   if impl == "pallas_gpu":
     from pallas_kernels.gpu import GPUBlockSizes
+
     return GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16, vocab_splits=4)
   if impl == "pallas_tpu":
     from pallas_kernels.tpu import TPUBlockSizes
+
     return TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=128)
   return cce_jax.BlockSizes(token_block=16, vocab_block=32)
 
@@ -62,14 +64,22 @@ def test_masked_classes_match_the_materialized_loss(impl, sort_vocab, softcap):
   e, c, labels, bias = _inputs(seed=len(impl) + 2 * sort_vocab + (softcap is not None))
   options = dict(softcap=softcap, reduction="sum", shift=1, ignore_index=-100)
   expected = reference64.reference(
-      e, c, labels, bias, z_loss=0.0, label_smoothing=0.0, classifier_layout="vd", **options
+    e, c, labels, bias, z_loss=0.0, label_smoothing=0.0, classifier_layout="vd", **options
   )
   assert np.isfinite(expected["loss"])
 
   def loss_fn(e, c, bias):
     return cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, impl=impl, interpret=impl.startswith("pallas"),
-        block_sizes=_block_sizes(impl), sort_vocab=sort_vocab, filter_eps=None, **options,
+      e,
+      c,
+      labels,
+      bias=bias,
+      impl=impl,
+      interpret=impl.startswith("pallas"),
+      block_sizes=_block_sizes(impl),
+      sort_vocab=sort_vocab,
+      filter_eps=None,
+      **options,
     )
 
   # The plain call (no sort: the masked blocks come first) and the differentiated one.
@@ -91,19 +101,36 @@ def test_masked_classes_with_filtering_and_lse(impl):
   options = dict(reduction="mean", shift=0, ignore_index=-100)
   lse_weights = np.random.default_rng(8).normal(size=labels.shape)
   expected = reference64.reference(
-      e, c, labels, bias, lse_weights=lse_weights, softcap=None, z_loss=0.0,
-      label_smoothing=0.0, classifier_layout="vd", **options,
+    e,
+    c,
+    labels,
+    bias,
+    lse_weights=lse_weights,
+    softcap=None,
+    z_loss=0.0,
+    label_smoothing=0.0,
+    classifier_layout="vd",
+    **options,
   )
 
   def objective(e, c, bias):
     loss, lse = cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, impl=impl, interpret=impl == "pallas_gpu",
-        block_sizes=_block_sizes(impl), sort_vocab=False, return_lse=True, **options,
+      e,
+      c,
+      labels,
+      bias=bias,
+      impl=impl,
+      interpret=impl == "pallas_gpu",
+      block_sizes=_block_sizes(impl),
+      sort_vocab=False,
+      return_lse=True,
+      **options,
     )
     return loss + jnp.sum(lse * jnp.asarray(lse_weights, jnp.float32)), lse
 
   (_, lse), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))(
-      e, c, bias)
+    e, c, bias
+  )
   assert_rel_close("lse", lse, expected["lse"], 2e-5)
   for name, g in zip(("d_e", "d_c", "d_bias"), grads, strict=True):
     assert_rel_close(name, g, expected[name], 1e-4)

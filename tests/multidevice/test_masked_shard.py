@@ -36,9 +36,11 @@ def _mesh() -> jax.sharding.Mesh:
 def _block_sizes(impl: str):
   if impl == "pallas_gpu":
     from pallas_kernels.gpu import GPUBlockSizes
+
     return GPUBlockSizes(token_block=16, vocab_block=16, hidden_block=16, vocab_splits=2)
   if impl == "pallas_tpu":
     from pallas_kernels.tpu import TPUBlockSizes
+
     return TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=128)
   return cce_jax.BlockSizes(token_block=8, vocab_block=4)
 
@@ -54,22 +56,45 @@ def _inputs(seed: int):
 
 
 @pytest.mark.parametrize(
-    ("impl", "sort_vocab"),
-    [("xla", True), ("xla", False), ("reference", False), ("pallas_gpu", False),
-     ("pallas_tpu", False)],
+  ("impl", "sort_vocab"),
+  [
+    ("xla", True),
+    ("xla", False),
+    ("reference", False),
+    ("pallas_gpu", False),
+    ("pallas_tpu", False),
+  ],
 )
 def test_masked_vocabulary_shard_matches_the_reference(impl, sort_vocab):
   e, c, labels, bias = _inputs(seed=len(impl) + sort_vocab)
   expected = reference64.reference(
-      e, c, labels, bias, ignore_index=-100, softcap=None, reduction="mean", shift=1,
-      z_loss=0.0, label_smoothing=0.0, classifier_layout="vd",
+    e,
+    c,
+    labels,
+    bias,
+    ignore_index=-100,
+    softcap=None,
+    reduction="mean",
+    shift=1,
+    z_loss=0.0,
+    label_smoothing=0.0,
+    classifier_layout="vd",
   )
 
   def loss_fn(e, c, bias):
     return cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, shift=1, impl=impl, interpret=impl.startswith("pallas"),
-        block_sizes=_block_sizes(impl), sort_vocab=sort_vocab, filter_eps=None,
-        mesh=_mesh(), **SHARDING,
+      e,
+      c,
+      labels,
+      bias=bias,
+      shift=1,
+      impl=impl,
+      interpret=impl.startswith("pallas"),
+      block_sizes=_block_sizes(impl),
+      sort_vocab=sort_vocab,
+      filter_eps=None,
+      mesh=_mesh(),
+      **SHARDING,
     )
 
   plain = jax.jit(loss_fn)(e, c, bias)
@@ -86,10 +111,12 @@ def test_masked_vocabulary_shard_matches_the_reference(impl, sort_vocab):
 def test_check_labels_with_mesh_uses_the_global_vocabulary(bad_label):
   """With mesh=, c is the global array: labels in [V, 2V) are out of range, and the message
   states [0, V)."""
-  e, c, labels, bias = _inputs(seed=3)
+  e, c, labels, _ = _inputs(seed=3)
   labels = labels.at[2, 5].set(bad_label)
-  match = (rf"outside \[0, V\) = \[0, {NUM_CLASSES}\) .* the first is {bad_label} at index "
-           r"\(2, 5\)")
+  match = (
+    rf"outside \[0, V\) = \[0, {NUM_CLASSES}\) .* the first is {bad_label} at index "
+    r"\(2, 5\)"
+  )
   with pytest.raises(ValueError, match=match):
     cce_jax.linear_cross_entropy(e, c, labels, check_labels=True, mesh=_mesh(), **SHARDING)
   # The largest valid class passes, and unchecked the bad label gives NaN.
