@@ -16,6 +16,10 @@ softmax gradient (``TokenCoefficients``) and the filter scale of ``docs/math.md`
 and calls the implementation's backward. Because the collectives are ordinary differentiable
 JAX outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
 vocabulary axis by ``shard_map``'s own rules, correctly with ``check_vma`` on or off.
+
+That backward is not differentiable itself: a derivative of the gradient (``jax.hessian``,
+grad of grad) raises ``NotImplementedError`` (:data:`FIRST_ORDER_ONLY`) from a ``custom_jvp``
+guard on the ``custom_vjp``'s forward inputs and backward residuals.
 """
 
 from __future__ import annotations
@@ -125,7 +129,6 @@ def _first_order_only(tree):
 def _first_order_only_jvp(primals, tangents):
   del primals, tangents
   raise NotImplementedError(FIRST_ORDER_ONLY)
-
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
