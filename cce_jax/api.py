@@ -19,8 +19,8 @@ from cce_jax.tiled import TiledInputs
 def _target_labels(labels: jax.Array, shift: int, ignore_index: int) -> jax.Array:
   """int32 labels where position i holds labels[..., i + shift] (the last ``shift`` ignored).
 
-  ``labels`` went through ``checks.labels_as_int32`` (64-bit values beyond int32 are already
-  out of range, not wrapped).
+  ``labels`` went through ``checks.labels_as_int32`` (values beyond int32 of wider dtypes are
+  already out of range, not wrapped).
   """
   labels = labels.astype(jnp.int32)
   if shift == 0:
@@ -140,8 +140,10 @@ def linear_cross_entropy(
     c: classifier (or tied embedding table), shape (V, D), same dtype as ``e``; shape (D, V)
       with ``classifier_layout="dv"`` (a Flax ``Dense`` kernel), which is read in place: no
       transposed copy is made.
-    labels: integer targets, shape (..., T) (``e.shape[:-1]``).
-    bias: optional classifier bias, shape (V,), any float dtype.
+    labels: integer targets, shape (..., T) (``e.shape[:-1]``), any integer dtype; values
+      beyond int32 are out of range, never wrapped.
+    bias: optional classifier bias, shape (V,), any float dtype. ``-inf`` masks a class (zero
+      probability and gradient), as with materialized logits.
     ignore_index: label value of tokens that carry no loss and no gradient.
     softcap: logit soft-capping value ``s`` (Gemma 2 uses 30.0), or None.
     reduction: ``"mean"`` over non-ignored tokens (0.0 when there are none, with zero
@@ -199,8 +201,11 @@ def linear_cross_entropy(
     TypeError: an argument of the wrong type or dtype (the message names it).
     ValueError: inconsistent shapes, an out-of-range option, or a mesh layout that does not
       fit the arrays (an axis the mesh lacks, V or the token count not divisible by the axis
-      sizes, labels split unlike the tokens); the message names the argument.
-    NotImplementedError: an implementation this installation does not ship.
+      sizes, labels split unlike the tokens); the message names the argument. A Pallas
+      ``impl`` on a backend its kernels do not compile for, without ``interpret=True``.
+    NotImplementedError: an implementation this installation does not ship; and, when
+      differentiated, a derivative of the gradient (``jax.hessian``, grad of grad): the loss
+      supports first-order reverse mode only.
 
   Example:
     >>> import jax, jax.numpy as jnp, cce_jax
@@ -238,8 +243,9 @@ def linear_cross_entropy(
       interpret=interpret, vocab_axis=vocab_axes,
   )
   num_classes = c.shape[opts.vocab_dim]
-  if vocab_axes:
-    num_classes *= sharding.axes_size(mesh, vocab_axes)
+  if vocab_axes and mesh is None:
+    # Inside the user's shard_map c is this device's slice; with mesh= it is the global array.
+    num_classes *= sharding.axes_size(None, vocab_axes)
   if checks.check_bool("check_labels", check_labels):
     checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
   labels = checks.labels_as_int32(labels, num_classes)

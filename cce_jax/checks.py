@@ -178,6 +178,9 @@ def build_options(
     if softcap == 0.0:
       raise ValueError("`softcap` must be positive (or None for no softcap), got 0.0.")
   block_sizes = implementation.resolve_block_sizes(block_sizes, dtype)
+  interpret = check_bool("interpret", interpret) and implementation.is_pallas
+  if not interpret:
+    check_backend(implementation)
   return LossOptions(
       ignore_index=int(ignore_index),
       softcap=softcap,
@@ -191,8 +194,23 @@ def build_options(
       sort_vocab=check_bool("sort_vocab", sort_vocab),
       classifier_layout=classifier_layout,
       block_sizes=block_sizes,
-      interpret=check_bool("interpret", interpret) and implementation.is_pallas,
+      interpret=interpret,
       vocab_axis=vocab_axis,
+  )
+
+
+def check_backend(implementation: Implementation, backend: str | None = None) -> None:
+  """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
+  (default ``jax.default_backend()``), naming ``impl``, the backend and ``interpret=True``,
+  before JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
+  backend = backend or jax.default_backend()
+  backends = implementation.backends
+  if backends is None or backend in backends:
+    return
+  raise ValueError(
+      f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
+      f"backend only, but JAX's default backend is {backend!r}: pass `interpret=True` to run "
+      "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
   )
 
 
@@ -236,17 +254,24 @@ def check_label_values(labels: Any, num_classes: int, ignore_index: int, shift: 
 
 
 def labels_as_int32(labels: Any, num_classes: int) -> Any:
-  """64-bit labels as int32, values beyond int32 mapped to ``num_classes``; narrower labels
-  are returned as they are.
+  """``labels`` as int32, values outside the int32 range mapped to ``num_classes``.
 
-  A plain cast would wrap 2**32 + k around to the valid class k. ``num_classes`` is out of
-  range, so such a label gets the NaN loss of every other bad label. Concrete labels are
-  mapped in NumPy (``jnp.asarray`` would already wrap them without x64); traced ones (64-bit
-  only under x64) in JAX.
+  The one place where labels of every integer dtype become int32. Labels whose dtype fits in
+  int32 (int8/16/32, uint8/16) are returned as they are (the loss casts them exactly). Wider
+  dtypes (uint32, and int64/uint64, real under x64 or as NumPy arrays) would wrap in a plain
+  cast: the uint32 label ``2**32 - 100`` would become ``-100`` (``ignore_index``: the token
+  silently dropped) and the int64 ``2**32 + k`` the valid class ``k``. ``num_classes`` is out
+  of range, so such a label gets the NaN loss of every other bad label (``check_labels``
+  reports its true value). Concrete labels are mapped in NumPy (``jnp.asarray`` would already
+  wrap int64 without x64); traced ones in JAX.
   """
-  if np.dtype(labels.dtype).itemsize <= 4:
+  info = jnp.iinfo(labels.dtype)  # jnp: also the narrow int4/uint4 of ml_dtypes
+  too_low, too_high = info.min < INT32_MIN, info.max > INT32_MAX
+  if not (too_low or too_high):
     return labels
   xp = jnp if isinstance(labels, jax.core.Tracer) else np
   values = labels if xp is jnp else np.asarray(labels)
-  beyond = (values < INT32_MIN) | (values > INT32_MAX)
+  beyond = values > INT32_MAX  # the bounds are compared only where the dtype holds them
+  if too_low:
+    beyond = beyond | (values < INT32_MIN)
   return xp.where(beyond, num_classes, values).astype(xp.int32)

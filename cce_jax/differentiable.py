@@ -16,6 +16,10 @@ softmax gradient (``TokenCoefficients``) and the filter scale of ``docs/math.md`
 and calls the implementation's backward. Because the collectives are ordinary differentiable
 JAX outside that ``custom_vjp``, JAX transposes them: the gradient of ``e`` is summed over the
 vocabulary axis by ``shard_map``'s own rules, correctly with ``check_vma`` on or off.
+
+That backward is not differentiable itself: a derivative of the gradient (``jax.hessian``,
+grad of grad) raises ``NotImplementedError`` (:data:`FIRST_ORDER_ONLY`) from a ``custom_jvp``
+guard on the ``custom_vjp``'s forward inputs and backward residuals.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import dispatch, loss_math, vma
+from cce_jax import dispatch, filtering, loss_math, vma
 from cce_jax.options import LossOptions
 from cce_jax.tiled import LocalForward, TiledInputs
 
@@ -106,6 +110,26 @@ def token_loss(
 
 # ---- the custom_vjp around an implementation ---------------------------------------------------
 
+FIRST_ORDER_ONLY = (
+    "cce_jax.linear_cross_entropy supports first-order reverse-mode differentiation only "
+    "(jax.grad, jax.value_and_grad, jax.vjp); it was asked for a derivative of its gradient "
+    "(a second-order derivative: jax.hessian, jax.grad of jax.grad, jax.jacfwd or jax.jacrev "
+    "of jax.grad, a Hessian-vector product, or a derivative of a jax.vjp function). The "
+    "gradient comes from the loss's own tiled backward, which is not differentiable itself."
+)
+
+
+@jax.custom_jvp
+def _first_order_only(tree):
+  """``tree`` unchanged; differentiating it raises NotImplementedError (FIRST_ORDER_ONLY)."""
+  return tree
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+  del primals, tangents
+  raise NotImplementedError(FIRST_ORDER_ONLY)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
@@ -115,6 +139,9 @@ def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
 
 
 def _local_stats_fwd(e, c, held, bias, opts: LossOptions, impl: str):
+  # The inputs carry tangents here only when a derivative encloses this reverse-mode one
+  # (jax.hessian, grad of grad): refuse it plainly rather than fail deep inside JAX.
+  e, c, bias = _first_order_only((e, c, bias))
   inputs = TiledInputs(e, c, held, bias)
   stats = dispatch.implementation(impl).forward(inputs, opts, for_backward=True)
   residuals = (e, c, held, bias, stats.lse, stats.residuals)
@@ -146,8 +173,13 @@ def backward_coefficients(
 
 
 def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
+  # Only a derivative of the gradient differentiates the backward (e.g. of a jax.vjp function).
+  residuals, cotangents = _first_order_only((residuals, cotangents))
   e, c, held, bias, lse, impl_residuals = residuals
   coeffs, filter_scale = backward_coefficients(*cotangents, opts)
+  # A shard whose classes are all masked (-inf logits) has lse -inf: its softmax is 0, which
+  # exp(z - 0) gives, where exp(z - lse) would be exp(-inf + inf) = NaN.
+  lse = filtering.exp_shift(lse)
   grads = dispatch.implementation(impl).backward(
       TiledInputs(e, c, held, bias), impl_residuals, lse, coeffs, filter_scale, opts
   )

@@ -18,8 +18,9 @@ backend derives from :func:`skip_table` itself. The rule is ``docs/math.md``'s:
 * **Uniform smoothing term** (:func:`uniform_outside`, :func:`uniform_terms`): without softcap
   the ``-gamma_n`` term of label smoothing is added exactly outside the tiles, so filtering can
   never drop it; with softcap it goes inside (:func:`uniform_in_tile`) and nothing is skipped.
-* **Online log-sum-exp** (:func:`online_lse_step`) and the operand dtype of the backward's
-  products (:func:`product_dtype`).
+* **Online log-sum-exp** (:func:`online_lse_step`; :func:`exp_shift` keeps it NaN-free when
+  whole blocks are ``-inf``) and the operand dtype of the backward's products
+  (:func:`product_dtype`).
 """
 
 from __future__ import annotations
@@ -205,18 +206,31 @@ def uniform_terms(
   )
 
 
+def exp_shift(peak: jax.Array) -> jax.Array:
+  """The offset subtracted before ``exp`` in a log-sum-exp: ``peak``, or 0 where ``peak`` is
+  ``-inf`` (every entry masked, e.g. a ``-inf`` bias over a whole vocabulary block or shard),
+  so that ``exp(-inf - shift)`` is 0 rather than ``exp(-inf + inf) = NaN``. Same shape."""
+  return jnp.where(peak == -jnp.inf, 0.0, peak)
+
+
 def online_lse_step(
     running_max: jax.Array,  # (n,) f32
     running_sum: jax.Array,  # (n,) f32: sum of exp(z - running_max) so far
     z: jax.Array,  # (n, v) f32 logits of one tile
     live: jax.Array | None,  # broadcastable to (n, v) bool: the tile's live classes; None: all
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Merges one tile into a running log-sum-exp; returns (max, sum, tile row max), (n,) f32."""
+  """Merges one tile into a running log-sum-exp; returns (max, sum, tile row max), (n,) f32.
+
+  Masked classes (``-inf`` logits) add nothing, also when every class seen so far is masked:
+  the max stays ``-inf`` and the sum 0 (see :func:`exp_shift`), so the final
+  ``max + log(sum)`` is ``-inf`` only for a row without any finite logit.
+  """
   z_live = z if live is None else jnp.where(live, z, -jnp.inf)
   tile_max = jnp.max(z_live, axis=1)
   new_max = jnp.maximum(running_max, tile_max)
-  new_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
-      jnp.exp(z_live - new_max[:, None]), axis=1
+  shift = exp_shift(new_max)
+  new_sum = running_sum * jnp.exp(running_max - shift) + jnp.sum(
+      jnp.exp(z_live - shift[:, None]), axis=1
   )
   return new_max, new_sum, tile_max
 

@@ -187,6 +187,8 @@ class Implementation:
     resolve_block_sizes: see :class:`ResolveBlockSizesFn`.
     is_pallas: runs Pallas kernels: ``interpret`` means something to it, and inside
       ``shard_map`` its interpret mode needs ``check_vma=False``.
+    backends: the JAX backends (``jax.default_backend()``) its compiled kernels run on;
+      None: every backend. Elsewhere a Pallas implementation needs ``interpret=True``.
   """
 
   name: str
@@ -195,6 +197,7 @@ class Implementation:
   skip_table: SkipTableFn
   resolve_block_sizes: ResolveBlockSizesFn
   is_pallas: bool = False
+  backends: tuple[str, ...] | None = None
 
 
 def resolve_block_sizes_of(block_sizes_type: type, default: Callable[[Any], Any]

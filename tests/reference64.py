@@ -30,12 +30,9 @@ def loss_and_lse(e, c, labels, bias, *, ignore_index, softcap, reduction, shift,
   lse = jax.scipy.special.logsumexp(z, axis=-1)
   num_classes = classifier.shape[0]
   target = jnp.take_along_axis(z, jnp.clip(labels, 0, num_classes - 1)[..., None], axis=-1)
-  per_token = (
-      lse
-      - (1.0 - label_smoothing) * target[..., 0]
-      - label_smoothing * jnp.mean(z, axis=-1)
-      + z_loss * lse**2
-  )
+  per_token = lse - (1.0 - label_smoothing) * target[..., 0] + z_loss * lse**2
+  if label_smoothing:  # skipped at 0: 0 * mean(z) is NaN when a class is masked (-inf)
+    per_token = per_token - label_smoothing * jnp.mean(z, axis=-1)
   kept = labels != ignore_index
   per_token = jnp.where(kept, per_token, 0.0)
   if reduction == "none":

@@ -300,3 +300,20 @@ def test_missing_implementation_module(monkeypatch, impl):
   monkeypatch.setitem(cce_jax.dispatch._MODULES, impl, "pallas_kernels.no_such_module")
   with pytest.raises(NotImplementedError, match=rf"`impl`='{impl}' is not available"):
     cce_jax.linear_cross_entropy(**_inputs(), impl=impl)
+
+
+@pytest.mark.parametrize(("impl", "backend"), [("pallas_gpu", "gpu"), ("pallas_tpu", "tpu")])
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_pallas_on_the_wrong_backend_names_impl_backend_and_interpret(impl, backend, fn_name,
+                                                                      jit):
+  """Checked up front (it used to fail in the lowering with "Only interpret mode is supported
+  on CPU backend")."""
+  if jax.default_backend() == backend:
+    pytest.skip(f"{impl} compiles on this {backend} backend")
+  args = _inputs()
+  args["e"], args["c"] = jnp.ones((B, T, 16)), jnp.ones((40, 16))  # Pallas's smallest tiles
+  match = (rf"`impl`='{impl}' compiles its kernels for the {backend} backend only, but JAX's "
+           rf"default backend is '{jax.default_backend()}': pass `interpret=True`")
+  with pytest.raises(ValueError, match=match):
+    _call(FUNCTIONS[fn_name], {**args, "impl": impl}, jit=jit)

@@ -233,9 +233,11 @@ def test_triton_lowering_warns_only_of_the_triton_deprecation():
     assert messages
 
 
-def test_kernels_lower_inside_shard_map_with_check_vma():
+def test_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
   """Vocabulary-parallel inside a user's shard_map with check_vma=True: the kernels' inputs
   and outputs carry the varying manual axes (a one-device mesh is enough to lower)."""
+  # Exported for CUDA from this host: the loss's up-front backend check must see a GPU.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   mesh = cuda_lowering.cuda_mesh(("data", "tensor"))
   specs = (P("data"), P("tensor"), P("data"))
 

@@ -466,3 +466,13 @@ def test_float16_is_rejected_clearly():
     cce_jax.linear_cross_entropy(e, jnp.ones((16, 8), jnp.float16), jnp.zeros((4,), jnp.int32),
                                  impl="pallas_tpu", interpret=True)
 
+
+def test_float64_is_rejected_with_its_own_advice():
+  """The float64 message speaks of float64 (it used to give the float16 advice)."""
+  with jax.enable_x64(True):
+    e = jnp.ones((4, 8), jnp.float64)
+    with pytest.raises(TypeError, match=r"got float64 \(the TPU kernels have no float64; cast "
+                                        r"to float32, or use impl='xla' or impl='reference'"):
+      cce_jax.linear_cross_entropy(e, jnp.ones((16, 8), jnp.float64),
+                                   jnp.zeros((4,), jnp.int32), impl="pallas_tpu", interpret=True)
+

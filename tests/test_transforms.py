@@ -143,3 +143,30 @@ def test_interpret_is_ignored_by_xla_inside_shard_map_with_check_vma(inputs):
   np.testing.assert_array_equal(np.asarray(loss), np.asarray(loss_plain))
   np.testing.assert_array_equal(np.asarray(d_e), np.asarray(d_e_plain))
   np.testing.assert_array_equal(np.asarray(d_c), np.asarray(d_c_plain))
+
+
+def _second_order(name: str, loss):
+  """Each way of asking for a derivative of the gradient of ``loss(e, c)``."""
+  grad = jax.grad(loss, argnums=(0, 1))
+  return {
+      "hessian": lambda e, c: jax.hessian(loss)(e, c),
+      "grad_of_grad": lambda e, c: jax.grad(lambda e, c: jnp.sum(grad(e, c)[0]))(e, c),
+      "jacrev_of_grad": lambda e, c: jax.jacrev(grad)(e, c),
+      "hvp": lambda e, c: jax.jvp(lambda e: grad(e, c)[0], (e,), (e,)),
+      "grad_of_vjp": lambda e, c: jax.grad(lambda g: jnp.sum(jax.vjp(loss, e, c)[1](g)[0]))(1.0),
+  }[name]
+
+
+@pytest.mark.parametrize(
+    "asked", ["hessian", "grad_of_grad", "jacrev_of_grad", "hvp", "grad_of_vjp"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas_gpu", "pallas_tpu"])
+def test_second_order_derivatives_raise_plainly(inputs, impl, asked):
+  """Only first-order reverse mode is supported: the rest says so (it used to fail with an
+  empty AssertionError or "Linearization failed" from deep inside JAX)."""
+  e, c, labels = inputs
+  loss = lambda e, c: cce_jax.linear_cross_entropy(
+      e, c, labels[0], impl=impl, interpret=impl.startswith("pallas"))
+  with pytest.raises(NotImplementedError,
+                     match=r"first-order reverse-mode differentiation only .* derivative of its "
+                           r"gradient \(a second-order derivative: jax.hessian"):
+    _second_order(asked, loss)(e[0], c)

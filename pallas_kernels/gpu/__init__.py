@@ -41,6 +41,7 @@ IMPLEMENTATION = Implementation(
     skip_table=skip_table,
     resolve_block_sizes=resolve_block_sizes,
     is_pallas=True,
+    backends=("gpu",),
 )
 
 __all__ = [

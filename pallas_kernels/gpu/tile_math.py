@@ -58,9 +58,14 @@ def and_masks(*masks: jax.Array | None) -> jax.Array | None:
 
 
 def merge_partial_lse(max_SN: jax.Array, sum_SN: jax.Array) -> jax.Array:
-  """The lse over all splits from per-split (max, sum of exp(z - max)), each (S, N) f32."""
+  """The lse over all splits from per-split (max, sum of exp(z - max)), each (S, N) f32.
+
+  A split whose classes are all masked (max ``-inf``, sum 0) adds nothing; a row masked in
+  every split gets ``-inf``, not NaN.
+  """
   peak = jnp.max(max_SN, axis=0)  # (N,)
-  return peak + jnp.log(jnp.sum(sum_SN * jnp.exp(max_SN - peak[None, :]), axis=0))
+  shift = filtering.exp_shift(peak)
+  return shift + jnp.log(jnp.sum(sum_SN * jnp.exp(max_SN - shift[None, :]), axis=0))
 
 
 def softmax_grad(

@@ -27,6 +27,7 @@ IMPLEMENTATION = Implementation(
     skip_table=skip_table,
     resolve_block_sizes=resolve_block_sizes,
     is_pallas=True,
+    backends=("tpu",),
 )
 
 __all__ = ["IMPLEMENTATION", "TPUBlockSizes", "kernel_vmem_bytes", "resolve"]

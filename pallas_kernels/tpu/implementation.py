@@ -43,13 +43,21 @@ def check_inputs(e: jax.Array, c: jax.Array, opts: LossOptions) -> None:
   """Raises for what this implementation does not take.
 
   Raises:
-    TypeError: ``e`` not float32 or bfloat16 (TPUs have no float16 arithmetic: use bfloat16),
+    TypeError: ``e`` not float32 or bfloat16 (TPUs have no float16 arithmetic: use bfloat16;
+      the kernels have no float64: cast to float32),
       or ``opts.block_sizes`` not a :class:`TPUBlockSizes`.
   """
-  if jnp.dtype(e.dtype) not in SUPPORTED_DTYPES:
+  dtype = jnp.dtype(e.dtype)
+  if dtype not in SUPPORTED_DTYPES:
+    advice = {
+        jnp.dtype(jnp.float16): "TPUs have no float16 arithmetic; use bfloat16, or impl='xla'",
+        jnp.dtype(jnp.float64): (
+            "the TPU kernels have no float64; cast to float32, or use impl='xla' or "
+            "impl='reference' for float64"
+        ),
+    }.get(dtype, "use impl='xla'")
     raise TypeError(
-        f"impl='pallas_tpu' takes float32 or bfloat16 `e` and `c`, got {jnp.dtype(e.dtype).name}"
-        " (TPUs have no float16 arithmetic; use bfloat16, or impl='xla')."
+        f"impl='pallas_tpu' takes float32 or bfloat16 `e` and `c`, got {dtype.name} ({advice})."
     )
   if not isinstance(opts.block_sizes, TPUBlockSizes):
     raise TypeError(

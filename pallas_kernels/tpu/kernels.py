@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from cce_jax import loss_math
+from cce_jax import filtering, loss_math
 from cce_jax.filtering import cdiv
 from pallas_kernels.tpu.block_sizes import LANES, Tiles
 
@@ -208,8 +208,9 @@ def _forward_kernel(e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_s
 
     old_max = max_ref[...]
     new_max = jnp.maximum(old_max, tile_max)
-    sum_ref[...] = sum_ref[...] * jnp.exp(old_max - new_max) + jnp.sum(
-        jnp.exp(z_live - new_max), axis=1, keepdims=True)
+    shift = filtering.exp_shift(new_max)  # 0 while every class so far is masked (-inf)
+    sum_ref[...] = sum_ref[...] * jnp.exp(old_max - shift) + jnp.sum(
+        jnp.exp(z_live - shift), axis=1, keepdims=True)
     max_ref[...] = new_max
     if with_logit_sum:
       logit_sum_ref[...] += jnp.sum(_zero_outside(z, valid_cols), axis=1, keepdims=True)
