@@ -55,11 +55,14 @@ CANDIDATES = (
     (1024, 4096),
     (1024, 8192),
     (2048, 2048),
-    (2048, 4096),
 )
 SMOKE_CANDIDATES = ((64, 128), (128, 512), (256, 1024))
 # One f32 logits tile at most this large: the chunked loop keeps a handful of them alive.
 TILE_BYTES_LIMIT = 32 * 1024 * 1024
+# At most this many tiles at the paper's shape (1/16 of the 16,000 of the CPU's bf16 tiles):
+# the per-iteration overheads are the least certain numbers of the model, so the pick does
+# not rely on them being small.
+MAX_PAPER_TILES = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +128,14 @@ def pick(
     backend: str, shapes: dict[str, tuple[int, int, int]], skipped: dict, dtype: str
 ) -> tuple[int, int]:
   """The candidate with the smallest worst-case regret over ``backend``'s devices and
-  ``shapes``; ``skipped[shape_name][tile]`` is the measured skipped fraction."""
+  ``shapes`` among those within ``TILE_BYTES_LIMIT`` and ``MAX_PAPER_TILES``;
+  ``skipped[shape_name][tile]`` is the measured skipped fraction."""
+  paper = shapes.get("paper")  # absent in --smoke
   allowed = [
       tile
       for tile in skipped[next(iter(shapes))]
       if tile[0] * tile[1] * 4 <= TILE_BYTES_LIMIT
+      and (paper is None or num_tiles(paper[0], paper[2], tile) <= MAX_PAPER_TILES)
   ]
   regret = {tile: 0.0 for tile in allowed}
   for device in (dev for dev in DEVICES.values() if dev.backend == backend):
@@ -165,7 +171,20 @@ def markdown(shapes: dict, skipped: dict, dtype: str, tokens: int) -> str:
       )
   for backend in ("gpu", "tpu"):
     tile = pick(backend, shapes, skipped, dtype)
-    lines.append(f"\nPick for {backend}: {tile[0]} x {tile[1]}.")
+    regret = max(
+        modelled_seconds(shape, tile, skipped[name][tile], device, dtype)
+        / min(
+            modelled_seconds(shape, other, skipped[name][other], device, dtype)
+            for other in skipped[name]
+        )
+        for device in DEVICES.values()
+        if device.backend == backend
+        for name, shape in shapes.items()
+    )
+    lines.append(
+        f"\nPick for {backend}: {tile[0]} x {tile[1]}, modelled at most {regret:.2f}x the best"
+        " candidate (any tile count) on its devices and shapes."
+    )
   return "\n".join(lines)
 
 
@@ -175,6 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated dtypes")
   parser.add_argument("--json", help="write the measured fractions and picks here")
   parser.add_argument("--from-json", help="print the table of an earlier --json, measure nothing")
+  parser.add_argument("--tiles", help="candidate tiles, e.g. 256x512,1024x2048 (default: all)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes and tiles, seconds")
   return parser.parse_args(argv)
 
@@ -183,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   candidates = SMOKE_CANDIDATES if args.smoke else CANDIDATES
+  if args.tiles:
+    candidates = tuple(tuple(int(x) for x in tile.split("x")) for tile in args.tiles.split(","))
   if args.from_json:
     try:
       with open(args.from_json) as f:

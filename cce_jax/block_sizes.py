@@ -99,6 +99,6 @@ _BACKEND_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 # TPU's as picked by the model of docs/tiling_model.md (benchmarks/tiling_model.py).
 _MODELLED = {
     "cpu": {16: (256, 512), 32: (1024, 2048)},
-    "gpu": {16: (1024, 2048), 32: (1024, 8192)},
+    "gpu": {16: (1024, 8192), 32: (1024, 8192)},
     "tpu": {16: (1024, 2048), 32: (1024, 8192)},
 }
