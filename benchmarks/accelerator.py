@@ -70,10 +70,10 @@ SMOKE_CHECK_SHAPE = (77, 40, 301)
 # Norm-relative tolerances against impl="reference" per dtype: (loss, gradients).
 TOLERANCES = {"float32": (2e-5, 1e-4), "bfloat16": (2e-3, 3e-2)}
 DISTRIBUTIONS = {
-    "uniform": synthetic.uniform_inputs,
-    "trained": synthetic.trained_like_inputs,
+  "uniform": synthetic.uniform_inputs,
+  "trained": synthetic.trained_like_inputs,
 }
-XLA_SWEEP = ((256, 512), (512, 2048), (1024, 2048), (1024, 4096), (2048, 4096))
+XLA_SWEEP = ((256, 512), (512, 2048), (1024, 2048), (1024, 4096), (1024, 8192))
 SMOKE_XLA_SWEEP = ((64, 128),)
 PALLAS_BY_BACKEND = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 
@@ -121,11 +121,27 @@ def make_setup(args: argparse.Namespace) -> Setup:
     # On a CPU, pallas_gpu in interpret mode stands in for the backend's kernel (pallas_tpu's
     # interpret mode is slower; tests/test_pallas_tpu.py covers it).
     pallas = PALLAS_BY_BACKEND.get(backend, "pallas_gpu")
-    return Setup(backend, jax.devices()[0].device_kind, (pallas,), backend == "cpu",
-                 SMOKE_SHAPES, SMOKE_CHECK_SHAPE, SMOKE_XLA_SWEEP, 1)
+    return Setup(
+      backend,
+      jax.devices()[0].device_kind,
+      (pallas,),
+      backend == "cpu",
+      SMOKE_SHAPES,
+      SMOKE_CHECK_SHAPE,
+      SMOKE_XLA_SWEEP,
+      1,
+    )
   pallas = (PALLAS_BY_BACKEND[backend],)
-  return Setup(backend, jax.devices()[0].device_kind, pallas, False, SHAPES, CHECK_SHAPE,
-               XLA_SWEEP, args.repeats)
+  return Setup(
+    backend,
+    jax.devices()[0].device_kind,
+    pallas,
+    False,
+    SHAPES,
+    CHECK_SHAPE,
+    XLA_SWEEP,
+    args.repeats,
+  )
 
 
 def loss_fn(impl: str, interpret: bool, **options: Any) -> Callable[..., jax.Array]:
@@ -134,7 +150,7 @@ def loss_fn(impl: str, interpret: bool, **options: Any) -> Callable[..., jax.Arr
 
   def loss(e, c, labels):
     return cce_jax.linear_cross_entropy(
-        e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **extra, **options
+      e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **extra, **options
     )
 
   return loss
@@ -169,15 +185,13 @@ def check(setup: Setup) -> list[dict[str, Any]]:
     reference = loss_fn("reference", setup.interpret)
     want_loss, (want_de, want_dc) = jax.value_and_grad(reference, (0, 1))(e, c, labels)
     for filter_eps in ("auto", None):
-      grad = lambda impl: jax.jit(
-          jax.value_and_grad(loss_fn(impl, setup.interpret, filter_eps=filter_eps), (0, 1))
-      )
       for impl in ("xla", *setup.pallas):
-        loss, (d_e, d_c) = grad(impl)(e, c, labels)
+        fn = loss_fn(impl, setup.interpret, filter_eps=filter_eps)
+        loss, (d_e, d_c) = jax.jit(jax.value_and_grad(fn, (0, 1)))(e, c, labels)
         errors = {
-            "loss": relative_error(loss, want_loss),
-            "d_e": relative_error(d_e, want_de),
-            "d_c": relative_error(d_c, want_dc),
+          "loss": relative_error(loss, want_loss),
+          "d_e": relative_error(d_e, want_de),
+          "d_c": relative_error(d_c, want_dc),
         }
         row = {"impl": impl, "dtype": dtype, "filter_eps": filter_eps, "shape": [n, d, v]}
         rows.append(row | {"rel_errors": errors})
@@ -186,8 +200,8 @@ def check(setup: Setup) -> list[dict[str, Any]]:
           tol = loss_tol if name == "loss" else grad_tol
           if not err <= tol:  # also catches NaN
             raise Mismatch(
-                f"{impl} {dtype} filter_eps={filter_eps} N,D,V={n},{d},{v}: {name} relative "
-                f"error {err:.3g} > {tol:.3g} against impl='reference'"
+              f"{impl} {dtype} filter_eps={filter_eps} N,D,V={n},{d},{v}: {name} relative "
+              f"error {err:.3g} > {tol:.3g} against impl='reference'"
             )
   return rows
 
@@ -292,24 +306,24 @@ def _cell(row: dict[str, Any], key: str, scale: float, fmt: str) -> str:
 def markdown(record: dict[str, Any]) -> str:
   """The report's Markdown: header, timings, sweep."""
   lines = [
-      f"## {record['date']}: {record['device_kind']} ({record['backend']}), "
-      f"jax {record['jax']}",
-      "",
-      f"Check against impl='reference': {len(record['check'])} cases passed.",
-      "",
-      "| shape | inputs | impl | loss ms | loss+grad ms | loss temp MB | loss+grad temp MB "
-      "| peak MB |",
-      "|---|---|---|---:|---:|---:|---:|---:|",
+    f"## {record['date']}: {record['device_kind']} ({record['backend']}), jax {record['jax']}",
+    "",
+    f"Check against impl='reference': {len(record['check'])} cases passed.",
+    "",
+    "| shape | inputs | impl | loss ms | loss+grad ms | loss temp MB | loss+grad temp MB "
+    "| peak MB |",
+    "|---|---|---|---:|---:|---:|---:|---:|",
   ]
   for row in record["timings"] + record["sweep"]:
     if "error" in row:
-      lines.append(f"| {row['shape']} | {row['dist']} | {row['impl']} | error: {row['error']} "
-                   "| | | | |")
+      lines.append(
+        f"| {row['shape']} | {row['dist']} | {row['impl']} | error: {row['error']} | | | | |"
+      )
       continue
     lines.append(
-        f"| {row['shape']} | {row['dist']} | {row['impl']} | {row['loss_ms']:.2f} | "
-        f"{row['grad_ms']:.2f} | {_cell(row, 'loss_temp_bytes', 1e6, '.1f')} | "
-        f"{_cell(row, 'grad_temp_bytes', 1e6, '.1f')} | {_cell(row, 'peak_bytes', 1e6, '.0f')} |"
+      f"| {row['shape']} | {row['dist']} | {row['impl']} | {row['loss_ms']:.2f} | "
+      f"{row['grad_ms']:.2f} | {_cell(row, 'loss_temp_bytes', 1e6, '.1f')} | "
+      f"{_cell(row, 'grad_temp_bytes', 1e6, '.1f')} | {_cell(row, 'peak_bytes', 1e6, '.0f')} |"
     )
   if record.get("winners"):
     lines += ["", f"Winners: `{json.dumps(record['winners'])}`"]
@@ -336,22 +350,26 @@ def winners(record: dict[str, Any], pallas: tuple[str, ...]) -> dict[str, Any]:
   impl = "xla"
   for candidate in pallas:
     pairs = [
-        (_grad_ms(record["timings"], candidate, shape=shape, dist="trained"),
-         _grad_ms(record["sweep"], best_xla, shape=shape))
-        for shape in {row["shape"] for row in record["sweep"]}
+      (
+        _grad_ms(record["timings"], candidate, shape=shape, dist="trained"),
+        _grad_ms(record["sweep"], best_xla, shape=shape),
+      )
+      for shape in {row["shape"] for row in record["sweep"]}
     ]
     pairs += [
-        (_grad_ms(record["timings"], candidate, shape=row["shape"], dist=row["dist"]),
-         _grad_ms(record["timings"], "xla", shape=row["shape"], dist=row["dist"]))
-        for row in record["timings"]
+      (
+        _grad_ms(record["timings"], candidate, shape=row["shape"], dist=row["dist"]),
+        _grad_ms(record["timings"], "xla", shape=row["shape"], dist=row["dist"]),
+      )
+      for row in record["timings"]
     ]
     if all(ours is not None and xla is not None and ours < xla for ours, xla in pairs):
       impl = candidate
   return {
-      "impl": impl,
-      "xla": {"token_block": token_block, "vocab_block": vocab_block},
-      "date": record["date"],
-      "jax": record["jax"],
+    "impl": impl,
+    "xla": {"token_block": token_block, "vocab_block": vocab_block},
+    "date": record["date"],
+    "jax": record["jax"],
   }
 
 
@@ -387,12 +405,12 @@ def main(argv: list[str] | None = None) -> int:
   setup = make_setup(args)
   print(f"jax {jax.__version__} on {setup.device_kind} ({setup.backend})", file=sys.stderr)
   record: dict[str, Any] = {
-      "device_kind": setup.device_kind,
-      "backend": setup.backend,
-      "jax": jax.__version__,
-      "python": platform.python_version(),
-      "date": datetime.date.today().isoformat(),
-      "smoke": args.smoke,
+    "device_kind": setup.device_kind,
+    "backend": setup.backend,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "date": datetime.date.today().isoformat(),
+    "smoke": args.smoke,
   }
   try:
     record["check"] = check(setup)

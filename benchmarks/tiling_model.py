@@ -33,7 +33,6 @@ import json
 import math
 import platform
 import sys
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,16 +44,16 @@ SHAPES = {"paper": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 SMOKE_SHAPES = {"smoke": (256, 64, 5000)}
 # Candidate (token_block, vocab_block) tiles; the first is today's (CPU) bf16 default.
 CANDIDATES = (
-    (256, 512),
-    (256, 2048),
-    (512, 1024),
-    (512, 2048),
-    (512, 4096),
-    (1024, 1024),
-    (1024, 2048),
-    (1024, 4096),
-    (1024, 8192),
-    (2048, 2048),
+  (256, 512),
+  (256, 2048),
+  (512, 1024),
+  (512, 2048),
+  (512, 4096),
+  (1024, 1024),
+  (1024, 2048),
+  (1024, 4096),
+  (1024, 8192),
+  (2048, 2048),
 )
 SMOKE_CANDIDATES = ((64, 128), (128, 512), (256, 1024))
 # One f32 logits tile at most this large: the chunked loop keeps a handful of them alive.
@@ -81,10 +80,10 @@ class Device:
 
 
 DEVICES = {
-    "H100 SXM": Device("gpu", 40e-6, {"bfloat16": 989e12, "float32": 495e12}),
-    "A100 SXM": Device("gpu", 40e-6, {"bfloat16": 312e12, "float32": 156e12}),
-    "TPU v5e": Device("tpu", 5e-6, {"bfloat16": 197e12, "float32": 197e12 / 3}),
-    "TPU v5p": Device("tpu", 5e-6, {"bfloat16": 459e12, "float32": 459e12 / 3}),
+  "H100 SXM": Device("gpu", 40e-6, {"bfloat16": 989e12, "float32": 495e12}),
+  "A100 SXM": Device("gpu", 40e-6, {"bfloat16": 312e12, "float32": 156e12}),
+  "TPU v5e": Device("tpu", 5e-6, {"bfloat16": 197e12, "float32": 197e12 / 3}),
+  "TPU v5p": Device("tpu", 5e-6, {"bfloat16": 459e12, "float32": 459e12 / 3}),
 }
 
 
@@ -94,7 +93,7 @@ def num_tiles(n: int, v: int, tile: tuple[int, int]) -> int:
 
 
 def modelled_seconds(
-    shape: tuple[int, int, int], tile: tuple[int, int], skipped: float, device: Device, dtype: str
+  shape: tuple[int, int, int], tile: tuple[int, int], skipped: float, device: Device, dtype: str
 ) -> float:
   """Modelled seconds of one forward plus one backward pass at ``shape = (N, D, V)``."""
   n, d, v = shape
@@ -107,13 +106,13 @@ def modelled_seconds(
 
 
 def measure_skipped(
-    shape: tuple[int, int, int], tokens: int, dtype: str, candidates, seed: int = 0
+  shape: tuple[int, int, int], tokens: int, dtype: str, candidates, seed: int = 0
 ) -> dict[tuple[int, int], float]:
   """Fraction of backward tiles ``filter_stats`` skips for each candidate tile, on
   ``min(tokens, N)`` trained-like tokens at hidden size D and V classes of ``shape``."""
   n, d, v = shape
   e, c, labels = synthetic.trained_like_inputs(
-      jax.random.key(seed), min(tokens, n), d, v, jnp.dtype(dtype)
+    jax.random.key(seed), min(tokens, n), d, v, jnp.dtype(dtype)
   )
   fractions = {}
   for tile in candidates:
@@ -125,24 +124,23 @@ def measure_skipped(
 
 
 def pick(
-    backend: str, shapes: dict[str, tuple[int, int, int]], skipped: dict, dtype: str
+  backend: str, shapes: dict[str, tuple[int, int, int]], skipped: dict, dtype: str
 ) -> tuple[int, int]:
   """The candidate with the smallest worst-case regret over ``backend``'s devices and
   ``shapes`` among those within ``TILE_BYTES_LIMIT`` and ``MAX_PAPER_TILES``;
   ``skipped[shape_name][tile]`` is the measured skipped fraction."""
   paper = shapes.get("paper")  # absent in --smoke
   allowed = [
-      tile
-      for tile in skipped[next(iter(shapes))]
-      if tile[0] * tile[1] * 4 <= TILE_BYTES_LIMIT
-      and (paper is None or num_tiles(paper[0], paper[2], tile) <= MAX_PAPER_TILES)
+    tile
+    for tile in skipped[next(iter(shapes))]
+    if tile[0] * tile[1] * 4 <= TILE_BYTES_LIMIT
+    and (paper is None or num_tiles(paper[0], paper[2], tile) <= MAX_PAPER_TILES)
   ]
   regret = {tile: 0.0 for tile in allowed}
   for device in (dev for dev in DEVICES.values() if dev.backend == backend):
     for name, shape in shapes.items():
       times = {
-          tile: modelled_seconds(shape, tile, skipped[name][tile], device, dtype)
-          for tile in allowed
+        tile: modelled_seconds(shape, tile, skipped[name][tile], device, dtype) for tile in allowed
       }
       best = min(times.values())
       for tile in allowed:
@@ -154,36 +152,34 @@ def markdown(shapes: dict, skipped: dict, dtype: str, tokens: int) -> str:
   """The table: per shape and tile, tiles, measured skipped fraction, modelled ms per device."""
   names = list(DEVICES)
   lines = [
-      f"{dtype}, skipped fraction measured on {tokens} trained-like tokens; modelled forward +"
-      " backward ms per device.",
-      "",
-      "| shape | tile | tiles | skipped | " + " | ".join(names) + " |",
-      "|---|---|---:|---:|" + "---:|" * len(names),
+    f"{dtype}, skipped fraction measured on {tokens} trained-like tokens; modelled forward +"
+    " backward ms per device.",
+    "",
+    "| shape | tile | tiles | skipped | " + " | ".join(names) + " |",
+    "|---|---|---:|---:|" + "---:|" * len(names),
   ]
   for name, shape in shapes.items():
     for tile, fraction in skipped[name].items():
-      times = [
-          modelled_seconds(shape, tile, fraction, DEVICES[dev], dtype) * 1e3 for dev in names
-      ]
+      times = [modelled_seconds(shape, tile, fraction, DEVICES[dev], dtype) * 1e3 for dev in names]
       lines.append(
-          f"| {name} | {tile[0]} x {tile[1]} | {num_tiles(shape[0], shape[2], tile)} | "
-          f"{fraction:.3f} | " + " | ".join(f"{t:.1f}" for t in times) + " |"
+        f"| {name} | {tile[0]} x {tile[1]} | {num_tiles(shape[0], shape[2], tile)} | "
+        f"{fraction:.3f} | " + " | ".join(f"{t:.1f}" for t in times) + " |"
       )
   for backend in ("gpu", "tpu"):
     tile = pick(backend, shapes, skipped, dtype)
     regret = max(
-        modelled_seconds(shape, tile, skipped[name][tile], device, dtype)
-        / min(
-            modelled_seconds(shape, other, skipped[name][other], device, dtype)
-            for other in skipped[name]
-        )
-        for device in DEVICES.values()
-        if device.backend == backend
-        for name, shape in shapes.items()
+      modelled_seconds(shape, tile, skipped[name][tile], device, dtype)
+      / min(
+        modelled_seconds(shape, other, skipped[name][other], device, dtype)
+        for other in skipped[name]
+      )
+      for device in DEVICES.values()
+      if device.backend == backend
+      for name, shape in shapes.items()
     )
     lines.append(
-        f"\nPick for {backend}: {tile[0]} x {tile[1]}, modelled at most {regret:.2f}x the best"
-        " candidate (any tile count) on its devices and shapes."
+      f"\nPick for {backend}: {tile[0]} x {tile[1]}, modelled at most {regret:.2f}x the best"
+      " candidate (any tile count) on its devices and shapes."
     )
   return "\n".join(lines)
 
@@ -214,42 +210,41 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     shapes = {name: tuple(shape) for name, shape in record["shapes"].items()}
     measured = {
-        dtype: {
-            name: {tuple(map(int, k.split("x"))): val for k, val in per_tile.items()}
-            for name, per_tile in per_shape.items()
-        }
-        for dtype, per_shape in record["skipped"].items()
+      dtype: {
+        name: {tuple(map(int, k.split("x"))): val for k, val in per_tile.items()}
+        for name, per_tile in per_shape.items()
+      }
+      for dtype, per_shape in record["skipped"].items()
     }
     tokens = record["tokens"]
   else:
     tokens = args.tokens
     measured = {
-        dtype: {
-            name: measure_skipped(shape, tokens, dtype, candidates)
-            for name, shape in shapes.items()
-        }
-        for dtype in args.dtypes.split(",")
+      dtype: {
+        name: measure_skipped(shape, tokens, dtype, candidates) for name, shape in shapes.items()
+      }
+      for dtype in args.dtypes.split(",")
     }
   for dtype, skipped in measured.items():
     print(markdown(shapes, skipped, dtype, tokens), end="\n\n")
   if args.json:
     record = {
-        "date": datetime.date.today().isoformat(),
-        "jax": jax.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "tokens": tokens,
-        "shapes": shapes,
-        "skipped": {
-            dtype: {
-                name: {f"{t[0]}x{t[1]}": val for t, val in per_tile.items()}
-                for name, per_tile in per_shape.items()
-            }
-            for dtype, per_shape in measured.items()
-        },
-        "picks": {
-            dtype: {backend: pick(backend, shapes, skipped, dtype) for backend in ("gpu", "tpu")}
-            for dtype, skipped in measured.items()
-        },
+      "date": datetime.date.today().isoformat(),
+      "jax": jax.__version__,
+      "machine": platform.processor() or platform.machine(),
+      "tokens": tokens,
+      "shapes": shapes,
+      "skipped": {
+        dtype: {
+          name: {f"{t[0]}x{t[1]}": val for t, val in per_tile.items()}
+          for name, per_tile in per_shape.items()
+        }
+        for dtype, per_shape in measured.items()
+      },
+      "picks": {
+        dtype: {backend: pick(backend, shapes, skipped, dtype) for backend in ("gpu", "tpu")}
+        for dtype, skipped in measured.items()
+      },
     }
     with open(args.json, "w") as f:
       json.dump(record, f, indent=1)

@@ -30,8 +30,8 @@ def _tiles(shape, sizes: BlockSizes) -> int:
 
 
 @pytest.mark.parametrize(
-    ("backend", "paper_tiles", "llama3_tiles"),
-    [("cpu", 16000, 8032), ("gpu", 256, 128), ("cuda", 256, 128), ("tpu", 1000, 504)],
+  ("backend", "paper_tiles", "llama3_tiles"),
+  [("cpu", 16000, 8032), ("gpu", 256, 128), ("cuda", 256, 128), ("tpu", 1000, 504)],
 )
 def test_bf16_default_tile_counts(backend, paper_tiles, llama3_tiles):
   sizes = BlockSizes.get_default(jnp.bfloat16, backend=backend)
@@ -52,8 +52,8 @@ def test_defaults_are_the_models_picks():
   assert shapes == tiling_model.SHAPES
   for dtype, per_shape in record["skipped"].items():
     skipped = {
-        name: {tuple(int(x) for x in key.split("x")): val for key, val in per_tile.items()}
-        for name, per_tile in per_shape.items()
+      name: {tuple(int(x) for x in key.split("x")): val for key, val in per_tile.items()}
+      for name, per_tile in per_shape.items()
     }
     for backend in ("gpu", "tpu"):
       picked = tiling_model.pick(backend, shapes, skipped, dtype)
@@ -75,10 +75,10 @@ def test_shipped_table_is_empty_and_auto_is_xla():
 def test_table_entries_drive_defaults_and_auto(monkeypatch):
   kind = tuned.device_kind()  # "cpu" here
   entries = {
-      kind: {
-          "bfloat16": {"impl": "pallas_gpu", "xla": {"token_block": 384, "vocab_block": 640}},
-          "float32": {"impl": "xla", "xla": {"token_block": 128, "vocab_block": 256}},
-      }
+    kind: {
+      "bfloat16": {"impl": "pallas_gpu", "xla": {"token_block": 384, "vocab_block": 640}},
+      "float32": {"impl": "xla", "xla": {"token_block": 128, "vocab_block": 256}},
+    }
   }
   entries = tuned.check_table({"format": tuned.FORMAT, "entries": entries}, "test")
   monkeypatch.setattr(tuned, "shipped_entries", lambda: entries)
@@ -92,16 +92,16 @@ def test_table_entries_drive_defaults_and_auto(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("table", "message"),
-    [
-        ({"format": 0, "entries": {}}, "`format` must be 1"),
-        ({"format": 1, "entries": []}, "`entries` must be"),
-        ({"format": 1, "entries": {"k": {"bfloat16": {"impl": "x"}}}}, ".impl must be"),
-        (
-            {"format": 1, "entries": {"k": {"bfloat16": {"impl": "xla", "xla": {}}}}},
-            ".xla must hold",
-        ),
-    ],
+  ("table", "message"),
+  [
+    ({"format": 0, "entries": {}}, "`format` must be 1"),
+    ({"format": 1, "entries": []}, "`entries` must be"),
+    ({"format": 1, "entries": {"k": {"bfloat16": {"impl": "x"}}}}, ".impl must be"),
+    (
+      {"format": 1, "entries": {"k": {"bfloat16": {"impl": "xla", "xla": {}}}}},
+      ".xla must hold",
+    ),
+  ],
 )
 def test_bad_table_is_named(table, message):
   with pytest.raises(ValueError, match=message):
