@@ -10,8 +10,9 @@ apple's ``cut_cross_entropy`` is timed too when ``torch`` and it import, see
 
 1. **Check**: every implementation of the backend (``xla`` and the backend's Pallas kernel,
    ``pallas_gpu`` or ``pallas_tpu``) against ``impl="reference"``: loss and both gradients, f32
-   and bf16, ragged sizes (no size a multiple of a block), filtering on and off. A mismatch
-   stops the script with exit status 1 and the case that failed.
+   and bf16, ragged sizes (no size a multiple of a block), filtering on and off, within the
+   norm-relative ``TOLERANCES``. A mismatch stops the script with exit status 1 and the case
+   that failed; nothing is written.
 2. **Time**: loss and loss+grad (w.r.t. ``e`` and ``c``) of the materialized ``baseline``,
    ``xla`` and the Pallas kernel (default options; ``apple-cce`` on a GPU when importable) at
    the paper's shape (N=8192, D=2304, V=256000) and Llama 3's (N=8192, D=4096, V=128256), bf16,
@@ -67,8 +68,12 @@ SMOKE_SHAPES = {"smoke": (256, 128, 1000)}
 # Ragged check sizes (N, D, V): no size a multiple of any block.
 CHECK_SHAPE = (1000, 200, 5003)
 SMOKE_CHECK_SHAPE = (77, 40, 301)
-# Norm-relative tolerances against impl="reference" per dtype: (loss, gradients).
+# Norm-relative tolerances against impl="reference" per dtype: (loss, gradients). On a GPU or
+# TPU, float32 products may run as TF32 (Triton's default) or bf16 passes where a kernel does
+# not ask for full precision: float32 then gets ACCELERATOR_F32_TOLERANCE. A bug is off by far
+# more than either.
 TOLERANCES = {"float32": (2e-5, 1e-4), "bfloat16": (2e-3, 3e-2)}
+ACCELERATOR_F32_TOLERANCE = (1e-3, 1e-2)
 DISTRIBUTIONS = {
   "uniform": synthetic.uniform_inputs,
   "trained": synthetic.trained_like_inputs,
@@ -177,6 +182,7 @@ def check(setup: Setup) -> list[dict[str, Any]]:
     Mismatch: the first case outside ``TOLERANCES``, named in the message.
   """
   n, d, v = setup.check_shape
+  tolerances = TOLERANCES | ({} if setup.interpret else {"float32": ACCELERATOR_F32_TOLERANCE})
   rows = []
   for dtype in ("float32", "bfloat16"):
     e, c, labels = synthetic.trained_like_inputs(jax.random.key(1), n, d, v, jnp.dtype(dtype))
@@ -195,7 +201,7 @@ def check(setup: Setup) -> list[dict[str, Any]]:
         }
         row = {"impl": impl, "dtype": dtype, "filter_eps": filter_eps, "shape": [n, d, v]}
         rows.append(row | {"rel_errors": errors})
-        loss_tol, grad_tol = TOLERANCES[dtype]
+        loss_tol, grad_tol = tolerances[dtype]
         for name, err in errors.items():
           tol = loss_tol if name == "loss" else grad_tol
           if not err <= tol:  # also catches NaN
@@ -413,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     "smoke": args.smoke,
   }
   try:
-    record["check"] = check(setup)
+    with jax.default_matmul_precision("highest"):  # XLA's products in full float32
+      record["check"] = check(setup)
   except Mismatch as err:
     print(f"accelerator.py: MISMATCH, stopping: {err}", file=sys.stderr)
     return 1
