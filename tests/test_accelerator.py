@@ -144,3 +144,11 @@ def test_accelerator_smoke_writes_report_and_applies(tmp_path, capsys):
   assert entry == record["winners"] and entry["impl"] in ("xla", "pallas_gpu")
   assert (entry["xla"]["token_block"], entry["xla"]["vocab_block"]) in accelerator.SMOKE_XLA_SWEEP
   assert "| smoke | trained | xla |" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
+  assert accelerator.main(["--smoke", "--repeats", "0"]) == 2
+  assert tiling_model.main(["--from-json", str(tmp_path / "missing.json")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[0] == "accelerator.py: --repeats must be at least 1"
+  assert err[1].startswith("--from-json: cannot read") and len(err) == 2
