@@ -1,6 +1,9 @@
 """GPU benchmark of ``impl="pallas_gpu"``: speed and memory against xla, the materialized
 baseline and apple's Cut Cross-Entropy (PyTorch + Triton), on the same inputs in one run.
 
+The one command that checks, times, sweeps and tunes on any accelerator is
+``benchmarks/accelerator.py``; this script is the detailed view of this backend.
+
 Not run yet: written on a machine without a GPU (the kernels were checked there in interpret
 mode and by lowering for CUDA). One command on a CUDA host:
 

@@ -15,6 +15,9 @@ measures on the default device:
 * a correctness check (``--check``, on by default): loss and gradients of ``pallas_tpu`` and
   ``xla`` without filtering (``filter_eps=None``) agree, at the first shape.
 
+The one command that checks, times, sweeps and tunes on any accelerator is
+``benchmarks/accelerator.py``; this script is the detailed view of this backend.
+
 Prints a markdown table and writes everything to the JSON file given by ``--out``.
 
 Implementations: ``baseline`` (masked mean of optax's cross-entropy on the materialized f32

@@ -227,7 +227,7 @@ def linear_cross_entropy(
   """
   reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
   return_lse = checks.check_bool("return_lse", return_lse)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, dtype=getattr(e, "dtype", None))
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   token_axes = sharding.check_axes("token_axes", token_axes)
   vocab_axes = sharding.check_axes("vocab_axis", vocab_axis)
@@ -313,7 +313,7 @@ def filter_stats(
     >>> int(cce_jax.filter_stats(e, c, labels, filter_eps=None)["skipped_tiles"])
     0
   """
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, dtype=getattr(e, "dtype", None))
   opts, shift = _prepare(
       e, c, labels, bias, impl=impl, shift=shift, classifier_layout=classifier_layout,
       ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,

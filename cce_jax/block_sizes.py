@@ -49,22 +49,56 @@ class BlockSizes:
       object.__setattr__(self, field.name, int(value))
 
   @classmethod
-  def get_default(cls, dtype=None) -> BlockSizes:
-    """The default tiles for inputs of ``dtype`` (float32 when None).
+  def get_default(cls, dtype=None, backend: str | None = None) -> BlockSizes:
+    """The default tiles for inputs of ``dtype`` (float32 when None) on ``backend`` (JAX's
+    default backend when None; "cuda" and "rocm" count as "gpu").
 
-    16-bit inputs get 256 x 512 tiles: their filter threshold (2**-12 for bfloat16) lets the
-    backward skip whole tiles on trained-model inputs, and smaller tiles are skipped more often
-    (measured by ``benchmarks/speed.py``). float32's threshold (2**-28) almost never clears a
-    tile, so it gets the large tiles that keep matrix products fastest.
+    First the tiles ``benchmarks/accelerator.py --apply`` measured fastest on this device kind
+    and dtype (``cce_jax/tuned.json``, shipped empty), else:
+
+    * CPU (measured by ``benchmarks/speed.py``): 256 x 512 for 16-bit inputs, whose filter
+      threshold (2**-12 for bfloat16) lets the backward skip whole tiles on trained-model
+      inputs, more often for small tiles; 1024 x 2048 for float32, whose threshold (2**-28)
+      almost never clears a tile, so the large tiles that keep matrix products fastest.
+    * GPU and TPU (modelled, ``docs/tiling_model.md``): each tile is one while-loop iteration
+      with a fixed cost, tens of microseconds on a GPU, so fewer, larger tiles win although
+      fewer of them are skipped; the model picks them per backend and dtype from the skipped
+      fractions measured by ``benchmarks/tiling_model.py``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from cce_jax import BlockSizes
-      >>> BlockSizes.get_default(jnp.bfloat16)
+      >>> BlockSizes.get_default(jnp.bfloat16, backend="cpu")
       BlockSizes(token_block=256, vocab_block=512)
-      >>> BlockSizes.get_default() == BlockSizes(token_block=1024, vocab_block=2048)
+      >>> BlockSizes.get_default(backend="cpu") == BlockSizes(token_block=1024, vocab_block=2048)
       True
     """
-    if dtype is not None and np.dtype(dtype).itemsize == 2:
-      return cls(token_block=256, vocab_block=512)
-    return cls()
+    # Imported here: cce_jax.tuned imports jax, which this module does not otherwise need.
+    from cce_jax import tuned
+
+    entry = tuned.lookup(dtype, backend)
+    if entry is not None:
+      return cls(**entry["xla"])
+    backend = _BACKEND_ALIASES.get(backend, backend) if backend else _default_backend()
+    bits = 16 if dtype is not None and np.dtype(dtype).itemsize == 2 else 32
+    token_block, vocab_block = _MODELLED.get(backend, _MODELLED["cpu"])[bits]
+    return cls(token_block=token_block, vocab_block=vocab_block)
+
+
+def _default_backend() -> str:
+  """JAX's default backend, "gpu" for CUDA and ROCm."""
+  import jax
+
+  backend = jax.default_backend()
+  return _BACKEND_ALIASES.get(backend, backend)
+
+
+_BACKEND_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+# (token_block, vocab_block) per backend and input bits: the CPU's as measured, the GPU's and
+# TPU's as picked by the model of docs/tiling_model.md (benchmarks/tiling_model.py).
+_MODELLED = {
+    "cpu": {16: (256, 512), 32: (1024, 2048)},
+    "gpu": {16: (1024, 8192), 32: (1024, 8192)},
+    "tpu": {16: (1024, 2048), 32: (1024, 8192)},
+}

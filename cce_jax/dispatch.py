@@ -10,11 +10,12 @@ import importlib
 
 import jax
 
-from cce_jax import checks
+from cce_jax import checks, tuned
 from cce_jax.tiled import Implementation
 
-# What impl="auto" picks on each backend. A Pallas implementation becomes the choice of its
-# backend only once benchmarks/RESULTS.md shows it faster than "xla" on real hardware.
+# What impl="auto" picks on each backend without a measurement. A Pallas implementation
+# becomes the choice on a device kind only where `benchmarks/accelerator.py --apply` found it
+# correct and faster than "xla" there (cce_jax/tuned.json, consulted first).
 AUTO_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 
 # impl -> module exposing ``IMPLEMENTATION: cce_jax.tiled.Implementation``.
@@ -27,8 +28,13 @@ _MODULES = {
 }
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-  """The implementation ``impl`` names on ``backend`` (default: JAX's default backend).
+def resolve_impl(impl: str, backend: str | None = None, dtype=None) -> str:
+  """The implementation ``impl`` names on ``backend`` (default: JAX's default backend) for
+  inputs of ``dtype``.
+
+  "auto" is the measured winner for this device kind and ``dtype`` in
+  ``cce_jax/tuned.json`` (with ``dtype`` None: a Pallas kernel only where it won for every
+  dtype measured there), else ``AUTO_IMPL`` of the backend.
 
   Raises:
     ValueError: ``impl`` is not one of ``checks.IMPLS``.
@@ -41,9 +47,20 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   """
   checks.check_choice("impl", impl, checks.IMPLS)
   if impl == "auto":
-    return AUTO_IMPL.get(backend or jax.default_backend(), "xla")
+    return _measured_auto(backend, dtype) or AUTO_IMPL.get(backend or jax.default_backend(), "xla")
   implementation(impl)  # raises NotImplementedError when it is missing
   return impl
+
+
+def _measured_auto(backend: str | None, dtype, entries: dict | None = None) -> str | None:
+  """impl="auto" as measured on ``backend``'s device kind (``cce_jax.tuned``), or None."""
+  if dtype is not None:
+    entry = tuned.lookup(dtype, backend, entries)
+    return None if entry is None else entry["impl"]
+  entries = tuned.shipped_entries() if entries is None else entries
+  per_dtype = entries.get(tuned.device_kind(backend) or "", {}) if entries else {}
+  impls = {entry["impl"] for entry in per_dtype.values()}
+  return impls.pop() if len(impls) == 1 else ("xla" if impls else None)
 
 
 def implementation(impl: str) -> Implementation:
