@@ -305,6 +305,7 @@ def filter_stats(
     labels: jax.Array,
     *,
     bias: jax.Array | None = None,
+    weights: jax.Array | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
     shift: int | bool = 0,
@@ -324,8 +325,8 @@ def filter_stats(
   Takes the arguments of :func:`linear_cross_entropy` that shape the backward's tiles and its
   skip rule, runs the same forward, and evaluates the same per-tile skip table
   (``cce_jax.filtering.skip_table``) as the backward of the loss (without ``return_lse``)
-  does; no gradient is computed. ``impl``, ``interpret`` and ``block_sizes`` are those of
-  :func:`linear_cross_entropy`; "reference" has one tile, never skipped.
+  does; no gradient is computed. ``impl``, ``interpret``, ``block_sizes`` and ``weights`` are
+  those of :func:`linear_cross_entropy`; "reference" has one tile, never skipped.
 
   Returns:
     ``{"skipped_tiles": () int32, "total_tiles": () int32, "skipped_fraction": () float32}``;
@@ -356,8 +357,10 @@ def filter_stats(
       filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
       interpret=interpret,
   )
+  if weights is not None:
+    checks.check_weights(weights, labels)
   labels = checks.labels_as_int32(labels, c.shape[opts.vocab_dim])
-  table = _skip_table(e, c, labels, bias, opts=opts, shift=shift, impl=impl)
+  table = _skip_table(e, c, labels, bias, weights, opts=opts, shift=shift, impl=impl)
   skipped = jnp.sum(table, dtype=jnp.int32)
   total = jnp.asarray(table.size, jnp.int32)
   return {
@@ -368,19 +371,29 @@ def filter_stats(
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "shift", "impl"))
-def _skip_table(e, c, labels, bias, *, opts: LossOptions, shift: int, impl: str) -> jax.Array:
+def _skip_table(
+    e, c, labels, bias, weights, *, opts: LossOptions, shift: int, impl: str
+) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles the backward of the loss skips."""
   num_classes = c.shape[opts.vocab_dim]
-  labels = _target_labels(labels, shift, opts.ignore_index).reshape(-1)
+  labels = _target_labels(labels, shift, opts.ignore_index)
+  filter_weights = None
+  if weights is not None:
+    filter_weights = jnp.abs(_target_weights(weights, labels != opts.ignore_index, shift))
+    filter_weights = filter_weights.reshape(-1)
+  labels = labels.reshape(-1)
   e = e.reshape(-1, e.shape[-1])
   held = differentiable.local_labels(labels, 0, num_classes, num_classes, opts)
   kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
   g = jnp.where(kinds.ignored, 0.0, jnp.where(kinds.out_of_range, jnp.nan, 1.0))
+  if filter_weights is not None:
+    g = g * filter_weights
 
   def scale(lse):
-    # The filter scale of the loss alone (no lse cotangent), each counted token weighted 1.
+    # The filter scale of the loss alone (no lse cotangent), each counted token weighted 1
+    # (or by its weight).
     d_lse, d_target = g * (1.0 + 2.0 * opts.z_loss * lse), -(1.0 - opts.label_smoothing) * g
-    return differentiable.backward_coefficients(d_lse, d_target, None, opts)[1]
+    return differentiable.backward_coefficients(d_lse, d_target, None, opts, filter_weights)[1]
 
   inputs = TiledInputs(e, c, held, bias)
   return dispatch.implementation(impl).skip_table(inputs, scale, opts)
