@@ -135,7 +135,17 @@ def test_traced_weights_under_jit_and_vmap(inputs):
                               atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+def _blocks(impl: str):
+  if impl == "pallas_gpu":
+    from pallas_kernels.gpu import GPUBlockSizes
+    return GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
+  if impl == "pallas_tpu":
+    from pallas_kernels.tpu import TPUBlockSizes
+    return TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=128)
+  return SMALL_BLOCKS
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas_gpu", "pallas_tpu"])
 def test_filtering_scales_with_the_weight(inputs, impl):
   """The rule is |w_n| sigma_n p < eps: uniform weights 1/4 with eps skip the tiles of weight 1
   with 4 eps, and give a quarter of their filtered gradient."""
@@ -145,17 +155,18 @@ def test_filtering_scales_with_the_weight(inputs, impl):
   bias = jnp.where(jnp.arange(V) < 32, 0.0, -3.0)
   eps = 0.03
   quarter, one = jnp.full((B, T), 0.25), jnp.ones((B, T))
-  options = dict(bias=bias, block_sizes=SMALL_BLOCKS, sort_vocab=False, impl=impl)
+  options = dict(bias=bias, block_sizes=_blocks(impl), sort_vocab=False, impl=impl,
+                 interpret=impl.startswith("pallas"))
   stats = lambda w, eps: cce_jax.filter_stats(e, c, labels, weights=w, filter_eps=eps, **options)
   assert int(stats(quarter, eps)["skipped_tiles"]) == int(stats(one, 4 * eps)["skipped_tiles"])
-  if impl == "xla":
+  if impl in ("xla", "pallas_gpu"):
     assert int(stats(quarter, eps)["skipped_tiles"]) > int(stats(one, eps)["skipped_tiles"])
   grad = lambda w, eps: jax.grad(lambda e, c: _loss(
       e, c, labels, w, reduction="sum", filter_eps=eps, **options), argnums=(0, 1))(e, c)
   filtered, exact = grad(quarter, eps), grad(quarter, None)
   chex.assert_trees_all_close(filtered, jax.tree.map(lambda g: 0.25 * g, grad(one, 4 * eps)),
                               rtol=1e-5, atol=1e-7)
-  if impl == "xla":  # filtering did drop something
+  if impl in ("xla", "pallas_gpu"):  # filtering did drop something
     assert not np.allclose(filtered[1], exact[1], rtol=1e-6, atol=1e-7)
 
 

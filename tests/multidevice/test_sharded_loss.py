@@ -347,27 +347,30 @@ def _pallas_blocks(impl: str):
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_pallas_under_mesh_and_users_shard_map(impl):
   """mesh= (token + vocabulary parallel) and a user's shard_map with check_vma=False equal the
-  unsharded xla result, loss and gradients (interpret mode, small ragged shapes)."""
+  unsharded xla result, loss and gradients (interpret mode, small ragged shapes, per-token
+  weights)."""
   case = {**DEFAULT_CASE, "bias": True, "label_smoothing": 0.2, "z_loss": 0.05,
           "ignored": "some", "shift": 1}
   e, c, labels, bias, *_ = make_inputs(13, case, batch=BATCH, num_classes=NUM_CLASSES)
+  weights = make_weights(13, {**case, "weights": "float"}, batch=BATCH)
   options = dict(shift=1, z_loss=0.05, label_smoothing=0.2, filter_eps=None)
   pallas = dict(impl=impl, interpret=True, block_sizes=_pallas_blocks(impl), **options)
 
   def loss_fn(**extra):
     return jax.jit(jax.value_and_grad(lambda e, c, bias: cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, **extra), argnums=(0, 1, 2)))
+        e, c, labels, bias=bias, weights=weights, **extra), argnums=(0, 1, 2)))
 
   expected = loss_fn(block_sizes=SMALL_BLOCKS, **options)(e, c, bias)
   mesh = mesh_of()
   by_mesh = loss_fn(mesh=mesh, token_axes=("data", "fsdp"), vocab_axis="tensor", **pallas)
   mesh2 = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
   in_users = jax.shard_map(
-      lambda e, c, bias, labels: cce_jax.linear_cross_entropy(
-          e, c, labels, bias=bias, vocab_axis="tensor", token_axes="data", **pallas),
-      mesh=mesh2, in_specs=(P("data"), P("tensor"), P("tensor"), P("data")), out_specs=P(),
-      check_vma=False)
-  by_user = jax.jit(jax.value_and_grad(lambda e, c, bias: in_users(e, c, bias, labels),
+      lambda e, c, bias, labels, weights: cce_jax.linear_cross_entropy(
+          e, c, labels, bias=bias, weights=weights, vocab_axis="tensor", token_axes="data",
+          **pallas),
+      mesh=mesh2, in_specs=(P("data"), P("tensor"), P("tensor"), P("data"), P("data")),
+      out_specs=P(), check_vma=False)
+  by_user = jax.jit(jax.value_and_grad(lambda e, c, bias: in_users(e, c, bias, labels, weights),
                                        argnums=(0, 1, 2)))
   for actual in (by_mesh(e, c, bias), by_user(e, c, bias)):
     assert_rel_close("loss", actual[0], expected[0], F32_TOL)
