@@ -20,8 +20,9 @@ TPUs multiply bfloat16 natively and do not make that copy, so the second row is 
 predicts their memory.
 
 Then the goals are checked (f32 ``xla`` and ``xla+weights`` loss temp <= 0.5% and loss+grad
-temp <= 1% of the baseline's), the sharded layouts are measured on 8 host devices (``sharded_memory.py``:
-vocabulary-parallel needs <= 1/2 of the per-device bytes of a replicated classifier), and
+temp <= 1% of the baseline's), the sharded layouts are measured on 8 host devices
+(``sharded_memory.py``: vocabulary-parallel needs <= 1/2 of the per-device bytes of a
+replicated classifier), and
 unless ``--quick`` a sweep over V and over N is drawn to a PNG chart.
 1 MB = 1e6 bytes, 1 GB = 1e9 bytes.
 

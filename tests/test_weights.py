@@ -77,7 +77,8 @@ def test_weights_at_ignored_and_shifted_out_tokens_are_never_read(inputs, shift)
   clean = jnp.where(unread, 0.0, w)
   for reduction in ("mean", "sum", "none"):
     f = lambda e, w, reduction=reduction: jnp.sum(
-        _loss(e, c, labels, w, reduction=reduction, shift=shift))
+      _loss(e, c, labels, w, reduction=reduction, shift=shift)
+    )
     value, (d_e, d_w) = jax.value_and_grad(f, argnums=(0, 1))(e, poisoned)
     expected, (d_e_ref, _) = jax.value_and_grad(f, argnums=(0, 1))(e, clean)
     chex.assert_trees_all_close((value, d_e), (expected, d_e_ref), rtol=1e-6, atol=1e-7)
@@ -110,8 +111,19 @@ def test_weight_dtypes_and_their_gradients(inputs, dtype):
   d_w = jax.grad(lambda w: _loss(e, c, labels, w))(w)
   chex.assert_type(d_w, dtype)
   expected = reference64.reference(
-      e, c, labels, None, weights=w, ignore_index=IGNORE, softcap=None, reduction="mean",
-      shift=0, z_loss=0.0, label_smoothing=0.0, classifier_layout="vd")
+    e,
+    c,
+    labels,
+    None,
+    weights=w,
+    ignore_index=IGNORE,
+    softcap=None,
+    reduction="mean",
+    shift=0,
+    z_loss=0.0,
+    label_smoothing=0.0,
+    classifier_layout="vd",
+  )
   assert_rel_close("d_weights", d_w, expected["d_weights"], 2e-5 if dtype == jnp.float32 else 1e-2)
 
 
@@ -126,21 +138,22 @@ def test_traced_weights_under_jit_and_vmap(inputs):
   batched = jax.jit(jax.vmap(per_sequence))(e, labels, w)
   one_by_one = jnp.stack([per_sequence(e[i], labels[i], w[i]) for i in range(B)])
   chex.assert_trees_all_close(batched, one_by_one, rtol=1e-5)
-  grads = jax.jit(jax.grad(lambda e, w: jnp.sum(jax.vmap(per_sequence)(e, labels, w)),
-                           argnums=(0, 1)))(e, w)
+  grads = jax.jit(
+    jax.grad(lambda e, w: jnp.sum(jax.vmap(per_sequence)(e, labels, w)), argnums=(0, 1))
+  )(e, w)
   grads_one = [jax.grad(per_sequence, argnums=(0, 2))(e[i], labels[i], w[i]) for i in range(B)]
-  chex.assert_trees_all_close(grads[0], jnp.stack([g[0] for g in grads_one]), rtol=1e-5,
-                              atol=1e-7)
-  chex.assert_trees_all_close(grads[1], jnp.stack([g[1] for g in grads_one]), rtol=1e-5,
-                              atol=1e-7)
+  chex.assert_trees_all_close(grads[0], jnp.stack([g[0] for g in grads_one]), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(grads[1], jnp.stack([g[1] for g in grads_one]), rtol=1e-5, atol=1e-7)
 
 
 def _blocks(impl: str):
   if impl == "pallas_gpu":
     from pallas_kernels.gpu import GPUBlockSizes
+
     return GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
   if impl == "pallas_tpu":
     from pallas_kernels.tpu import TPUBlockSizes
+
     return TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=128)
   return SMALL_BLOCKS
 
@@ -155,17 +168,24 @@ def test_filtering_scales_with_the_weight(inputs, impl):
   bias = jnp.where(jnp.arange(V) < 32, 0.0, -3.0)
   eps = 0.03
   quarter, one = jnp.full((B, T), 0.25), jnp.ones((B, T))
-  options = dict(bias=bias, block_sizes=_blocks(impl), sort_vocab=False, impl=impl,
-                 interpret=impl.startswith("pallas"))
+  options = dict(
+    bias=bias,
+    block_sizes=_blocks(impl),
+    sort_vocab=False,
+    impl=impl,
+    interpret=impl.startswith("pallas"),
+  )
   stats = lambda w, eps: cce_jax.filter_stats(e, c, labels, weights=w, filter_eps=eps, **options)
   assert int(stats(quarter, eps)["skipped_tiles"]) == int(stats(one, 4 * eps)["skipped_tiles"])
   if impl in ("xla", "pallas_gpu"):
     assert int(stats(quarter, eps)["skipped_tiles"]) > int(stats(one, eps)["skipped_tiles"])
-  grad = lambda w, eps: jax.grad(lambda e, c: _loss(
-      e, c, labels, w, reduction="sum", filter_eps=eps, **options), argnums=(0, 1))(e, c)
+  grad = lambda w, eps: jax.grad(
+    lambda e, c: _loss(e, c, labels, w, reduction="sum", filter_eps=eps, **options), argnums=(0, 1)
+  )(e, c)
   filtered, exact = grad(quarter, eps), grad(quarter, None)
-  chex.assert_trees_all_close(filtered, jax.tree.map(lambda g: 0.25 * g, grad(one, 4 * eps)),
-                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+    filtered, jax.tree.map(lambda g: 0.25 * g, grad(one, 4 * eps)), rtol=1e-5, atol=1e-7
+  )
   if impl in ("xla", "pallas_gpu"):  # filtering did drop something
     assert not np.allclose(filtered[1], exact[1], rtol=1e-6, atol=1e-7)
 
@@ -176,24 +196,34 @@ def test_zero_weights_let_their_tiles_go(inputs):
   # Whole tiles here (16 tokens, 64 classes), so that each token and class is in one tile.
   e, c = e[:, :8], c[:64]
   labels = jnp.where(labels[:, :8] == IGNORE, IGNORE, labels[:, :8] % 64)
-  stats = cce_jax.filter_stats(e, c, labels, weights=jnp.zeros((B, 8)), filter_eps=1e-6,
-                               block_sizes=SMALL_BLOCKS, sort_vocab=False)
+  stats = cce_jax.filter_stats(
+    e,
+    c,
+    labels,
+    weights=jnp.zeros((B, 8)),
+    filter_eps=1e-6,
+    block_sizes=SMALL_BLOCKS,
+    sort_vocab=False,
+  )
   held = np.asarray(labels).reshape(-1)
   token_blocks, vocab_blocks = 2, 2
-  with_target = {(n // SMALL_BLOCKS.token_block, t // SMALL_BLOCKS.vocab_block)
-                 for n, t in enumerate(held) if t != IGNORE}
+  with_target = {
+    (n // SMALL_BLOCKS.token_block, t // SMALL_BLOCKS.vocab_block)
+    for n, t in enumerate(held)
+    if t != IGNORE
+  }
   assert int(stats["total_tiles"]) == token_blocks * vocab_blocks
   assert int(stats["skipped_tiles"]) == token_blocks * vocab_blocks - len(with_target)
 
 
 @pytest.mark.parametrize(
-    ("weights", "error", "match"),
-    [
-        (np.ones((B, T - 1), np.float32), ValueError, r"`weights` must have the shape of `labels`"),
-        (np.ones((B * T,), np.float32), ValueError, r"`weights` must have the shape"),
-        (np.ones((B, T), np.int32), TypeError, r"`weights` must be a float array"),
-        ([[1.0] * T] * B, TypeError, r"`weights` must be an array"),
-    ],
+  ("weights", "error", "match"),
+  [
+    (np.ones((B, T - 1), np.float32), ValueError, r"`weights` must have the shape of `labels`"),
+    (np.ones((B * T,), np.float32), ValueError, r"`weights` must have the shape"),
+    (np.ones((B, T), np.int32), TypeError, r"`weights` must be a float array"),
+    ([[1.0] * T] * B, TypeError, r"`weights` must be an array"),
+  ],
 )
 def test_bad_weights_name_the_argument(inputs, weights, error, match):
   e, c, labels, _ = inputs
