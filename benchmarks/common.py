@@ -44,6 +44,26 @@ def cce_loss(impl: str, **options: Any) -> LossFn:
   return loss
 
 
+def token_weights(labels: jax.Array) -> jax.Array:
+  """Per-token weights derived from ``labels`` inside the traced step, as RL advantages or a
+  loss mask would be: f32 of ``labels.shape``, in [-0.5, 1.5), about one in ten exactly 0."""
+  mixed = (labels.astype(jnp.uint32) * jnp.uint32(2654435761)) >> 16  # wraps; a cheap hash
+  u = (mixed % 1000).astype(jnp.float32) / 1000.0
+  return jnp.where(u < 0.1, 0.0, 2.0 * u - 0.5)
+
+
+def weighted_cce_loss(impl: str, **options: Any) -> LossFn:
+  """:func:`cce_loss` with ``weights=token_weights(labels)`` (the weighted mean)."""
+
+  def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+    return cce_jax.linear_cross_entropy(
+        e, c, labels, weights=token_weights(labels), impl=impl, ignore_index=IGNORE_INDEX,
+        **options,
+    )
+
+  return loss
+
+
 def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
   """The ``jax-cce`` package with its defaults (it has no ignore_index: a mean over all
   tokens). Imported on first use: only ``memory.py`` and ``speed.py`` need it."""

@@ -7,6 +7,8 @@ Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. 
   materialized f32 logits ``(e @ c.T).astype(float32)``;
 * ``jax-cce``: ``jax_cce.linear_cross_entropy(e, c, labels)`` (PyPI package, its defaults);
 * ``xla``: ``cce_jax.linear_cross_entropy(e, c, labels, impl="xla")`` (default options);
+* ``xla-weights``: the same with per-token ``weights=`` computed from the labels inside the
+  step (``common.token_weights``, about one in ten 0): the cost of weighting;
 * with ``--extra``: ``xla-exact`` (``filter_eps=None``) and ``xla-nosort``
   (``sort_vocab=False``).
 
@@ -44,6 +46,8 @@ from common import (
     jax_cce_loss,
     parse_shapes,
     timed,
+    token_weights,
+    weighted_cce_loss,
 )
 
 import cce_jax
@@ -63,6 +67,7 @@ IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
     "baseline": (baseline_loss, None),
     "jax-cce": (jax_cce_loss, None),
     "xla": (cce_loss("xla"), {}),
+    "xla-weights": (weighted_cce_loss("xla"), {"weighted": True}),
     "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
     "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
 }
@@ -89,7 +94,11 @@ def describe_inputs(e, c, labels, summary_tokens: int) -> dict[str, Any]:
 
 
 def skipped_fraction(e, c, labels, options: dict[str, Any]) -> float | str:
-  """Fraction of backward tiles ``impl="xla"`` with ``options`` skips, or the error message."""
+  """Fraction of backward tiles ``impl="xla"`` with ``options`` skips, or the error message.
+  ``options["weighted"]`` stands for ``weights=token_weights(labels)``."""
+  options = dict(options)
+  if options.pop("weighted", False):
+    options["weights"] = token_weights(labels)
   try:
     stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, **options)
     return float(stats["skipped_fraction"])
@@ -213,6 +222,10 @@ def run_case(
     row["ratio_vs_jax_cce"] = (
         row["loss_grad_ms"] / ref["loss_grad_ms"] if ref and timed and is_xla else None
     )
+  if "xla" in ok and "xla-weights" in ok:
+    ratio = ok["xla-weights"]["loss_grad_ms"] / ok["xla"]["loss_grad_ms"]
+    info["weights_loss_grad_ratio_vs_xla"] = ratio
+    print(f"  loss+grad xla-weights / xla: {ratio:.3f}")
   if base:
     diffs = {name: abs(r["loss_value"] - base["loss_value"]) for name, r in ok.items()}
     info["loss_abs_diff_vs_baseline"] = diffs
@@ -392,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
       f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla"] + (list(EXTRA_IMPLS) if args.extra else [])
+  impls = ["baseline", "jax-cce", "xla", "xla-weights"] + (
+      list(EXTRA_IMPLS) if args.extra else []
+  )
   print(
       f"impls: {', '.join(impls)}; shapes: "
       f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "

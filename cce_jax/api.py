@@ -29,6 +29,23 @@ def _target_labels(labels: jax.Array, shift: int, ignore_index: int) -> jax.Arra
   return jnp.concatenate([labels[..., shift:], tail], axis=-1)
 
 
+def _target_weights(weights: jax.Array, counted: jax.Array, shift: int) -> jax.Array:
+  """f32 weights where position i holds weights[..., i + shift], 0 where the token is not
+  ``counted`` (ignored, or among the last ``shift``), so that a weight there never reaches
+  the loss (not even an inf or NaN one). ``counted`` has the shape of ``weights``."""
+  weights = weights.astype(jnp.float32)
+  if shift:
+    tail = jnp.zeros((*weights.shape[:-1], shift), jnp.float32)
+    weights = jnp.concatenate([weights[..., shift:], tail], axis=-1)
+  return jnp.where(counted, weights, 0.0)
+
+
+def _weighted_mean(total: jax.Array, weight_sum: jax.Array) -> jax.Array:
+  """``total / weight_sum``, 0 (with zero gradients, never NaN) where ``weight_sum`` is 0."""
+  empty = weight_sum == 0.0
+  return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, weight_sum))
+
+
 @functools.partial(
     jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl", "token_axes")
 )
@@ -37,6 +54,7 @@ def _linear_cross_entropy(
     c: jax.Array,
     labels: jax.Array,
     bias: jax.Array | None,
+    weights: jax.Array | None = None,
     *,
     opts: LossOptions,
     reduction: str,
@@ -50,6 +68,8 @@ def _linear_cross_entropy(
   out_shape = (*batch_shape, seq_len - shift)
   labels = _target_labels(labels, shift, opts.ignore_index)
   counted = labels[..., : seq_len - shift] != opts.ignore_index
+  if weights is not None:
+    weights = _target_weights(weights, labels != opts.ignore_index, shift)
   if 0 in out_shape:
     # No token: the loss is 0 (not 0/0) and every gradient is zero.
     loss = jnp.zeros(out_shape if reduction == "none" else (), jnp.float32)
@@ -57,8 +77,10 @@ def _linear_cross_entropy(
       loss = lax.psum(loss, token_axes)
     return (loss, jnp.zeros(out_shape, jnp.float32)) if return_lse else loss
 
+  flat_weights = None if weights is None else weights.reshape(-1)
   out = differentiable.token_loss(
-      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts, return_lse, impl
+      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts, return_lse, impl,
+      flat_weights,
   )
   token_loss, lse = out if return_lse else (out, None)
   token_loss = token_loss.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
@@ -66,11 +88,16 @@ def _linear_cross_entropy(
     loss = token_loss
   else:
     loss = jnp.sum(token_loss)
-    count = jnp.sum(counted, dtype=jnp.int32)
+    if weights is None:
+      count = jnp.sum(counted, dtype=jnp.int32)
+    else:
+      count = jnp.sum(weights[..., : seq_len - shift])  # the weight sum of the counted tokens
     if token_axes:
       loss, count = lax.psum((loss, count), token_axes)
-    if reduction == "mean":
+    if reduction == "mean" and weights is None:
       loss = loss / jnp.maximum(count, 1).astype(jnp.float32)
+    elif reduction == "mean":
+      loss = _weighted_mean(loss, count)
   if return_lse:
     return loss, lse.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
   return loss
@@ -97,6 +124,7 @@ def linear_cross_entropy(
     labels: jax.Array,
     *,
     bias: jax.Array | None = None,
+    weights: jax.Array | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
     reduction: str = "mean",
@@ -144,10 +172,21 @@ def linear_cross_entropy(
       beyond int32 are out of range, never wrapped.
     bias: optional classifier bias, shape (V,), any float dtype. ``-inf`` masks a class (zero
       probability and gradient), as with materialized logits.
+    weights: optional per-token weights ``w``, shape ``labels.shape``, any float dtype or
+      bool (optax's ``where``: False drops the token). ``weights[..., i]`` goes with
+      ``labels[..., i]`` (shifted with them under ``shift``). Each token's loss is multiplied
+      by its weight: ``"none"`` returns ``w_n loss_n``, ``"sum"`` the weighted sum, ``"mean"``
+      the weighted sum over the sum of the counted tokens' weights (0, with zero gradients,
+      when that sum is 0). Weights may be negative (RL advantages); the ``"mean"`` denominator
+      is then the signed sum, which can be small: prefer ``"sum"`` and a normalizer of your
+      own. Float weights get their exact gradient (the loss of each token, for ``"sum"``);
+      filtering scales each token's rule by ``|w_n|`` (a zero weight lets its tiles go).
+      Weights at ignored tokens are never read.
     ignore_index: label value of tokens that carry no loss and no gradient.
     softcap: logit soft-capping value ``s`` (Gemma 2 uses 30.0), or None.
     reduction: ``"mean"`` over non-ignored tokens (0.0 when there are none, with zero
-      gradients), ``"sum"``, or ``"none"`` (per-token losses, 0.0 at ignored tokens).
+      gradients), ``"sum"``, or ``"none"`` (per-token losses, 0.0 at ignored tokens); with
+      ``weights``, see there.
     shift: ``k`` (``True`` means 1): position ``i`` of ``e`` predicts ``labels[..., i + k]``
       inside each sequence, i.e. ``e[..., :-k, :]`` against ``labels[..., k:]``, without
       copying ``e``. Per-token outputs then have shape (..., T - k).
@@ -246,6 +285,8 @@ def linear_cross_entropy(
   if vocab_axes and mesh is None:
     # Inside the user's shard_map c is this device's slice; with mesh= it is the global array.
     num_classes *= sharding.axes_size(None, vocab_axes)
+  if weights is not None:
+    checks.check_weights(weights, labels)
   if checks.check_bool("check_labels", check_labels):
     checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
   labels = checks.labels_as_int32(labels, num_classes)
@@ -254,9 +295,10 @@ def linear_cross_entropy(
       return_lse=return_lse, impl=impl, token_axes=token_axes,
   )
   if mesh is None:
-    return per_device(e, c, labels, bias)
+    return per_device(e, c, labels, bias, weights)
   return sharding.run_sharded(
-      per_device, mesh, e, c, labels, bias, token_axes=token_axes, vocab_axes=vocab_axes,
+      per_device, mesh, e, c, labels, bias, weights, token_axes=token_axes,
+      vocab_axes=vocab_axes,
       vocab_dim=opts.vocab_dim, per_token=reduction == "none", return_lse=return_lse,
       # Pallas implementations run with check_vma off (their interpret mode cannot track
       # varying axes); the gradients are right either way (cce_jax.differentiable).
@@ -270,6 +312,7 @@ def filter_stats(
     labels: jax.Array,
     *,
     bias: jax.Array | None = None,
+    weights: jax.Array | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
     shift: int | bool = 0,
@@ -289,8 +332,8 @@ def filter_stats(
   Takes the arguments of :func:`linear_cross_entropy` that shape the backward's tiles and its
   skip rule, runs the same forward, and evaluates the same per-tile skip table
   (``cce_jax.filtering.skip_table``) as the backward of the loss (without ``return_lse``)
-  does; no gradient is computed. ``impl``, ``interpret`` and ``block_sizes`` are those of
-  :func:`linear_cross_entropy`; "reference" has one tile, never skipped.
+  does; no gradient is computed. ``impl``, ``interpret``, ``block_sizes`` and ``weights`` are
+  those of :func:`linear_cross_entropy`; "reference" has one tile, never skipped.
 
   Returns:
     ``{"skipped_tiles": () int32, "total_tiles": () int32, "skipped_fraction": () float32}``;
@@ -321,8 +364,10 @@ def filter_stats(
       filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
       interpret=interpret,
   )
+  if weights is not None:
+    checks.check_weights(weights, labels)
   labels = checks.labels_as_int32(labels, c.shape[opts.vocab_dim])
-  table = _skip_table(e, c, labels, bias, opts=opts, shift=shift, impl=impl)
+  table = _skip_table(e, c, labels, bias, weights, opts=opts, shift=shift, impl=impl)
   skipped = jnp.sum(table, dtype=jnp.int32)
   total = jnp.asarray(table.size, jnp.int32)
   return {
@@ -333,19 +378,29 @@ def filter_stats(
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "shift", "impl"))
-def _skip_table(e, c, labels, bias, *, opts: LossOptions, shift: int, impl: str) -> jax.Array:
+def _skip_table(
+    e, c, labels, bias, weights, *, opts: LossOptions, shift: int, impl: str
+) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles the backward of the loss skips."""
   num_classes = c.shape[opts.vocab_dim]
-  labels = _target_labels(labels, shift, opts.ignore_index).reshape(-1)
+  labels = _target_labels(labels, shift, opts.ignore_index)
+  filter_weights = None
+  if weights is not None:
+    filter_weights = jnp.abs(_target_weights(weights, labels != opts.ignore_index, shift))
+    filter_weights = filter_weights.reshape(-1)
+  labels = labels.reshape(-1)
   e = e.reshape(-1, e.shape[-1])
   held = differentiable.local_labels(labels, 0, num_classes, num_classes, opts)
   kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
   g = jnp.where(kinds.ignored, 0.0, jnp.where(kinds.out_of_range, jnp.nan, 1.0))
+  if filter_weights is not None:
+    g = g * filter_weights
 
   def scale(lse):
-    # The filter scale of the loss alone (no lse cotangent), each counted token weighted 1.
+    # The filter scale of the loss alone (no lse cotangent), each counted token weighted 1
+    # (or by its weight).
     d_lse, d_target = g * (1.0 + 2.0 * opts.z_loss * lse), -(1.0 - opts.label_smoothing) * g
-    return differentiable.backward_coefficients(d_lse, d_target, None, opts)[1]
+    return differentiable.backward_coefficients(d_lse, d_target, None, opts, filter_weights)[1]
 
   inputs = TiledInputs(e, c, held, bias)
   return dispatch.implementation(impl).skip_table(inputs, scale, opts)

@@ -275,3 +275,25 @@ def labels_as_int32(labels: Any, num_classes: int) -> Any:
   if too_low:
     beyond = beyond | (values < INT32_MIN)
   return xp.where(beyond, num_classes, values).astype(xp.int32)
+
+
+def check_weights(weights: Any, labels: Any) -> None:
+  """Checks per-token ``weights``: an array of ``labels.shape``, float or bool.
+
+  Raises:
+    TypeError: a non-array, or a dtype that is neither float nor bool (integer weights are
+      refused: cast them, e.g. ``weights.astype(jnp.float32)``).
+    ValueError: a shape other than ``labels.shape``.
+  """
+  _require_array("weights", weights)
+  dtype = weights.dtype
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.bool_)):
+    raise TypeError(
+        f"`weights` must be a float array (or bool, as optax's `where`), got {_describe(weights)};"
+        " cast it, e.g. weights.astype(jnp.float32)."
+    )
+  if tuple(weights.shape) != tuple(labels.shape):
+    raise ValueError(
+        f"`weights` must have the shape of `labels` {tuple(labels.shape)} (one weight per "
+        f"label, shifted with them under `shift`), got {_describe(weights)}."
+    )

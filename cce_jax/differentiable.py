@@ -72,9 +72,15 @@ def token_loss(
     opts: LossOptions,
     return_lse: bool,
     impl: str,
+    weights: jax.Array | None = None,  # (N,) f32
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token loss, (N,) f32 (0 at ignored tokens, NaN at out-of-range labels), and with
   ``return_lse`` the lse over all classes, differentiable w.r.t. ``e``, ``c`` and ``bias``.
+
+  With ``weights`` (N,) f32 the loss of token ``n`` is multiplied by ``weights[n]``
+  (differentiable w.r.t. the weights too: their gradient is the unweighted loss times the
+  cotangent), and the backward's filter scale by ``|weights[n]|`` (``docs/math.md``). The weights
+  at ignored tokens must be finite (the caller zeroes them).
 
   ``impl`` names an implementation registered in :mod:`cce_jax.dispatch` (not "auto").
 
@@ -89,15 +95,18 @@ def token_loss(
   # their gradients are not: cast them to vary along every axis any input varies along, so
   # that the transpose of the cast sums the per-shard gradients (with check_vma off,
   # shard_map's own transpose does that sum).
-  e, c, bias = vma.vary_like((e, c, bias), e, c, bias, held)
+  filter_weights = None if weights is None else lax.stop_gradient(jnp.abs(weights))
+  e, c, bias, filter_weights = vma.vary_like(
+      (e, c, bias, filter_weights), e, c, bias, held, filter_weights
+  )
   # opts.interpret is only ever True for a Pallas implementation (checks.build_options).
-  if opts.interpret and vma.varying_axes(e, c, bias, held):
+  if opts.interpret and vma.varying_axes(e, c, bias, held, filter_weights):
     raise ValueError(
         f"`impl`={impl!r} with `interpret=True` inside jax.shard_map needs check_vma=False: "
         "JAX's Pallas interpreter does not track varying manual axes. (Compiled kernels, and "
         "`mesh=`, which uses check_vma=False for Pallas implementations, are not affected.)"
     )
-  stats = LocalForward(*_local_stats(e, c, held, bias, opts, impl))
+  stats = LocalForward(*_local_stats(e, c, held, bias, filter_weights, opts, impl))
   lse, target, logit_sum = _combine(stats, opts.vocab_axis)[:3]
   # A label outside [0, V) poisons the gradients (through the lse's cotangent), not only the
   # masked loss value; the lse returned keeps its true value.
@@ -105,6 +114,8 @@ def token_loss(
   poisoned_lse = lse * jnp.where(kinds.out_of_range, jnp.nan, 1.0)
   loss = loss_math.token_loss(poisoned_lse, target, logit_sum, num_classes, opts)
   loss = loss_math.mask_token_loss(loss, labels, num_classes, opts.ignore_index)
+  if weights is not None:
+    loss = loss * weights
   return (loss, lse) if return_lse else loss
 
 
@@ -131,34 +142,41 @@ def _first_order_only_jvp(primals, tangents):
   raise NotImplementedError(FIRST_ORDER_ONLY)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _local_stats(e, c, held, bias, opts: LossOptions, impl: str):
+# ``filter_weights`` ((N,) f32 |w_n|, or None) only scales the filter rule; it gets no cotangent
+# here (the weights' gradient comes from the product outside, in ``token_loss``).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _local_stats(e, c, held, bias, filter_weights, opts: LossOptions, impl: str):
   inputs = TiledInputs(e, c, held, bias)
   stats = dispatch.implementation(impl).forward(inputs, opts, for_backward=False)
   return stats.lse, stats.target, stats.logit_sum
 
 
-def _local_stats_fwd(e, c, held, bias, opts: LossOptions, impl: str):
+def _local_stats_fwd(e, c, held, bias, filter_weights, opts: LossOptions, impl: str):
   # The inputs carry tangents here only when a derivative encloses this reverse-mode one
   # (jax.hessian, grad of grad): refuse it plainly rather than fail deep inside JAX.
   e, c, bias = _first_order_only((e, c, bias))
   inputs = TiledInputs(e, c, held, bias)
   stats = dispatch.implementation(impl).forward(inputs, opts, for_backward=True)
-  residuals = (e, c, held, bias, stats.lse, stats.residuals)
+  residuals = (e, c, held, bias, filter_weights, stats.lse, stats.residuals)
   return (stats.lse, stats.target, stats.logit_sum), residuals
 
 
 def backward_coefficients(
-    d_lse: jax.Array, d_target: jax.Array, d_logit_sum: jax.Array | None, opts: LossOptions
+    d_lse: jax.Array,
+    d_target: jax.Array,
+    d_logit_sum: jax.Array | None,
+    opts: LossOptions,
+    filter_weights: jax.Array | None = None,
 ) -> tuple[loss_math.TokenCoefficients, jax.Array | None]:
   """The softmax-gradient factors and the filter scale of ``cce_jax.tiled``'s backward, from
-  the cotangents (each (N,) f32) of the local lse, target logit and logit sum.
+  the cotangents (each (N,) f32) of the local lse, target logit and logit sum, and the
+  absolute per-token weights ``filter_weights`` ((N,) f32, or None for weight 1).
 
   With ``loss_n = L_n - (1 - a) z_t - (a / V) sum_v z + k L_n^2`` (``L`` combined over shards
   from the local ``lse``), the cotangent of the target logit is ``-(1 - a) g_n`` on every
   shard, which recovers the loss cotangent ``g_n``, the scale of the filter rule
-(``docs/math.md``). The
-  lse's cotangent, ``alpha``, is NaN at an out-of-range label (see :func:`token_loss`).
+  (``docs/math.md``). The lse's cotangent, ``alpha``, is NaN at an out-of-range label (see
+  :func:`token_loss`).
   """
   g = -d_target / (1.0 - opts.label_smoothing)
   alpha = d_lse
@@ -168,15 +186,21 @@ def backward_coefficients(
     return coeffs, None
   # |alpha_n p_nv| < eps |g_n|  <=>  (|alpha_n| / |g_n|) p_nv < eps: 0/0 is 0 (a row without
   # gradient), x/0 is inf (a row with only an lse cotangent is never skipped).
-  scale = jnp.where(alpha == 0.0, 0.0, jnp.abs(alpha) / jnp.abs(g))
+  if filter_weights is None:
+    scale = jnp.where(alpha == 0.0, 0.0, jnp.abs(alpha) / jnp.abs(g))
+  else:
+    # g_n carries w_n, so |alpha_n| / |g_n| does not depend on it; |w_n| makes the rule
+    # |alpha_n p_nv| < eps |g_n / w_n|, a tolerance per unit of weight. A zero weight with
+    # an lse cotangent gives 0/0 = NaN: never skipped.
+    scale = jnp.where(alpha == 0.0, 0.0, jnp.abs(alpha) * filter_weights / jnp.abs(g))
   return coeffs, scale
 
 
 def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
   # Only a derivative of the gradient differentiates the backward (e.g. of a jax.vjp function).
   residuals, cotangents = _first_order_only((residuals, cotangents))
-  e, c, held, bias, lse, impl_residuals = residuals
-  coeffs, filter_scale = backward_coefficients(*cotangents, opts)
+  e, c, held, bias, filter_weights, lse, impl_residuals = residuals
+  coeffs, filter_scale = backward_coefficients(*cotangents, opts, filter_weights)
   # A shard whose classes are all masked (-inf logits) has lse -inf: its softmax is 0, which
   # exp(z - 0) gives, where exp(z - lse) would be exp(-inf + inf) = NaN.
   lse = filtering.exp_shift(lse)
@@ -184,7 +208,7 @@ def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
       TiledInputs(e, c, held, bias), impl_residuals, lse, coeffs, filter_scale, opts
   )
   d_bias = None if bias is None else grads.d_bias.astype(bias.dtype)
-  return grads.d_e.astype(e.dtype), grads.d_c.astype(c.dtype), None, d_bias
+  return grads.d_e.astype(e.dtype), grads.d_c.astype(c.dtype), None, d_bias, None
 
 
 _local_stats.defvjp(_local_stats_fwd, _local_stats_bwd)

@@ -166,6 +166,7 @@ def run_sharded(
     c: jax.Array,  # (V, D) or (D, V), vocabulary split over vocab_axes
     labels: jax.Array,  # (B, ...)
     bias: jax.Array | None,  # (V,)
+    weights: jax.Array | None = None,  # (B, ...), split like labels
     *,
     token_axes: Axes | None,
     vocab_axes: Axes | None,
@@ -174,7 +175,8 @@ def run_sharded(
     return_lse: bool,
     check_vma: bool = True,
 ):
-  """``per_device(e, c, labels, bias)`` on every device of ``mesh`` through ``shard_map``.
+  """``per_device(e, c, labels, bias, weights)`` on every device of ``mesh`` through
+  ``shard_map``; per-token ``weights`` are split like ``labels``.
 
   ``check_vma`` is passed to ``shard_map``; the gradients are right either way (see
   ``cce_jax.differentiable``), and the Pallas implementations run with it off.
@@ -190,12 +192,21 @@ def run_sharded(
   if bias is not None:
     args.append(bias)
     specs.append(P(vocab))
+  if weights is not None:
+    args.append(weights)
+    specs.append(labels_spec)
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     args = [
         jax.sharding.reshard(x, NamedSharding(mesh, spec))
         for x, spec in zip(args, specs, strict=True)
     ]
-  body = per_device if bias is not None else (lambda e, c, labels: per_device(e, c, labels, None))
+  def body(e, c, labels, *optional):
+    it = iter(optional)
+    return per_device(
+        e, c, labels, next(it) if bias is not None else None,
+        next(it) if weights is not None else None,
+    )
+
   sharded = jax.shard_map(
       body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=check_vma
   )

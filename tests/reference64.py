@@ -16,13 +16,17 @@ def _f64(x):
 
 
 def loss_and_lse(e, c, labels, bias, *, ignore_index, softcap, reduction, shift, z_loss,
-                 label_smoothing, classifier_layout):
-  """The reduced loss and the per-token lse, float64 (call under jax.enable_x64)."""
+                 label_smoothing, classifier_layout, weights=None):
+  """The reduced loss and the per-token lse, float64 (call under jax.enable_x64).
+
+  ``weights`` (shape of ``labels``, or None): token n's loss times ``weights[n]``; "mean"
+  divides by the sum of the counted tokens' weights (0 when that is 0)."""
   classifier = c if classifier_layout == "vd" else c.T  # (V, D)
   seq_len = e.shape[-2]
   if shift:
     e = e[..., : seq_len - shift, :]
     labels = labels[..., shift:]
+    weights = None if weights is None else weights[..., shift:]
   x = jnp.einsum("...d,vd->...v", e, classifier)
   if bias is not None:
     x = x + bias
@@ -35,13 +39,17 @@ def loss_and_lse(e, c, labels, bias, *, ignore_index, softcap, reduction, shift,
     per_token = per_token - label_smoothing * jnp.mean(z, axis=-1)
   kept = labels != ignore_index
   per_token = jnp.where(kept, per_token, 0.0)
+  if weights is not None:
+    weights = jnp.where(kept, weights, 0.0)
+    per_token = per_token * weights
   if reduction == "none":
     return per_token, lse
   total = jnp.sum(per_token)
   if reduction == "sum":
     return total, lse
-  count = jnp.sum(kept)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0), lse
+  count = jnp.sum(kept) if weights is None else jnp.sum(weights)
+  safe_count = jnp.where(count == 0, 1.0, count)
+  return jnp.where(count == 0, 0.0, total / safe_count), lse
 
 
 def objective(loss, lse, loss_weights, lse_weights):
@@ -52,26 +60,33 @@ def objective(loss, lse, loss_weights, lse_weights):
   return value
 
 
-def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, **options):
-  """Loss, lse and gradients of ``objective`` w.r.t. (e, c, bias), as float64 numpy arrays."""
+def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, weights=None,
+              **options):
+  """Loss, lse and gradients of ``objective`` w.r.t. (e, c, bias) and, for float per-token
+  ``weights``, w.r.t. them ("d_weights"; None otherwise), as float64 numpy arrays."""
   with jax.enable_x64(True):
+    w = None if weights is None else jnp.asarray(_f64(weights))
     args = (jnp.asarray(_f64(e)), jnp.asarray(_f64(c)),
-            None if bias is None else jnp.asarray(_f64(bias)))
+            None if bias is None else jnp.asarray(_f64(bias)), w)
     labels = jnp.asarray(np.asarray(labels))
     lw = None if loss_weights is None else jnp.asarray(_f64(loss_weights))
     hw = None if lse_weights is None else jnp.asarray(_f64(lse_weights))
 
-    def scalar(e, c, bias):
-      loss, lse = loss_and_lse(e, c, labels, bias, **options)
+    def scalar(e, c, bias, w):
+      loss, lse = loss_and_lse(e, c, labels, bias, weights=w, **options)
       return objective(loss, lse, lw, hw), (loss, lse)
 
-    (_, (loss, lse)), grads = jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True)(*args)
+    (_, (loss, lse)), grads = jax.value_and_grad(scalar, argnums=(0, 1, 2, 3), has_aux=True)(
+        *args
+    )
+    float_weights = weights is not None and np.asarray(weights).dtype != np.bool_
     return {
         "loss": np.asarray(loss),
         "lse": np.asarray(lse),
         "d_e": np.asarray(grads[0]),
         "d_c": np.asarray(grads[1]),
         "d_bias": None if bias is None else np.asarray(grads[2]),
+        "d_weights": np.asarray(grads[3]) if float_weights else None,
     }
 
 

@@ -63,6 +63,7 @@ OPTION_SPACE = {
   "bias": (False, True),
   "classifier_layout": ("vd", "dv"),
   "sort_vocab": (True, False),
+  "weights": ("none", "float", "bool"),
 }
 # Tolerances on ||out - ref|| / ||ref||: f32 accumulation; bf16/f16 outputs are rounded to
 # 8/11 bits and the bf16 backward multiplies in bf16.
@@ -139,6 +140,21 @@ def make_inputs(
   return cast(e), cast(c), jnp.asarray(labels), cast(bias), loss_weights, lse_weights
 
 
+def make_weights(seed: int, case: dict, batch: int = BATCH, seq_len: int = SEQ_LEN):
+  """The case's per-token ``weights`` (shape (batch, seq_len)), or None for "none": "float"
+  draws from [-0.5, 2) in the case's dtype with about one in five exactly 0, "bool" is
+  optax's ``where`` mask with about one in three False."""
+  kind = case.get("weights", "none")
+  if kind == "none":
+    return None
+  rng = np.random.default_rng([seed, 15])
+  if kind == "bool":
+    return jnp.asarray(rng.random((batch, seq_len)) > 0.3)
+  weights = rng.uniform(-0.5, 2.0, size=(batch, seq_len))
+  weights[rng.random(weights.shape) < 0.2] = 0.0
+  return jnp.asarray(weights, case["dtype"])
+
+
 def check_case(
   impl: str, case: dict, seed: int, block_sizes=SMALL_BLOCKS, interpret: bool = False
 ) -> None:
@@ -147,6 +163,8 @@ def check_case(
   The Pallas test files call this with their own ``block_sizes`` and ``interpret=True``.
   """
   e, c, labels, bias, loss_weights, lse_weights = make_inputs(seed, case)
+  weights = make_weights(seed, case)
+  float_weights = weights is not None and weights.dtype != jnp.bool_
   options = {
     k: case[k]
     for k in (
@@ -160,15 +178,17 @@ def check_case(
     )
   }
   expected = reference64.reference(
-    e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, **options
+    e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, weights=weights,
+    **options,
   )
 
-  def scalar(e, c, bias):
+  def scalar(e, c, bias, float_weights):
     out = cce_jax.linear_cross_entropy(
       e,
       c,
       labels,
       bias=bias,
+      weights=weights if float_weights is None else float_weights,
       return_lse=case["return_lse"],
       impl=impl,
       filter_eps=None,
@@ -182,8 +202,10 @@ def check_case(
     hw = None if lse_weights is None else jnp.asarray(lse_weights, jnp.float32)
     return reference64.objective(loss, lse, lw, hw), (loss, lse)
 
-  grad_fn = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))
-  (_, (loss, lse)), (d_e, d_c, d_bias) = grad_fn(e, c, bias)
+  grad_fn = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2, 3), has_aux=True))
+  (_, (loss, lse)), (d_e, d_c, d_bias, d_weights) = grad_fn(
+    e, c, bias, weights if float_weights else None
+  )
 
   tol = TOLERANCE[case["dtype"]]
   loss_tol = 2e-5 if case["dtype"] == "float32" else 1e-3  # logits accumulate in f32 anyway
@@ -201,6 +223,9 @@ def check_case(
   if bias is not None:
     chex.assert_type(d_bias, bias.dtype)
     assert_rel_close("d_bias", d_bias, expected["d_bias"], tol)
+  if float_weights:
+    chex.assert_type(d_weights, weights.dtype)
+    assert_rel_close("d_weights", d_weights, expected["d_weights"], tol)
 
 
 PAIRWISE = pairwise_cases(OPTION_SPACE)

@@ -23,6 +23,7 @@ from testing import (
     assert_rel_close,
     case_id,
     make_inputs,
+    make_weights,
 )
 
 import cce_jax
@@ -44,7 +45,7 @@ MODES = {
 F32_TOL, BF16_TOL = 2e-5, 1.5e-2
 # f32 cases cover every pair of option values except dtype; one bf16 and one f16 case.
 CASES = list({case_id(c): c for c in ({**c, "dtype": "float32"} for c in PAIRWISE)}.values())
-CASES += [{**DEFAULT_CASE, "dtype": "bfloat16", "bias": True, "shift": 1},
+CASES += [{**DEFAULT_CASE, "dtype": "bfloat16", "bias": True, "shift": 1, "weights": "float"},
           {**DEFAULT_CASE, "dtype": "float16", "label_smoothing": 0.2, "z_loss": 0.05}]
 
 
@@ -53,15 +54,18 @@ def mesh_of(axis_type=AxisType.Explicit) -> jax.sharding.Mesh:
 
 
 def loss_and_grads(case, inputs, **sharding):
+  """Outputs and gradients w.r.t. (e, c, bias, float per-token weights of the case)."""
   e, c, labels, bias, loss_weights, lse_weights = inputs
   options = {k: case[k] for k in (
       "ignore_index", "softcap", "reduction", "shift", "z_loss", "label_smoothing",
       "classifier_layout", "return_lse", "sort_vocab")}
+  weights = make_weights(zlib.crc32(case_id(case).encode()), case, batch=e.shape[0])
+  float_weights = weights if weights is not None and weights.dtype != jnp.bool_ else None
 
-  def objective(e, c, bias):
+  def objective(e, c, bias, float_weights):
     out = cce_jax.linear_cross_entropy(
         e, c, labels, bias=bias, filter_eps=None, block_sizes=SMALL_BLOCKS, **options,
-        **sharding,
+        weights=weights if float_weights is None else float_weights, **sharding,
     )
     loss, lse = out if case["return_lse"] else (out, None)
     lw = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
@@ -69,8 +73,8 @@ def loss_and_grads(case, inputs, **sharding):
     return reference64.objective(loss, lse, lw, hw), (loss, lse)
 
   (_, outputs), grads = jax.jit(
-      jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
-  )(e, c, bias)
+      jax.value_and_grad(objective, argnums=(0, 1, 2, 3), has_aux=True)
+  )(e, c, bias, float_weights)
   return outputs, grads
 
 
@@ -81,7 +85,8 @@ def assert_same(case, actual, expected):
   assert_rel_close("loss", loss, loss_ref, F32_TOL if case["dtype"] == "float32" else 1e-3)
   if lse is not None:
     assert_rel_close("lse", lse, lse_ref, F32_TOL)
-  for name, g, g_ref in zip(("d_e", "d_c", "d_bias"), grads, grads_ref, strict=True):
+  for name, g, g_ref in zip(("d_e", "d_c", "d_bias", "d_weights"), grads, grads_ref,
+                            strict=True):
     if g_ref is not None:
       assert g.dtype == g_ref.dtype, name
       assert_rel_close(name, g, g_ref, tol)
@@ -150,6 +155,38 @@ def test_inside_users_shard_map(check_vma, reduction):
   expected = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))(e, c, bias)
   assert_rel_close("loss", actual[0], expected[0], F32_TOL)
   for name, g, g_ref in zip(("d_e", "d_c", "d_bias"), actual[1], expected[1], strict=True):
+    assert_rel_close(name, g, g_ref, F32_TOL)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_weighted_mean_inside_users_shard_map(check_vma):
+  """Per-token weights split with the tokens: the mean divides by the global weight sum, and
+  the weights get their gradient, with check_vma on and off."""
+  case = {**DEFAULT_CASE, "bias": True, "ignored": "some", "shift": 1, "weights": "float"}
+  e, c, labels, bias, *_ = make_inputs(17, case, batch=BATCH, num_classes=NUM_CLASSES)
+  weights = make_weights(17, case, batch=BATCH)
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+  options = dict(shift=1, filter_eps=None, block_sizes=SMALL_BLOCKS)
+
+  def per_device(e, c, bias, labels, weights):
+    return cce_jax.linear_cross_entropy(
+        e, c, labels, bias=bias, weights=weights, vocab_axis="tensor", token_axes="data",
+        **options,
+    )
+
+  specs = (P("data"), P("tensor"), P("tensor"), P("data"), P("data"))
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
+                          check_vma=check_vma)
+  actual = jax.jit(jax.value_and_grad(
+      lambda e, c, bias, w: sharded(e, c, bias, labels, w), argnums=(0, 1, 2, 3)
+  ))(e, c, bias, weights)
+  expected = jax.jit(jax.value_and_grad(
+      lambda e, c, bias, w: cce_jax.linear_cross_entropy(
+          e, c, labels, bias=bias, weights=w, **options), argnums=(0, 1, 2, 3)
+  ))(e, c, bias, weights)
+  assert_rel_close("loss", actual[0], expected[0], F32_TOL)
+  for name, g, g_ref in zip(("d_e", "d_c", "d_bias", "d_weights"), actual[1], expected[1],
+                            strict=True):
     assert_rel_close(name, g, g_ref, F32_TOL)
 
 
@@ -310,27 +347,30 @@ def _pallas_blocks(impl: str):
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_pallas_under_mesh_and_users_shard_map(impl):
   """mesh= (token + vocabulary parallel) and a user's shard_map with check_vma=False equal the
-  unsharded xla result, loss and gradients (interpret mode, small ragged shapes)."""
+  unsharded xla result, loss and gradients (interpret mode, small ragged shapes, per-token
+  weights)."""
   case = {**DEFAULT_CASE, "bias": True, "label_smoothing": 0.2, "z_loss": 0.05,
           "ignored": "some", "shift": 1}
   e, c, labels, bias, *_ = make_inputs(13, case, batch=BATCH, num_classes=NUM_CLASSES)
+  weights = make_weights(13, {**case, "weights": "float"}, batch=BATCH)
   options = dict(shift=1, z_loss=0.05, label_smoothing=0.2, filter_eps=None)
   pallas = dict(impl=impl, interpret=True, block_sizes=_pallas_blocks(impl), **options)
 
   def loss_fn(**extra):
     return jax.jit(jax.value_and_grad(lambda e, c, bias: cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, **extra), argnums=(0, 1, 2)))
+        e, c, labels, bias=bias, weights=weights, **extra), argnums=(0, 1, 2)))
 
   expected = loss_fn(block_sizes=SMALL_BLOCKS, **options)(e, c, bias)
   mesh = mesh_of()
   by_mesh = loss_fn(mesh=mesh, token_axes=("data", "fsdp"), vocab_axis="tensor", **pallas)
   mesh2 = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
   in_users = jax.shard_map(
-      lambda e, c, bias, labels: cce_jax.linear_cross_entropy(
-          e, c, labels, bias=bias, vocab_axis="tensor", token_axes="data", **pallas),
-      mesh=mesh2, in_specs=(P("data"), P("tensor"), P("tensor"), P("data")), out_specs=P(),
-      check_vma=False)
-  by_user = jax.jit(jax.value_and_grad(lambda e, c, bias: in_users(e, c, bias, labels),
+      lambda e, c, bias, labels, weights: cce_jax.linear_cross_entropy(
+          e, c, labels, bias=bias, weights=weights, vocab_axis="tensor", token_axes="data",
+          **pallas),
+      mesh=mesh2, in_specs=(P("data"), P("tensor"), P("tensor"), P("data"), P("data")),
+      out_specs=P(), check_vma=False)
+  by_user = jax.jit(jax.value_and_grad(lambda e, c, bias: in_users(e, c, bias, labels, weights),
                                        argnums=(0, 1, 2)))
   for actual in (by_mesh(e, c, bias), by_user(e, c, bias)):
     assert_rel_close("loss", actual[0], expected[0], F32_TOL)
