@@ -38,7 +38,7 @@ def cce_loss(impl: str, **options: Any) -> LossFn:
 
   def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
     return cce_jax.linear_cross_entropy(
-        e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **options
+      e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **options
     )
 
   return loss
@@ -57,8 +57,13 @@ def weighted_cce_loss(impl: str, **options: Any) -> LossFn:
 
   def loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
     return cce_jax.linear_cross_entropy(
-        e, c, labels, weights=token_weights(labels), impl=impl, ignore_index=IGNORE_INDEX,
-        **options,
+      e,
+      c,
+      labels,
+      weights=token_weights(labels),
+      impl=impl,
+      ignore_index=IGNORE_INDEX,
+      **options,
     )
 
   return loss

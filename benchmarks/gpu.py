@@ -84,10 +84,10 @@ def parse_shapes(text: str) -> list[Shape]:
 def jax_impls(interpret: bool) -> dict[str, Callable[..., jax.Array]]:
   pallas = {"interpret": True} if interpret else {}
   return {
-      "pallas_gpu": cce_loss("pallas_gpu", **pallas),
-      "pallas_gpu-exact": cce_loss("pallas_gpu", filter_eps=None, **pallas),
-      "xla": cce_loss("xla"),
-      "baseline": baseline_loss,
+    "pallas_gpu": cce_loss("pallas_gpu", **pallas),
+    "pallas_gpu-exact": cce_loss("pallas_gpu", filter_eps=None, **pallas),
+    "xla": cce_loss("xla"),
+    "baseline": baseline_loss,
   }
 
 
@@ -117,8 +117,9 @@ class JaxRunner(Runner):
     for key, compiled in (("loss", loss), ("grad", grad)):
       stats = compiled.memory_analysis()
       if stats is not None:
-        self.result[f"{key}_memory_bytes"] = int(stats.temp_size_in_bytes
-                                                 + stats.output_size_in_bytes)
+        self.result[f"{key}_memory_bytes"] = int(
+          stats.temp_size_in_bytes + stats.output_size_in_bytes
+        )
     self.result["loss_value"] = float(jax.block_until_ready(loss(*args)))
     jax.block_until_ready(grad(*args))
 
@@ -148,8 +149,10 @@ def load_apple(apple_path: str | None):
   try:
     apple = importlib.import_module("cut_cross_entropy")
   except ImportError:
-    return ("cut_cross_entropy is not installed (see this script's docstring: pip download "
-            "--no-deps cut-cross-entropy, then --apple-path)")
+    return (
+      "cut_cross_entropy is not installed (see this script's docstring: pip download "
+      "--no-deps cut-cross-entropy, then --apple-path)"
+    )
   return torch, apple.linear_cross_entropy
 
 
@@ -171,8 +174,7 @@ class TorchRunner(Runner):
     self.e = to_torch(torch, e, torch_dtype).requires_grad_(True)
     self.c = to_torch(torch, c, torch_dtype).requires_grad_(True)
     self.labels = to_torch(torch, labels, torch.int64)
-    self.fn = lambda: apple_lce(self.e, self.c, self.labels, ignore_index=IGNORE_INDEX,
-                                impl=impl)
+    self.fn = lambda: apple_lce(self.e, self.c, self.labels, ignore_index=IGNORE_INDEX, impl=impl)
     with torch.no_grad():
       self.result["loss_value"] = float(self.fn())  # warm-up (and compile)
     self._grad_step()
@@ -221,15 +223,17 @@ class TorchRunner(Runner):
 
 def pallas_skipped_fraction(e, c, labels, interpret: bool) -> float:
   """Fraction of backward tiles the default pallas_gpu loss skips (its skip table)."""
-  stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, impl="pallas_gpu",
-                               interpret=interpret)
+  stats = cce_jax.filter_stats(
+    e, c, labels, ignore_index=IGNORE_INDEX, impl="pallas_gpu", interpret=interpret
+  )
   return float(stats["skipped_fraction"])
 
 
 def run_shape(shape: Shape, args: argparse.Namespace, apple) -> list[dict[str, Any]]:
   key = jax.random.key(args.seed)
-  e, c, labels = jax.block_until_ready(synthetic.trained_like_inputs(
-      key, shape.n, shape.d, shape.v, dtype=DTYPES[shape.dtype]))
+  e, c, labels = jax.block_until_ready(
+    synthetic.trained_like_inputs(key, shape.n, shape.d, shape.v, dtype=DTYPES[shape.dtype])
+  )
   print(f"\n== {shape.label} {shape.dtype} trained-like ==", flush=True)
   runners: list[Runner] = []
   rows: list[dict[str, Any]] = []
@@ -277,22 +281,40 @@ def _mb(row, key):
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool) -> str:
-  header = ["shape", "dtype", "impl", "loss ms", "loss+grad ms", "loss MB", "loss+grad MB",
-            "skipped", "loss value"]
+  header = [
+    "shape",
+    "dtype",
+    "impl",
+    "loss ms",
+    "loss+grad ms",
+    "loss MB",
+    "loss+grad MB",
+    "skipped",
+    "loss value",
+  ]
   lines = []
   for row in rows:
     if "error" in row:
-      lines.append([row["shape"], row["dtype"], row["impl"], "error: " + row["error"]]
-                   + [""] * 5)
+      lines.append([row["shape"], row["dtype"], row["impl"], "error: " + row["error"]] + [""] * 5)
       continue
-    lines.append([row["shape"], row["dtype"], row["impl"], _ms(row, "loss_ms"),
-                  _ms(row, "grad_ms"), _mb(row, "loss_memory_bytes"),
-                  _mb(row, "grad_memory_bytes"),
-                  f"{row['skipped_fraction']:.3f}" if "skipped_fraction" in row else "-",
-                  f"{row['loss_value']:.5f}"])
+    lines.append(
+      [
+        row["shape"],
+        row["dtype"],
+        row["impl"],
+        _ms(row, "loss_ms"),
+        _ms(row, "grad_ms"),
+        _mb(row, "loss_memory_bytes"),
+        _mb(row, "grad_memory_bytes"),
+        f"{row['skipped_fraction']:.3f}" if "skipped_fraction" in row else "-",
+        f"{row['loss_value']:.5f}",
+      ]
+    )
   if markdown:
-    out = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+    out = [
+      "| " + " | ".join(header) + " |",
+      "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
+    ]
     out += ["| " + " | ".join(line) + " |" for line in lines]
     return "\n".join(out)
   widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
@@ -308,33 +330,47 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     ours, xla, apple = by.get("pallas_gpu"), by.get("xla"), by.get("apple-cce")
     if ours and xla:
       met = "met" if ours["grad_ms"] < xla["grad_ms"] else "NOT met"
-      out.append(f"{shape}: pallas_gpu loss+grad {ours['grad_ms']:.2f} ms vs xla "
-                 f"{xla['grad_ms']:.2f} ms ({met})")
+      out.append(
+        f"{shape}: pallas_gpu loss+grad {ours['grad_ms']:.2f} ms vs xla "
+        f"{xla['grad_ms']:.2f} ms ({met})"
+      )
     if ours and apple:
       met_time = ours["grad_ms"] <= apple["grad_ms"] and ours["loss_ms"] <= apple["loss_ms"]
       met_memory = ours.get("grad_memory_bytes", 0) <= 1.1 * apple.get("grad_memory_bytes", 0)
-      out.append(f"{shape}: vs apple-cce: time {'met' if met_time else 'NOT met'}, "
-                 f"memory within 10% {'met' if met_memory else 'NOT met'}")
+      out.append(
+        f"{shape}: vs apple-cce: time {'met' if met_time else 'NOT met'}, "
+        f"memory within 10% {'met' if met_memory else 'NOT met'}"
+      )
   return out
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
-                      help=f"NxDxV:dtype,... (default {DEFAULT_SHAPES})")
+  parser.add_argument(
+    "--shapes",
+    type=parse_shapes,
+    default=parse_shapes(DEFAULT_SHAPES),
+    help=f"NxDxV:dtype,... (default {DEFAULT_SHAPES})",
+  )
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--apple-path", default=None,
-                      help="directory holding cut_cross_entropy (pip install --target)")
-  parser.add_argument("--interpret", action="store_true",
-                      help="run pallas_gpu in interpret mode (a smoke test on a CPU)")
+  parser.add_argument(
+    "--apple-path", default=None, help="directory holding cut_cross_entropy (pip install --target)"
+  )
+  parser.add_argument(
+    "--interpret",
+    action="store_true",
+    help="run pallas_gpu in interpret mode (a smoke test on a CPU)",
+  )
   parser.add_argument("--markdown", action="store_true")
   parser.add_argument("--json", default=None, help="also write the rows to this file")
   args = parser.parse_args(argv)
 
   device = jax.devices()[0]
-  print(f"jax {jax.__version__} on {device.device_kind} ({jax.default_backend()}), "
-        f"python {platform.python_version()}, {datetime.date.today()}")
+  print(
+    f"jax {jax.__version__} on {device.device_kind} ({jax.default_backend()}), "
+    f"python {platform.python_version()}, {datetime.date.today()}"
+  )
   if jax.default_backend() != "gpu" and not args.interpret:
     print("warning: no GPU; pallas_gpu needs --interpret here", flush=True)
   apple = load_apple(args.apple_path)
@@ -347,8 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     print("goal: " + line)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
-                indent=1)
+      json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from common import (
-    LossFn,
-    baseline_loss,
-    cce_loss,
-    jax_cce_loss,
-    temp_bytes,
-    token_weights,
-    weighted_cce_loss,
+  LossFn,
+  baseline_loss,
+  cce_loss,
+  jax_cce_loss,
+  temp_bytes,
+  token_weights,
+  weighted_cce_loss,
 )
 
 PAPER_SHAPE = (8192, 2304, 256000)  # (N, D, V) of the CCE paper's Gemma 2 (2B) benchmark
@@ -91,22 +91,25 @@ def weighted_loss_explicit_eps(e: jax.Array, c: jax.Array, labels: jax.Array) ->
 
 
 LOSSES: dict[str, LossFn] = {
-    "baseline": baseline_loss, "jax-cce": jax_cce_loss, "xla": cce_loss("xla"),
-    "xla+weights": weighted_cce_loss("xla"),
+  "baseline": baseline_loss,
+  "jax-cce": jax_cce_loss,
+  "xla": cce_loss("xla"),
+  "xla+weights": weighted_cce_loss("xla"),
 }
 EXPLICIT_EPS: dict[str, LossFn] = {
-    "xla": xla_loss_explicit_eps, "xla+weights": weighted_loss_explicit_eps,
+  "xla": xla_loss_explicit_eps,
+  "xla+weights": weighted_loss_explicit_eps,
 }
 
 
 def abstract_args(
-    n: int, d: int, v: int, dtype: Any
+  n: int, d: int, v: int, dtype: Any
 ) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
   """(e, c, labels) as shape/dtype structs: nothing is allocated."""
   return (
-      jax.ShapeDtypeStruct((n, d), dtype),
-      jax.ShapeDtypeStruct((v, d), dtype),
-      jax.ShapeDtypeStruct((n,), jnp.int32),
+    jax.ShapeDtypeStruct((n, d), dtype),
+    jax.ShapeDtypeStruct((v, d), dtype),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
   )
 
 
@@ -161,8 +164,9 @@ def measure_sharded() -> dict[str, Any]:
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_memory.py")
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "sharded.json")
-    proc = subprocess.run([sys.executable, script, "--json", out], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+      [sys.executable, script, "--json", out], capture_output=True, text=True, check=False
+    )
     print(proc.stdout, end="")
     if not os.path.exists(out):
       raise RuntimeError(f"sharded_memory.py failed:\n{proc.stderr[-3000:]}")
@@ -184,8 +188,8 @@ def print_table(tables: Sequence[dict[str, Any]]) -> None:
   for table in tables:
     for row in table["rows"]:
       print(
-          f"{table['dtype']:<9} {table['variant']:<13} {row['impl']:<11} {row['mode']:<10} "
-          f"{human(row['temp_bytes']):>10} {row['temp_bytes']:>14,} {row['ratio']:>11.3%}"
+        f"{table['dtype']:<9} {table['variant']:<13} {row['impl']:<11} {row['mode']:<10} "
+        f"{human(row['temp_bytes']):>10} {row['temp_bytes']:>14,} {row['ratio']:>11.3%}"
       )
     for note in table["notes"]:
       print(f"  note ({table['dtype']}, {table['variant']}): {note}")
@@ -197,12 +201,14 @@ def check_goals(f32_table: dict[str, Any]) -> list[dict[str, Any]]:
   for impl in ("xla", "xla+weights"):
     for mode, limit in GOALS.items():
       row = next(r for r in f32_table["rows"] if r["impl"] == impl and r["mode"] == mode)
-      goals.append({
+      goals.append(
+        {
           "name": f"float32 {impl} {mode} temp <= {limit:.1%} of baseline",
           "ratio": row["ratio"],
           "limit": limit,
           "pass": row["ratio"] <= limit,
-      })
+        }
+      )
   return goals
 
 
@@ -210,8 +216,8 @@ def sweep() -> dict[str, Any]:
   """f32 loss+grad temp bytes of every implementation as V grows and as N grows."""
   n0, d, v0 = PAPER_SHAPE
   axes = {
-      "vocab": (SWEEP_VOCAB, lambda v: (n0, d, v)),
-      "tokens": (SWEEP_TOKENS, lambda n: (n, d, v0)),
+    "vocab": (SWEEP_VOCAB, lambda v: (n0, d, v)),
+    "tokens": (SWEEP_TOKENS, lambda n: (n, d, v0)),
   }
   out = {}
   for axis, (values, shape_of) in axes.items():
@@ -221,9 +227,9 @@ def sweep() -> dict[str, Any]:
       for impl in IMPLS:
         series[impl].append(measure(impl, "loss+grad", args)[0])
       print(
-          f"  {axis}={value:>6}: "
-          + "  ".join(f"{impl} {human(series[impl][-1]):>9}" for impl in IMPLS),
-          flush=True,
+        f"  {axis}={value:>6}: "
+        + "  ".join(f"{impl} {human(series[impl][-1]):>9}" for impl in IMPLS),
+        flush=True,
       )
     fixed = {"N": n0, "D": d} if axis == "vocab" else {"D": d, "V": v0}
     out[axis] = {"values": list(values), "fixed": fixed, "temp_bytes": series}
@@ -263,14 +269,16 @@ def draw_chart(result: dict[str, Any], path: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      description="Compiled temporary memory of cce_jax vs materialized logits and jax-cce "
-      "(nothing is executed).",
+    description="Compiled temporary memory of cce_jax vs materialized logits and jax-cce "
+    "(nothing is executed).",
   )
   parser.add_argument("--quick", action="store_true", help="skip the sweep and the chart")
   parser.add_argument("--json", metavar="PATH", help="write every number to PATH as JSON")
   parser.add_argument(
-      "--chart", metavar="PATH", default=os.path.join(os.path.dirname(__file__), "memory.png"),
-      help="where the sweep chart goes (default: %(default)s)",
+    "--chart",
+    metavar="PATH",
+    default=os.path.join(os.path.dirname(__file__), "memory.png"),
+    help="where the sweep chart goes (default: %(default)s)",
   )
   # Internal: measure one dtype at NxDxV and print the table as JSON (the no-LICM child).
   parser.add_argument("--_child-json", nargs=2, metavar=("DTYPE", "SHAPE"), help=argparse.SUPPRESS)
@@ -303,19 +311,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   print()
   sharded = measure_sharded()
-  goals.append({"name": "sharded: vocab-parallel args+temps <= 1/2 of replicated, no N x V "
-                "buffer", "ratio": sharded["ratio"], "pass": sharded["passed"]})
-  print(f"{'PASS' if sharded['passed'] else 'FAIL'}: {goals[-1]['name']} "
-        f"(measured {sharded['ratio']:.3f})")
+  goals.append(
+    {
+      "name": "sharded: vocab-parallel args+temps <= 1/2 of replicated, no N x V buffer",
+      "ratio": sharded["ratio"],
+      "pass": sharded["passed"],
+    }
+  )
+  print(
+    f"{'PASS' if sharded['passed'] else 'FAIL'}: {goals[-1]['name']} "
+    f"(measured {sharded['ratio']:.3f})"
+  )
 
   result: dict[str, Any] = {
-      "jax_version": jax.__version__,
-      "sharded": sharded,
-      "backend": jax.default_backend(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "shape": {"N": n, "D": d, "V": v},
-      "tables": tables,
-      "goals": goals,
+    "jax_version": jax.__version__,
+    "sharded": sharded,
+    "backend": jax.default_backend(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "shape": {"N": n, "D": d, "V": v},
+    "tables": tables,
+    "goals": goals,
   }
   if not args.quick:
     print("\nsweep: float32 loss+grad temp memory")

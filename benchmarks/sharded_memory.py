@@ -23,8 +23,8 @@ import os
 
 if __name__ == "__main__":  # before jax starts: 8 CPU devices, no LICM (see memory.py)
   os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-      " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
   ).strip()
 
 import argparse
@@ -41,9 +41,9 @@ import cce_jax
 
 SHAPE = (65536, 2304, 256000)  # (N, D, V)
 LAYOUTS = {
-    # name: (mesh shape, mesh axes, token_axes, vocab_axis)
-    "replicated": ((8,), ("data",), ("data",), None),
-    "vocab-parallel": ((2, 4), ("data", "tensor"), ("data",), "tensor"),
+  # name: (mesh shape, mesh axes, token_axes, vocab_axis)
+  "replicated": ((8,), ("data",), ("data",), None),
+  "vocab-parallel": ((2, 4), ("data", "tensor"), ("data",), "tensor"),
 }
 GOAL = 0.5  # vocab-parallel bytes / replicated bytes
 
@@ -54,14 +54,15 @@ def measure(layout: str, shape: tuple[int, int, int] = SHAPE) -> dict[str, Any]:
   mesh_shape, axes, token_axes, vocab_axis = LAYOUTS[layout]
   mesh = jax.make_mesh(mesh_shape, axes, axis_types=(AxisType.Explicit,) * len(axes))
   placed = lambda shape, dtype, spec: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=NamedSharding(mesh, spec))
+    shape, dtype, sharding=NamedSharding(mesh, spec)
+  )
   e = placed((num_tokens, hidden), jnp.bfloat16, P(token_axes))
   c = placed((num_classes, hidden), jnp.bfloat16, P(vocab_axis))
   labels = placed((num_tokens,), jnp.int32, P(token_axes))
 
   def loss(e, c, labels):
     return cce_jax.linear_cross_entropy(
-        e, c, labels, mesh=mesh, token_axes=token_axes, vocab_axis=vocab_axis
+      e, c, labels, mesh=mesh, token_axes=token_axes, vocab_axis=vocab_axis
     )
 
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(e, c, labels).compile()
@@ -70,13 +71,13 @@ def measure(layout: str, shape: tuple[int, int, int] = SHAPE) -> dict[str, Any]:
   logits_elems = num_tokens * num_classes
   largest = max(_buffer_elements(hlo), default=0)
   return {
-      "layout": layout,
-      "mesh": dict(zip(axes, mesh_shape, strict=True)),
-      "argument_bytes": int(stats.argument_size_in_bytes),
-      "temp_bytes": int(stats.temp_size_in_bytes),
-      "output_bytes": int(stats.output_size_in_bytes),
-      "largest_buffer_elements": largest,
-      "holds_n_by_v": largest >= logits_elems // 8,  # any N x V buffer, even split 8 ways
+    "layout": layout,
+    "mesh": dict(zip(axes, mesh_shape, strict=True)),
+    "argument_bytes": int(stats.argument_size_in_bytes),
+    "temp_bytes": int(stats.temp_size_in_bytes),
+    "output_bytes": int(stats.output_size_in_bytes),
+    "largest_buffer_elements": largest,
+    "holds_n_by_v": largest >= logits_elems // 8,  # any N x V buffer, even split 8 ways
   }
 
 
@@ -102,18 +103,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows = [measure(layout, shape) for layout in LAYOUTS]
   total = lambda r: r["argument_bytes"] + r["temp_bytes"]
   ratio = total(rows[1]) / total(rows[0])
-  print(f"Sharded loss+grad, per device, N={shape[0]} D={shape[1]} V={shape[2]} bf16, 8 CPU "
-        "devices (no LICM)")
+  print(
+    f"Sharded loss+grad, per device, N={shape[0]} D={shape[1]} V={shape[2]} bf16, 8 CPU "
+    "devices (no LICM)"
+  )
   print("| layout | mesh | arguments | temporaries | args + temps | outputs | N x V buffer |")
   print("|---|---|---:|---:|---:|---:|---|")
   for r in rows:
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    print(f"| {r['layout']} | {mesh} | {r['argument_bytes'] / 1e9:.2f} GB | "
-          f"{r['temp_bytes'] / 1e9:.2f} GB | {total(r) / 1e9:.2f} GB | "
-          f"{r['output_bytes'] / 1e9:.2f} GB | {'yes' if r['holds_n_by_v'] else 'no'} |")
+    print(
+      f"| {r['layout']} | {mesh} | {r['argument_bytes'] / 1e9:.2f} GB | "
+      f"{r['temp_bytes'] / 1e9:.2f} GB | {total(r) / 1e9:.2f} GB | "
+      f"{r['output_bytes'] / 1e9:.2f} GB | {'yes' if r['holds_n_by_v'] else 'no'} |"
+    )
   passed = ratio <= GOAL and not any(r["holds_n_by_v"] for r in rows)
-  print(f"vocab-parallel / replicated = {ratio:.3f} (goal <= {GOAL}; no N x V buffer): "
-        f"{'PASS' if passed else 'FAIL'}")
+  print(
+    f"vocab-parallel / replicated = {ratio:.3f} (goal <= {GOAL}; no N x V buffer): "
+    f"{'PASS' if passed else 'FAIL'}"
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"shape": shape, "rows": rows, "ratio": ratio, "passed": passed}, f, indent=1)

@@ -36,18 +36,18 @@ from typing import Any
 
 import jax
 from common import (
-    DTYPES,
-    IGNORE_INDEX,
-    LossFn,
-    Shape,
-    baseline_loss,
-    cce_loss,
-    error_text,
-    jax_cce_loss,
-    parse_shapes,
-    timed,
-    token_weights,
-    weighted_cce_loss,
+  DTYPES,
+  IGNORE_INDEX,
+  LossFn,
+  Shape,
+  baseline_loss,
+  cce_loss,
+  error_text,
+  jax_cce_loss,
+  parse_shapes,
+  timed,
+  token_weights,
+  weighted_cce_loss,
 )
 
 import cce_jax
@@ -56,20 +56,20 @@ from cce_jax import synthetic
 DEFAULT_SHAPES = "4096x1024x32768:f32,4096x1024x32768:bf16"
 QUICK_SHAPES = "1024x256x8192:f32,1024x256x8192:bf16"
 DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] = {
-    "uniform": synthetic.uniform_inputs,
-    "trained": synthetic.trained_like_inputs,
+  "uniform": synthetic.uniform_inputs,
+  "trained": synthetic.trained_like_inputs,
 }
 # Goals on the loss+grad time: xla / baseline per distribution, and xla <= jax-cce everywhere.
 BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
 
 # name -> (loss function, cce_jax options for filter_stats, or None when not a cce_jax impl).
 IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
-    "baseline": (baseline_loss, None),
-    "jax-cce": (jax_cce_loss, None),
-    "xla": (cce_loss("xla"), {}),
-    "xla-weights": (weighted_cce_loss("xla"), {"weighted": True}),
-    "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
-    "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
+  "baseline": (baseline_loss, None),
+  "jax-cce": (jax_cce_loss, None),
+  "xla": (cce_loss("xla"), {}),
+  "xla-weights": (weighted_cce_loss("xla"), {"weighted": True}),
+  "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
+  "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
 }
 EXTRA_IMPLS = ("xla-exact", "xla-nosort")
 
@@ -87,7 +87,7 @@ def describe_inputs(e, c, labels, summary_tokens: int) -> dict[str, Any]:
   auto_eps = cce_jax.default_filter_eps(e.dtype)
   summary = synthetic.softmax_summary(e[:k], c, labels[:k])
   summary["fraction_below_auto_eps"] = synthetic.softmax_summary(
-      e[:k], c, labels[:k], eps=auto_eps
+    e[:k], c, labels[:k], eps=auto_eps
   )["fraction_below_eps"]
   summary.update(tokens=k, eps=2.0**-12, auto_eps=auto_eps)
   return summary
@@ -128,12 +128,12 @@ def time_impls(names: list[str], e, c, labels, repeats: int) -> dict[str, dict[s
       continue
     fns[name] = (loss_jit, grad_jit)
     results[name] = {
-        "loss_times_ms": [],
-        "loss_grad_times_ms": [],
-        "loss_first_call_s": loss_first,
-        "loss_grad_first_call_s": grad_first,
-        "loss_value": float(loss_value),
-        "loss_value_from_grad": float(grad_value),
+      "loss_times_ms": [],
+      "loss_grad_times_ms": [],
+      "loss_first_call_s": loss_first,
+      "loss_grad_first_call_s": grad_first,
+      "loss_value": float(loss_value),
+      "loss_value_from_grad": float(grad_value),
     }
   for _ in range(repeats):
     for name, (loss_jit, grad_jit) in fns.items():
@@ -149,18 +149,18 @@ def time_impls(names: list[str], e, c, labels, repeats: int) -> dict[str, dict[s
 
 
 def run_case(
-    shape: Shape, distribution: str, impls: list[str], args: argparse.Namespace
+  shape: Shape, distribution: str, impls: list[str], args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Benchmarks every impl of ``impls`` on one (shape, distribution); returns info and rows."""
   e, c, labels = make_inputs(shape, distribution, args.seed)
   print(f"\n== {shape.label} {shape.dtype} {distribution} ==", flush=True)
   summary = describe_inputs(e, c, labels, args.summary_tokens)
   print(
-      f"  softmax summary (first {summary['tokens']} tokens): "
-      f"mean entropy {summary['mean_entropy_nats']:.3f} nats, "
-      f"median target prob {summary['median_target_prob']:.3f}, "
-      f"below 2**-12 {summary['fraction_below_eps']:.4f}, "
-      f"below auto filter_eps {summary['auto_eps']:.3g} {summary['fraction_below_auto_eps']:.4f}"
+    f"  softmax summary (first {summary['tokens']} tokens): "
+    f"mean entropy {summary['mean_entropy_nats']:.3f} nats, "
+    f"median target prob {summary['median_target_prob']:.3f}, "
+    f"below 2**-12 {summary['fraction_below_eps']:.4f}, "
+    f"below auto filter_eps {summary['auto_eps']:.3g} {summary['fraction_below_auto_eps']:.4f}"
   )
 
   # Skipped fraction per cce_jax option set (sorted items), computed once per case.
@@ -175,16 +175,16 @@ def run_case(
   skip_sorted = skip_for({})
   skip_unsorted = skip_for({"sort_vocab": False})
   print(
-      f"  xla skipped backward tiles: {_fmt_skip(skip_sorted)} with vocab sort, "
-      f"{_fmt_skip(skip_unsorted)} without (sort_vocab=False)"
+    f"  xla skipped backward tiles: {_fmt_skip(skip_sorted)} with vocab sort, "
+    f"{_fmt_skip(skip_unsorted)} without (sort_vocab=False)"
   )
   info = {
-      "shape": shape.label,
-      "dtype": shape.dtype,
-      "distribution": distribution,
-      "softmax_summary": summary,
-      "xla_skipped_fraction": skip_sorted,
-      "xla_skipped_fraction_nosort": skip_unsorted,
+    "shape": shape.label,
+    "dtype": shape.dtype,
+    "distribution": distribution,
+    "softmax_summary": summary,
+    "xla_skipped_fraction": skip_sorted,
+    "xla_skipped_fraction_nosort": skip_unsorted,
   }
 
   rows = []
@@ -192,11 +192,11 @@ def run_case(
   for name in impls:
     options = IMPLS[name][1]
     row = {
-        "shape": shape.label,
-        "dtype": shape.dtype,
-        "distribution": distribution,
-        "impl": name,
-        **timings[name],
+      "shape": shape.label,
+      "dtype": shape.dtype,
+      "distribution": distribution,
+      "impl": name,
+      **timings[name],
     }
     skip = None if options is None else skip_for(options)
     row["skipped_fraction"] = skip if isinstance(skip, float) else None
@@ -205,10 +205,10 @@ def run_case(
       print(f"  {name:<11} ERROR {row['error']}", flush=True)
       continue
     print(
-        f"  {name:<11} loss {row['loss_ms']:9.2f} ms   loss+grad {row['loss_grad_ms']:9.2f} ms"
-        f"   (first calls {row['loss_first_call_s']:.2f} s / {row['loss_grad_first_call_s']:.2f} s)"
-        f"   loss = {row['loss_value']:.6f}",
-        flush=True,
+      f"  {name:<11} loss {row['loss_ms']:9.2f} ms   loss+grad {row['loss_grad_ms']:9.2f} ms"
+      f"   (first calls {row['loss_first_call_s']:.2f} s / {row['loss_grad_first_call_s']:.2f} s)"
+      f"   loss = {row['loss_value']:.6f}",
+      flush=True,
     )
 
   ok = {row["impl"]: row for row in rows if "error" not in row}
@@ -216,11 +216,11 @@ def run_case(
   for row in rows:
     timed = "error" not in row
     row["ratio_vs_baseline"] = (
-        row["loss_grad_ms"] / base["loss_grad_ms"] if base and timed else None
+      row["loss_grad_ms"] / base["loss_grad_ms"] if base and timed else None
     )
     is_xla = row["impl"].startswith("xla")
     row["ratio_vs_jax_cce"] = (
-        row["loss_grad_ms"] / ref["loss_grad_ms"] if ref and timed and is_xla else None
+      row["loss_grad_ms"] / ref["loss_grad_ms"] if ref and timed and is_xla else None
     )
   if "xla" in ok and "xla-weights" in ok:
     ratio = ok["xla-weights"]["loss_grad_ms"] / ok["xla"]["loss_grad_ms"]
@@ -230,8 +230,7 @@ def run_case(
     diffs = {name: abs(r["loss_value"] - base["loss_value"]) for name, r in ok.items()}
     info["loss_abs_diff_vs_baseline"] = diffs
     print(
-        "  |loss - baseline loss|: "
-        + ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items())
+      "  |loss - baseline loss|: " + ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items())
     )
   return info, rows
 
@@ -241,30 +240,30 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 TABLE_HEADER = (
-    "shape",
-    "dtype",
-    "distribution",
-    "impl",
-    "loss ms",
-    "loss+grad ms",
-    "l+g / baseline",
-    "xla / jax-cce",
-    "skipped",
+  "shape",
+  "dtype",
+  "distribution",
+  "impl",
+  "loss ms",
+  "loss+grad ms",
+  "l+g / baseline",
+  "xla / jax-cce",
+  "skipped",
 )
 
 
 def table_cells(row: dict[str, Any]) -> list[str]:
   """The printed cells of one result row."""
   return [
-      row["shape"],
-      row["dtype"],
-      row["distribution"],
-      row["impl"],
-      _fmt(row.get("loss_ms"), ".2f") if "error" not in row else "error",
-      _fmt(row.get("loss_grad_ms"), ".2f") if "error" not in row else "error",
-      _fmt(row["ratio_vs_baseline"], ".3f"),
-      _fmt(row["ratio_vs_jax_cce"], ".3f"),
-      _fmt(row["skipped_fraction"], ".4f"),
+    row["shape"],
+    row["dtype"],
+    row["distribution"],
+    row["impl"],
+    _fmt(row.get("loss_ms"), ".2f") if "error" not in row else "error",
+    _fmt(row.get("loss_grad_ms"), ".2f") if "error" not in row else "error",
+    _fmt(row["ratio_vs_baseline"], ".3f"),
+    _fmt(row["ratio_vs_jax_cce"], ".3f"),
+    _fmt(row["skipped_fraction"], ".4f"),
   ]
 
 
@@ -281,8 +280,8 @@ def format_table(rows: list[dict[str, Any]], markdown: bool) -> str:
 
   def join(items: list[str] | tuple[str, ...]) -> str:
     return "  ".join(
-        item.rjust(w) if num else item.ljust(w)
-        for item, w, num in zip(items, widths, numeric, strict=True)
+      item.rjust(w) if num else item.ljust(w)
+      for item, w, num in zip(items, widths, numeric, strict=True)
     )
 
   lines = [join(TABLE_HEADER), join(["-" * w for w in widths])]
@@ -304,18 +303,22 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if "baseline" in by_impl and dist in BASELINE_GOALS:
       limit = BASELINE_GOALS[dist]
       ratio = xla["ratio_vs_baseline"]
-      goals.append({
+      goals.append(
+        {
           "goal": f"loss+grad xla/baseline <= {limit} ({where})",
           "value": ratio,
           "passed": ratio is not None and ratio <= limit,
-      })
+        }
+      )
     if "jax-cce" in by_impl:
       ratio = xla["ratio_vs_jax_cce"]
-      goals.append({
+      goals.append(
+        {
           "goal": f"loss+grad xla/jax-cce <= 1.0 ({where})",
           "value": ratio,
           "passed": ratio is not None and ratio <= 1.0,
-      })
+        }
+      )
   return goals
 
 
@@ -323,18 +326,18 @@ def environment() -> dict[str, Any]:
   """What the numbers were measured on."""
   device = jax.devices()[0]
   return {
-      "jax_version": jax.__version__,
-      "jaxlib_version": _package_version("jaxlib"),
-      "jax_cce_version": _package_version("jax-cce"),
-      "optax_version": _package_version("optax"),
-      "backend": jax.default_backend(),
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
+    "jax_version": jax.__version__,
+    "jaxlib_version": _package_version("jaxlib"),
+    "jax_cce_version": _package_version("jax-cce"),
+    "optax_version": _package_version("optax"),
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
   }
 
 
@@ -347,38 +350,36 @@ def _package_version(name: str) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument(
-      "--shapes",
-      type=parse_shapes,
-      default=None,
-      help=f"comma-separated NxDxV:dtype list, dtype in {list(DTYPES)} (default: {DEFAULT_SHAPES})",
+    "--shapes",
+    type=parse_shapes,
+    default=None,
+    help=f"comma-separated NxDxV:dtype list, dtype in {list(DTYPES)} (default: {DEFAULT_SHAPES})",
   )
   parser.add_argument(
-      "--quick", action="store_true", help=f"smoke run on small shapes ({QUICK_SHAPES})"
+    "--quick", action="store_true", help=f"smoke run on small shapes ({QUICK_SHAPES})"
   )
   parser.add_argument(
-      "--distributions",
-      default=",".join(DISTRIBUTIONS),
-      help=f"comma-separated input distributions (default: {','.join(DISTRIBUTIONS)})",
+    "--distributions",
+    default=",".join(DISTRIBUTIONS),
+    help=f"comma-separated input distributions (default: {','.join(DISTRIBUTIONS)})",
   )
+  parser.add_argument("--extra", action="store_true", help="also time xla-exact and xla-nosort")
   parser.add_argument(
-      "--extra", action="store_true", help="also time xla-exact and xla-nosort"
-  )
-  parser.add_argument(
-      "--repeats", type=int, default=5, help="timed calls per measurement (default: 5)"
+    "--repeats", type=int, default=5, help="timed calls per measurement (default: 5)"
   )
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
   parser.add_argument(
-      "--summary-tokens",
-      type=int,
-      default=512,
-      help="tokens used by the softmax summary of the inputs (default: 512)",
+    "--summary-tokens",
+    type=int,
+    default=512,
+    help="tokens used by the softmax summary of the inputs (default: 512)",
   )
   parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
   parser.add_argument(
-      "--markdown", action="store_true", help="print the final table as a Markdown table"
+    "--markdown", action="store_true", help="print the final table as a Markdown table"
   )
   args = parser.parse_args(argv)
   if args.quick and args.shapes is not None:
@@ -400,18 +401,16 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   env = environment()
   print(
-      f"jax {env['jax_version']} (jaxlib {env['jaxlib_version']}), backend {env['backend']}, "
-      f"device {env['device_kind']} x{env['device_count']}, "
-      f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
+    f"jax {env['jax_version']} (jaxlib {env['jaxlib_version']}), backend {env['backend']}, "
+    f"device {env['device_kind']} x{env['device_count']}, "
+    f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla", "xla-weights"] + (
-      list(EXTRA_IMPLS) if args.extra else []
-  )
+  impls = ["baseline", "jax-cce", "xla", "xla-weights"] + (list(EXTRA_IMPLS) if args.extra else [])
   print(
-      f"impls: {', '.join(impls)}; shapes: "
-      f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "
-      f"distributions: {', '.join(args.distributions)}; median of {args.repeats} after 1 warm-up"
+    f"impls: {', '.join(impls)}; shapes: "
+    f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "
+    f"distributions: {', '.join(args.distributions)}; median of {args.repeats} after 1 warm-up"
   )
 
   cases, rows = [], []
@@ -435,17 +434,17 @@ def main(argv: list[str] | None = None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(
-          {
-              "environment": env,
-              "argv": sys.argv[1:] if argv is None else argv,
-              "repeats": args.repeats,
-              "seed": args.seed,
-              "cases": cases,
-              "rows": rows,
-              "goals": goals,
-          },
-          f,
-          indent=2,
+        {
+          "environment": env,
+          "argv": sys.argv[1:] if argv is None else argv,
+          "repeats": args.repeats,
+          "seed": args.seed,
+          "cases": cases,
+          "rows": rows,
+          "goals": goals,
+        },
+        f,
+        indent=2,
       )
     print(f"wrote {args.json}")
   return 0

@@ -61,7 +61,6 @@ MIB = 1024 * 1024
 DEFAULT_IMPLS = "baseline,xla,pallas_tpu,pallas_tpu-exact"
 
 
-
 def cce_loss(impl: str, interpret: bool, **options: Any) -> LossFn:
   """``common.cce_loss``, in interpret mode where ``interpret`` and ``impl`` is Pallas."""
   extra = {"interpret": interpret} if impl == "pallas_tpu" else {}
@@ -73,11 +72,11 @@ def implementations(interpret: bool) -> dict[str, tuple[LossFn, dict[str, Any] |
   budget32 = {"block_sizes": TPUBlockSizes(vmem_budget_bytes=32 * MIB)}
   exact = {"filter_eps": None}
   return {
-      "baseline": (baseline_loss, None),
-      "xla": (cce_loss("xla", interpret), None),
-      "pallas_tpu": (cce_loss("pallas_tpu", interpret), {}),
-      "pallas_tpu-32MiB": (cce_loss("pallas_tpu", interpret, **budget32), budget32),
-      "pallas_tpu-exact": (cce_loss("pallas_tpu", interpret, **exact), exact),
+    "baseline": (baseline_loss, None),
+    "xla": (cce_loss("xla", interpret), None),
+    "pallas_tpu": (cce_loss("pallas_tpu", interpret), {}),
+    "pallas_tpu-32MiB": (cce_loss("pallas_tpu", interpret, **budget32), budget32),
+    "pallas_tpu-exact": (cce_loss("pallas_tpu", interpret, **exact), exact),
   }
 
 
@@ -91,34 +90,58 @@ def pallas_details(e, c, labels, options: dict[str, Any], interpret: bool) -> di
   blocks = options.get("block_sizes", TPUBlockSizes())
   num_tokens, hidden = e.shape
   tiles = resolve(blocks, num_tokens, hidden, c.shape[0], e.dtype)
-  vmem = kernel_vmem_bytes(tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden,
-                           e.dtype.itemsize)
+  vmem = kernel_vmem_bytes(
+    tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden, e.dtype.itemsize
+  )
   filter_eps = options.get("filter_eps", cce_jax.default_filter_eps(e.dtype))
-  stats = cce_jax.filter_stats(e, c, labels, filter_eps=filter_eps, block_sizes=blocks,
-                               ignore_index=IGNORE_INDEX, impl="pallas_tpu", interpret=interpret)
+  stats = cce_jax.filter_stats(
+    e,
+    c,
+    labels,
+    filter_eps=filter_eps,
+    block_sizes=blocks,
+    ignore_index=IGNORE_INDEX,
+    impl="pallas_tpu",
+    interpret=interpret,
+  )
   return {
-      "tiles": dict(tiles._asdict()),
-      "vmem_estimate_bytes": vmem,
-      "skipped_fraction": float(stats["skipped_fraction"]),
+    "tiles": dict(tiles._asdict()),
+    "vmem_estimate_bytes": vmem,
+    "skipped_fraction": float(stats["skipped_fraction"]),
   }
 
 
-def run_shape(name: str, shape: tuple[int, int, int], dtype: str, impl_names: list[str],
-              args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_shape(
+  name: str,
+  shape: tuple[int, int, int],
+  dtype: str,
+  impl_names: list[str],
+  args: argparse.Namespace,
+) -> list[dict[str, Any]]:
   num_tokens, hidden, num_classes = shape
   key = jax.random.key(args.seed)
-  e, c, labels = jax.block_until_ready(synthetic.trained_like_inputs(
-      key, num_tokens, hidden, num_classes, DTYPES[dtype]))
+  e, c, labels = jax.block_until_ready(
+    synthetic.trained_like_inputs(key, num_tokens, hidden, num_classes, DTYPES[dtype])
+  )
   summary = synthetic.softmax_summary(e[:256], c, labels[:256])
-  print(f"\n== {name} N={num_tokens} D={hidden} V={num_classes} {dtype} ==  softmax of 256 "
-        f"tokens: entropy {summary['mean_entropy_nats']:.2f} nats, below 2**-12 "
-        f"{summary['fraction_below_eps']:.4f}", flush=True)
+  print(
+    f"\n== {name} N={num_tokens} D={hidden} V={num_classes} {dtype} ==  softmax of 256 "
+    f"tokens: entropy {summary['mean_entropy_nats']:.2f} nats, below 2**-12 "
+    f"{summary['fraction_below_eps']:.4f}",
+    flush=True,
+  )
   impls = implementations(args.smoke)
   rows, compiled = [], {}
   for impl in impl_names:
     fn, pallas_options = impls[impl]
-    row: dict[str, Any] = {"shape": name, "n": num_tokens, "d": hidden, "v": num_classes,
-                           "dtype": dtype, "impl": impl}
+    row: dict[str, Any] = {
+      "shape": name,
+      "n": num_tokens,
+      "d": hidden,
+      "v": num_classes,
+      "dtype": dtype,
+      "impl": impl,
+    }
     grad_fn = jax.value_and_grad(fn, argnums=(0, 1))
     try:
       if pallas_options is not None:
@@ -145,11 +168,13 @@ def run_shape(name: str, shape: tuple[int, int, int], dtype: str, impl_names: li
     row = by_impl[impl]
     row["loss_ms"] = statistics.median(row["loss_times_ms"])
     row["loss_grad_ms"] = statistics.median(row["loss_grad_times_ms"])
-    print(f"  {impl:<17} loss {row['loss_ms']:9.2f} ms  loss+grad {row['loss_grad_ms']:9.2f} ms"
-          f"  temp {row['loss_temp_bytes'] / MIB:9.1f} / {row['loss_grad_temp_bytes'] / MIB:9.1f}"
-          f" MiB  loss {row['loss_value']:.6f}"
-          + (f"  skipped {row['skipped_fraction']:.3f}" if "skipped_fraction" in row else ""),
-          flush=True)
+    print(
+      f"  {impl:<17} loss {row['loss_ms']:9.2f} ms  loss+grad {row['loss_grad_ms']:9.2f} ms"
+      f"  temp {row['loss_temp_bytes'] / MIB:9.1f} / {row['loss_grad_temp_bytes'] / MIB:9.1f}"
+      f" MiB  loss {row['loss_value']:.6f}"
+      + (f"  skipped {row['skipped_fraction']:.3f}" if "skipped_fraction" in row else ""),
+      flush=True,
+    )
   return rows
 
 
@@ -157,7 +182,8 @@ def check_against_xla(shape: tuple[int, int, int], dtype: str, smoke: bool) -> d
   """Relative errors of pallas_tpu vs xla (both exact) in loss and gradients."""
   num_tokens, hidden, num_classes = shape
   e, c, labels = synthetic.trained_like_inputs(
-      jax.random.key(1), num_tokens, hidden, num_classes, DTYPES[dtype])
+    jax.random.key(1), num_tokens, hidden, num_classes, DTYPES[dtype]
+  )
   results = {}
   for impl in ("pallas_tpu", "xla"):
     fn = cce_loss(impl, smoke, filter_eps=None)
@@ -169,8 +195,11 @@ def check_against_xla(shape: tuple[int, int, int], dtype: str, smoke: bool) -> d
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
   errors = {"loss": rel(loss_p, loss_x), "d_e": rel(d_e_p, d_e_x), "d_c": rel(d_c_p, d_c_x)}
-  print(f"\ncheck pallas_tpu vs xla (exact, {dtype}): "
-        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
+  print(
+    f"\ncheck pallas_tpu vs xla (exact, {dtype}): "
+    + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()),
+    flush=True,
+  )
   return errors
 
 
@@ -183,9 +212,9 @@ def _cell(row: dict[str, Any], key: str, scale: float, fmt: str) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
   lines = [
-      "| shape | dtype | impl | loss ms | loss+grad ms | loss+grad vs xla | loss temp MiB "
-      "| loss+grad temp MiB | tiles (bn, bv, bd) | skipped |",
-      "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+    "| shape | dtype | impl | loss ms | loss+grad ms | loss+grad vs xla | loss temp MiB "
+    "| loss+grad temp MiB | tiles (bn, bv, bd) | skipped |",
+    "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
   ]
   xla = {(r["shape"], r["dtype"]): r for r in rows if r["impl"] == "xla" and "error" not in r}
   for r in rows:
@@ -197,29 +226,42 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     tiles = f"{t['token_block']}, {t['vocab_block']}, {t['hidden_block']}" if t else ""
     skipped = f"{r['skipped_fraction']:.3f}" if "skipped_fraction" in r else ""
     lines.append(
-        f"| {r['shape']} | {r['dtype']} | {r['impl']} | {_cell(r, 'loss_ms', 1, '.2f')} "
-        f"| {_cell(r, 'loss_grad_ms', 1, '.2f')} | {ratio} "
-        f"| {_cell(r, 'loss_temp_bytes', MIB, '.1f')} "
-        f"| {_cell(r, 'loss_grad_temp_bytes', MIB, '.1f')} | {tiles} | {skipped} |"
-        + (f" {r['error']}" if "error" in r else ""))
+      f"| {r['shape']} | {r['dtype']} | {r['impl']} | {_cell(r, 'loss_ms', 1, '.2f')} "
+      f"| {_cell(r, 'loss_grad_ms', 1, '.2f')} | {ratio} "
+      f"| {_cell(r, 'loss_temp_bytes', MIB, '.1f')} "
+      f"| {_cell(r, 'loss_grad_temp_bytes', MIB, '.1f')} | {tiles} | {skipped} |"
+      + (f" {r['error']}" if "error" in r else "")
+    )
   return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="path of the JSON results")
-  parser.add_argument("--shapes", default=",".join(SHAPES),
-                      help=f"comma-separated names ({', '.join(SHAPES)}) or NxDxV")
+  parser.add_argument(
+    "--shapes",
+    default=",".join(SHAPES),
+    help=f"comma-separated names ({', '.join(SHAPES)}) or NxDxV",
+  )
   parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, f32")
-  parser.add_argument("--impls", default=DEFAULT_IMPLS,
-                      help="comma-separated: baseline, xla, pallas_tpu, pallas_tpu-32MiB, "
-                           "pallas_tpu-exact")
+  parser.add_argument(
+    "--impls",
+    default=DEFAULT_IMPLS,
+    help="comma-separated: baseline, xla, pallas_tpu, pallas_tpu-32MiB, pallas_tpu-exact",
+  )
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--no-check", dest="check", action="store_false",
-                      help="skip the pallas_tpu vs xla correctness check")
-  parser.add_argument("--smoke", action="store_true",
-                      help="tiny shape, Pallas in interpret mode: checks the script on any host")
+  parser.add_argument(
+    "--no-check",
+    dest="check",
+    action="store_false",
+    help="skip the pallas_tpu vs xla correctness check",
+  )
+  parser.add_argument(
+    "--smoke",
+    action="store_true",
+    help="tiny shape, Pallas in interpret mode: checks the script on any host",
+  )
   return parser.parse_args(argv)
 
 
@@ -234,11 +276,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   backend = jax.default_backend()
   if backend != "tpu" and not args.smoke:
-    print(f"benchmarks/tpu.py needs a TPU (the default backend is {backend!r}); "
-          "use --smoke to check the script here.", file=sys.stderr)
+    print(
+      f"benchmarks/tpu.py needs a TPU (the default backend is {backend!r}); "
+      "use --smoke to check the script here.",
+      file=sys.stderr,
+    )
     return 2
-  shapes = list(SMOKE_SHAPES.items()) if args.smoke else [
-      _shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
+  shapes = (
+    list(SMOKE_SHAPES.items())
+    if args.smoke
+    else [_shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
+  )
   impl_names = [s.strip() for s in args.impls.split(",") if s.strip()]
   unknown = set(impl_names) - set(implementations(False))
   if unknown:
@@ -256,15 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   table = markdown(rows)
   print("\n" + table)
   result = {
-      "device_kind": device.device_kind,
-      "backend": backend,
-      "jax_version": jax.__version__,
-      "python": platform.python_version(),
-      "smoke": args.smoke,
-      "repeats": args.repeats,
-      "rows": rows,
-      "check_pallas_vs_xla": check,
-      "markdown": table,
+    "device_kind": device.device_kind,
+    "backend": backend,
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "smoke": args.smoke,
+    "repeats": args.repeats,
+    "rows": rows,
+    "check_pallas_vs_xla": check,
+    "markdown": table,
   }
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

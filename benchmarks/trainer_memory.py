@@ -45,12 +45,12 @@ def measure(loss_impl: str, seq_len: int, batch: int) -> dict[str, float]:
   """Compiled memory (bytes) of one train step of ``batch`` x ``seq_len`` tokens."""
   cfg = config.load(CONFIG, [*SINGLE_DEVICE, f"loss_impl={loss_impl}", f"seq_len={seq_len}"])
   step = compile_train_step(cfg, batch_size=batch)
-  return {"temp": step.temp_bytes, "peak": step.peak_bytes,
-          "arguments": step.argument_bytes}
+  return {"temp": step.temp_bytes, "peak": step.peak_bytes, "arguments": step.argument_bytes}
 
 
 def largest_batch(loss_impl: str, seq_len: int, cache: dict) -> int:
   """The largest batch whose peak fits DEVICE_BYTES (0 if not even 1 does)."""
+
   def fits(batch: int) -> bool:
     if (loss_impl, seq_len, batch) not in cache:
       cache[loss_impl, seq_len, batch] = measure(loss_impl, seq_len, batch)
@@ -83,24 +83,40 @@ def main() -> int:
     temp = {impl: measure(impl, seq_len, same)["temp"] for impl in ("naive", "cce")}
     ratio = best["cce"] / max(best["naive"], 1)
     passed &= ratio >= GOAL_RATIO
-    rows.append({"seq_len": seq_len, "same_batch": same, "temp_naive": temp["naive"],
-                 "temp_cce": temp["cce"], "largest_naive": best["naive"],
-                 "largest_cce": best["cce"], "ratio": ratio,
-                 "peak_naive": cache["naive", seq_len, max(best["naive"], 1)]["peak"],
-                 "peak_cce": cache["cce", seq_len, max(best["cce"], 1)]["peak"],
-                 "seconds": time.perf_counter() - start})
-    print(f"seq_len {seq_len}: largest batch naive {best['naive']}, cce {best['cce']} "
-          f"({ratio:.1f}x); {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    rows.append(
+      {
+        "seq_len": seq_len,
+        "same_batch": same,
+        "temp_naive": temp["naive"],
+        "temp_cce": temp["cce"],
+        "largest_naive": best["naive"],
+        "largest_cce": best["cce"],
+        "ratio": ratio,
+        "peak_naive": cache["naive", seq_len, max(best["naive"], 1)]["peak"],
+        "peak_cce": cache["cce", seq_len, max(best["cce"], 1)]["peak"],
+        "seconds": time.perf_counter() - start,
+      }
+    )
+    print(
+      f"seq_len {seq_len}: largest batch naive {best['naive']}, cce {best['cce']} "
+      f"({ratio:.1f}x); {time.perf_counter() - start:.0f} s",
+      file=sys.stderr,
+      flush=True,
+    )
 
-  header = ("| seq_len | batch | temp naive | temp cce | largest batch naive (peak) "
-            "| largest batch cce (peak) | cce / naive |")
+  header = (
+    "| seq_len | batch | temp naive | temp cce | largest batch naive (peak) "
+    "| largest batch cce (peak) | cce / naive |"
+  )
   print(header)
   print("|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
-    print(f"| {r['seq_len']} | {r['same_batch']} | {r['temp_naive'] / GIB:.2f} GiB "
-          f"| {r['temp_cce'] / GIB:.2f} GiB | {r['largest_naive']} "
-          f"({r['peak_naive'] / GIB:.1f} GiB) | **{r['largest_cce']}** "
-          f"({r['peak_cce'] / GIB:.1f} GiB) | **{r['ratio']:.1f}x** |")
+    print(
+      f"| {r['seq_len']} | {r['same_batch']} | {r['temp_naive'] / GIB:.2f} GiB "
+      f"| {r['temp_cce'] / GIB:.2f} GiB | {r['largest_naive']} "
+      f"({r['peak_naive'] / GIB:.1f} GiB) | **{r['largest_cce']}** "
+      f"({r['peak_cce'] / GIB:.1f} GiB) | **{r['ratio']:.1f}x** |"
+    )
   if not args.markdown:
     for r in rows:
       verdict = "PASS" if r["ratio"] >= GOAL_RATIO else "FAIL"

@@ -10,10 +10,10 @@ from cce_jax.block_sizes import BlockSizes
 from cce_jax.loss_math import default_filter_eps
 
 __all__ = [
-    "BlockSizes",
-    "default_filter_eps",
-    "filter_stats",
-    "linear_cross_entropy",
-    "resolve_impl",
+  "BlockSizes",
+  "default_filter_eps",
+  "filter_stats",
+  "linear_cross_entropy",
+  "resolve_impl",
 ]
 __version__ = "0.1.0"

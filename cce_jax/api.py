@@ -47,21 +47,21 @@ def _weighted_mean(total: jax.Array, weight_sum: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl", "token_axes")
+  jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl", "token_axes")
 )
 def _linear_cross_entropy(
-    e: jax.Array,
-    c: jax.Array,
-    labels: jax.Array,
-    bias: jax.Array | None,
-    weights: jax.Array | None = None,
-    *,
-    opts: LossOptions,
-    reduction: str,
-    shift: int,
-    return_lse: bool,
-    impl: str,
-    token_axes: tuple[str, ...] | None = None,
+  e: jax.Array,
+  c: jax.Array,
+  labels: jax.Array,
+  bias: jax.Array | None,
+  weights: jax.Array | None = None,
+  *,
+  opts: LossOptions,
+  reduction: str,
+  shift: int,
+  return_lse: bool,
+  impl: str,
+  token_axes: tuple[str, ...] | None = None,
 ):
   """The loss on this device's arrays; sums and counts are psum-ed over ``token_axes``."""
   batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
@@ -79,8 +79,14 @@ def _linear_cross_entropy(
 
   flat_weights = None if weights is None else weights.reshape(-1)
   out = differentiable.token_loss(
-      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, opts, return_lse, impl,
-      flat_weights,
+    e.reshape(-1, e.shape[-1]),
+    c,
+    labels.reshape(-1),
+    bias,
+    opts,
+    return_lse,
+    impl,
+    flat_weights,
   )
   token_loss, lse = out if return_lse else (out, None)
   token_loss = token_loss.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
@@ -104,7 +110,7 @@ def _linear_cross_entropy(
 
 
 def _prepare(
-    e, c, labels, bias, *, impl: str, shift: Any, classifier_layout: Any, **options: Any
+  e, c, labels, bias, *, impl: str, shift: Any, classifier_layout: Any, **options: Any
 ) -> tuple[LossOptions, int]:
   """Checks the arrays and options shared by the public functions (at trace time); ``impl``
   is resolved (not "auto")."""
@@ -112,38 +118,40 @@ def _prepare(
   checks.check_arrays(e, c, labels, bias, layout)
   shift = checks.check_shift(shift, labels.shape[-1])
   opts = checks.build_options(
-      dtype=e.dtype, classifier_layout=layout, implementation=dispatch.implementation(impl),
-      **options,
+    dtype=e.dtype,
+    classifier_layout=layout,
+    implementation=dispatch.implementation(impl),
+    **options,
   )
   return opts, shift
 
 
 def linear_cross_entropy(
-    e: jax.Array,
-    c: jax.Array,
-    labels: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    weights: jax.Array | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    reduction: str = "mean",
-    shift: int | bool = 0,
-    z_loss: float = 0.0,
-    label_smoothing: float = 0.0,
-    filter_eps: float | str | None = "auto",
-    filter_e_grad: bool = True,
-    filter_c_grad: bool = True,
-    return_lse: bool = False,
-    impl: str = "auto",
-    interpret: bool = False,
-    classifier_layout: str = "vd",
-    block_sizes: BlockSizes | None = None,
-    sort_vocab: bool = True,
-    check_labels: bool = False,
-    vocab_axis: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    token_axes: str | tuple[str, ...] | None = None,
+  e: jax.Array,
+  c: jax.Array,
+  labels: jax.Array,
+  *,
+  bias: jax.Array | None = None,
+  weights: jax.Array | None = None,
+  ignore_index: int = -100,
+  softcap: float | None = None,
+  reduction: str = "mean",
+  shift: int | bool = 0,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  filter_eps: float | str | None = "auto",
+  filter_e_grad: bool = True,
+  filter_c_grad: bool = True,
+  return_lse: bool = False,
+  impl: str = "auto",
+  interpret: bool = False,
+  classifier_layout: str = "vd",
+  block_sizes: BlockSizes | None = None,
+  sort_vocab: bool = True,
+  check_labels: bool = False,
+  vocab_axis: str | tuple[str, ...] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  token_axes: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of the logits ``e @ c.T`` against integer labels, without the logits.
 
@@ -275,11 +283,24 @@ def linear_cross_entropy(
   elif vocab_axes or token_axes:
     sharding.check_bound_axes(token_axes, vocab_axes)
   opts, shift = _prepare(
-      e, c, labels, bias, impl=impl, shift=shift, classifier_layout=layout,
-      ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
-      label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
-      filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
-      interpret=interpret, vocab_axis=vocab_axes,
+    e,
+    c,
+    labels,
+    bias,
+    impl=impl,
+    shift=shift,
+    classifier_layout=layout,
+    ignore_index=ignore_index,
+    softcap=softcap,
+    z_loss=z_loss,
+    label_smoothing=label_smoothing,
+    filter_eps=filter_eps,
+    filter_e_grad=filter_e_grad,
+    filter_c_grad=filter_c_grad,
+    sort_vocab=sort_vocab,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    vocab_axis=vocab_axes,
   )
   num_classes = c.shape[opts.vocab_dim]
   if vocab_axes and mesh is None:
@@ -291,41 +312,55 @@ def linear_cross_entropy(
     checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
   labels = checks.labels_as_int32(labels, num_classes)
   per_device = functools.partial(
-      _linear_cross_entropy, opts=opts, reduction=reduction, shift=shift,
-      return_lse=return_lse, impl=impl, token_axes=token_axes,
+    _linear_cross_entropy,
+    opts=opts,
+    reduction=reduction,
+    shift=shift,
+    return_lse=return_lse,
+    impl=impl,
+    token_axes=token_axes,
   )
   if mesh is None:
     return per_device(e, c, labels, bias, weights)
   return sharding.run_sharded(
-      per_device, mesh, e, c, labels, bias, weights, token_axes=token_axes,
-      vocab_axes=vocab_axes,
-      vocab_dim=opts.vocab_dim, per_token=reduction == "none", return_lse=return_lse,
-      # Pallas implementations run with check_vma off (their interpret mode cannot track
-      # varying axes); the gradients are right either way (cce_jax.differentiable).
-      check_vma=not dispatch.implementation(impl).is_pallas,
+    per_device,
+    mesh,
+    e,
+    c,
+    labels,
+    bias,
+    weights,
+    token_axes=token_axes,
+    vocab_axes=vocab_axes,
+    vocab_dim=opts.vocab_dim,
+    per_token=reduction == "none",
+    return_lse=return_lse,
+    # Pallas implementations run with check_vma off (their interpret mode cannot track
+    # varying axes); the gradients are right either way (cce_jax.differentiable).
+    check_vma=not dispatch.implementation(impl).is_pallas,
   )
 
 
 def filter_stats(
-    e: jax.Array,
-    c: jax.Array,
-    labels: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    weights: jax.Array | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    shift: int | bool = 0,
-    z_loss: float = 0.0,
-    label_smoothing: float = 0.0,
-    filter_eps: float | str | None = "auto",
-    filter_e_grad: bool = True,
-    filter_c_grad: bool = True,
-    classifier_layout: str = "vd",
-    block_sizes: Any = None,
-    sort_vocab: bool = True,
-    impl: str = "auto",
-    interpret: bool = False,
+  e: jax.Array,
+  c: jax.Array,
+  labels: jax.Array,
+  *,
+  bias: jax.Array | None = None,
+  weights: jax.Array | None = None,
+  ignore_index: int = -100,
+  softcap: float | None = None,
+  shift: int | bool = 0,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  filter_eps: float | str | None = "auto",
+  filter_e_grad: bool = True,
+  filter_c_grad: bool = True,
+  classifier_layout: str = "vd",
+  block_sizes: Any = None,
+  sort_vocab: bool = True,
+  impl: str = "auto",
+  interpret: bool = False,
 ) -> dict[str, jax.Array]:
   """How many backward tiles of ``linear_cross_entropy(impl=impl)`` filtering skips.
 
@@ -358,11 +393,23 @@ def filter_stats(
   """
   impl = resolve_impl(impl, dtype=getattr(e, "dtype", None))
   opts, shift = _prepare(
-      e, c, labels, bias, impl=impl, shift=shift, classifier_layout=classifier_layout,
-      ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
-      label_smoothing=label_smoothing, filter_eps=filter_eps, filter_e_grad=filter_e_grad,
-      filter_c_grad=filter_c_grad, sort_vocab=sort_vocab, block_sizes=block_sizes,
-      interpret=interpret,
+    e,
+    c,
+    labels,
+    bias,
+    impl=impl,
+    shift=shift,
+    classifier_layout=classifier_layout,
+    ignore_index=ignore_index,
+    softcap=softcap,
+    z_loss=z_loss,
+    label_smoothing=label_smoothing,
+    filter_eps=filter_eps,
+    filter_e_grad=filter_e_grad,
+    filter_c_grad=filter_c_grad,
+    sort_vocab=sort_vocab,
+    block_sizes=block_sizes,
+    interpret=interpret,
   )
   if weights is not None:
     checks.check_weights(weights, labels)
@@ -371,15 +418,15 @@ def filter_stats(
   skipped = jnp.sum(table, dtype=jnp.int32)
   total = jnp.asarray(table.size, jnp.int32)
   return {
-      "skipped_tiles": skipped,
-      "total_tiles": total,
-      "skipped_fraction": skipped.astype(jnp.float32) / total.astype(jnp.float32),
+    "skipped_tiles": skipped,
+    "total_tiles": total,
+    "skipped_fraction": skipped.astype(jnp.float32) / total.astype(jnp.float32),
   }
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "shift", "impl"))
 def _skip_table(
-    e, c, labels, bias, weights, *, opts: LossOptions, shift: int, impl: str
+  e, c, labels, bias, weights, *, opts: LossOptions, shift: int, impl: str
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles the backward of the loss skips."""
   num_classes = c.shape[opts.vocab_dim]

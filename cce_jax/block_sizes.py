@@ -42,7 +42,7 @@ class BlockSizes:
       value = getattr(self, field.name)
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            f"`BlockSizes.{field.name}` must be an int, got {type(value).__name__} ({value!r})."
+          f"`BlockSizes.{field.name}` must be an int, got {type(value).__name__} ({value!r})."
         )
       if value <= 0:
         raise ValueError(f"`BlockSizes.{field.name}` must be positive, got {value}.")
@@ -98,7 +98,7 @@ _BACKEND_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 # (token_block, vocab_block) per backend and input bits: the CPU's as measured, the GPU's and
 # TPU's as picked by the model of docs/tiling_model.md (benchmarks/tiling_model.py).
 _MODELLED = {
-    "cpu": {16: (256, 512), 32: (1024, 2048)},
-    "gpu": {16: (1024, 8192), 32: (1024, 8192)},
-    "tpu": {16: (1024, 2048), 32: (1024, 8192)},
+  "cpu": {16: (256, 512), 32: (1024, 2048)},
+  "gpu": {16: (1024, 8192), 32: (1024, 8192)},
+  "tpu": {16: (1024, 2048), 32: (1024, 8192)},
 }

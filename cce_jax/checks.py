@@ -57,10 +57,10 @@ def check_arrays(e: Any, c: Any, labels: Any, bias: Any, classifier_layout: str)
     raise TypeError(f"`e` must be float32, bfloat16, float16 or float64, got {_describe(e)}.")
   if c.dtype != e.dtype:
     raise TypeError(
-        f"`c` and `e` must have the same dtype, got c {c.dtype} and e {e.dtype}; cast the "
-        "classifier to the activations' dtype yourself, `c.astype(e.dtype)` (e.g. float32 "
-        "parameters with bfloat16 activations): a silent cast would hide a copy of the whole "
-        "classifier."
+      f"`c` and `e` must have the same dtype, got c {c.dtype} and e {e.dtype}; cast the "
+      "classifier to the activations' dtype yourself, `c.astype(e.dtype)` (e.g. float32 "
+      "parameters with bfloat16 activations): a silent cast would hide a copy of the whole "
+      "classifier."
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"`labels` must be an integer array, got {_describe(labels)}.")
@@ -71,17 +71,17 @@ def check_arrays(e: Any, c: Any, labels: Any, bias: Any, classifier_layout: str)
   num_classes = c.shape[vocab_dim]
   if c.shape[1 - vocab_dim] != hidden:
     raise ValueError(
-        f"`c` (classifier_layout={classifier_layout!r}) must have D={hidden} (the last dim of "
-        f"e) on axis {1 - vocab_dim}, got c {_describe(c)} and e {_describe(e)}."
-        + (" Did you mean classifier_layout='dv'?" if c.shape[0] == hidden else "")
-        + (" Did you mean classifier_layout='vd'?" if c.shape[1] == hidden else "")
+      f"`c` (classifier_layout={classifier_layout!r}) must have D={hidden} (the last dim of "
+      f"e) on axis {1 - vocab_dim}, got c {_describe(c)} and e {_describe(e)}."
+      + (" Did you mean classifier_layout='dv'?" if c.shape[0] == hidden else "")
+      + (" Did you mean classifier_layout='vd'?" if c.shape[1] == hidden else "")
     )
   if num_classes == 0:
     raise ValueError(f"`c` must have at least one class, got {_describe(c)}.")
   if tuple(labels.shape) != tuple(e.shape[:-1]):
     raise ValueError(
-        f"`labels` must have shape e.shape[:-1] = {tuple(e.shape[:-1])}, got "
-        f"{_describe(labels)} (e has {_describe(e)})."
+      f"`labels` must have shape e.shape[:-1] = {tuple(e.shape[:-1])}, got "
+      f"{_describe(labels)} (e has {_describe(e)})."
     )
   if bias is not None:
     _require_array("bias", bias)
@@ -111,15 +111,16 @@ def check_shift(shift: Any, seq_len: int) -> int:
   shift = int(shift)
   if not 0 <= shift <= seq_len:
     raise ValueError(
-        f"`shift` must be in [0, T] with T={seq_len} (the second-last dim of e), got {shift}."
+      f"`shift` must be in [0, T] with T={seq_len} (the second-last dim of e), got {shift}."
     )
   return shift
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
   if not isinstance(value, str):
-    raise TypeError(f"`{name}` must be a str, one of {choices}, got {type(value).__name__} "
-                    f"({value!r}).")
+    raise TypeError(
+      f"`{name}` must be a str, one of {choices}, got {type(value).__name__} ({value!r})."
+    )
   if value not in choices:
     raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
   return value
@@ -143,21 +144,21 @@ def resolve_filter_eps(filter_eps: Any, dtype) -> float | None:
 
 
 def build_options(
-    *,
-    dtype,
-    ignore_index: Any,
-    softcap: Any,
-    z_loss: Any,
-    label_smoothing: Any,
-    filter_eps: Any,
-    filter_e_grad: Any,
-    filter_c_grad: Any,
-    sort_vocab: Any,
-    classifier_layout: str,
-    block_sizes: Any,
-    implementation: Implementation,
-    interpret: Any = False,
-    vocab_axis: str | tuple[str, ...] | None = None,
+  *,
+  dtype,
+  ignore_index: Any,
+  softcap: Any,
+  z_loss: Any,
+  label_smoothing: Any,
+  filter_eps: Any,
+  filter_e_grad: Any,
+  filter_c_grad: Any,
+  sort_vocab: Any,
+  classifier_layout: str,
+  block_sizes: Any,
+  implementation: Implementation,
+  interpret: Any = False,
+  vocab_axis: str | tuple[str, ...] | None = None,
 ) -> LossOptions:
   """Validates the scalar options and bundles them into the static :class:`LossOptions`.
 
@@ -167,11 +168,11 @@ def build_options(
   """
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(
-        f"`ignore_index` must be an int, got {type(ignore_index).__name__} ({ignore_index!r})."
+      f"`ignore_index` must be an int, got {type(ignore_index).__name__} ({ignore_index!r})."
     )
   if not INT32_MIN <= ignore_index <= INT32_MAX:
     raise ValueError(
-        f"`ignore_index` must fit in int32 (labels are compared as int32), got {ignore_index}."
+      f"`ignore_index` must fit in int32 (labels are compared as int32), got {ignore_index}."
     )
   if softcap is not None:
     softcap = _check_float("softcap", softcap, low=0.0, high=math.inf, high_open=True)
@@ -182,20 +183,20 @@ def build_options(
   if not interpret:
     check_backend(implementation)
   return LossOptions(
-      ignore_index=int(ignore_index),
-      softcap=softcap,
-      z_loss=_check_float("z_loss", z_loss, low=0.0, high=math.inf, high_open=True),
-      label_smoothing=_check_float(
-          "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True
-      ),
-      filter_eps=resolve_filter_eps(filter_eps, dtype),
-      filter_e_grad=check_bool("filter_e_grad", filter_e_grad),
-      filter_c_grad=check_bool("filter_c_grad", filter_c_grad),
-      sort_vocab=check_bool("sort_vocab", sort_vocab),
-      classifier_layout=classifier_layout,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      vocab_axis=vocab_axis,
+    ignore_index=int(ignore_index),
+    softcap=softcap,
+    z_loss=_check_float("z_loss", z_loss, low=0.0, high=math.inf, high_open=True),
+    label_smoothing=_check_float(
+      "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True
+    ),
+    filter_eps=resolve_filter_eps(filter_eps, dtype),
+    filter_e_grad=check_bool("filter_e_grad", filter_e_grad),
+    filter_c_grad=check_bool("filter_c_grad", filter_c_grad),
+    sort_vocab=check_bool("sort_vocab", sort_vocab),
+    classifier_layout=classifier_layout,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    vocab_axis=vocab_axis,
   )
 
 
@@ -208,24 +209,22 @@ def check_backend(implementation: Implementation, backend: str | None = None) ->
   if backends is None or backend in backends:
     return
   raise ValueError(
-      f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
-      f"backend only, but JAX's default backend is {backend!r}: pass `interpret=True` to run "
-      "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
+    f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
+    f"backend only, but JAX's default backend is {backend!r}: pass `interpret=True` to run "
+    "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
   )
 
 
-def _label_error(
-    labels: np.ndarray, num_classes: int, ignore_index: int, shift: int
-) -> str | None:
+def _label_error(labels: np.ndarray, num_classes: int, ignore_index: int, shift: int) -> str | None:
   bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
   bad[..., :shift] = False  # never targets: position i predicts labels[..., i + shift]
   if not bad.any():
     return None
   position = tuple(int(i) for i in np.argwhere(bad)[0])
   return (
-      f"`labels` holds {int(bad.sum())} value(s) outside [0, V) = [0, {num_classes}) that are "
-      f"not ignore_index={ignore_index}; the first is {int(labels[position])} at index "
-      f"{position}."
+    f"`labels` holds {int(bad.sum())} value(s) outside [0, V) = [0, {num_classes}) that are "
+    f"not ignore_index={ignore_index}; the first is {int(labels[position])} at index "
+    f"{position}."
   )
 
 
@@ -246,7 +245,7 @@ def check_label_values(labels: Any, num_classes: int, ignore_index: int, shift: 
   if isinstance(labels, jax.core.Tracer):
     # Static values are bound here: debug.callback would turn keyword arguments into arrays.
     check = functools.partial(
-        _raise_label_error, num_classes=num_classes, ignore_index=ignore_index, shift=shift
+      _raise_label_error, num_classes=num_classes, ignore_index=ignore_index, shift=shift
     )
     jax.debug.callback(check, labels)
   else:
@@ -289,11 +288,11 @@ def check_weights(weights: Any, labels: Any) -> None:
   dtype = weights.dtype
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.bool_)):
     raise TypeError(
-        f"`weights` must be a float array (or bool, as optax's `where`), got {_describe(weights)};"
-        " cast it, e.g. weights.astype(jnp.float32)."
+      f"`weights` must be a float array (or bool, as optax's `where`), got {_describe(weights)};"
+      " cast it, e.g. weights.astype(jnp.float32)."
     )
   if tuple(weights.shape) != tuple(labels.shape):
     raise ValueError(
-        f"`weights` must have the shape of `labels` {tuple(labels.shape)} (one weight per "
-        f"label, shifted with them under `shift`), got {_describe(weights)}."
+      f"`weights` must have the shape of `labels` {tuple(labels.shape)} (one weight per "
+      f"label, shifted with them under `shift`), got {_describe(weights)}."
     )

@@ -44,7 +44,7 @@ def vocab_shard(num_local: int, vocab_axis) -> tuple[jax.Array | int, int]:
 
 
 def local_labels(
-    labels: jax.Array, offset: jax.Array | int, num_local: int, num_classes: int, opts: LossOptions
+  labels: jax.Array, offset: jax.Array | int, num_local: int, num_classes: int, opts: LossOptions
 ) -> jax.Array:
   """(N,) int32: each label minus ``offset`` where this shard holds it and it counts, else -1."""
   kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
@@ -65,14 +65,14 @@ def _combine(stats: LocalForward, vocab_axis) -> LocalForward:
 
 
 def token_loss(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V_local, D) or (D, V_local)
-    labels: jax.Array,  # (N,) int32, global class ids
-    bias: jax.Array | None,  # (V_local,)
-    opts: LossOptions,
-    return_lse: bool,
-    impl: str,
-    weights: jax.Array | None = None,  # (N,) f32
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V_local, D) or (D, V_local)
+  labels: jax.Array,  # (N,) int32, global class ids
+  bias: jax.Array | None,  # (V_local,)
+  opts: LossOptions,
+  return_lse: bool,
+  impl: str,
+  weights: jax.Array | None = None,  # (N,) f32
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token loss, (N,) f32 (0 at ignored tokens, NaN at out-of-range labels), and with
   ``return_lse`` the lse over all classes, differentiable w.r.t. ``e``, ``c`` and ``bias``.
@@ -97,14 +97,14 @@ def token_loss(
   # shard_map's own transpose does that sum).
   filter_weights = None if weights is None else lax.stop_gradient(jnp.abs(weights))
   e, c, bias, filter_weights = vma.vary_like(
-      (e, c, bias, filter_weights), e, c, bias, held, filter_weights
+    (e, c, bias, filter_weights), e, c, bias, held, filter_weights
   )
   # opts.interpret is only ever True for a Pallas implementation (checks.build_options).
   if opts.interpret and vma.varying_axes(e, c, bias, held, filter_weights):
     raise ValueError(
-        f"`impl`={impl!r} with `interpret=True` inside jax.shard_map needs check_vma=False: "
-        "JAX's Pallas interpreter does not track varying manual axes. (Compiled kernels, and "
-        "`mesh=`, which uses check_vma=False for Pallas implementations, are not affected.)"
+      f"`impl`={impl!r} with `interpret=True` inside jax.shard_map needs check_vma=False: "
+      "JAX's Pallas interpreter does not track varying manual axes. (Compiled kernels, and "
+      "`mesh=`, which uses check_vma=False for Pallas implementations, are not affected.)"
     )
   stats = LocalForward(*_local_stats(e, c, held, bias, filter_weights, opts, impl))
   lse, target, logit_sum = _combine(stats, opts.vocab_axis)[:3]
@@ -122,11 +122,11 @@ def token_loss(
 # ---- the custom_vjp around an implementation ---------------------------------------------------
 
 FIRST_ORDER_ONLY = (
-    "cce_jax.linear_cross_entropy supports first-order reverse-mode differentiation only "
-    "(jax.grad, jax.value_and_grad, jax.vjp); it was asked for a derivative of its gradient "
-    "(a second-order derivative: jax.hessian, jax.grad of jax.grad, jax.jacfwd or jax.jacrev "
-    "of jax.grad, a Hessian-vector product, or a derivative of a jax.vjp function). The "
-    "gradient comes from the loss's own tiled backward, which is not differentiable itself."
+  "cce_jax.linear_cross_entropy supports first-order reverse-mode differentiation only "
+  "(jax.grad, jax.value_and_grad, jax.vjp); it was asked for a derivative of its gradient "
+  "(a second-order derivative: jax.hessian, jax.grad of jax.grad, jax.jacfwd or jax.jacrev "
+  "of jax.grad, a Hessian-vector product, or a derivative of a jax.vjp function). The "
+  "gradient comes from the loss's own tiled backward, which is not differentiable itself."
 )
 
 
@@ -162,11 +162,11 @@ def _local_stats_fwd(e, c, held, bias, filter_weights, opts: LossOptions, impl: 
 
 
 def backward_coefficients(
-    d_lse: jax.Array,
-    d_target: jax.Array,
-    d_logit_sum: jax.Array | None,
-    opts: LossOptions,
-    filter_weights: jax.Array | None = None,
+  d_lse: jax.Array,
+  d_target: jax.Array,
+  d_logit_sum: jax.Array | None,
+  opts: LossOptions,
+  filter_weights: jax.Array | None = None,
 ) -> tuple[loss_math.TokenCoefficients, jax.Array | None]:
   """The softmax-gradient factors and the filter scale of ``cce_jax.tiled``'s backward, from
   the cotangents (each (N,) f32) of the local lse, target logit and logit sum, and the
@@ -205,7 +205,7 @@ def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents):
   # exp(z - 0) gives, where exp(z - lse) would be exp(-inf + inf) = NaN.
   lse = filtering.exp_shift(lse)
   grads = dispatch.implementation(impl).backward(
-      TiledInputs(e, c, held, bias), impl_residuals, lse, coeffs, filter_scale, opts
+    TiledInputs(e, c, held, bias), impl_residuals, lse, coeffs, filter_scale, opts
   )
   d_bias = None if bias is None else grads.d_bias.astype(bias.dtype)
   return grads.d_e.astype(e.dtype), grads.d_c.astype(c.dtype), None, d_bias, None

@@ -20,11 +20,11 @@ AUTO_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "x
 
 # impl -> module exposing ``IMPLEMENTATION: cce_jax.tiled.Implementation``.
 _MODULES = {
-    "reference": "cce_jax.reference",
-    "xla": "cce_jax.xla_chunked",
-    "pallas_gpu": "pallas_kernels.gpu",
-    "pallas_tpu": "pallas_kernels.tpu",
-    "pallas_mosaic_gpu": "pallas_kernels.mosaic_gpu",
+  "reference": "cce_jax.reference",
+  "xla": "cce_jax.xla_chunked",
+  "pallas_gpu": "pallas_kernels.gpu",
+  "pallas_tpu": "pallas_kernels.tpu",
+  "pallas_mosaic_gpu": "pallas_kernels.mosaic_gpu",
 }
 
 
@@ -76,13 +76,13 @@ def implementation(impl: str) -> Implementation:
     if err.name is None or not module_name.startswith(err.name):
       raise
     raise NotImplementedError(
-        f"`impl`={impl!r} is not available in this installation ({module_name} is missing); "
-        "use impl='xla' (every backend) or impl='auto'."
+      f"`impl`={impl!r} is not available in this installation ({module_name} is missing); "
+      "use impl='xla' (every backend) or impl='auto'."
     ) from err
   implementation = getattr(module, "IMPLEMENTATION", None)
   if implementation is None:
     raise NotImplementedError(
-        f"`impl`={impl!r} is not available in this version ({module_name} registers no "
-        "IMPLEMENTATION); use impl='xla' (every backend) or impl='auto'."
+      f"`impl`={impl!r} is not available in this version ({module_name} registers no "
+      "IMPLEMENTATION); use impl='xla' (every backend) or impl='auto'."
     )
   return implementation

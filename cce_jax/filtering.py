@@ -64,8 +64,8 @@ class AxisTiling:
   def __post_init__(self):
     if self.block <= 0 or (self.policy == "overlap" and self.block > self.size):
       raise ValueError(
-          f"AxisTiling: block={self.block} does not tile size={self.size} with policy "
-          f"{self.policy!r} (overlapped blocks need 1 <= block <= size)."
+        f"AxisTiling: block={self.block} does not tile size={self.size} with policy "
+        f"{self.policy!r} (overlapped blocks need 1 <= block <= size)."
       )
 
   @property
@@ -104,8 +104,8 @@ def overlapped(size: int, block: int) -> AxisTiling:
 def positions(order: jax.Array) -> jax.Array:
   """(V,) int32: the position of each class in ``order``, the inverse permutation."""
   num_classes = order.shape[0]
-  return jnp.zeros((num_classes,), jnp.int32).at[order].set(
-      jnp.arange(num_classes, dtype=jnp.int32)
+  return (
+    jnp.zeros((num_classes,), jnp.int32).at[order].set(jnp.arange(num_classes, dtype=jnp.int32))
   )
 
 
@@ -118,15 +118,15 @@ def tile_columns(local_labels: jax.Array, order: jax.Array | None) -> jax.Array:
 
 
 def skip_table(
-    block_max: jax.Array,  # (vocab blocks, N) or (N, vocab blocks) f32
-    lse: jax.Array,  # (N,) f32
-    filter_scale: jax.Array,  # (N,) f32
-    local_labels: jax.Array,  # (N,) int32, -1 for none
-    order: jax.Array | None,  # (V,) int32 visiting order of the classes; None: the identity
-    tokens: AxisTiling,
-    classes: AxisTiling,
-    filter_eps: float,
-    block_max_token_axis: int,
+  block_max: jax.Array,  # (vocab blocks, N) or (N, vocab blocks) f32
+  lse: jax.Array,  # (N,) f32
+  filter_scale: jax.Array,  # (N,) f32
+  local_labels: jax.Array,  # (N,) int32, -1 for none
+  order: jax.Array | None,  # (V,) int32 visiting order of the classes; None: the identity
+  tokens: AxisTiling,
+  classes: AxisTiling,
+  filter_eps: float,
+  block_max_token_axis: int,
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: True where the backward may skip the tile.
 
@@ -192,17 +192,17 @@ class UniformTerms(NamedTuple):
 
 
 def uniform_terms(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    gamma: jax.Array,  # (N,) f32
-    opts: LossOptions,
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  gamma: jax.Array,  # (N,) f32
+  opts: LossOptions,
 ) -> UniformTerms:
   """The three vectors of the exact uniform smoothing term (see :class:`UniformTerms`)."""
   f32 = jnp.float32
   return UniformTerms(
-      class_sum=jnp.sum(c, axis=opts.vocab_dim, dtype=f32),
-      weighted_e=jnp.dot(gamma.astype(f32), e.astype(f32), precision=lax.Precision.HIGHEST),
-      gamma_sum=jnp.sum(gamma.astype(f32)),
+    class_sum=jnp.sum(c, axis=opts.vocab_dim, dtype=f32),
+    weighted_e=jnp.dot(gamma.astype(f32), e.astype(f32), precision=lax.Precision.HIGHEST),
+    gamma_sum=jnp.sum(gamma.astype(f32)),
   )
 
 
@@ -214,10 +214,10 @@ def exp_shift(peak: jax.Array) -> jax.Array:
 
 
 def online_lse_step(
-    running_max: jax.Array,  # (n,) f32
-    running_sum: jax.Array,  # (n,) f32: sum of exp(z - running_max) so far
-    z: jax.Array,  # (n, v) f32 logits of one tile
-    live: jax.Array | None,  # broadcastable to (n, v) bool: the tile's live classes; None: all
+  running_max: jax.Array,  # (n,) f32
+  running_sum: jax.Array,  # (n,) f32: sum of exp(z - running_max) so far
+  z: jax.Array,  # (n, v) f32 logits of one tile
+  live: jax.Array | None,  # broadcastable to (n, v) bool: the tile's live classes; None: all
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Merges one tile into a running log-sum-exp; returns (max, sum, tile row max), (n,) f32.
 
@@ -230,7 +230,7 @@ def online_lse_step(
   new_max = jnp.maximum(running_max, tile_max)
   shift = exp_shift(new_max)
   new_sum = running_sum * jnp.exp(running_max - shift) + jnp.sum(
-      jnp.exp(z_live - shift[:, None]), axis=1
+    jnp.exp(z_live - shift[:, None]), axis=1
   )
   return new_max, new_sum, tile_max
 

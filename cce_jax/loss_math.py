@@ -79,10 +79,10 @@ def softcap_derivative(z: jax.Array, softcap: float | None) -> jax.Array | float
 
 
 def capped_logits(
-    e: jax.Array,  # (n, D)
-    c: jax.Array,  # (v, D) or (D, v): rows of the classifier, in opts.classifier_layout
-    bias: jax.Array | None,  # (v,)
-    opts: LossOptions,
+  e: jax.Array,  # (n, D)
+  c: jax.Array,  # (v, D) or (D, v): rows of the classifier, in opts.classifier_layout
+  bias: jax.Array | None,  # (v,)
+  opts: LossOptions,
 ) -> jax.Array:
   r"""The soft-capped logits of a tile, (n, v) f32, the products accumulated in f32:
 
@@ -97,11 +97,11 @@ def capped_logits(
 
 
 def target_logits(
-    e: jax.Array,  # (n, D)
-    c: jax.Array,  # (V, D) or (D, V): the whole (local) classifier
-    local_labels: jax.Array,  # (n,) int, -1 where no target class is held
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
+  e: jax.Array,  # (n, D)
+  c: jax.Array,  # (V, D) or (D, V): the whole (local) classifier
+  local_labels: jax.Array,  # (n,) int, -1 where no target class is held
+  bias: jax.Array | None,  # (V,)
+  opts: LossOptions,
 ) -> jax.Array:
   r"""The soft-capped logit of each token's target by an indexed dot, (n,) f32; 0 where the
   label is -1. Gathers n rows of ``c``, never the logits:
@@ -120,11 +120,11 @@ def target_logits(
 
 
 def token_loss(
-    lse: jax.Array,  # (N,) f32
-    target_logit: jax.Array,  # (N,) f32, soft-capped
-    logit_sum: jax.Array | None,  # (N,) f32, sum_v z_nv; None when a == 0
-    num_classes: int,
-    opts: LossOptions,
+  lse: jax.Array,  # (N,) f32
+  target_logit: jax.Array,  # (N,) f32, soft-capped
+  logit_sum: jax.Array | None,  # (N,) f32, sum_v z_nv; None when a == 0
+  num_classes: int,
+  opts: LossOptions,
 ) -> jax.Array:
   r"""The loss of each token before masking, (N,) f32:
 
@@ -166,10 +166,10 @@ def label_kinds(labels: jax.Array, num_classes: int, ignore_index: int) -> Label
 
 
 def mask_token_loss(
-    loss: jax.Array,  # (N,) f32
-    labels: jax.Array,  # (N,) int
-    num_classes: int,
-    ignore_index: int,
+  loss: jax.Array,  # (N,) f32
+  labels: jax.Array,  # (N,) int
+  num_classes: int,
+  ignore_index: int,
 ) -> jax.Array:
   """``loss`` (N,) f32, with 0 at ignored tokens (``labels == ignore_index``) and NaN at labels
   outside [0, V) that are not ``ignore_index``."""
@@ -200,13 +200,13 @@ class TokenCoefficients(NamedTuple):
 
 
 def softmax_grad_tile(
-    z: jax.Array,  # (n, v) f32 soft-capped logits
-    lse: jax.Array,  # (n,) f32
-    is_target: jax.Array,  # (n, v) bool
-    coeffs: TokenCoefficients,  # of the n tokens
-    valid: jax.Array | None,  # (n, v) bool: entries that belong to this tile; None for all
-    opts: LossOptions,
-    uniform_in_tile: bool,
+  z: jax.Array,  # (n, v) f32 soft-capped logits
+  lse: jax.Array,  # (n,) f32
+  is_target: jax.Array,  # (n, v) bool
+  coeffs: TokenCoefficients,  # of the n tokens
+  valid: jax.Array | None,  # (n, v) bool: entries that belong to this tile; None for all
+  opts: LossOptions,
+  uniform_in_tile: bool,
 ) -> jax.Array:
   r"""The gradient of the loss w.r.t. the raw logits ``x`` of a tile, (n, v) f32:
 

@@ -18,11 +18,11 @@ from cce_jax import loss_math
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
 from cce_jax.tiled import (
-    Implementation,
-    LocalForward,
-    LocalGrads,
-    TiledInputs,
-    resolve_block_sizes_of,
+  Implementation,
+  LocalForward,
+  LocalGrads,
+  TiledInputs,
+  resolve_block_sizes_of,
 )
 
 
@@ -34,19 +34,19 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   z = loss_math.capped_logits(e, c, bias, opts)  # (N, V) f32
   target = jnp.take_along_axis(z, jnp.maximum(local_labels, 0)[:, None], axis=-1)[:, 0]
   return LocalForward(
-      lse=jax.nn.logsumexp(z, axis=-1),
-      target=jnp.where(local_labels >= 0, target, 0.0),
-      logit_sum=jnp.sum(z, axis=-1) if opts.label_smoothing > 0.0 else None,
+    lse=jax.nn.logsumexp(z, axis=-1),
+    target=jnp.where(local_labels >= 0, target, 0.0),
+    logit_sum=jnp.sum(z, axis=-1) if opts.label_smoothing > 0.0 else None,
   )
 
 
 def backward(
-    inputs: TiledInputs,
-    residuals: None,
-    lse: jax.Array,  # (N,) f32
-    coeffs: loss_math.TokenCoefficients,
-    filter_scale: jax.Array | None,  # (N,) f32: ignored, the reference is exact
-    opts: LossOptions,
+  inputs: TiledInputs,
+  residuals: None,
+  lse: jax.Array,  # (N,) f32
+  coeffs: loss_math.TokenCoefficients,
+  filter_scale: jax.Array | None,  # (N,) f32: ignored, the reference is exact
+  opts: LossOptions,
 ) -> LocalGrads:
   """dE (N, D) f32, dC (layout and dtype of c) and d_bias (V,) f32 from the materialized
   (N, V) softmax gradient, the uniform smoothing term included in every entry."""
@@ -66,9 +66,9 @@ def backward(
 
 
 def skip_table(
-    inputs: TiledInputs,
-    filter_scale: Callable[[jax.Array], jax.Array],
-    opts: LossOptions,
+  inputs: TiledInputs,
+  filter_scale: Callable[[jax.Array], jax.Array],
+  opts: LossOptions,
 ) -> jax.Array:
   """(1, 1) bool False: one tile, never skipped."""
   del inputs, filter_scale, opts
@@ -76,10 +76,10 @@ def skip_table(
 
 
 IMPLEMENTATION = Implementation(
-    name="reference",
-    forward=forward,
-    backward=backward,
-    skip_table=skip_table,
-    # Block sizes mean nothing here; cce_jax.BlockSizes is accepted as for "xla".
-    resolve_block_sizes=resolve_block_sizes_of(BlockSizes, BlockSizes.get_default),
+  name="reference",
+  forward=forward,
+  backward=backward,
+  skip_table=skip_table,
+  # Block sizes mean nothing here; cce_jax.BlockSizes is accepted as for "xla".
+  resolve_block_sizes=resolve_block_sizes_of(BlockSizes, BlockSizes.get_default),
 )

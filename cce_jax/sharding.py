@@ -45,8 +45,8 @@ def check_axes(name: str, axes: Any) -> Axes | None:
   if isinstance(axes, (tuple, list)) and all(isinstance(a, str) for a in axes):
     return tuple(axes) or None
   raise TypeError(
-      f"`{name}` must be a mesh axis name, a tuple of names, or None, got "
-      f"{type(axes).__name__} ({axes!r})."
+    f"`{name}` must be a mesh axis name, a tuple of names, or None, got "
+    f"{type(axes).__name__} ({axes!r})."
   )
 
 
@@ -65,9 +65,9 @@ def check_bound_axes(token_axes: Axes | None, vocab_axes: Axes | None) -> None:
         lax.axis_size(axis)
       except NameError as err:
         raise ValueError(
-            f"`{name}`={axis!r} is not a mesh axis of an enclosing jax.shard_map. Call "
-            "linear_cross_entropy inside shard_map over a mesh with that axis, or pass "
-            "`mesh=` to let it shard the computation itself."
+          f"`{name}`={axis!r} is not a mesh axis of an enclosing jax.shard_map. Call "
+          "linear_cross_entropy inside shard_map over a mesh with that axis, or pass "
+          "`mesh=` to let it shard the computation itself."
         ) from err
   _check_disjoint(token_axes, vocab_axes)
 
@@ -76,19 +76,19 @@ def _check_disjoint(token_axes: Axes | None, vocab_axes: Axes | None) -> None:
   shared = set(token_axes or ()) & set(vocab_axes or ())
   if shared:
     raise ValueError(
-        f"`token_axes` and `vocab_axis` must not share a mesh axis, both name {sorted(shared)}."
+      f"`token_axes` and `vocab_axis` must not share a mesh axis, both name {sorted(shared)}."
     )
 
 
 def check_mesh_layout(
-    mesh: Any,
-    e: jax.Array,
-    c: jax.Array,
-    labels: jax.Array,
-    classifier_layout: str,
-    token_axes: Axes | None,
-    vocab_axes: Axes | None,
-    shift: Any,
+  mesh: Any,
+  e: jax.Array,
+  c: jax.Array,
+  labels: jax.Array,
+  classifier_layout: str,
+  token_axes: Axes | None,
+  vocab_axes: Axes | None,
+  shift: Any,
 ) -> None:
   """Checks ``mesh=`` against the axes and the arrays' shapes (and known placements).
 
@@ -103,7 +103,7 @@ def check_mesh_layout(
     missing = [a for a in axes or () if a not in mesh.axis_names]
     if missing:
       raise ValueError(
-          f"`{name}` names {missing}, which `mesh` does not have (its axes: {mesh.axis_names})."
+        f"`{name}` names {missing}, which `mesh` does not have (its axes: {mesh.axis_names})."
       )
   _check_disjoint(token_axes, vocab_axes)
   if not hasattr(e, "shape") or not hasattr(c, "shape") or not hasattr(labels, "shape"):
@@ -112,28 +112,28 @@ def check_mesh_layout(
     size = axes_size(mesh, token_axes)
     if e.ndim < 1 or e.shape[0] % size:
       raise ValueError(
-          f"`e`'s leading axis ({e.shape[0] if e.ndim else None}) must be divisible by the "
-          f"{size} devices of `token_axes`={token_axes}."
+        f"`e`'s leading axis ({e.shape[0] if e.ndim else None}) must be divisible by the "
+        f"{size} devices of `token_axes`={token_axes}."
       )
     if e.ndim == 2 and shift not in (0, False):
       raise ValueError(
-          "`shift` with a 2-D `e` (N, D) split over `token_axes` would shift across shards: "
-          "give `e` a batch axis, shape (B, T, D), so that the tokens are split by sequence."
+        "`shift` with a 2-D `e` (N, D) split over `token_axes` would shift across shards: "
+        "give `e` a batch axis, shape (B, T, D), so that the tokens are split by sequence."
       )
   if vocab_axes:
     size = axes_size(mesh, vocab_axes)
     num_classes = c.shape[0 if classifier_layout == "vd" else 1] if c.ndim == 2 else None
     if num_classes is not None and num_classes % size:
       raise ValueError(
-          f"V={num_classes} (the vocabulary size of `c`) must be divisible by the {size} "
-          f"devices of `vocab_axis`={vocab_axes}; pad the classifier to a multiple of {size} "
-          "(with bias -inf or labels that never name the padding)."
+        f"V={num_classes} (the vocabulary size of `c`) must be divisible by the {size} "
+        f"devices of `vocab_axis`={vocab_axes}; pad the classifier to a multiple of {size} "
+        "(with bias -inf or labels that never name the padding)."
       )
   e_split, labels_split = _leading_split(e), _leading_split(labels)
   if e_split is not _UNKNOWN and labels_split is not _UNKNOWN and e_split != labels_split:
     raise ValueError(
-        f"`labels` must be sharded like the tokens of `e` along their leading axis: e is "
-        f"split over {e_split}, labels over {labels_split}."
+      f"`labels` must be sharded like the tokens of `e` along their leading axis: e is "
+      f"split over {e_split}, labels over {labels_split}."
     )
 
 
@@ -160,20 +160,20 @@ def _leading_split(x: jax.Array) -> Any:
 
 
 def run_sharded(
-    per_device: Callable[..., Any],
-    mesh: jax.sharding.Mesh,
-    e: jax.Array,  # (B, ..., D), leading axis split over token_axes
-    c: jax.Array,  # (V, D) or (D, V), vocabulary split over vocab_axes
-    labels: jax.Array,  # (B, ...)
-    bias: jax.Array | None,  # (V,)
-    weights: jax.Array | None = None,  # (B, ...), split like labels
-    *,
-    token_axes: Axes | None,
-    vocab_axes: Axes | None,
-    vocab_dim: int,
-    per_token: bool,
-    return_lse: bool,
-    check_vma: bool = True,
+  per_device: Callable[..., Any],
+  mesh: jax.sharding.Mesh,
+  e: jax.Array,  # (B, ..., D), leading axis split over token_axes
+  c: jax.Array,  # (V, D) or (D, V), vocabulary split over vocab_axes
+  labels: jax.Array,  # (B, ...)
+  bias: jax.Array | None,  # (V,)
+  weights: jax.Array | None = None,  # (B, ...), split like labels
+  *,
+  token_axes: Axes | None,
+  vocab_axes: Axes | None,
+  vocab_dim: int,
+  per_token: bool,
+  return_lse: bool,
+  check_vma: bool = True,
 ):
   """``per_device(e, c, labels, bias, weights)`` on every device of ``mesh`` through
   ``shard_map``; per-token ``weights`` are split like ``labels``.
@@ -197,17 +197,21 @@ def run_sharded(
     specs.append(labels_spec)
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     args = [
-        jax.sharding.reshard(x, NamedSharding(mesh, spec))
-        for x, spec in zip(args, specs, strict=True)
+      jax.sharding.reshard(x, NamedSharding(mesh, spec))
+      for x, spec in zip(args, specs, strict=True)
     ]
+
   def body(e, c, labels, *optional):
     it = iter(optional)
     return per_device(
-        e, c, labels, next(it) if bias is not None else None,
-        next(it) if weights is not None else None,
+      e,
+      c,
+      labels,
+      next(it) if bias is not None else None,
+      next(it) if weights is not None else None,
     )
 
   sharded = jax.shard_map(
-      body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=check_vma
+    body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=check_vma
   )
   return sharded(*args)

@@ -27,7 +27,7 @@ import numpy as np
 
 
 def uniform_inputs(
-    key: jax.Array, num_tokens: int, hidden: int, num_classes: int, dtype=jnp.float32
+  key: jax.Array, num_tokens: int, hidden: int, num_classes: int, dtype=jnp.float32
 ):
   """``e`` (N, D) and ``c`` (V, D) with i.i.d. N(0, 1/sqrt(D)) entries, uniform labels (N,)."""
   k_e, k_c, k_y = jax.random.split(key, 3)
@@ -39,16 +39,16 @@ def uniform_inputs(
 
 
 def trained_like_inputs(
-    key: jax.Array,
-    num_tokens: int,
-    hidden: int,
-    num_classes: int,
-    dtype=jnp.float32,
-    *,
-    zipf_exponent: float = 1.1,
-    logit_scale: float = 1.5,
-    margin: float = 5.0,
-    noise_std: float = 1.0,
+  key: jax.Array,
+  num_tokens: int,
+  hidden: int,
+  num_classes: int,
+  dtype=jnp.float32,
+  *,
+  zipf_exponent: float = 1.1,
+  logit_scale: float = 1.5,
+  margin: float = 5.0,
+  noise_std: float = 1.0,
 ):
   """``e`` (N, D), ``c`` (V, D) and labels (N,) int32 with trained-LM-like logits (module doc)."""
   k_rank, k_y, k_u, k_w, k_noise = jax.random.split(key, 5)
@@ -83,7 +83,7 @@ def softmax_summary(e: jax.Array, c: jax.Array, labels: jax.Array, eps: float = 
   log_p = jax.nn.log_softmax(logits, axis=-1)
   p = jnp.exp(log_p)
   return {
-      "mean_entropy_nats": float(-jnp.mean(jnp.sum(p * log_p, axis=-1))),
-      "median_target_prob": float(jnp.median(jnp.take_along_axis(p, labels[:, None], 1))),
-      "fraction_below_eps": float(jnp.mean(p < eps)),
+    "mean_entropy_nats": float(-jnp.mean(jnp.sum(p * log_p, axis=-1))),
+    "median_target_prob": float(jnp.median(jnp.take_along_axis(p, labels[:, None], 1))),
+    "fraction_below_eps": float(jnp.mean(p < eps)),
   }

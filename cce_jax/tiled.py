@@ -109,7 +109,7 @@ class ForwardFn(Protocol):
   """
 
   def __call__(
-      self, inputs: TiledInputs, opts: LossOptions, for_backward: bool
+    self, inputs: TiledInputs, opts: LossOptions, for_backward: bool
   ) -> LocalForward: ...
 
 
@@ -139,13 +139,13 @@ class BackwardFn(Protocol):
   """
 
   def __call__(
-      self,
-      inputs: TiledInputs,
-      residuals: Any,
-      lse: jax.Array,
-      coeffs: TokenCoefficients,
-      filter_scale: jax.Array | None,
-      opts: LossOptions,
+    self,
+    inputs: TiledInputs,
+    residuals: Any,
+    lse: jax.Array,
+    coeffs: TokenCoefficients,
+    filter_scale: jax.Array | None,
+    opts: LossOptions,
   ) -> LocalGrads: ...
 
 
@@ -155,10 +155,10 @@ class SkipTableFn(Protocol):
   when nothing filters."""
 
   def __call__(
-      self,
-      inputs: TiledInputs,
-      filter_scale: Callable[[jax.Array], jax.Array],
-      opts: LossOptions,
+    self,
+    inputs: TiledInputs,
+    filter_scale: Callable[[jax.Array], jax.Array],
+    opts: LossOptions,
   ) -> jax.Array: ...
 
 
@@ -200,8 +200,9 @@ class Implementation:
   backends: tuple[str, ...] | None = None
 
 
-def resolve_block_sizes_of(block_sizes_type: type, default: Callable[[Any], Any]
-                           ) -> ResolveBlockSizesFn:
+def resolve_block_sizes_of(
+  block_sizes_type: type, default: Callable[[Any], Any]
+) -> ResolveBlockSizesFn:
   """A :class:`ResolveBlockSizesFn` that takes instances of ``block_sizes_type`` and gives
   ``default(dtype)`` for None."""
 
@@ -213,8 +214,7 @@ def resolve_block_sizes_of(block_sizes_type: type, default: Callable[[Any], Any]
       module = block_sizes_type.__module__
       expected = f"cce_jax.{name}" if module.startswith("cce_jax") else f"{module}.{name}"
       raise TypeError(
-          f"`block_sizes` must be a {expected} for this `impl`, got "
-          f"{type(block_sizes).__name__}."
+        f"`block_sizes` must be a {expected} for this `impl`, got {type(block_sizes).__name__}."
       )
     return block_sizes
 
@@ -261,13 +261,17 @@ def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
         block_max = block_max.reshape(axis_size, num_tokens, *block_max.shape[1:])
         block_max = jnp.moveaxis(block_max, 1, 1 + block_max_token_axis)
         residuals = residuals._replace(block_max=block_max)
-      out = LocalForward(per_example(out.lse), per_example(out.target),
-                         per_example(out.logit_sum), residuals)
+      out = LocalForward(
+        per_example(out.lse), per_example(out.target), per_example(out.logit_sum), residuals
+      )
       batched = LocalForward(True, True, None if out.logit_sum is None else True, None)
       if residuals is not None:
-        batched = batched._replace(residuals=Residuals(
+        batched = batched._replace(
+          residuals=Residuals(
             None if residuals.order is None else False,
-            None if residuals.block_max is None else True))
+            None if residuals.block_max is None else True,
+          )
+        )
       return out, batched
 
     return call
@@ -283,8 +287,9 @@ def examples_in_sequence(backward: BackwardFn) -> BackwardFn:
   per-tile branches stay real branches (a vmapped ``cond`` computes both sides) and kernels
   that cannot be batched still run."""
 
-  def sequential_backward(inputs: TiledInputs, residuals, lse, coeffs, filter_scale,
-                          opts: LossOptions):
+  def sequential_backward(
+    inputs: TiledInputs, residuals, lse, coeffs, filter_scale, opts: LossOptions
+  ):
     one_call = functools.partial(backward, opts=opts)
     return sequential_vmap(one_call)(inputs, residuals, lse, coeffs, filter_scale)
 
@@ -298,8 +303,8 @@ __all__ = [
   "LocalForward",
   "LocalGrads",
   "LossOptions",
-  "ResolveBlockSizesFn",
   "Residuals",
+  "ResolveBlockSizesFn",
   "SkipTableFn",
   "TiledInputs",
   "TokenCoefficients",

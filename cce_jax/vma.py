@@ -50,7 +50,5 @@ def shape_dtype_struct(shape: tuple[int, ...], dtype: Any, *refs: Any) -> jax.Sh
   for ref in jax.tree.leaves(refs):
     manual = getattr(jax.typeof(ref), "manual_axis_type", None)
     if manual is not None:
-      return jax.ShapeDtypeStruct(
-          shape, dtype, manual_axis_type=manual.update(varying=axes)
-      )
+      return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual.update(varying=axes))
   return jax.ShapeDtypeStruct(shape, dtype, vma=axes)

@@ -15,10 +15,10 @@ from cce_jax.options import LossOptions
 
 
 def vocab_order(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    bias: jax.Array | None,  # (V,)
-    opts: LossOptions,
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  opts: LossOptions,
 ) -> jax.Array:
   """The backward's class order, (V,) int32: descending average logit over the tokens.
 

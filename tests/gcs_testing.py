@@ -5,8 +5,8 @@
 tell which objects and how much of them a process read. `python tests/gcs_testing.py SRC
 gs://bucket/dir COUNTS -- ARGS...` runs `python -m train ARGS` in this process with the files
 of local directory SRC uploaded to gs://bucket/dir first (not counted) and writes the bytes read
-per object and every ranged read to the JSON file COUNTS at exit: a stand-in for a host of a multi-host job reading
-its data from a bucket.
+per object and every ranged read to the JSON file COUNTS at exit: a stand-in for a host of a
+multi-host job reading its data from a bucket.
 """
 
 from __future__ import annotations
@@ -111,8 +111,11 @@ def _main(argv: list[str]) -> int:
   upload(pathlib.Path(source), url)
   gcs.bytes_read.clear()
   gcs.reads.clear()
-  atexit.register(lambda: pathlib.Path(counts_path).write_text(
-    json.dumps({"bytes_read": gcs.bytes_read, "reads": gcs.reads})))
+  atexit.register(
+    lambda: pathlib.Path(counts_path).write_text(
+      json.dumps({"bytes_read": gcs.bytes_read, "reads": gcs.reads})
+    )
+  )
   from train import cli
 
   return cli.main(train_args)

@@ -15,8 +15,21 @@ def _f64(x):
   return None if x is None else np.asarray(x, dtype=np.float64)
 
 
-def loss_and_lse(e, c, labels, bias, *, ignore_index, softcap, reduction, shift, z_loss,
-                 label_smoothing, classifier_layout, weights=None):
+def loss_and_lse(
+  e,
+  c,
+  labels,
+  bias,
+  *,
+  ignore_index,
+  softcap,
+  reduction,
+  shift,
+  z_loss,
+  label_smoothing,
+  classifier_layout,
+  weights=None,
+):
   """The reduced loss and the per-token lse, float64 (call under jax.enable_x64).
 
   ``weights`` (shape of ``labels``, or None): token n's loss times ``weights[n]``; "mean"
@@ -60,14 +73,17 @@ def objective(loss, lse, loss_weights, lse_weights):
   return value
 
 
-def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, weights=None,
-              **options):
+def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, weights=None, **options):
   """Loss, lse and gradients of ``objective`` w.r.t. (e, c, bias) and, for float per-token
   ``weights``, w.r.t. them ("d_weights"; None otherwise), as float64 numpy arrays."""
   with jax.enable_x64(True):
     w = None if weights is None else jnp.asarray(_f64(weights))
-    args = (jnp.asarray(_f64(e)), jnp.asarray(_f64(c)),
-            None if bias is None else jnp.asarray(_f64(bias)), w)
+    args = (
+      jnp.asarray(_f64(e)),
+      jnp.asarray(_f64(c)),
+      None if bias is None else jnp.asarray(_f64(bias)),
+      w,
+    )
     labels = jnp.asarray(np.asarray(labels))
     lw = None if loss_weights is None else jnp.asarray(_f64(loss_weights))
     hw = None if lse_weights is None else jnp.asarray(_f64(lse_weights))
@@ -76,17 +92,15 @@ def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, weight
       loss, lse = loss_and_lse(e, c, labels, bias, weights=w, **options)
       return objective(loss, lse, lw, hw), (loss, lse)
 
-    (_, (loss, lse)), grads = jax.value_and_grad(scalar, argnums=(0, 1, 2, 3), has_aux=True)(
-        *args
-    )
+    (_, (loss, lse)), grads = jax.value_and_grad(scalar, argnums=(0, 1, 2, 3), has_aux=True)(*args)
     float_weights = weights is not None and np.asarray(weights).dtype != np.bool_
     return {
-        "loss": np.asarray(loss),
-        "lse": np.asarray(lse),
-        "d_e": np.asarray(grads[0]),
-        "d_c": np.asarray(grads[1]),
-        "d_bias": None if bias is None else np.asarray(grads[2]),
-        "d_weights": np.asarray(grads[3]) if float_weights else None,
+      "loss": np.asarray(loss),
+      "lse": np.asarray(lse),
+      "d_e": np.asarray(grads[0]),
+      "d_c": np.asarray(grads[1]),
+      "d_bias": None if bias is None else np.asarray(grads[2]),
+      "d_weights": np.asarray(grads[3]) if float_weights else None,
     }
 
 

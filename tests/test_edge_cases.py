@@ -28,7 +28,7 @@ def test_all_ignored_mean_is_zero_with_zero_gradients(impl):
   e, c, labels = _inputs(2, 6)
   labels = jnp.full_like(labels, -100)
   loss, grads = jax.value_and_grad(
-      lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, impl=impl), argnums=(0, 1)
+    lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, impl=impl), argnums=(0, 1)
   )(e, c)
   assert float(loss) == 0.0
   for grad in grads:
@@ -37,20 +37,20 @@ def test_all_ignored_mean_is_zero_with_zero_gradients(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
-    ("batch", "seq_len", "shift"), [(0, 5, 0), (2, 0, 0), (2, 1, 1), (3, 4, 4)]
+  ("batch", "seq_len", "shift"), [(0, 5, 0), (2, 0, 0), (2, 1, 1), (3, 4, 4)]
 )
 def test_no_tokens(impl, batch, seq_len, shift):
   e, c, labels = _inputs(batch, seq_len)
   for reduction in ("mean", "sum"):
     loss, (d_e, d_c) = jax.value_and_grad(
-        lambda e, c, r=reduction: cce_jax.linear_cross_entropy(
-            e, c, labels, impl=impl, shift=shift, reduction=r
-        ),
-        argnums=(0, 1),
+      lambda e, c, r=reduction: cce_jax.linear_cross_entropy(
+        e, c, labels, impl=impl, shift=shift, reduction=r
+      ),
+      argnums=(0, 1),
     )(e, c)
     assert float(loss) == 0.0 and not np.any(d_e) and not np.any(d_c)
   loss, lse = cce_jax.linear_cross_entropy(
-      e, c, labels, impl=impl, shift=shift, reduction="none", return_lse=True
+    e, c, labels, impl=impl, shift=shift, reduction="none", return_lse=True
   )
   assert loss.shape == lse.shape == (batch, seq_len - shift)
 
@@ -63,27 +63,36 @@ def test_out_of_range_label_poisons_loss_and_gradients(impl):
   assert np.isnan(per_token[1, 2]) and np.isnan(per_token[0, 0])
   assert np.isfinite(np.delete(np.asarray(per_token).ravel(), [0, 7])).all()
   loss, (d_e, d_c) = jax.value_and_grad(
-      lambda e, c: cce_jax.linear_cross_entropy(e, c, bad, impl=impl), argnums=(0, 1)
+    lambda e, c: cce_jax.linear_cross_entropy(e, c, bad, impl=impl), argnums=(0, 1)
   )(e, c)
   assert np.isnan(loss)
   assert np.isnan(np.asarray(d_e)).any() and np.isnan(np.asarray(d_c)).any()
 
 
 @pytest.mark.parametrize(
-    "blocks", [cce_jax.BlockSizes(1, 1), cce_jax.BlockSizes(3, 5), cce_jax.BlockSizes(10**6, 10**6)]
+  "blocks", [cce_jax.BlockSizes(1, 1), cce_jax.BlockSizes(3, 5), cce_jax.BlockSizes(10**6, 10**6)]
 )
 def test_any_block_size_is_correct(blocks):
   e, c, labels = _inputs(2, 7, seed=3)
   bias = jnp.asarray(np.random.default_rng(4).normal(size=(NUM_CLASSES,)), jnp.float32)
   loss, grads = jax.value_and_grad(
-      lambda e, c, b: cce_jax.linear_cross_entropy(
-          e, c, labels, bias=b, block_sizes=blocks, filter_eps=None, label_smoothing=0.1
-      ),
-      argnums=(0, 1, 2),
+    lambda e, c, b: cce_jax.linear_cross_entropy(
+      e, c, labels, bias=b, block_sizes=blocks, filter_eps=None, label_smoothing=0.1
+    ),
+    argnums=(0, 1, 2),
   )(e, c, bias)
   want = reference64.reference(
-      e, c, labels, bias, ignore_index=-100, softcap=None, reduction="mean", shift=0,
-      z_loss=0.0, label_smoothing=0.1, classifier_layout="vd",
+    e,
+    c,
+    labels,
+    bias,
+    ignore_index=-100,
+    softcap=None,
+    reduction="mean",
+    shift=0,
+    z_loss=0.0,
+    label_smoothing=0.1,
+    classifier_layout="vd",
   )
   assert_rel_close("loss", loss, want["loss"], 2e-6)
   for name, got in zip(("d_e", "d_c", "d_bias"), grads, strict=True):
@@ -95,11 +104,20 @@ def test_float64_inputs_under_x64():
     e, c, labels = _inputs(2, 5, seed=5)
     e, c = e.astype(jnp.float64), c.astype(jnp.float64)
     loss, d_e = jax.value_and_grad(
-        lambda e: cce_jax.linear_cross_entropy(e, c, labels.astype(jnp.int64), filter_eps=None)
+      lambda e: cce_jax.linear_cross_entropy(e, c, labels.astype(jnp.int64), filter_eps=None)
     )(e)
     want = reference64.reference(
-        e, c, labels, None, ignore_index=-100, softcap=None, reduction="mean", shift=0,
-        z_loss=0.0, label_smoothing=0.0, classifier_layout="vd",
+      e,
+      c,
+      labels,
+      None,
+      ignore_index=-100,
+      softcap=None,
+      reduction="mean",
+      shift=0,
+      z_loss=0.0,
+      label_smoothing=0.0,
+      classifier_layout="vd",
     )
     assert d_e.dtype == jnp.float64
     assert_rel_close("loss", loss, want["loss"], 1e-6)
@@ -109,13 +127,13 @@ def test_float64_inputs_under_x64():
 def _temp_bytes(layout: str, num_tokens=2048, hidden=512, num_classes=32768) -> int:
   shape_c = (num_classes, hidden) if layout == "vd" else (hidden, num_classes)
   args = (
-      jax.ShapeDtypeStruct((num_tokens, hidden), jnp.float32),
-      jax.ShapeDtypeStruct(shape_c, jnp.float32),
-      jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+    jax.ShapeDtypeStruct((num_tokens, hidden), jnp.float32),
+    jax.ShapeDtypeStruct(shape_c, jnp.float32),
+    jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
   )
   fn = jax.value_and_grad(
-      lambda e, c, y: cce_jax.linear_cross_entropy(e, c, y, classifier_layout=layout),
-      argnums=(0, 1),
+    lambda e, c, y: cce_jax.linear_cross_entropy(e, c, y, classifier_layout=layout),
+    argnums=(0, 1),
   )
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 

@@ -26,15 +26,19 @@ def base(tmp_path_factory):
 
 def _tiny_run(base: pathlib.Path, workdir: pathlib.Path) -> list[str]:
   """Overrides of the tests' tiny run in ``workdir``, checkpointing at its end."""
-  return train_testing.overrides(workdir, base / "data_cache", f"steps={STEPS}",
-                                 f"checkpoint_every={STEPS}")
+  return train_testing.overrides(
+    workdir, base / "data_cache", f"steps={STEPS}", f"checkpoint_every={STEPS}"
+  )
 
 
 def _cpu_env(base: pathlib.Path, port: int) -> dict[str, str]:
-  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": train_testing.FAST_COMPILE,
-          "JAX_NUM_PROCESSES": "2",
-          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-          **train_testing.cache_env(base / "jax_cache")}
+  return {
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": train_testing.FAST_COMPILE,
+    "JAX_NUM_PROCESSES": "2",
+    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+    **train_testing.cache_env(base / "jax_cache"),
+  }
 
 
 def _assert_trained(workdir: pathlib.Path, output: str) -> None:
@@ -57,9 +61,14 @@ def _wait_for_files(paths: list[pathlib.Path], pids: list[pathlib.Path]) -> None
 def test_launch_worker_command_starts_a_two_host_run(base, tmp_path):
   workdir = tmp_path / "run"
   env_file = write_env(
-      tmp_path, ACCELERATOR_TYPE="v5p-16", REMOTE_DIR=str(ROOT),
-      REMOTE_VENV=str(fake_venv(tmp_path / "venv")), CONFIG="configs/default.yaml",
-      WORKDIR=str(workdir), TRAIN_ARGS=" ".join(_tiny_run(base, workdir)))
+    tmp_path,
+    ACCELERATOR_TYPE="v5p-16",
+    REMOTE_DIR=str(ROOT),
+    REMOTE_VENV=str(fake_venv(tmp_path / "venv")),
+    CONFIG="configs/default.yaml",
+    WORKDIR=str(workdir),
+    TRAIN_ARGS=" ".join(_tiny_run(base, workdir)),
+  )
   result = run_script("launch.sh", "--env", str(env_file), "--print-worker-command")
   assert result.returncode == 0, result.stderr
   command = result.stdout.strip()
@@ -70,8 +79,9 @@ def test_launch_worker_command_starts_a_two_host_run(base, tmp_path):
   for process_id, home in enumerate(homes):  # each worker runs it in its home directory
     home.mkdir()
     env = dict(os.environ, JAX_PROCESS_ID=str(process_id), **_cpu_env(base, port))
-    started = subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True,
-                             text=True, timeout=60)
+    started = subprocess.run(
+      ["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=60
+    )
     assert started.returncode == 0, started.stderr
     assert "trainer started" in started.stdout
   logs = [home / "cce_jax_logs" for home in homes]
@@ -95,18 +105,31 @@ def test_slurm_sbatch_starts_one_process_per_task(base, tmp_path):
   env = dict(os.environ, **_cpu_env(base, 0))
   for name in ["JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"]:
     env.pop(name)  # the script sets them
-  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="77",
-             SLURM_JOB_NODELIST="node[1-2]", SLURM_NTASKS="2", FAKE_SLURM_NODES="2",
-             REPO_DIR=str(ROOT), VENV=str(fake_venv(tmp_path / "venv")), LOG_DIR=str(logs),
-             CONFIG="configs/default.yaml", WORKDIR=str(workdir),
-             COORDINATOR_PORT=str(train_testing.free_port()))
+  env.update(
+    PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+    SLURM_JOB_ID="77",
+    SLURM_JOB_NODELIST="node[1-2]",
+    SLURM_NTASKS="2",
+    FAKE_SLURM_NODES="2",
+    REPO_DIR=str(ROOT),
+    VENV=str(fake_venv(tmp_path / "venv")),
+    LOG_DIR=str(logs),
+    CONFIG="configs/default.yaml",
+    WORKDIR=str(workdir),
+    COORDINATOR_PORT=str(train_testing.free_port()),
+  )
   script = str(ROOT / "gcp" / "slurm_train.sbatch")
   dry = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True)
   assert dry.returncode == 0, dry.stderr
   assert "JAX_COORDINATOR_ADDRESS=localhost:" in dry.stdout and "JAX_NUM_PROCESSES=2" in dry.stdout
 
-  result = subprocess.run(["bash", script, *_tiny_run(base, workdir)], env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+  result = subprocess.run(
+    ["bash", script, *_tiny_run(base, workdir)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   task_logs = [logs / f"77-task-{task}.log" for task in range(2)]
   outputs = [log.read_text() if log.exists() else "" for log in task_logs]
   assert result.returncode == 0, result.stderr + "".join(o[-3000:] for o in outputs)

@@ -15,7 +15,8 @@ from pallas_kernels.probes import common, cuda_lowering, jax_triton, mosaic_gpu,
 # The Triton route's lowering warns that Pallas' Triton backend is deprecated (JAX >= 0.11);
 # the probe records it (see test_triton_pallas_toy_lowers_for_cuda).
 pytestmark = pytest.mark.filterwarnings(
-    f"ignore:{triton_pallas.DEPRECATION_MESSAGE}:DeprecationWarning")
+  f"ignore:{triton_pallas.DEPRECATION_MESSAGE}:DeprecationWarning"
+)
 
 
 @pytest.mark.parametrize("generation", ["h100", "a100"])
@@ -25,8 +26,9 @@ def test_mosaic_gpu_toy_lowers_for_cuda(generation):
   assert result.detail == f"custom calls {[cuda_lowering.MOSAIC_GPU_CALL]}"
 
 
-@pytest.mark.skipif(not mosaic_gpu.has_gpu_interpret_mode(),
-                    reason="Mosaic GPU interpret mode needs JAX >= 0.11")
+@pytest.mark.skipif(
+  not mosaic_gpu.has_gpu_interpret_mode(), reason="Mosaic GPU interpret mode needs JAX >= 0.11"
+)
 def test_mosaic_gpu_toy_matches_float64_in_gpu_interpret_mode():
   e, c = common.example_inputs(seed=7)
   lse = mosaic_gpu.tile_lse(e, c, interpret=mosaic_gpu.plgpu.InterpretGPUParams())
@@ -48,8 +50,9 @@ def test_triton_pallas_toy_lowers_for_cuda(generation):
 
 def test_triton_pallas_toy_matches_float64_in_interpret_mode():
   e, c = common.example_inputs(seed=8)
-  assert_rel_close("lse", triton_pallas.tile_lse(e, c, interpret=True),
-                   common.reference_lse(e, c), 1e-6)
+  assert_rel_close(
+    "lse", triton_pallas.tile_lse(e, c, interpret=True), common.reference_lse(e, c), 1e-6
+  )
 
 
 def test_xla_route_lowers_without_custom_calls_and_matches_float64():
@@ -71,8 +74,9 @@ def test_jax_triton_probe_without_the_package_says_unavailable():
 
 def test_check_numbers_reports_wrong_numbers_and_exceptions():
   e, c = common.example_inputs()
-  wrong = common.check_numbers("toy", "off by 1e-3",
-                               lambda e, c: common.reference_lse(e, c) * (1 + 1e-3))
+  wrong = common.check_numbers(
+    "toy", "off by 1e-3", lambda e, c: common.reference_lse(e, c) * (1 + 1e-3)
+  )
   assert wrong.status == "failed" and "1.0e-03" in wrong.detail
 
   def broken(e, c):
@@ -95,5 +99,5 @@ def test_probe_table_and_its_command_line(capsys):
 def test_every_route_is_a_probe_module():
   for route in probes_main.ROUTES:
     module = __import__(f"pallas_kernels.probes.{route}", fromlist=["probes"])
-    assert module.ROUTE == route
+    assert route == module.ROUTE
     assert callable(module.probes)

@@ -36,9 +36,9 @@ def temp_bytes(fn: Callable[..., Any], *args: jax.ShapeDtypeStruct) -> int:
 
 def _args(n: int, d: int, v: int, dtype=jnp.float32) -> tuple[jax.ShapeDtypeStruct, ...]:
   return (
-      jax.ShapeDtypeStruct((n, d), dtype),
-      jax.ShapeDtypeStruct((v, d), dtype),
-      jax.ShapeDtypeStruct((n,), jnp.int32),
+    jax.ShapeDtypeStruct((n, d), dtype),
+    jax.ShapeDtypeStruct((v, d), dtype),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
   )
 
 
@@ -59,10 +59,10 @@ def forward_bound(n: int, d: int, v: int) -> int:
   """Temp bytes the f32 loss (forward only) may use."""
   tb, vb = _blocks(n, v)
   counted = (
-      2 * vb * d * F32  # the classifier block being multiplied (and one more in flight)
-      + 2 * tb * d * F32  # the token block of e (and one more in flight)
-      + 2 * tb * vb * F32  # logit tile and its exp / masked copy
-      + 4 * (n + v) * F32  # per-token loss, lse, running max/sum; per-class vectors
+    2 * vb * d * F32  # the classifier block being multiplied (and one more in flight)
+    + 2 * tb * d * F32  # the token block of e (and one more in flight)
+    + 2 * tb * vb * F32  # logit tile and its exp / masked copy
+    + 4 * (n + v) * F32  # per-token loss, lse, running max/sum; per-class vectors
   )
   return int(SLACK * counted)
 
@@ -71,11 +71,11 @@ def loss_and_grad_bound(n: int, d: int, v: int) -> int:
   """Temp bytes the f32 loss + gradient w.r.t. e and c may use."""
   tb, vb = _blocks(n, v)
   counted = (
-      n * d * F32  # the f32 dE accumulator (for f32 e XLA may place it in the output)
-      + 4 * vb * d * F32  # gathered c block, dC block accumulator, dC product, its sum
-      + 2 * tb * d * F32  # e block, dE product for its rows
-      + 2 * tb * vb * F32  # logit tile and softmax-gradient tile
-      + 4 * (n + v) * F32  # lse, loss coefficients; class score, sort keys and order
+    n * d * F32  # the f32 dE accumulator (for f32 e XLA may place it in the output)
+    + 4 * vb * d * F32  # gathered c block, dC block accumulator, dC product, its sum
+    + 2 * tb * d * F32  # e block, dE product for its rows
+    + 2 * tb * vb * F32  # logit tile and softmax-gradient tile
+    + 4 * (n + v) * F32  # lse, loss coefficients; class score, sort keys and order
   )
   return int(SLACK * counted)
 
@@ -123,7 +123,7 @@ def test_temp_memory_grows_only_by_vectors_with_vocab():
   # any (V, D)- or (N, V)-sized temporary would add gigabytes. Measured: +0.9 MB.
   small, large = 32768, V
   grown = temp_bytes(_loss_and_grad, *_args(N, D, large)) - temp_bytes(
-      _loss_and_grad, *_args(N, D, small)
+    _loss_and_grad, *_args(N, D, small)
   )
   assert grown <= 8 * (large - small) * F32, f"temp grew by {grown:,} B"
 

@@ -18,11 +18,18 @@ HERE = pathlib.Path(__file__).parent
 def test_multidevice_suite(request):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
   env["CCE_JAX_MULTIDEVICE"] = "1"
-  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             str(HERE / "multidevice")]
+  command = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    str(HERE / "multidevice"),
+  ]
   if request.config.getoption("--runslow"):
     command.append("--runslow")
   run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE.parent)

@@ -12,12 +12,12 @@ import zlib
 
 import pytest
 from testing import (
-    FULL_CROSS_PRODUCT,
-    OPTION_SPACE,
-    PAIRWISE,
-    SINGLE_OPTION,
-    case_id,
-    check_case,
+  FULL_CROSS_PRODUCT,
+  OPTION_SPACE,
+  PAIRWISE,
+  SINGLE_OPTION,
+  case_id,
+  check_case,
 )
 
 IMPLS = ("xla", "reference")

@@ -23,12 +23,12 @@ import reference64
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from testing import (
-    PAIRWISE,
-    SINGLE_OPTION,
-    assert_rel_close,
-    case_id,
-    check_case,
-    primitive_names,
+  PAIRWISE,
+  SINGLE_OPTION,
+  assert_rel_close,
+  case_id,
+  check_case,
+  primitive_names,
 )
 
 import cce_jax
@@ -71,23 +71,26 @@ def test_public_api_runs_the_three_kernels():
   c = jnp.ones((40, 24), jnp.float32)
   labels = jnp.zeros((20,), jnp.int32)
   loss = lambda e, c: cce_jax.linear_cross_entropy(
-      e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS)
+    e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS
+  )
   names = primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(e, c).jaxpr)
   assert names.count("pallas_call") == 3
 
 
 @pytest.mark.parametrize("case", PAIRWISE, ids=[case_id(c) for c in PAIRWISE])
 def test_pairwise_options(case):
-  check_case("pallas_gpu", case, zlib.crc32(case_id(case).encode()), block_sizes=BLOCKS,
-             interpret=True)
+  check_case(
+    "pallas_gpu", case, zlib.crc32(case_id(case).encode()), block_sizes=BLOCKS, interpret=True
+  )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", SINGLE_OPTION, ids=[case_id(c) for c in SINGLE_OPTION])
 def test_each_option_alone(case):
   # Every option value also appears in float32 among the pairwise cases, which run by default.
-  check_case("pallas_gpu", case, zlib.crc32(case_id(case).encode()) + 1, block_sizes=BLOCKS,
-             interpret=True)
+  check_case(
+    "pallas_gpu", case, zlib.crc32(case_id(case).encode()) + 1, block_sizes=BLOCKS, interpret=True
+  )
 
 
 # ---- vmap: the forward folded into one kernel call, the backward example by example -------
@@ -104,8 +107,16 @@ def _vmap_inputs(classifier_per_example: bool = False):
 
 def _vmapped_loss(impl: str, blocks, c_axis):
   per_example = lambda e1, c1, labels1: cce_jax.linear_cross_entropy(
-      e1, c1, labels1, impl=impl, block_sizes=blocks, interpret=True, filter_eps=1e-3,
-      label_smoothing=0.1, z_loss=0.01)
+    e1,
+    c1,
+    labels1,
+    impl=impl,
+    block_sizes=blocks,
+    interpret=True,
+    filter_eps=1e-3,
+    label_smoothing=0.1,
+    z_loss=0.01,
+  )
   return jax.vmap(per_example, in_axes=(0, c_axis, 0))
 
 
@@ -117,8 +128,9 @@ def test_vmap_folds_forward_and_maps_backward():
 
   def total(impl, blocks):
     batched = _vmapped_loss(impl, blocks, None)
-    return jax.jit(jax.value_and_grad(
-        lambda e, c: jnp.sum(batched(e, c, labels)), argnums=(0, 1)))(e, c)
+    return jax.jit(jax.value_and_grad(lambda e, c: jnp.sum(batched(e, c, labels)), argnums=(0, 1)))(
+      e, c
+    )
 
   loss, (d_e, d_c) = total("pallas_gpu", BLOCKS)
   loss_xla, (d_e_xla, d_c_xla) = total("xla", cce_jax.BlockSizes(token_block=8, vocab_block=32))
@@ -138,8 +150,18 @@ def test_vmap_with_a_classifier_per_example_runs_the_examples_in_sequence():
   assert_rel_close("loss", loss, want, 2e-5)
   for b in range(3):
     exact = reference64.reference(
-        e[b], c[b], labels[b], None, ignore_index=-100, softcap=None, reduction="mean",
-        shift=0, z_loss=0.01, label_smoothing=0.1, classifier_layout="vd")
+      e[b],
+      c[b],
+      labels[b],
+      None,
+      ignore_index=-100,
+      softcap=None,
+      reduction="mean",
+      shift=0,
+      z_loss=0.01,
+      label_smoothing=0.1,
+      classifier_layout="vd",
+    )
     assert_rel_close(f"loss[{b}]", loss[b], exact["loss"], 2e-5)
 
 
@@ -172,10 +194,12 @@ def _loss_and_grads(opts: LossOptions):
 
 def _abstract_args(num_tokens, hidden, num_classes, dtype, layout, bias):
   c_shape = (num_classes, hidden) if layout == "vd" else (hidden, num_classes)
-  return (jax.ShapeDtypeStruct((num_tokens, hidden), dtype),
-          jax.ShapeDtypeStruct(c_shape, dtype),
-          jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
-          jax.ShapeDtypeStruct((num_classes,), dtype) if bias else None)
+  return (
+    jax.ShapeDtypeStruct((num_tokens, hidden), dtype),
+    jax.ShapeDtypeStruct(c_shape, dtype),
+    jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+    jax.ShapeDtypeStruct((num_classes,), dtype) if bias else None,
+  )
 
 
 def _export_for_cuda(fn, args, mesh=None):
@@ -183,21 +207,25 @@ def _export_for_cuda(fn, args, mesh=None):
 
 
 @pytest.mark.parametrize(
-    "dtype, layout, sort_vocab, options",
-    [
-        ("bfloat16", "vd", True, dict(filter_eps=2.0**-12, label_smoothing=0.1)),
-        ("bfloat16", "dv", True, dict(filter_eps=2.0**-12, softcap=30.0)),
-        ("bfloat16", "vd", False, dict(filter_eps=2.0**-12, filter_c_grad=False)),
-        ("float16", "dv", False, dict(filter_eps=None, softcap=30.0, label_smoothing=0.1)),
-        ("float32", "vd", True, dict(filter_eps=None, z_loss=1e-4)),
-        ("float32", "dv", True, dict(filter_eps=2.0**-28, filter_e_grad=False)),
-    ],
+  "dtype, layout, sort_vocab, options",
+  [
+    ("bfloat16", "vd", True, dict(filter_eps=2.0**-12, label_smoothing=0.1)),
+    ("bfloat16", "dv", True, dict(filter_eps=2.0**-12, softcap=30.0)),
+    ("bfloat16", "vd", False, dict(filter_eps=2.0**-12, filter_c_grad=False)),
+    ("float16", "dv", False, dict(filter_eps=None, softcap=30.0, label_smoothing=0.1)),
+    ("float32", "vd", True, dict(filter_eps=None, z_loss=1e-4)),
+    ("float32", "dv", True, dict(filter_eps=2.0**-28, filter_e_grad=False)),
+  ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernels_lower_for_cuda_at_the_paper_shape(dtype, layout, sort_vocab, options, bias):
   num_tokens, hidden, num_classes = PAPER_SHAPE
-  opts = LossOptions(classifier_layout=layout, sort_vocab=sort_vocab,
-                     block_sizes=GPUBlockSizes.get_default(dtype), **options)
+  opts = LossOptions(
+    classifier_layout=layout,
+    sort_vocab=sort_vocab,
+    block_sizes=GPUBlockSizes.get_default(dtype),
+    **options,
+  )
   args = _abstract_args(num_tokens, hidden, num_classes, jnp.dtype(dtype), layout, bias)
   exported = _export_for_cuda(_loss_and_grads(opts), args)
   module = exported.mlir_module()
@@ -211,11 +239,13 @@ def test_kernels_lower_for_each_gpu_generation(generation):
   """The default tiles of each generation lower for that GPU (sm_80 for "a100", sm_90 for
   "h100" on JAX >= 0.11, which reads the target from an abstract device; JAX 0.10 lowers both
   for sm_90)."""
-  opts = LossOptions(filter_eps=2.0**-12,
-                     block_sizes=GPUBlockSizes.get_default("bfloat16", generation=generation))
+  opts = LossOptions(
+    filter_eps=2.0**-12, block_sizes=GPUBlockSizes.get_default("bfloat16", generation=generation)
+  )
   args = _abstract_args(4099, 2304, 50_001, jnp.bfloat16, "vd", True)
-  module = cuda_lowering.export_for_cuda(_loss_and_grads(opts), args,
-                                       generation=generation).mlir_module()
+  module = cuda_lowering.export_for_cuda(
+    _loss_and_grads(opts), args, generation=generation
+  ).mlir_module()
   assert re.findall(r'name = "(cce_\w+)"', module) == ["cce_forward", "cce_grad_e", "cce_grad_c"]
 
 
@@ -242,19 +272,27 @@ def test_kernels_lower_inside_shard_map_with_check_vma(monkeypatch):
   specs = (P("data"), P("tensor"), P("data"))
 
   def per_device(e, c, labels):
-    loss = cce_jax.linear_cross_entropy(e, c, labels, impl="pallas_gpu", vocab_axis="tensor",
-                                        reduction="sum", block_sizes=GPUBlockSizes())
+    loss = cce_jax.linear_cross_entropy(
+      e,
+      c,
+      labels,
+      impl="pallas_gpu",
+      vocab_axis="tensor",
+      reduction="sum",
+      block_sizes=GPUBlockSizes(),
+    )
     return jax.lax.psum(loss, "data")
 
   def loss_grads(e, c, labels):
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
-                            check_vma=True)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)
     return jax.grad(sharded, argnums=(0, 1))(e, c, labels)
 
-  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-          for shape, dtype, spec in zip(((256, 64), (1000, 64), (256,)),
-                                        (jnp.bfloat16, jnp.bfloat16, jnp.int32), specs,
-                                        strict=True)]
+  args = [
+    jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+    for shape, dtype, spec in zip(
+      ((256, 64), (1000, 64), (256,)), (jnp.bfloat16, jnp.bfloat16, jnp.int32), specs, strict=True
+    )
+  ]
   module = _export_for_cuda(loss_grads, args, mesh).mlir_module()
   assert module.count("custom_call @__gpu$xla.gpu.triton") == 3
 
@@ -278,23 +316,28 @@ def test_offsets_are_64_bit_past_2_31_elements(layout):
   """N x D and V x D beyond 2**31 (a 100B-class model's classifier: V=256000, D=12288, with
   256k tokens): every pointer offset into e, c, dE and dC is computed in 64 bits; at the paper
   shape they are 32-bit, so the test can tell the two apart."""
-  opts = LossOptions(classifier_layout=layout, filter_eps=2.0**-12,
-                     block_sizes=GPUBlockSizes.get_default(jnp.bfloat16))
+  opts = LossOptions(
+    classifier_layout=layout,
+    filter_eps=2.0**-12,
+    block_sizes=GPUBlockSizes.get_default(jnp.bfloat16),
+  )
 
   def run(e, c, labels, bias):
     inputs = TiledInputs(e, c, labels, bias)
     out = implementation.forward(inputs, opts, True, debug=True)
     coeffs = TokenCoefficients(g=out.lse, alpha=out.lse, beta=out.lse, gamma=out.lse)
-    return implementation.backward(inputs, out.residuals, out.lse, coeffs, out.lse, opts,
-                                   debug=True)
+    return implementation.backward(
+      inputs, out.residuals, out.lse, coeffs, out.lse, opts, debug=True
+    )
 
   big = _triton_ir(run, _abstract_args(2**18, 12288, 256000, jnp.bfloat16, layout, False))
   assert 256000 * 12288 > 2**31 and 2**18 * 12288 > 2**31
   assert big.count("The Triton module for pallas_call") == 3
   assert _pointer_offset_widths(big, "bf16") == {"i64"}  # e and c, every kernel
   assert _pointer_offset_widths(big, "f32") >= {"i64"}  # dE and dC (lse & co: i32 is fine)
-  small = _triton_ir(run, _abstract_args(*PAPER_SHAPE[:2], PAPER_SHAPE[2], jnp.bfloat16,
-                                         layout, False))
+  small = _triton_ir(
+    run, _abstract_args(*PAPER_SHAPE[:2], PAPER_SHAPE[2], jnp.bfloat16, layout, False)
+  )
   assert _pointer_offset_widths(small, "bf16") == {"i32"}
 
 
@@ -338,23 +381,24 @@ def test_oversized_tiles_are_rejected_before_lowering():
   e = jnp.ones((32, 64), jnp.float32)
   c = jnp.ones((64, 64), jnp.float32)
   with pytest.raises(ValueError, match=r"float32 inputs"):
-    cce_jax.linear_cross_entropy(e, c, jnp.zeros((32,), jnp.int32), impl="pallas_gpu",
-                                 interpret=True, block_sizes=sizes)
+    cce_jax.linear_cross_entropy(
+      e, c, jnp.zeros((32,), jnp.int32), impl="pallas_gpu", interpret=True, block_sizes=sizes
+    )
 
 
 @pytest.mark.parametrize(
-    "field, value, error, message",
-    [
-        ("token_block", 48, ValueError, r"`GPUBlockSizes.token_block` must be a power of two"),
-        ("vocab_block", 8, ValueError, r"`GPUBlockSizes.vocab_block` must be a power of two"),
-        ("hidden_block", 0, ValueError, r"`GPUBlockSizes.hidden_block` must be a power of two"),
-        ("token_block", 64.0, TypeError, r"`GPUBlockSizes.token_block` must be an int"),
-        ("num_warps", True, TypeError, r"`GPUBlockSizes.num_warps` must be an int"),
-        ("num_warps", 3, ValueError, r"`GPUBlockSizes.num_warps` must be one of"),
-        ("num_stages", 0, ValueError, r"`GPUBlockSizes.num_stages` must be >= 1"),
-        ("vocab_splits", 0, ValueError, r"`GPUBlockSizes.vocab_splits` must be >= 1"),
-        ("generation", "v100", ValueError, r"`GPUBlockSizes.generation` must be one of"),
-    ],
+  "field, value, error, message",
+  [
+    ("token_block", 48, ValueError, r"`GPUBlockSizes.token_block` must be a power of two"),
+    ("vocab_block", 8, ValueError, r"`GPUBlockSizes.vocab_block` must be a power of two"),
+    ("hidden_block", 0, ValueError, r"`GPUBlockSizes.hidden_block` must be a power of two"),
+    ("token_block", 64.0, TypeError, r"`GPUBlockSizes.token_block` must be an int"),
+    ("num_warps", True, TypeError, r"`GPUBlockSizes.num_warps` must be an int"),
+    ("num_warps", 3, ValueError, r"`GPUBlockSizes.num_warps` must be one of"),
+    ("num_stages", 0, ValueError, r"`GPUBlockSizes.num_stages` must be >= 1"),
+    ("vocab_splits", 0, ValueError, r"`GPUBlockSizes.vocab_splits` must be >= 1"),
+    ("generation", "v100", ValueError, r"`GPUBlockSizes.generation` must be one of"),
+  ],
 )
 def test_bad_block_sizes_name_the_field(field, value, error, message):
   with pytest.raises(error, match=message):
@@ -365,11 +409,13 @@ def test_block_sizes_of_the_wrong_type_and_too_small_problems_are_rejected():
   e = jnp.ones((8, 24), jnp.float32)
   labels = jnp.zeros((8,), jnp.int32)
   with pytest.raises(TypeError, match="GPUBlockSizes"):
-    cce_jax.linear_cross_entropy(e, jnp.ones((40, 24)), labels, impl="pallas_gpu",
-                                 block_sizes=cce_jax.BlockSizes())
+    cce_jax.linear_cross_entropy(
+      e, jnp.ones((40, 24)), labels, impl="pallas_gpu", block_sizes=cce_jax.BlockSizes()
+    )
   with pytest.raises(ValueError, match=r"V=10"):
-    cce_jax.linear_cross_entropy(e, jnp.ones((10, 24)), labels, impl="pallas_gpu",
-                                 interpret=True, block_sizes=BLOCKS)
+    cce_jax.linear_cross_entropy(
+      e, jnp.ones((10, 24)), labels, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS
+    )
 
 
 # ---- on a real GPU -------------------------------------------------------------------------
@@ -388,8 +434,9 @@ def test_compiled_kernels_match_the_reference(case, blocks):
 @gpu_only
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_compiled_kernels_match_xla_on_trained_like_inputs(dtype):
-  e, c, labels = synthetic.trained_like_inputs(jax.random.key(7), 4096, 512, 32003,
-                                               jnp.dtype(dtype))
+  e, c, labels = synthetic.trained_like_inputs(
+    jax.random.key(7), 4096, 512, 32003, jnp.dtype(dtype)
+  )
 
   def grads(impl):
     loss = lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, impl=impl, filter_eps=None)

@@ -25,11 +25,11 @@ from cce_jax.options import LossOptions
 from cce_jax.tiled import TiledInputs
 from pallas_kernels.tpu import IMPLEMENTATION, TPUBlockSizes, implementation, kernels
 from pallas_kernels.tpu.block_sizes import (
-    DEFAULT_VMEM_BUDGET,
-    VMEM_HEADROOM,
-    Tiles,
-    kernel_vmem_bytes,
-    resolve,
+  DEFAULT_VMEM_BUDGET,
+  VMEM_HEADROOM,
+  Tiles,
+  kernel_vmem_bytes,
+  resolve,
 )
 
 # The smallest legal tiles: every block a multiple of 128 (or the whole dimension).
@@ -53,8 +53,9 @@ def _check(case: dict, seed: int) -> None:
 
 # Every option value also occurs in PAIRWISE, which runs by default; each option alone (the
 # easier failure to read) runs with --runslow, to keep this file's default run within budget.
-_SINGLE = [pytest.param(c, marks=() if c["dtype"] == "float16" else pytest.mark.slow)
-           for c in SINGLE_OPTION]
+_SINGLE = [
+  pytest.param(c, marks=() if c["dtype"] == "float16" else pytest.mark.slow) for c in SINGLE_OPTION
+]
 
 
 @pytest.mark.parametrize("case", _SINGLE, ids=[case_id(c) for c in SINGLE_OPTION])
@@ -75,17 +76,46 @@ RAGGED_N, RAGGED_D, RAGGED_V = 300, 200, 400
 # A budget at which the heuristic gives the backward two hidden chunks and the forward one.
 TIGHT_BUDGET = TPUBlockSizes(token_block=128, vocab_block=128, vmem_budget_bytes=1_750_000)
 RAGGED_CASES = [
-    dict(dtype="float32", layout="vd", bias=True, softcap=4.0, label_smoothing=0.2,
-         z_loss=0.05, blocks=TIGHT_BUDGET),
-    dict(dtype="bfloat16", layout="dv", bias=True, softcap=None, label_smoothing=0.2,
-         z_loss=0.0, blocks=SMALLEST),
-    dict(dtype="float32", layout="dv", bias=True, softcap=None, label_smoothing=0.0,
-         z_loss=0.0, blocks=SMALLEST),
-    dict(dtype="float32", layout="vd", bias=False, softcap=None, label_smoothing=0.0,
-         z_loss=0.05, blocks=TPUBlockSizes(128, 128, 256)),  # one hidden chunk
+  dict(
+    dtype="float32",
+    layout="vd",
+    bias=True,
+    softcap=4.0,
+    label_smoothing=0.2,
+    z_loss=0.05,
+    blocks=TIGHT_BUDGET,
+  ),
+  dict(
+    dtype="bfloat16",
+    layout="dv",
+    bias=True,
+    softcap=None,
+    label_smoothing=0.2,
+    z_loss=0.0,
+    blocks=SMALLEST,
+  ),
+  dict(
+    dtype="float32",
+    layout="dv",
+    bias=True,
+    softcap=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    blocks=SMALLEST,
+  ),
+  dict(
+    dtype="float32",
+    layout="vd",
+    bias=False,
+    softcap=None,
+    label_smoothing=0.0,
+    z_loss=0.05,
+    blocks=TPUBlockSizes(128, 128, 256),
+  ),  # one hidden chunk
 ]
-_RAGGED = [pytest.param(c, marks=pytest.mark.slow) if k >= 2 else c
-           for k, c in enumerate(RAGGED_CASES)]
+_RAGGED = [
+  pytest.param(c, marks=pytest.mark.slow) if k >= 2 else c for k, c in enumerate(RAGGED_CASES)
+]
 
 
 def test_tight_budget_splits_hidden_unevenly():
@@ -107,20 +137,37 @@ def test_ragged_blocks(case):
   bias = rng.normal(size=(RAGGED_V,)).astype(np.float32) if case["bias"] else None
   loss_weights = rng.normal(size=(RAGGED_N,))
   lse_weights = rng.normal(size=(RAGGED_N,)) * 0.1
-  options = dict(ignore_index=-100, softcap=case["softcap"], reduction="none", shift=0,
-                 z_loss=case["z_loss"], label_smoothing=case["label_smoothing"],
-                 classifier_layout=case["layout"])
-  expected = reference64.reference(e, c, labels, bias, loss_weights=loss_weights,
-                                   lse_weights=lse_weights, **options)
+  options = dict(
+    ignore_index=-100,
+    softcap=case["softcap"],
+    reduction="none",
+    shift=0,
+    z_loss=case["z_loss"],
+    label_smoothing=case["label_smoothing"],
+    classifier_layout=case["layout"],
+  )
+  expected = reference64.reference(
+    e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, **options
+  )
   dtype = jnp.dtype(case["dtype"])
   blocks = case["blocks"]
 
   def scalar(e, c, bias):
     loss, lse = cce_jax.linear_cross_entropy(
-        e, c, labels, bias=bias, return_lse=True, impl="pallas_tpu", filter_eps=None,
-        block_sizes=blocks, interpret=True, **options)
-    value = reference64.objective(loss, lse, jnp.asarray(loss_weights, jnp.float32),
-                                  jnp.asarray(lse_weights, jnp.float32))
+      e,
+      c,
+      labels,
+      bias=bias,
+      return_lse=True,
+      impl="pallas_tpu",
+      filter_eps=None,
+      block_sizes=blocks,
+      interpret=True,
+      **options,
+    )
+    value = reference64.objective(
+      loss, lse, jnp.asarray(loss_weights, jnp.float32), jnp.asarray(lse_weights, jnp.float32)
+    )
     return value, (loss, lse)
 
   cast = lambda x: None if x is None else jnp.asarray(x, dtype)
@@ -148,11 +195,20 @@ def test_vmap_folds_forward_and_maps_backward():
 
   def total(impl, blocks):
     per_example = lambda e1, c, labels1: cce_jax.linear_cross_entropy(
-        e1, c, labels1, impl=impl, block_sizes=blocks, interpret=True, filter_eps=1e-3,
-        label_smoothing=0.1, z_loss=0.01)
+      e1,
+      c,
+      labels1,
+      impl=impl,
+      block_sizes=blocks,
+      interpret=True,
+      filter_eps=1e-3,
+      label_smoothing=0.1,
+      z_loss=0.01,
+    )
     batched = jax.vmap(per_example, in_axes=(0, None, 0))
-    return jax.jit(jax.value_and_grad(
-        lambda e, c: jnp.sum(batched(e, c, labels)), argnums=(0, 1)))(e, c)
+    return jax.jit(jax.value_and_grad(lambda e, c: jnp.sum(batched(e, c, labels)), argnums=(0, 1)))(
+      e, c
+    )
 
   loss, (d_e, d_c) = total("pallas_tpu", SMALLEST)
   loss_xla, (d_e_xla, d_c_xla) = total("xla", cce_jax.BlockSizes(token_block=8, vocab_block=32))
@@ -169,7 +225,8 @@ def test_bad_label_poisons_gradients_with_filtering():
   c = jnp.asarray(rng.normal(size=(75, 24)), jnp.bfloat16)
   labels = jnp.asarray(rng.integers(0, 75, size=(40,)), jnp.int32).at[5].set(75)
   loss_fn = lambda e, c: cce_jax.linear_cross_entropy(
-      e, c, labels, impl="pallas_tpu", block_sizes=SMALLEST, interpret=True)
+    e, c, labels, impl="pallas_tpu", block_sizes=SMALLEST, interpret=True
+  )
   loss, (d_e, d_c) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(e, c)
   assert np.isnan(loss)
   assert np.isnan(np.asarray(d_e, np.float32)[5]).all()
@@ -186,13 +243,18 @@ def _unit_scale(lse):
 
 
 def _skip_table(e, c, labels, opts):
-  return jax.jit(lambda e, c, labels: implementation.skip_table(
-      TiledInputs(e, c, labels, None), _unit_scale, opts))(e, c, labels)
+  return jax.jit(
+    lambda e, c, labels: implementation.skip_table(
+      TiledInputs(e, c, labels, None), _unit_scale, opts
+    )
+  )(e, c, labels)
 
 
-@pytest.mark.parametrize("filter_flags", [
-    (True, True), pytest.param((True, False), marks=pytest.mark.slow)],
-    ids=["filter_e_and_c", "filter_e_only"])
+@pytest.mark.parametrize(
+  "filter_flags",
+  [(True, True), pytest.param((True, False), marks=pytest.mark.slow)],
+  ids=["filter_e_and_c", "filter_e_only"],
+)
 def test_filtering_drops_exactly_the_skipped_tiles(filter_flags):
   """The filtered gradient is the exact one less the tiles of the skip table, the rule holds
   on every dropped entry, and the error is bounded by the dropped mass."""
@@ -200,10 +262,16 @@ def test_filtering_drops_exactly_the_skipped_tiles(filter_flags):
   filter_eps = 1e-2
   filter_e_grad, filter_c_grad = filter_flags
   e, c, labels = synthetic.trained_like_inputs(
-      jax.random.key(1), num_tokens, hidden, num_classes, jnp.float32)
+    jax.random.key(1), num_tokens, hidden, num_classes, jnp.float32
+  )
   blocks = TPUBlockSizes(token_block=128, vocab_block=128)
-  opts = LossOptions(filter_eps=filter_eps, filter_e_grad=filter_e_grad,
-                     filter_c_grad=filter_c_grad, block_sizes=blocks, interpret=True)
+  opts = LossOptions(
+    filter_eps=filter_eps,
+    filter_e_grad=filter_e_grad,
+    filter_c_grad=filter_c_grad,
+    block_sizes=blocks,
+    interpret=True,
+  )
   skip = np.asarray(_skip_table(e, c, labels, opts))  # (token blocks, vocab blocks)
   assert skip.mean() >= 0.15, f"only {skip.mean():.2f} of the tiles skipped: test too weak"
 
@@ -222,17 +290,31 @@ def test_filtering_drops_exactly_the_skipped_tiles(filter_flags):
   expected_e = (kept if filter_e_grad else dx) @ c64
   expected_c = (kept if filter_c_grad else dx).T @ e64
 
-  d_e, d_c = jax.jit(jax.grad(lambda e, c: cce_jax.linear_cross_entropy(
-      e, c, labels, reduction="sum", impl="pallas_tpu", filter_eps=filter_eps,
-      filter_e_grad=filter_e_grad, filter_c_grad=filter_c_grad, block_sizes=blocks,
-      interpret=True), argnums=(0, 1)))(e, c)
+  d_e, d_c = jax.jit(
+    jax.grad(
+      lambda e, c: cce_jax.linear_cross_entropy(
+        e,
+        c,
+        labels,
+        reduction="sum",
+        impl="pallas_tpu",
+        filter_eps=filter_eps,
+        filter_e_grad=filter_e_grad,
+        filter_c_grad=filter_c_grad,
+        block_sizes=blocks,
+        interpret=True,
+      ),
+      argnums=(0, 1),
+    )
+  )(e, c)
   assert_rel_close("d_e", d_e, expected_e, 2e-5)
   assert_rel_close("d_c", d_c, expected_c, 2e-5)
   # Against the exact gradient the error stays within the mass of the dropped entries.
   lost = np.where(dropped, np.abs(dx), 0.0)
   assert np.linalg.norm(np.asarray(d_e) - dx @ c64) <= 1.01 * np.linalg.norm(lost @ np.abs(c64))
   assert np.linalg.norm(np.asarray(d_c) - dx.T @ e64) <= 1.01 * np.linalg.norm(
-      lost.T @ np.abs(e64)) + 1e-5 * np.linalg.norm(dx.T @ e64)
+    lost.T @ np.abs(e64)
+  ) + 1e-5 * np.linalg.norm(dx.T @ e64)
 
 
 def test_sort_makes_tiles_skippable():
@@ -240,16 +322,26 @@ def test_sort_makes_tiles_skippable():
   almost none; the count agrees with the "xla" implementation's skip table."""
   num_tokens, hidden, num_classes = 512, 128, 4096
   e, c, labels = synthetic.trained_like_inputs(
-      jax.random.key(0), num_tokens, hidden, num_classes, jnp.bfloat16)
+    jax.random.key(0), num_tokens, hidden, num_classes, jnp.bfloat16
+  )
   fractions = {}
   for sort in (True, False):
-    opts = LossOptions(filter_eps=2.0**-12, sort_vocab=sort,
-                       block_sizes=TPUBlockSizes(token_block=128, vocab_block=128),
-                       interpret=True)
+    opts = LossOptions(
+      filter_eps=2.0**-12,
+      sort_vocab=sort,
+      block_sizes=TPUBlockSizes(token_block=128, vocab_block=128),
+      interpret=True,
+    )
     skip = _skip_table(e, c, labels, opts)
     fractions[sort] = float(jnp.mean(skip))
-    xla = cce_jax.filter_stats(e, c, labels, filter_eps=2.0**-12, sort_vocab=sort,
-                               block_sizes=cce_jax.BlockSizes(token_block=128, vocab_block=128))
+    xla = cce_jax.filter_stats(
+      e,
+      c,
+      labels,
+      filter_eps=2.0**-12,
+      sort_vocab=sort,
+      block_sizes=cce_jax.BlockSizes(token_block=128, vocab_block=128),
+    )
     assert int(jnp.sum(skip)) == int(xla["skipped_tiles"])
   assert fractions[True] >= 0.1, fractions
   assert fractions[False] <= fractions[True] / 4, fractions
@@ -261,9 +353,12 @@ def test_sort_skipped_fraction_larger():
   e, c, labels = synthetic.trained_like_inputs(jax.random.key(0), 1024, 256, 8192, jnp.bfloat16)
   fractions = {}
   for sort in (True, False):
-    opts = LossOptions(filter_eps=2.0**-12, sort_vocab=sort,
-                       block_sizes=TPUBlockSizes(token_block=128, vocab_block=128),
-                       interpret=True)
+    opts = LossOptions(
+      filter_eps=2.0**-12,
+      sort_vocab=sort,
+      block_sizes=TPUBlockSizes(token_block=128, vocab_block=128),
+      interpret=True,
+    )
     fractions[sort] = float(jnp.mean(_skip_table(e, c, labels, opts)))
   assert fractions[True] >= 0.5 and fractions[False] == 0.0, fractions
 
@@ -274,14 +369,24 @@ def test_sort_costs_one_classifier_copy():
   reports), and nothing of that size without it."""
   num_tokens, hidden, num_classes = 512, 256, 8192
   s = jax.ShapeDtypeStruct
-  args = (s((num_tokens, hidden), jnp.float32), s((num_classes, hidden), jnp.float32),
-          s((num_tokens,), jnp.int32))
+  args = (
+    s((num_tokens, hidden), jnp.float32),
+    s((num_classes, hidden), jnp.float32),
+    s((num_tokens,), jnp.int32),
+  )
   copy_bytes = num_classes * hidden * 4
 
   def temp_bytes(sort_vocab):
     loss = lambda e, c, labels: cce_jax.linear_cross_entropy(
-        e, c, labels, impl="pallas_tpu", block_sizes=TPUBlockSizes(256, 512), interpret=True,
-        sort_vocab=sort_vocab, filter_eps=1e-6)
+      e,
+      c,
+      labels,
+      impl="pallas_tpu",
+      block_sizes=TPUBlockSizes(256, 512),
+      interpret=True,
+      sort_vocab=sort_vocab,
+      filter_eps=1e-6,
+    )
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -301,6 +406,7 @@ def _pretend_tpu(device_kind: str):
   """
   try:
     from jax._src.pallas.mosaic import tpu_info
+
     chip = tpu_info.chip_version_from_device_kind(device_kind)
     info = lambda: tpu_info.get_tpu_info_for_chip(chip, 1)
     registry, get_info = tpu_info.registry, tpu_info.get_tpu_info
@@ -324,37 +430,60 @@ def _export_both(shape, dtype, opts: LossOptions, with_bias: bool):
   num_tokens, hidden, num_classes = shape
   s = jax.ShapeDtypeStruct
   c_shape = (num_classes, hidden) if opts.classifier_layout == "vd" else (hidden, num_classes)
-  args = (s((num_tokens, hidden), dtype), s(c_shape, dtype), s((num_tokens,), jnp.int32),
-          s((num_classes,), dtype) if with_bias else None)
+  args = (
+    s((num_tokens, hidden), dtype),
+    s(c_shape, dtype),
+    s((num_tokens,), jnp.int32),
+    s((num_classes,), dtype) if with_bias else None,
+  )
 
   def forward(e, c, labels, bias):
     return IMPLEMENTATION.forward(TiledInputs(e, c, labels, bias), opts, for_backward=True)
 
   def backward(e, c, labels, bias, residuals, lse, coeffs, filter_scale):
-    return IMPLEMENTATION.backward(TiledInputs(e, c, labels, bias), residuals, lse, coeffs,
-                                   filter_scale, opts)
+    return IMPLEMENTATION.backward(
+      TiledInputs(e, c, labels, bias), residuals, lse, coeffs, filter_scale, opts
+    )
 
   fwd = jax.export.export(jax.jit(forward), platforms=["tpu"])(*args)
   vector = s((num_tokens,), jnp.float32)
   residuals = jax.eval_shape(forward, *args).residuals
   scale = vector if opts.filters_anything else None
   bwd = jax.export.export(jax.jit(backward), platforms=["tpu"])(
-      *args, residuals, vector, TokenCoefficients(vector, vector, vector, vector), scale)
+    *args, residuals, vector, TokenCoefficients(vector, vector, vector, vector), scale
+  )
   return fwd.mlir_module(), bwd.mlir_module()
 
 
 EXPORT_OPTIONS = {
-    # bf16, bias, label smoothing outside the tiles, filtering with the sort, default tiles.
-    "bf16-filtered": (jnp.bfloat16, LossOptions(
-        filter_eps=2.0**-12, label_smoothing=0.1, block_sizes=TPUBlockSizes()), True),
-    # f32, (D, V) classifier, softcap with smoothing in the tiles, exact, 32 MiB tiles.
-    "f32-dv-softcap": (jnp.float32, LossOptions(
-        softcap=30.0, label_smoothing=0.1, classifier_layout="dv",
-        block_sizes=TPUBlockSizes(vmem_budget_bytes=32 * MIB)), False),
-    # bf16, one hidden chunk (32 MiB budget at the paper shape), filtering dE only.
-    "bf16-32MiB-filter-e": (jnp.bfloat16, LossOptions(
-        filter_eps=2.0**-12, filter_c_grad=False, z_loss=1e-4,
-        block_sizes=TPUBlockSizes(vmem_budget_bytes=32 * MIB)), True),
+  # bf16, bias, label smoothing outside the tiles, filtering with the sort, default tiles.
+  "bf16-filtered": (
+    jnp.bfloat16,
+    LossOptions(filter_eps=2.0**-12, label_smoothing=0.1, block_sizes=TPUBlockSizes()),
+    True,
+  ),
+  # f32, (D, V) classifier, softcap with smoothing in the tiles, exact, 32 MiB tiles.
+  "f32-dv-softcap": (
+    jnp.float32,
+    LossOptions(
+      softcap=30.0,
+      label_smoothing=0.1,
+      classifier_layout="dv",
+      block_sizes=TPUBlockSizes(vmem_budget_bytes=32 * MIB),
+    ),
+    False,
+  ),
+  # bf16, one hidden chunk (32 MiB budget at the paper shape), filtering dE only.
+  "bf16-32MiB-filter-e": (
+    jnp.bfloat16,
+    LossOptions(
+      filter_eps=2.0**-12,
+      filter_c_grad=False,
+      z_loss=1e-4,
+      block_sizes=TPUBlockSizes(vmem_budget_bytes=32 * MIB),
+    ),
+    True,
+  ),
 }
 
 
@@ -377,12 +506,22 @@ def test_export_rejects_what_a_tpu_rejects():
   s = jax.ShapeDtypeStruct
 
   def lower(token_block):
-    tiles = Tiles(token_block, 128, hidden, -(-num_tokens // token_block), num_classes // 128,
-                  1, DEFAULT_VMEM_BUDGET, hidden, 1)
+    tiles = Tiles(
+      token_block,
+      128,
+      hidden,
+      -(-num_tokens // token_block),
+      num_classes // 128,
+      1,
+      DEFAULT_VMEM_BUDGET,
+      hidden,
+      1,
+    )
     geo = kernels.Geometry(num_tokens, num_classes, hidden, 0, tiles)
     fn = lambda e, c: kernels.forward_stats(e, c, None, geo, math, False, True, False)
     return jax.export.export(jax.jit(fn), platforms=["tpu"])(
-        s((num_tokens, hidden), jnp.bfloat16), s((num_classes, hidden), jnp.bfloat16))
+      s((num_tokens, hidden), jnp.bfloat16), s((num_classes, hidden), jnp.bfloat16)
+    )
 
   with _pretend_tpu("TPU v5 lite"):
     lower(128)
@@ -393,7 +532,9 @@ def test_export_rejects_what_a_tpu_rejects():
 # ---- block sizes and the VMEM heuristic ------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, error, match", [
+@pytest.mark.parametrize(
+  "field, value, error, match",
+  [
     ("token_block", 100, ValueError, "token_block` must be a positive multiple of 128"),
     ("vocab_block", 0, ValueError, "vocab_block` must be a positive multiple of 128"),
     ("hidden_block", 64, ValueError, "hidden_block` must be a positive multiple of 128"),
@@ -401,7 +542,8 @@ def test_export_rejects_what_a_tpu_rejects():
     ("vocab_block", True, TypeError, "vocab_block` must be an int or None"),
     ("vmem_budget_bytes", None, TypeError, "vmem_budget_bytes` must be an int"),
     ("vmem_budget_bytes", 1000, ValueError, "vmem_budget_bytes` must be at least 1 MiB"),
-])
+  ],
+)
 def test_block_sizes_validation(field, value, error, match):
   with pytest.raises(error, match=match):
     TPUBlockSizes(**{field: value})
@@ -412,8 +554,9 @@ def test_block_sizes_in_the_api():
   c = jnp.ones((16, 8), jnp.float32)
   labels = jnp.zeros((4,), jnp.int32)
   with pytest.raises(TypeError, match="block_sizes"):
-    cce_jax.linear_cross_entropy(e, c, labels, impl="pallas_tpu", interpret=True,
-                                 block_sizes=cce_jax.BlockSizes())
+    cce_jax.linear_cross_entropy(
+      e, c, labels, impl="pallas_tpu", interpret=True, block_sizes=cce_jax.BlockSizes()
+    )
   assert TPUBlockSizes.get_default(jnp.bfloat16) == TPUBlockSizes()
   assert IMPLEMENTATION.resolve_block_sizes(None, jnp.float32) == TPUBlockSizes()
 
@@ -426,17 +569,22 @@ def test_vmem_heuristic_fits(shape, dtype, budget):
   default scoped VMEM; 32 MiB: v5p/v6e), obey the tiling rules, and use more of a larger
   budget."""
   num_tokens, hidden, num_classes = shape
-  tiles = resolve(TPUBlockSizes(vmem_budget_bytes=budget), num_tokens, hidden, num_classes,
-                  dtype)
+  tiles = resolve(TPUBlockSizes(vmem_budget_bytes=budget), num_tokens, hidden, num_classes, dtype)
   itemsize = jnp.dtype(dtype).itemsize
-  need = kernel_vmem_bytes(tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden,
-                           itemsize)
-  need["forward"] = kernel_vmem_bytes(tiles.token_block, tiles.vocab_block,
-                                      tiles.forward_hidden_block, hidden, itemsize)["forward"]
+  need = kernel_vmem_bytes(
+    tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden, itemsize
+  )
+  need["forward"] = kernel_vmem_bytes(
+    tiles.token_block, tiles.vocab_block, tiles.forward_hidden_block, hidden, itemsize
+  )["forward"]
   assert max(need.values()) <= VMEM_HEADROOM * budget, need
   assert tiles.vmem_limit_bytes == budget
-  for block in (tiles.token_block, tiles.vocab_block, tiles.hidden_block,
-                tiles.forward_hidden_block):
+  for block in (
+    tiles.token_block,
+    tiles.vocab_block,
+    tiles.hidden_block,
+    tiles.forward_hidden_block,
+  ):
     assert (block % 128 == 0 and block >= 128) or block == hidden, tiles
   assert tiles.num_hidden_blocks == -(-hidden // tiles.hidden_block)
   assert tiles.forward_hidden_block >= tiles.hidden_block
@@ -463,16 +611,28 @@ def test_vmem_heuristic_choices():
 def test_float16_is_rejected_clearly():
   e = jnp.ones((4, 8), jnp.float16)
   with pytest.raises(TypeError, match="float32 or bfloat16 `e` and `c`, got float16"):
-    cce_jax.linear_cross_entropy(e, jnp.ones((16, 8), jnp.float16), jnp.zeros((4,), jnp.int32),
-                                 impl="pallas_tpu", interpret=True)
+    cce_jax.linear_cross_entropy(
+      e,
+      jnp.ones((16, 8), jnp.float16),
+      jnp.zeros((4,), jnp.int32),
+      impl="pallas_tpu",
+      interpret=True,
+    )
 
 
 def test_float64_is_rejected_with_its_own_advice():
   """The float64 message speaks of float64 (it used to give the float16 advice)."""
   with jax.enable_x64(True):
     e = jnp.ones((4, 8), jnp.float64)
-    with pytest.raises(TypeError, match=r"got float64 \(the TPU kernels have no float64; cast "
-                                        r"to float32, or use impl='xla' or impl='reference'"):
-      cce_jax.linear_cross_entropy(e, jnp.ones((16, 8), jnp.float64),
-                                   jnp.zeros((4,), jnp.int32), impl="pallas_tpu", interpret=True)
-
+    with pytest.raises(
+      TypeError,
+      match=r"got float64 \(the TPU kernels have no float64; cast "
+      r"to float32, or use impl='xla' or impl='reference'",
+    ):
+      cce_jax.linear_cross_entropy(
+        e,
+        jnp.ones((16, 8), jnp.float64),
+        jnp.zeros((4,), jnp.int32),
+        impl="pallas_tpu",
+        interpret=True,
+      )

@@ -25,9 +25,9 @@ import train_testing
 
 STEPS = 50
 RUNS = {
-    "naive": ["loss_impl=naive"],
-    "cce_default_filtering": [],
-    "cce_filtering_off": ["loss.filter_eps=null"],
+  "naive": ["loss_impl=naive"],
+  "cce_default_filtering": [],
+  "cce_filtering_off": ["loss.filter_eps=null"],
 }
 # (max |loss difference| in nats, parameter relative difference) allowed against naive.
 TOLERANCE = {"cce_default_filtering": (0.05, 0.15), "cce_filtering_off": (0.008, 0.035)}
@@ -39,12 +39,21 @@ def runs(tmp_path_factory):
     out = {}
     for name, extra in RUNS.items():
       workdir = base / f"cce_vs_naive_{name}"
-      train_testing.train(train_testing.overrides(
-          workdir, base / "data_cache", f"steps={STEPS}", f"checkpoint_every={STEPS}",
-          "model.dtype=bfloat16", *extra))
+      train_testing.train(
+        train_testing.overrides(
+          workdir,
+          base / "data_cache",
+          f"steps={STEPS}",
+          f"checkpoint_every={STEPS}",
+          "model.dtype=bfloat16",
+          *extra,
+        )
+      )
       losses = train_testing.losses(workdir)
-      out[name] = (np.array([losses[s] for s in range(1, STEPS + 1)]),
-                   train_testing.final_params(workdir))
+      out[name] = (
+        np.array([losses[s] for s in range(1, STEPS + 1)]),
+        train_testing.final_params(workdir),
+      )
     yield out
 
 

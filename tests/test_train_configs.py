@@ -25,9 +25,17 @@ from train.sharding import mesh_shape
 
 CONFIGS_DIR = train_testing.ROOT / "configs"
 SHIPPED = ("default.yaml", "gemma2_2b.yaml", "llama3_8b_v5p32.yaml", "llama3_8b_v5p256.yaml")
-TOP_LEVEL_KEYS = {"workdir": "/tmp/x", "steps": 40, "batch_size": 16, "seq_len": 64,
-                  "loss_impl": "naive", "seed": 3, "checkpoint_every": 7, "log_every": 2,
-                  "eval_every": 5}
+TOP_LEVEL_KEYS = {
+  "workdir": "/tmp/x",
+  "steps": 40,
+  "batch_size": 16,
+  "seq_len": 64,
+  "loss_impl": "naive",
+  "seed": 3,
+  "checkpoint_every": 7,
+  "log_every": 2,
+  "eval_every": 5,
+}
 
 
 def run_aot(*args: str, devices_env: int | None = None) -> subprocess.CompletedProcess:
@@ -35,8 +43,14 @@ def run_aot(*args: str, devices_env: int | None = None) -> subprocess.CompletedP
   env = train_testing.subprocess_env(JAX_PLATFORMS="cpu")
   if devices_env is not None:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_env}"
-  return subprocess.run([sys.executable, "-m", "train.aot", *args], cwd=train_testing.ROOT,
-                        env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [sys.executable, "-m", "train.aot", *args],
+    cwd=train_testing.ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 def test_configs_dir_holds_exactly_the_shipped_configs():
@@ -46,8 +60,9 @@ def test_configs_dir_holds_exactly_the_shipped_configs():
 def test_every_config_compiles_and_fits_its_hardware():
   # Two compiles at a time: XLA:CPU compiles on one core.
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    runs = dict(zip(SHIPPED, pool.map(lambda name: run_aot(f"configs/{name}"), SHIPPED),
-                    strict=True))
+    runs = dict(
+      zip(SHIPPED, pool.map(lambda name: run_aot(f"configs/{name}"), SHIPPED), strict=True)
+    )
   for name, run in runs.items():
     cfg = config.load(CONFIGS_DIR / name)
     assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
@@ -63,8 +78,15 @@ def test_every_config_compiles_and_fits_its_hardware():
 def test_aot_fails_a_config_that_does_not_fit():
   # The default model on a made-up slice of 0.01 GiB chips: its peak of about 0.1 GiB per
   # device exceeds that. --devices 2 beats both XLA_FLAGS (3 devices) and hardware.chips (5).
-  run = run_aot("--devices", "2", "configs/default.yaml", "hardware.chip=v5e",
-                "hardware.chips=5", "hardware.hbm_gib=0.01", devices_env=3)
+  run = run_aot(
+    "--devices",
+    "2",
+    "configs/default.yaml",
+    "hardware.chip=v5e",
+    "hardware.chips=5",
+    "hardware.hbm_gib=0.01",
+    devices_env=3,
+  )
   assert run.returncode == 1, run.stdout + run.stderr
   assert "compiled for 2 cpu devices; mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout
   peak = float(re.search(r"does NOT fit: peak ([0-9.]+) GiB per device", run.stdout).group(1))
@@ -74,19 +96,28 @@ def test_aot_fails_a_config_that_does_not_fit():
 
 def test_aot_real_devices_compiles_for_the_devices_jax_finds():
   # Here the "real" devices are 2 host devices; hardware.chips (5) is not forced.
-  run = run_aot("--real-devices", "configs/default.yaml", "hardware.chip=v5e", "hardware.chips=5",
-                "hardware.hbm_gib=16", devices_env=2)
+  run = run_aot(
+    "--real-devices",
+    "configs/default.yaml",
+    "hardware.chip=v5e",
+    "hardware.chips=5",
+    "hardware.hbm_gib=16",
+    devices_env=2,
+  )
   assert run.returncode == 0, run.stdout + run.stderr
   assert "compiled for 2 cpu devices; mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout
   assert "fits: peak" in run.stdout and "<= 16.00 GiB (5 x v5e)" in run.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
     (["configs/default.yaml", "--devices", "0"], "--devices must be >= 1, got 0"),
     (["configs/default.yaml", "stepz=1"], "unknown config key(s) ['stepz']"),
     (["configs/missing.yaml"], "config file 'configs/missing.yaml' not found"),
     (["configs/default.yaml", "hardware.chip=v9"], "hardware.chip must be one of"),
-])
+  ],
+)
 def test_aot_bad_config_is_one_line_and_status_2(args, message, capsys, monkeypatch):
   monkeypatch.chdir(train_testing.ROOT)
   assert aot.main(args) == 2
@@ -94,10 +125,13 @@ def test_aot_bad_config_is_one_line_and_status_2(args, message, capsys, monkeypa
   assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize(("args", "message"), [
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
     (["configs/default.yaml", "--devices", "x"], "argument --devices: invalid int value: 'x'"),
     ([], "the following arguments are required: CONFIG.yaml"),
-])
+  ],
+)
 def test_aot_bad_arguments_are_one_line_and_status_2(args, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     aot.main(args)
@@ -111,8 +145,13 @@ def test_aot_help(capsys):
     aot.main(["--help"])
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
-  for word in ("usage: python -m train.aot", "--devices N", "--real-devices", "key=value",
-               "hardware.hbm_gib"):
+  for word in (
+    "usage: python -m train.aot",
+    "--devices N",
+    "--real-devices",
+    "key=value",
+    "hardware.hbm_gib",
+  ):
     assert word in out
 
 
@@ -164,23 +203,40 @@ def test_top_level_keys_override_as_written(key):
 
 
 def test_dotted_overrides_reach_nested_sections():
-  cfg = config.load(None, ["model.num_layers=3", "optim.learning_rate=1e-3",
-                           "mesh.rules.vocab=null", "data.paths=[a.txt]", "data.source=text",
-                           "loss.filter_eps=null"])
+  cfg = config.load(
+    None,
+    [
+      "model.num_layers=3",
+      "optim.learning_rate=1e-3",
+      "mesh.rules.vocab=null",
+      "data.paths=[a.txt]",
+      "data.source=text",
+      "loss.filter_eps=null",
+    ],
+  )
   assert cfg.model.num_layers == 3 and cfg.optim.learning_rate == 1e-3
   assert cfg.mesh.rules["vocab"] is None and cfg.data.paths == ("a.txt",)
   assert cfg.loss.filter_eps is None
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("distributed=on", "on"), ("distributed=off", "off"), ("distributed='on'", "on"),
-    ("distributed=auto", "auto"), ("distributed=true", "on")])
+@pytest.mark.parametrize(
+  ("override", "expected"),
+  [
+    ("distributed=on", "on"),
+    ("distributed=off", "off"),
+    ("distributed='on'", "on"),
+    ("distributed=auto", "auto"),
+    ("distributed=true", "on"),
+  ],
+)
 def test_distributed_accepts_yaml_on_and_off(override, expected):
   # YAML reads an unquoted on/off as a boolean (gcp/launch.sh passes distributed=on).
   assert config.load(None, [override]).distributed == expected
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("stepz=3", "unknown config key(s) ['stepz']"),
     ("model.layers=3", "unknown config key(s) ['model.layers']"),
     ("steps=many", "steps: expected an integer, got 'many'"),
@@ -192,7 +248,8 @@ def test_distributed_accepts_yaml_on_and_off(override, expected):
     ("data.source=web", "DataConfig.source must be one of"),
     ("steps", "is not key=value"),
     ("distributed=maybe", "distributed must be 'auto', 'on' or 'off'"),
-])
+  ],
+)
 def test_bad_overrides_raise_config_error(override, message):
   extra = ["grad_accum_steps=4"] if override.startswith("batch_size") else []
   with pytest.raises(config.ConfigError) as error:

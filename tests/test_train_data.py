@@ -58,32 +58,43 @@ def arange_data(tmp_path_factory) -> PreparedData:
   """Token stream 0, 1, ..., NUM_TOKENS - 1; the last 10% is the eval split."""
   root = tmp_path_factory.mktemp("arange")
   np.save(root / "stream.npy", np.arange(NUM_TOKENS, dtype=np.int32))
-  return prepare(DataConfig(source="tokens", paths=(str(root / "stream.npy"),),
-                            vocab_size=NUM_TOKENS, eval_fraction=0.1, cache_dir=str(root / "c")))
+  return prepare(
+    DataConfig(
+      source="tokens",
+      paths=(str(root / "stream.npy"),),
+      vocab_size=NUM_TOKENS,
+      eval_fraction=0.1,
+      cache_dir=str(root / "c"),
+    )
+  )
 
 
 # --- DataConfig ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, field", [
-  (dict(source="web"), "source"),
-  (dict(source=3), "source"),
-  (dict(paths=("a.txt",)), "paths"),  # stdlib takes no paths
-  (dict(source="text"), "paths"),
-  (dict(source="tokens"), "paths"),  # tokens need shards
-  (dict(source="tokens", paths=("a.npy",), eval_paths="b.npy"), "eval_paths"),
-  (dict(eval_paths=("b.npy",)), "eval_paths"),  # tokens only
-  (dict(source="tokens", paths=("a.bin",), bin_dtype="int8"), "bin_dtype"),
-  (dict(source="text", paths="a.txt"), "paths"),  # one string, not a sequence of paths
-  (dict(vocab_size=256), "vocab_size"),  # below the byte alphabet + EOT
-  (dict(vocab_size=2**32 + 1), "vocab_size"),
-  (dict(vocab_size=1000.0), "vocab_size"),
-  (dict(max_corpus_bytes=0), "max_corpus_bytes"),
-  (dict(eval_fraction=1.0), "eval_fraction"),
-  (dict(eval_fraction=-0.1), "eval_fraction"),
-  (dict(cache_dir=3), "cache_dir"),
-  (dict(shuffle=1), "shuffle"),
-  (dict(worker_count=-1), "worker_count"),
-])
+
+@pytest.mark.parametrize(
+  "kwargs, field",
+  [
+    (dict(source="web"), "source"),
+    (dict(source=3), "source"),
+    (dict(paths=("a.txt",)), "paths"),  # stdlib takes no paths
+    (dict(source="text"), "paths"),
+    (dict(source="tokens"), "paths"),  # tokens need shards
+    (dict(source="tokens", paths=("a.npy",), eval_paths="b.npy"), "eval_paths"),
+    (dict(eval_paths=("b.npy",)), "eval_paths"),  # tokens only
+    (dict(source="tokens", paths=("a.bin",), bin_dtype="int8"), "bin_dtype"),
+    (dict(source="text", paths="a.txt"), "paths"),  # one string, not a sequence of paths
+    (dict(vocab_size=256), "vocab_size"),  # below the byte alphabet + EOT
+    (dict(vocab_size=2**32 + 1), "vocab_size"),
+    (dict(vocab_size=1000.0), "vocab_size"),
+    (dict(max_corpus_bytes=0), "max_corpus_bytes"),
+    (dict(eval_fraction=1.0), "eval_fraction"),
+    (dict(eval_fraction=-0.1), "eval_fraction"),
+    (dict(cache_dir=3), "cache_dir"),
+    (dict(shuffle=1), "shuffle"),
+    (dict(worker_count=-1), "worker_count"),
+  ],
+)
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
   with pytest.raises((TypeError, ValueError), match=rf"DataConfig\.{field}"):
     DataConfig(**kwargs)
@@ -100,6 +111,7 @@ def test_config_normalizes_paths_and_cache_dir(tmp_path, monkeypatch):
 
 
 # --- corpus -------------------------------------------------------------------------------------
+
 
 def test_stdlib_files_are_sorted_standard_library_sources():
   files = corpus.stdlib_files()
@@ -135,11 +147,16 @@ def test_text_files_errors_name_paths(tmp_path):
 
 # --- tokenizer ----------------------------------------------------------------------------------
 
+
 def test_tokenizer_round_trips_text(stdlib_small):
   tokenizer = load_tokenizer(stdlib_small)
   assert tokenizer.get_vocab_size() == stdlib_small.vocab_size == 1024
-  for text in ["def f(x):\n    return x + 1\n", "  tabs\tand   spaces \n\n", "ünïcödé → 中文 🎉",
-               f"a literal {EOT} stays text"]:
+  for text in [
+    "def f(x):\n    return x + 1\n",
+    "  tabs\tand   spaces \n\n",
+    "ünïcödé → 中文 🎉",
+    f"a literal {EOT} stays text",
+  ]:
     ids = tokenizer.encode(text).ids
     assert tokenizer.decode(ids) == text
     assert tokenizer_lib.eot_id(tokenizer) not in ids
@@ -148,12 +165,20 @@ def test_tokenizer_round_trips_text(stdlib_small):
 
 
 def test_text_source_stream_is_documents_joined_by_eot(tmp_path):
-  docs = ["def alpha():\n    return 1\n" * 20, "class Beta:\n    pass\n" * 20,
-          f"# the string {EOT} in a file\nx = 'ünï'\n" * 5]
+  docs = [
+    "def alpha():\n    return 1\n" * 20,
+    "class Beta:\n    pass\n" * 20,
+    f"# the string {EOT} in a file\nx = 'ünï'\n" * 5,
+  ]
   for i, doc in enumerate(docs):
     (tmp_path / f"doc{i}.py").write_text(doc)
-  cfg = DataConfig(source="text", paths=(str(tmp_path / "doc*.py"),), vocab_size=300,
-                   eval_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+  cfg = DataConfig(
+    source="text",
+    paths=(str(tmp_path / "doc*.py"),),
+    vocab_size=300,
+    eval_fraction=0.1,
+    cache_dir=str(tmp_path / "cache"),
+  )
   prepared = prepare(cfg)
   tokenizer = load_tokenizer(prepared)
   eot = tokenizer_lib.eot_id(tokenizer)
@@ -167,6 +192,7 @@ def test_text_source_stream_is_documents_joined_by_eot(tmp_path):
 
 
 # --- prepare and its cache ----------------------------------------------------------------------
+
 
 def test_prepare_stdlib_small_writes_the_split_stream(stdlib_small):
   train = np.load(stdlib_small.train_tokens, mmap_mode="r")
@@ -213,8 +239,12 @@ def test_cache_key_follows_the_text(tmp_path):
   decoded = load_tokenizer(second).decode(np.load(second.train_tokens).tolist())
   assert decoded.startswith("other words entirely now\n")
   # A larger vocabulary is another tokenizer, too.
-  assert prepare(DataConfig(source="text", paths=(str(doc),), vocab_size=320,
-                            cache_dir=str(tmp_path / "c"))).tokenizer_path != second.tokenizer_path
+  assert (
+    prepare(
+      DataConfig(source="text", paths=(str(doc),), vocab_size=320, cache_dir=str(tmp_path / "c"))
+    ).tokenizer_path
+    != second.tokenizer_path
+  )
 
 
 _CHILD = textwrap.dedent("""
@@ -236,9 +266,14 @@ def test_concurrent_prepare_builds_once(tmp_path):
   barrier.mkdir()
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
   children = [
-    subprocess.Popen([sys.executable, "-c", _CHILD, str(barrier), name, str(tmp_path / "cache")],
-                     stdout=subprocess.PIPE, env=env, text=True)
-    for name in ("a", "b")]
+    subprocess.Popen(
+      [sys.executable, "-c", _CHILD, str(barrier), name, str(tmp_path / "cache")],
+      stdout=subprocess.PIPE,
+      env=env,
+      text=True,
+    )
+    for name in ("a", "b")
+  ]
   results = []
   for child in children:
     out, _ = child.communicate(timeout=120)
@@ -251,8 +286,9 @@ def test_concurrent_prepare_builds_once(tmp_path):
   prepared = PreparedData(**results[0]["prepared"])
   assert np.load(prepared.train_tokens).size == prepared.num_train_tokens
   assert load_tokenizer(prepared).get_vocab_size() == 1024
-  assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()
-                if not p.name.startswith(".")) == ["tokenizer", "tokens"]
+  assert sorted(
+    p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")
+  ) == ["tokenizer", "tokens"]
   assert not list((tmp_path / "cache").glob(".*tmp-*"))
 
 
@@ -268,8 +304,12 @@ def test_failed_build_leaves_no_entry(tmp_path):
 
 def test_cli_prints_what_it_wrote(tmp_path, capsys):
   (tmp_path / "doc.txt").write_text("words to learn a tokenizer from\n" * 40)
-  argv = ["data.source=text", f"data.paths=[{tmp_path / 'doc.txt'}]", "data.vocab_size=300",
-          f"data.cache_dir={tmp_path / 'c'}"]
+  argv = [
+    "data.source=text",
+    f"data.paths=[{tmp_path / 'doc.txt'}]",
+    "data.vocab_size=300",
+    f"data.cache_dir={tmp_path / 'c'}",
+  ]
   assert prepare_main(argv) == 0
   out = capsys.readouterr().out
   assert out.startswith("built:") and "train.npy" in out and "tokenizer.json" in out
@@ -281,10 +321,12 @@ def test_cli_prints_what_it_wrote(tmp_path, capsys):
 
 # --- the loader ---------------------------------------------------------------------------------
 
+
 def test_rows_are_exact_windows_and_an_epoch_visits_each_once(arange_data):
   num_windows = arange_data.num_train_tokens // SEQ_LEN
-  loader = make_loader(arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=3,
-                       num_epochs=1)
+  loader = make_loader(
+    arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=3, num_epochs=1
+  )
   batches = [b["tokens"] for b in loader]
   assert len(batches) == num_windows // 8
   assert all(b.shape == (8, SEQ_LEN) and b.dtype == np.int32 for b in batches)
@@ -296,31 +338,40 @@ def test_rows_are_exact_windows_and_an_epoch_visits_each_once(arange_data):
 
 def test_epochs_reshuffle_and_unshuffled_is_in_order(arange_data):
   per_epoch = arange_data.num_train_tokens // SEQ_LEN // 8
-  two = [_windows(b["tokens"]) for b in make_loader(
-    arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=0, num_epochs=2)]
+  two = [
+    _windows(b["tokens"])
+    for b in make_loader(
+      arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=0, num_epochs=2
+    )
+  ]
   assert len(two) == 2 * per_epoch
   first, second = np.concatenate(two[:per_epoch]), np.concatenate(two[per_epoch:])
   assert not np.array_equal(first, second)
-  ordered = make_loader(arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=0,
-                        shuffle=False)
-  np.testing.assert_array_equal(np.concatenate([_windows(b) for b in _take(ordered, 3)]),
-                                np.arange(24))
+  ordered = make_loader(
+    arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=0, shuffle=False
+  )
+  np.testing.assert_array_equal(
+    np.concatenate([_windows(b) for b in _take(ordered, 3)]), np.arange(24)
+  )
 
 
 def test_eval_and_train_are_disjoint(arange_data):
   num_train = arange_data.num_train_tokens
   assert arange_data.num_eval_tokens == NUM_TOKENS // 10
-  train = make_loader(arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=4, seed=0,
-                      num_epochs=1)
-  evals = make_loader(arange_data, split="eval", seq_len=SEQ_LEN, global_batch_size=4, seed=0,
-                      num_epochs=1)
+  train = make_loader(
+    arange_data, split="train", seq_len=SEQ_LEN, global_batch_size=4, seed=0, num_epochs=1
+  )
+  evals = make_loader(
+    arange_data, split="eval", seq_len=SEQ_LEN, global_batch_size=4, seed=0, num_epochs=1
+  )
   assert max(int(b["tokens"].max()) for b in train) < num_train
   eval_batches = [b["tokens"] for b in evals]
   assert len(eval_batches) == arange_data.num_eval_tokens // SEQ_LEN // 4
   assert min(int(b.min()) for b in eval_batches) >= num_train
   for batch in eval_batches:  # eval windows are seq_len slices of the eval stream
-    np.testing.assert_array_equal((batch - num_train) % SEQ_LEN,
-                                  np.tile(np.arange(SEQ_LEN), (4, 1)))
+    np.testing.assert_array_equal(
+      (batch - num_train) % SEQ_LEN, np.tile(np.arange(SEQ_LEN), (4, 1))
+    )
 
 
 def test_same_seed_same_batches_other_seed_other_batches(arange_data):
@@ -338,8 +389,10 @@ def test_process_shards_concatenate_to_the_global_batch(arange_data, process_cou
   per_epoch = arange_data.num_train_tokens // SEQ_LEN // 8
   steps = per_epoch + 3  # across an epoch boundary
   whole = _take(make_loader(arange_data, **args), steps)
-  shards = [_take(make_loader(arange_data, process_index=p, process_count=process_count, **args),
-                  steps) for p in range(process_count)]
+  shards = [
+    _take(make_loader(arange_data, process_index=p, process_count=process_count, **args), steps)
+    for p in range(process_count)
+  ]
   for step in range(steps):
     assert all(s[step].shape == (8 // process_count, SEQ_LEN) for s in shards)
     np.testing.assert_array_equal(np.concatenate([s[step] for s in shards]), whole[step])
@@ -347,8 +400,14 @@ def test_process_shards_concatenate_to_the_global_batch(arange_data, process_cou
 
 @pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
 def test_restored_iterator_resumes_exactly(arange_data, process_index, process_count):
-  args = dict(split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=5,
-              process_index=process_index, process_count=process_count)
+  args = dict(
+    split="train",
+    seq_len=SEQ_LEN,
+    global_batch_size=8,
+    seed=5,
+    process_index=process_index,
+    process_count=process_count,
+  )
   per_epoch = arange_data.num_train_tokens // SEQ_LEN // 8
   iterator = iter(make_loader(arange_data, **args))
   for _ in range(per_epoch - 2):
@@ -357,8 +416,9 @@ def test_restored_iterator_resumes_exactly(arange_data, process_index, process_c
   expected = [next(iterator)["tokens"] for _ in range(5)]  # crosses into the next epoch
   restored = iter(make_loader(arange_data, **args))
   restored.set_state(state)
-  np.testing.assert_array_equal(np.stack([next(restored)["tokens"] for _ in range(5)]),
-                                np.stack(expected))
+  np.testing.assert_array_equal(
+    np.stack([next(restored)["tokens"] for _ in range(5)]), np.stack(expected)
+  )
   # The state is plain JSON bytes and refuses a loader with another order.
   assert json.loads(state)["sampler"].startswith("EpochSampler(")
   other = iter(make_loader(arange_data, **{**args, "seed": 6}))
@@ -379,19 +439,22 @@ def test_worker_processes_serve_the_same_batches(arange_data):
   np.testing.assert_array_equal(next(restored)["tokens"], in_process[2])
 
 
-@pytest.mark.parametrize("kwargs, name", [
-  (dict(split="test"), "split"),
-  (dict(seq_len=0), "seq_len"),
-  (dict(global_batch_size=0), "global_batch_size"),
-  (dict(global_batch_size=6, process_count=4), "global_batch_size"),
-  (dict(process_index=2, process_count=2), "process_index"),
-  (dict(process_count=0), "process_count"),
-  (dict(seed=-1), "seed"),
-  (dict(num_epochs=0), "num_epochs"),
-  (dict(worker_count=-1), "worker_count"),
-  (dict(split="eval", seq_len=NUM_TOKENS // 10 + 1), "seq_len"),  # eval shorter than a row
-  (dict(split="eval", seq_len=SEQ_LEN, global_batch_size=1000), "global_batch_size"),
-])
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    (dict(split="test"), "split"),
+    (dict(seq_len=0), "seq_len"),
+    (dict(global_batch_size=0), "global_batch_size"),
+    (dict(global_batch_size=6, process_count=4), "global_batch_size"),
+    (dict(process_index=2, process_count=2), "process_index"),
+    (dict(process_count=0), "process_count"),
+    (dict(seed=-1), "seed"),
+    (dict(num_epochs=0), "num_epochs"),
+    (dict(worker_count=-1), "worker_count"),
+    (dict(split="eval", seq_len=NUM_TOKENS // 10 + 1), "seq_len"),  # eval shorter than a row
+    (dict(split="eval", seq_len=SEQ_LEN, global_batch_size=1000), "global_batch_size"),
+  ],
+)
 def test_make_loader_rejects_bad_arguments_naming_them(arange_data, kwargs, name):
   args = dict(split="train", seq_len=SEQ_LEN, global_batch_size=8, seed=0) | kwargs
   with pytest.raises((TypeError, ValueError), match=rf"`{name}`"):
@@ -400,13 +463,15 @@ def test_make_loader_rejects_bad_arguments_naming_them(arange_data, kwargs, name
 
 # --- the default corpus -------------------------------------------------------------------------
 
+
 def test_default_config_prepares_the_stdlib_with_32k_vocabulary(tmp_path):
   """The real default (8 MB of stdlib source, 32k BPE): about 10 s on 2 cores."""
   prepared = prepare(DataConfig(cache_dir=str(tmp_path)))
   assert prepared.vocab_size == 32_000
   assert prepared.num_train_tokens > 1_000_000
   assert prepared.num_eval_tokens == pytest.approx(
-    0.02 * (prepared.num_train_tokens + prepared.num_eval_tokens), abs=1)
+    0.02 * (prepared.num_train_tokens + prepared.num_eval_tokens), abs=1
+  )
   meta = cache.read_entry(pathlib.Path(prepared.tokenizer_path).parent)
   assert meta["description"]["vocab_size"] == 32_000 and meta["train_seconds"] > 0
   batch = next(iter(make_loader(prepared, split="train", seq_len=512, global_batch_size=4, seed=0)))

@@ -33,13 +33,21 @@ def _assert_matches_reference(base, workdir):
 
 
 def test_sharded_2x2x2_matches_single_device(base, tmp_path):
-  args = train_testing.overrides(tmp_path, base / "data_cache", f"steps={STEPS}",
-                                 "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                                 "grad_accum_steps=2")
+  args = train_testing.overrides(
+    tmp_path,
+    base / "data_cache",
+    f"steps={STEPS}",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+    "grad_accum_steps=2",
+  )
   process = train_testing.start_train(
-      args,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {train_testing.FAST_COMPILE}",
-      JAX_PLATFORMS="cpu", **train_testing.cache_env(base / "jax_cache"))
+    args,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {train_testing.FAST_COMPILE}",
+    JAX_PLATFORMS="cpu",
+    **train_testing.cache_env(base / "jax_cache"),
+  )
   output, _ = process.communicate(timeout=600)
   assert process.returncode == 0, output
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in output
@@ -48,10 +56,13 @@ def test_sharded_2x2x2_matches_single_device(base, tmp_path):
 
 def test_two_processes_match_single_process(base, tmp_path):
   args = train_testing.overrides(tmp_path, base / "data_cache", f"steps={STEPS}")
-  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{train_testing.free_port()}",
-         "JAX_NUM_PROCESSES": "2",
-         "XLA_FLAGS": train_testing.FAST_COMPILE, "JAX_PLATFORMS": "cpu",
-         **train_testing.cache_env(base / "jax_cache")}
+  env = {
+    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{train_testing.free_port()}",
+    "JAX_NUM_PROCESSES": "2",
+    "XLA_FLAGS": train_testing.FAST_COMPILE,
+    "JAX_PLATFORMS": "cpu",
+    **train_testing.cache_env(base / "jax_cache"),
+  }
   processes = [train_testing.start_train(args, JAX_PROCESS_ID=str(i), **env) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for process, output in zip(processes, outputs, strict=True):
@@ -59,7 +70,9 @@ def test_two_processes_match_single_process(base, tmp_path):
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in outputs[0]
   # Each host saved its own data-iterator state; process 0 alone wrote the metrics.
   data_dir = tmp_path / "checkpoints" / str(STEPS) / "data"
-  assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-2.json",
-                                                                "process_1-of-2.json"]
+  assert sorted(p.name for p in data_dir.glob("process_*")) == [
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
   assert f"step {STEPS}: loss" not in outputs[1]
   _assert_matches_reference(base, tmp_path)

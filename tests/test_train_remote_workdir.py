@@ -82,8 +82,9 @@ def test_the_fixture_stands_in_for_gcs(gcs):
 
 
 def test_metrics_and_plot_on_gcs(gcs):
-  writer = MetricsWriter(RUN, total_steps=4, start_step=0, enabled=True, progress=False,
-                         tensorboard=False)
+  writer = MetricsWriter(
+    RUN, total_steps=4, start_step=0, enabled=True, progress=False, tensorboard=False
+  )
   assert writer.remote
   for step in (1, 2, 3, 4):
     writer.write(step, {"loss": 5.0 - step, **({"eval_loss": 1.5} if step == 4 else {})})
@@ -93,8 +94,11 @@ def test_metrics_and_plot_on_gcs(gcs):
   assert _object(gcs, "bucket/run/loss.png").startswith(b"\x89PNG\r\n\x1a\n")
   lines = _object(gcs, "bucket/run/metrics.jsonl").decode().splitlines()
   assert [json.loads(line) for line in lines] == [
-      {"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.0}, {"step": 3, "loss": 2.0},
-      {"step": 4, "loss": 1.0, "eval_loss": 1.5}]
+    {"step": 1, "loss": 4.0},
+    {"step": 2, "loss": 3.0},
+    {"step": 3, "loss": 2.0},
+    {"step": 4, "loss": 1.0, "eval_loss": 1.5},
+  ]
   assert [r["step"] for r in writer.history] == [1, 2, 3, 4]
 
 
@@ -102,19 +106,24 @@ def test_metrics_resume_on_gcs_drops_lines_past_the_checkpoint(gcs):
   lines = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)]
   epath.Path(RUN).mkdir(parents=True, exist_ok=True)
   (epath.Path(RUN) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  writer = MetricsWriter(RUN, total_steps=6, start_step=2, enabled=True, progress=False,
-                         tensorboard=False)
+  writer = MetricsWriter(
+    RUN, total_steps=6, start_step=2, enabled=True, progress=False, tensorboard=False
+  )
   assert _steps() == [1, 2]  # rewritten at once, before any new line
   writer.write(3, {"loss": 0.5})
   writer.close()
   assert [(r["step"], r["loss"]) for r in read_metrics(f"{RUN}/metrics.jsonl")] == [
-      (1, 9.0), (2, 8.0), (3, 0.5)]
+    (1, 9.0),
+    (2, 8.0),
+    (3, 0.5),
+  ]
 
 
 def test_remote_metrics_are_rewritten_at_most_every_interval(gcs, monkeypatch):
   monkeypatch.setattr(metrics, "REMOTE_UPLOAD_INTERVAL_S", 3600.0)
-  writer = MetricsWriter(RUN, total_steps=10, start_step=0, enabled=True, progress=False,
-                         tensorboard=False)
+  writer = MetricsWriter(
+    RUN, total_steps=10, start_step=0, enabled=True, progress=False, tensorboard=False
+  )
   writer.write(1, {"loss": 1.0})
   assert _steps() == [1]  # the first line goes up at once
   writer.write(2, {"loss": 1.0})
@@ -133,8 +142,9 @@ def test_remote_metrics_are_rewritten_at_most_every_interval(gcs, monkeypatch):
 def test_remote_metrics_throttle_follows_the_clock(gcs, monkeypatch):
   now = [1000.0]
   monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
-  writer = MetricsWriter(RUN, total_steps=10, start_step=0, enabled=True, progress=False,
-                         tensorboard=False)
+  writer = MetricsWriter(
+    RUN, total_steps=10, start_step=0, enabled=True, progress=False, tensorboard=False
+  )
   writer.write(1, {"loss": 1.0})
   now[0] += metrics.REMOTE_UPLOAD_INTERVAL_S - 1
   writer.write(2, {"loss": 1.0})
@@ -147,8 +157,9 @@ def test_remote_metrics_throttle_follows_the_clock(gcs, monkeypatch):
 
 def test_local_metrics_are_still_appended_line_by_line(tmp_path, monkeypatch):
   monkeypatch.setattr(metrics, "REMOTE_UPLOAD_INTERVAL_S", 3600.0)
-  writer = MetricsWriter(tmp_path, total_steps=3, start_step=0, enabled=True, progress=False,
-                         tensorboard=False)
+  writer = MetricsWriter(
+    tmp_path, total_steps=3, start_step=0, enabled=True, progress=False, tensorboard=False
+  )
   assert not writer.remote
   writer.write(1, {"loss": 1.0})
   writer.write(2, {"loss": 0.5})
@@ -161,7 +172,8 @@ def test_local_metrics_are_still_appended_line_by_line(tmp_path, monkeypatch):
 def test_checkpoint_directory_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
   assert str(checkpoint.checkpoint_directory(f"{RUN}/checkpoints")) == f"{RUN}/checkpoints"
   assert str(checkpoint.checkpoint_directory(epath.Path(RUN) / "checkpoints")) == (
-      f"{RUN}/checkpoints")
+    f"{RUN}/checkpoints"
+  )
   monkeypatch.chdir(tmp_path)
   local = checkpoint.checkpoint_directory("runs/a/checkpoints")
   assert local.is_absolute()
@@ -174,7 +186,8 @@ def test_trainer_workdir_keeps_gs_uris():
   assert str(workdir) == RUN
   assert str(workdir / trainer.CHECKPOINT_DIR) == f"{RUN}/checkpoints"
   assert str(checkpoint.checkpoint_directory(workdir / trainer.CHECKPOINT_DIR)) == (
-      f"{RUN}/checkpoints")
+    f"{RUN}/checkpoints"
+  )
   assert str(paths.workdir_path("runs/a")) == "runs/a"  # local: as given, relative
   with pytest.raises(config.ConfigError, match="workdir='gcs://bucket/run'"):
     paths.workdir_path("gcs://bucket/run")

@@ -26,8 +26,13 @@ def base(tmp_path_factory):
 
 def _interrupted_run(base, workdir, sig: signal.Signals) -> tuple[int, int, str]:
   """Starts a run, sends ``sig`` once step SIGNAL_AFTER is logged; (logged step, rc, output)."""
-  args = train_testing.overrides(workdir, base / "data_cache", f"steps={STEPS}",
-                                 f"checkpoint_every={CHECKPOINT_EVERY}", *SLOW_STEPS)
+  args = train_testing.overrides(
+    workdir,
+    base / "data_cache",
+    f"steps={STEPS}",
+    f"checkpoint_every={CHECKPOINT_EVERY}",
+    *SLOW_STEPS,
+  )
   process = train_testing.start_train(args, **train_testing.cache_env(base / "jax_cache"))
   logged = train_testing.wait_for_step(process, workdir, SIGNAL_AFTER)
   process.send_signal(sig)
@@ -37,8 +42,11 @@ def _interrupted_run(base, workdir, sig: signal.Signals) -> tuple[int, int, str]
 
 
 def _resume(base, workdir):
-  return train_testing.train(train_testing.overrides(
-      workdir, base / "data_cache", f"steps={STEPS}", f"checkpoint_every={CHECKPOINT_EVERY}"))
+  return train_testing.train(
+    train_testing.overrides(
+      workdir, base / "data_cache", f"steps={STEPS}", f"checkpoint_every={CHECKPOINT_EVERY}"
+    )
+  )
 
 
 def test_resume_after_sigkill_is_exact(base, tmp_path):

@@ -56,7 +56,9 @@ def _one_line_exit_2(capsys, args: list[str]) -> str:
 # Config time: bad values, YAML, the workdir.
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("optim.learning_rate=.inf", "optim.learning_rate must be > 0 and finite, got inf"),
     ("optim.b1=5", "optim.b1 must be in [0, 1), got 5.0"),
     ("optim.b2=-1", "optim.b2 must be in [0, 1), got -1.0"),
@@ -78,7 +80,8 @@ def _one_line_exit_2(capsys, args: list[str]) -> str:
     ("max_skipped_steps=0", "max_skipped_steps must be >= 1, got 0"),
     ("workdir=", "workdir must name a directory"),
     ("workdir=' '", "workdir must name a directory"),
-])
+  ],
+)
 def test_bad_values_stop_at_config_time(tmp_path, capsys, override, message):
   args = [f"workdir={tmp_path / 'run'}", *train_testing.TINY_MODEL, "seq_len=32", override]
   err = _one_line_exit_2(capsys, args)
@@ -93,13 +96,16 @@ def _numeric(kind: typing.Any) -> bool:
   return any(option in (int, float) for option in (typing.get_args(kind) if union else (kind,)))
 
 
-@pytest.mark.parametrize("cls, ranges, exempt", [
+@pytest.mark.parametrize(
+  "cls, ranges, exempt",
+  [
     (config.TrainConfig, config.TRAIN_RANGES, set()),
     (config.ModelConfig, config.MODEL_RANGES, set()),
     (config.LossConfig, config.LOSS_RANGES, {"filter_eps"}),  # "auto", a float, or null
     (config.OptimConfig, config.OPTIM_RANGES, set()),
     (config.MeshConfig, {}, {"data", "fsdp", "tensor"}),  # -1 or >= 1, checked together
-])
+  ],
+)
 def test_every_numeric_field_has_a_range(cls, ranges, exempt):
   hints = typing.get_type_hints(cls)
   numeric = {f.name for f in dataclasses.fields(cls) if _numeric(hints[f.name])}
@@ -159,8 +165,7 @@ def test_data_errors_are_one_line(tmp_path, capsys, make_error):
     # Shards are read lazily: the id is found when the first batch is read (no evaluation).
     extra = ["data.source=tokens", f"data.paths=[{npy}]", "data.vocab_size=50", "eval_every=0"]
     expected = "does not cover token id"
-  args = [f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "steps=1",
-          *extra]
+  args = [f"workdir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "steps=1", *extra]
   err = _one_line_exit_2(capsys, args)
   assert err.startswith("config error: data: ") and expected in err
 
@@ -176,8 +181,15 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
   records = metrics.read_metrics(path, warnings.append)
   assert records == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
   assert len(warnings) == 1 and "torn last line 3" in warnings[0] and str(path) in warnings[0]
-  writer = metrics.MetricsWriter(tmp_path, total_steps=4, start_step=2, enabled=True,
-                                 progress=False, tensorboard=False, warn=warnings.append)
+  writer = metrics.MetricsWriter(
+    tmp_path,
+    total_steps=4,
+    start_step=2,
+    enabled=True,
+    progress=False,
+    tensorboard=False,
+    warn=warnings.append,
+  )
   writer.write(3, {"loss": 2.0})
   writer.close()
   assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2, 3]
@@ -201,8 +213,9 @@ def _dead_pid() -> int:
 
 
 def _write_lock(workdir: pathlib.Path, host: str, pid: int) -> None:
-  (workdir / LOCK_FILE).write_text(json.dumps(
-      {"host": host, "pid": pid, "started": "2026-01-02T03:04:05+00:00", "token": "other"}))
+  (workdir / LOCK_FILE).write_text(
+    json.dumps({"host": host, "pid": pid, "started": "2026-01-02T03:04:05+00:00", "token": "other"})
+  )
 
 
 def test_a_held_lock_refuses_a_second_run_naming_its_holder(tmp_path, capsys):
@@ -265,25 +278,40 @@ def _stored(cfg: config.TrainConfig) -> dict:
 
 def test_resume_compare_rejects_another_model_naming_both_values():
   old = config.load(None, ["model.vocab_size=256"])
-  new = config.load(None, ["model.vocab_size=256", "model.d_model=64",
-                           "model.tie_embeddings=false", "steps=10"])
+  new = config.load(
+    None, ["model.vocab_size=256", "model.d_model=64", "model.tie_embeddings=false", "steps=10"]
+  )
   with pytest.raises(config.ConfigError) as error:
     resume.compare(_stored(old), new)
   assert "model.d_model 128 -> 64" in str(error.value)
   assert "model.tie_embeddings True -> False" in str(error.value)
   assert "steps" not in str(error.value)
-  with pytest.raises(config.ConfigError, match="optim.clip_norm 1.0 -> null"):
-    resume.compare(_stored(old), dataclasses.replace(
-        old, optim=dataclasses.replace(old.optim, clip_norm=None)))
+  with pytest.raises(config.ConfigError, match=r"optim\.clip_norm 1\.0 -> null"):
+    resume.compare(
+      _stored(old), dataclasses.replace(old, optim=dataclasses.replace(old.optim, clip_norm=None))
+    )
 
 
 def test_resume_compare_lists_allowed_changes():
   old = config.load(None, ["model.vocab_size=256"])
-  new = config.load(None, ["model.vocab_size=256", "steps=600", "optim.learning_rate=1e-3",
-                           "batch_size=16", "seq_len=64", "workdir=elsewhere"])
+  new = config.load(
+    None,
+    [
+      "model.vocab_size=256",
+      "steps=600",
+      "optim.learning_rate=1e-3",
+      "batch_size=16",
+      "seq_len=64",
+      "workdir=elsewhere",
+    ],
+  )
   changes = resume.compare(_stored(old), new)
-  assert changes == ["batch_size 8 -> 16", "optim.learning_rate 0.003 -> 0.001",
-                     "seq_len 128 -> 64", "steps 300 -> 600"]
+  assert changes == [
+    "batch_size 8 -> 16",
+    "optim.learning_rate 0.003 -> 0.001",
+    "seq_len 128 -> 64",
+    "steps 300 -> 600",
+  ]
   assert resume.compare(_stored(old), old) == []
 
 
@@ -298,8 +326,9 @@ def _program(base: pathlib.Path, *extra: str):
 
 
 def _tokens(seed: int) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(seed).integers(0, train_testing.VOCAB, (8, 32)),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, train_testing.VOCAB, (8, 32)), jnp.int32
+  )
 
 
 def test_dropout_applies_in_training_never_in_evaluation(base):
@@ -330,8 +359,9 @@ def test_non_finite_step_keeps_parameters_and_optimizer_state(base):
     state, good = program.train_step(state, _tokens(2))
     assert int(good["skipped"]) == 0
     embedding = state.params["embed"]["embedding"]
-    poisoned = dataclasses.replace(state, params={
-        **state.params, "embed": {"embedding": embedding.at[0, 0].set(jnp.nan)}})
+    poisoned = dataclasses.replace(
+      state, params={**state.params, "embed": {"embedding": embedding.at[0, 0].set(jnp.nan)}}
+    )
     before = jax.tree.map(np.asarray, poisoned)
     tokens = _tokens(3).at[0, 0].set(0)  # reads the NaN row
     after, bad = program.train_step(poisoned, tokens)
@@ -343,8 +373,14 @@ def test_non_finite_step_keeps_parameters_and_optimizer_state(base):
 
 def test_diverging_run_stops_and_keeps_finite_checkpoints(base, tmp_path, capsys):
   workdir = tmp_path / "run"
-  args = _args(base, workdir, "steps=12", "optim.learning_rate=1e8", "max_skipped_steps=3",
-               "checkpoint_every=1")
+  args = _args(
+    base,
+    workdir,
+    "steps=12",
+    "optim.learning_rate=1e8",
+    "max_skipped_steps=3",
+    "checkpoint_every=1",
+  )
   assert cli.main(args) == 2
   err = capsys.readouterr().err
   assert "update skipped (1 in a row, max_skipped_steps=3)" in err
@@ -389,16 +425,18 @@ def test_plot_false_writes_no_plot(finished):
 
 def _corrupt(step_dir: pathlib.Path, kind: str) -> None:
   state = step_dir / "state"
-  chunks = sorted((p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"),
-                  key=lambda p: p.stat().st_size)
+  chunks = sorted(
+    (p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"),
+    key=lambda p: p.stat().st_size,
+  )
   if kind == "manifest_deleted":
     (state / "manifest.ocdbt").unlink()
   elif kind == "chunk_garbled":
     raw = bytearray(chunks[-1].read_bytes())
-    raw[len(raw) // 4:len(raw) // 2] = bytes(b ^ 0x5A for b in raw[len(raw) // 4:len(raw) // 2])
+    raw[len(raw) // 4 : len(raw) // 2] = bytes(b ^ 0x5A for b in raw[len(raw) // 4 : len(raw) // 2])
     chunks[-1].write_bytes(bytes(raw))
   elif kind == "chunk_truncated":
-    chunks[-1].write_bytes(chunks[-1].read_bytes()[:chunks[-1].stat().st_size // 2])
+    chunks[-1].write_bytes(chunks[-1].read_bytes()[: chunks[-1].stat().st_size // 2])
   elif kind == "iterator_garbled":
     (step_dir / "data" / "process_0-of-1.json").write_text('{"next_ind')
   elif kind == "iterator_missing":
@@ -410,8 +448,16 @@ def _corrupt(step_dir: pathlib.Path, kind: str) -> None:
 
 def _iterator(cfg: config.TrainConfig):
   prepared = data.prepare(cfg.data)
-  return iter(data.make_loader(prepared, split="train", seq_len=cfg.seq_len,
-                               global_batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True))
+  return iter(
+    data.make_loader(
+      prepared,
+      split="train",
+      seq_len=cfg.seq_len,
+      global_batch_size=cfg.batch_size,
+      seed=cfg.seed,
+      shuffle=True,
+    )
+  )
 
 
 # A failed Orbax restore leaves its pending TensorStore reads (coroutines) to the garbage
@@ -420,8 +466,17 @@ ABANDONED_READS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExc
 
 
 @ABANDONED_READS
-@pytest.mark.parametrize("kind", ["manifest_deleted", "chunk_garbled", "chunk_truncated",
-                                  "iterator_garbled", "iterator_missing", "empty"])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "manifest_deleted",
+    "chunk_garbled",
+    "chunk_truncated",
+    "iterator_garbled",
+    "iterator_missing",
+    "empty",
+  ],
+)
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(base, finished, tmp_path, kind):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -431,7 +486,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(base, finished, tm
   with jax.set_mesh(program.mesh):
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=3)
     step, state = checkpointer.restore_newest(
-        program.abstract_state, _iterator(program.config), warn=warnings.append, set_aside=True)
+      program.abstract_state, _iterator(program.config), warn=warnings.append, set_aside=True
+    )
     checkpointer.close()
   assert step == 2 and int(state.step) == 2
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.params), _params_at(finished, 2))
@@ -450,10 +506,12 @@ def test_no_checkpoint_restores_names_the_directory(base, finished, tmp_path):
   program = _program(base, *RUN_STEPS)
   with jax.set_mesh(program.mesh):
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=3)
-    with pytest.raises(checkpoint.CheckpointError,
-                       match=f"no checkpoint in {workdir / 'checkpoints'} restores"):
-      checkpointer.restore_newest(program.abstract_state, _iterator(program.config),
-                                  warn=lambda _: None, set_aside=True)
+    with pytest.raises(
+      checkpoint.CheckpointError, match=f"no checkpoint in {workdir / 'checkpoints'} restores"
+    ):
+      checkpointer.restore_newest(
+        program.abstract_state, _iterator(program.config), warn=lambda _: None, set_aside=True
+      )
     checkpointer.close()
 
 
@@ -469,17 +527,20 @@ def test_resume_skips_a_damaged_checkpoint_and_goes_on(base, finished, tmp_path,
   assert "warning: resuming with changed settings: steps 4 -> 6" in err
   names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert [n for n in names if n.isdigit()] == ["2", "4", "6"]
-  assert [n for n in names if not n.isdigit()][0].startswith("4.unusable-")
+  assert next(n for n in names if not n.isdigit()).startswith("4.unusable-")
   assert [r["step"] for r in metrics.read_metrics(workdir / "metrics.jsonl")] == list(range(1, 7))
   assert "steps: 6" in (workdir / "config.yaml").read_text()
 
 
 def test_resume_with_another_model_stops_before_restoring(base, finished, capsys):
   stored = (finished / "config.yaml").read_text()
-  err = _one_line_exit_2(capsys, _args(base, finished, "steps=6", "model.d_model=64",
-                                       "model.tie_embeddings=false"))
-  assert err.startswith("config error: the workdir's checkpoints were written with another "
-                        "model: model.d_model 32 -> 64, model.tie_embeddings True -> False")
+  err = _one_line_exit_2(
+    capsys, _args(base, finished, "steps=6", "model.d_model=64", "model.tie_embeddings=false")
+  )
+  assert err.startswith(
+    "config error: the workdir's checkpoints were written with another "
+    "model: model.d_model 32 -> 64, model.tie_embeddings True -> False"
+  )
   assert (finished / "config.yaml").read_text() == stored
 
 
@@ -491,8 +552,9 @@ def test_run_with_nothing_to_train_keeps_config_yaml(base, finished):
 
 
 def test_stored_config_yaml_resumes_the_run(base, finished, capsys):
-  cfg = trainer.with_vocab(config.load(None, _args(base, finished, *RUN_STEPS)),
-                           train_testing.VOCAB)
+  cfg = trainer.with_vocab(
+    config.load(None, _args(base, finished, *RUN_STEPS)), train_testing.VOCAB
+  )
   assert config.load(finished / "config.yaml") == cfg
   assert cli.main([str(finished / "config.yaml")]) == 0
   assert "step 4: loss" in capsys.readouterr().out
@@ -530,6 +592,5 @@ def test_dropout_resume_is_exact(base, tmp_path, monkeypatch):
   monkeypatch.undo()
   resumed = train_testing.train(_args(base, tmp_path / "resumed", *args))
   assert resumed.start_step == 2 and resumed.step == 4
-  assert train_testing.losses(tmp_path / "resumed") == train_testing.losses(
-      tmp_path / "reference")
+  assert train_testing.losses(tmp_path / "resumed") == train_testing.losses(tmp_path / "reference")
   assert reference.step == 4

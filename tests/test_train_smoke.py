@@ -21,8 +21,16 @@ def test_default_config_at_tiny_size(base, tmp_path, capsys):
   workdir = tmp_path / "run"
   steps = train_testing.REFERENCE_STEPS  # 24: the same program as the reference run
   args = train_testing.overrides(
-      workdir, base / "data_cache", f"steps={steps}", "log_every=4", "eval_every=12",
-      "eval_batches=2", "checkpoint_every=12", "tensorboard=true", "plot=true")
+    workdir,
+    base / "data_cache",
+    f"steps={steps}",
+    "log_every=4",
+    "eval_every=12",
+    "eval_batches=2",
+    "checkpoint_every=12",
+    "tensorboard=true",
+    "plot=true",
+  )
   assert cli.main(args) == 0
   assert f"step {steps}: loss" in capsys.readouterr().out
 

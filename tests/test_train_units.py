@@ -17,7 +17,9 @@ from train.metrics import MetricsWriter, read_metrics
 from train.sharding import make_mesh, mesh_shape
 
 
-@pytest.mark.parametrize("mode, env, expected", [
+@pytest.mark.parametrize(
+  "mode, env, expected",
+  [
     ("auto", {}, False),
     ("auto", {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
     ("auto", {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, True),
@@ -26,32 +28,48 @@ from train.sharding import make_mesh, mesh_shape
     ("auto", {"TPU_WORKER_HOSTNAMES": "localhost"}, False),
     ("on", {}, True),
     ("off", {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, False),
-])
+  ],
+)
 def test_when_to_initialize_jax_distributed(mode, env, expected):
   assert distributed.should_initialize(mode, env) is expected
 
 
 def test_initialize_arguments_read_the_fixed_variable_names():
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-         "JAX_PROCESS_ID": "2"}
+  env = {
+    "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+    "JAX_NUM_PROCESSES": "4",
+    "JAX_PROCESS_ID": "2",
+  }
   assert distributed.initialize_arguments(env) == {
-      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+    "coordinator_address": "10.0.0.1:1234",
+    "num_processes": 4,
+    "process_id": 2,
+  }
   assert distributed.initialize_arguments({}) == {}
   with pytest.raises(config.ConfigError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
     distributed.initialize_arguments({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
 
 
 def test_initialize_arguments_read_local_device_ids():
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-         "JAX_PROCESS_ID": "2", "JAX_LOCAL_DEVICE_IDS": "0,1, 2,3"}
+  env = {
+    "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+    "JAX_NUM_PROCESSES": "4",
+    "JAX_PROCESS_ID": "2",
+    "JAX_LOCAL_DEVICE_IDS": "0,1, 2,3",
+  }
   assert distributed.initialize_arguments(env) == {
-      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
-      "local_device_ids": [0, 1, 2, 3]}
+    "coordinator_address": "10.0.0.1:1234",
+    "num_processes": 4,
+    "process_id": 2,
+    "local_device_ids": [0, 1, 2, 3],
+  }
   # Without a coordinator (Slurm: JAX detects the rest), the ids still pass through.
   assert distributed.initialize_arguments({"JAX_LOCAL_DEVICE_IDS": "3"}) == {
-      "local_device_ids": [3]}
+    "local_device_ids": [3]
+  }
   assert "local_device_ids" not in distributed.initialize_arguments(
-      {key: value for key, value in env.items() if key != "JAX_LOCAL_DEVICE_IDS"})
+    {key: value for key, value in env.items() if key != "JAX_LOCAL_DEVICE_IDS"}
+  )
   assert distributed.initialize_arguments({"JAX_LOCAL_DEVICE_IDS": ""}) == {}
 
 
@@ -96,9 +114,13 @@ def test_schedule_warms_up_then_decays_to_the_end_ratio():
 
 
 def test_weight_decay_skips_norm_scales():
-  params = {"embed": {"embedding": np.zeros((4, 2))},
-            "layers": {"attn_norm": {"scale": np.zeros((2, 2))},
-                       "mlp": {"up": {"kernel": np.zeros((2, 2, 3))}}}}
+  params = {
+    "embed": {"embedding": np.zeros((4, 2))},
+    "layers": {
+      "attn_norm": {"scale": np.zeros((2, 2))},
+      "mlp": {"up": {"kernel": np.zeros((2, 2, 3))}},
+    },
+  }
   mask = optimizer.decay_mask(params)
   assert mask["embed"]["embedding"] and mask["layers"]["mlp"]["up"]["kernel"]
   assert not mask["layers"]["attn_norm"]["scale"]
@@ -108,17 +130,22 @@ def test_weight_decay_skips_norm_scales():
 def test_metrics_resume_drops_lines_past_the_checkpoint(tmp_path):
   lines = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  writer = MetricsWriter(tmp_path, total_steps=6, start_step=2, enabled=True, progress=False,
-                         tensorboard=False)
+  writer = MetricsWriter(
+    tmp_path, total_steps=6, start_step=2, enabled=True, progress=False, tensorboard=False
+  )
   writer.write(3, {"loss": 0.5})
   writer.close()
   assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
-      (1, 9.0), (2, 8.0), (3, 0.5)]
+    (1, 9.0),
+    (2, 8.0),
+    (3, 0.5),
+  ]
 
 
 def test_metrics_writer_of_other_processes_writes_nothing(tmp_path):
-  writer = MetricsWriter(tmp_path / "w", total_steps=2, start_step=0, enabled=False,
-                         progress=False, tensorboard=True)
+  writer = MetricsWriter(
+    tmp_path / "w", total_steps=2, start_step=0, enabled=False, progress=False, tensorboard=True
+  )
   writer.write(1, {"loss": 1.0})
   assert writer.plot() is None
   writer.close()
@@ -129,12 +156,12 @@ def test_metrics_writer_of_other_processes_writes_nothing(tmp_path):
 def test_chunked_attention_equals_full_attention(chunk):
   """Value and gradients of query-chunked attention equal jax.nn.dot_product_attention's."""
   from train.model import causal_attention
+
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (2, 16, 4, 8))  # (B, T, H, Dh), GQA with 2 kv heads
   k = jax.random.normal(keys[1], (2, 16, 2, 8))
   v = jax.random.normal(keys[2], (2, 16, 2, 8))
-  full = lambda q, k, v: jnp.sum(jnp.sin(
-      jax.nn.dot_product_attention(q, k, v, is_causal=True)))
+  full = lambda q, k, v: jnp.sum(jnp.sin(jax.nn.dot_product_attention(q, k, v, is_causal=True)))
   chunked = lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, chunk)))
   expected = jax.value_and_grad(full, argnums=(0, 1, 2))(q, k, v)
   actual = jax.value_and_grad(chunked, argnums=(0, 1, 2))(q, k, v)
@@ -143,6 +170,7 @@ def test_chunked_attention_equals_full_attention(chunk):
 
 def test_attention_chunk_must_divide_the_sequence():
   from train.model import causal_attention
+
   x = jnp.ones((1, 12, 2, 4))
   with pytest.raises(ValueError, match="attention_chunk=5 must divide seq_len=12"):
     causal_attention(x, x, x, 5)

@@ -14,8 +14,9 @@ import cce_jax
 
 BLOCKS = cce_jax.BlockSizes(token_block=8, vocab_block=32)
 BATCH, SEQ_LEN, HIDDEN, NUM_CLASSES = 3, 11, 16, 70
-REF_OPTIONS = dict(ignore_index=-100, softcap=None, shift=1, z_loss=0.0,
-                   label_smoothing=0.0, classifier_layout="vd")
+REF_OPTIONS = dict(
+  ignore_index=-100, softcap=None, shift=1, z_loss=0.0, label_smoothing=0.0, classifier_layout="vd"
+)
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def inputs():
 
 def loss_fn(e, c, labels, **options):
   return cce_jax.linear_cross_entropy(
-      e, c, labels, shift=1, block_sizes=BLOCKS, filter_eps=None, **options
+    e, c, labels, shift=1, block_sizes=BLOCKS, filter_eps=None, **options
   )
 
 
@@ -74,7 +75,7 @@ def test_filtering_still_skips_under_vmap(inputs):
 
   def total(e):
     per_example = jax.vmap(
-        lambda e, y: cce_jax.linear_cross_entropy(e, c, y, block_sizes=BLOCKS, filter_eps=1e-3)
+      lambda e, y: cce_jax.linear_cross_entropy(e, c, y, block_sizes=BLOCKS, filter_eps=1e-3)
     )(e, labels)
     return jnp.sum(per_example)
 
@@ -106,12 +107,14 @@ def test_checkpoint_and_bias_gradient(inputs):
   e, c, labels = inputs
   bias = jnp.asarray(np.random.default_rng(9).normal(size=(NUM_CLASSES,)), jnp.float32)
   plain = jax.grad(lambda e, c, b: loss_fn(e, c, labels, bias=b), argnums=(0, 1, 2))
-  remat = jax.grad(jax.checkpoint(lambda e, c, b: loss_fn(e, c, labels, bias=b)),
-                   argnums=(0, 1, 2))
+  remat = jax.grad(jax.checkpoint(lambda e, c, b: loss_fn(e, c, labels, bias=b)), argnums=(0, 1, 2))
   want = reference64.reference(e, c, labels, bias, reduction="mean", **REF_OPTIONS)
   for name, got_plain, got_remat, ref in zip(
-      ("d_e", "d_c", "d_bias"), plain(e, c, bias), jax.jit(remat)(e, c, bias),
-      (want["d_e"], want["d_c"], want["d_bias"]), strict=True,
+    ("d_e", "d_c", "d_bias"),
+    plain(e, c, bias),
+    jax.jit(remat)(e, c, bias),
+    (want["d_e"], want["d_c"], want["d_bias"]),
+    strict=True,
   ):
     assert_rel_close(name, got_plain, ref, 2e-5)
     assert_rel_close(f"checkpoint {name}", got_remat, ref, 2e-5)
@@ -121,8 +124,9 @@ def test_interpret_is_ignored_by_xla_inside_shard_map_with_check_vma(inputs):
   """``interpret`` means nothing to "xla": inside a check_vma=True shard_map it must neither
   raise the Pallas interpreter's error nor change the numbers."""
   e, c, labels = inputs
-  mesh = jax.make_mesh((1,), ("tokens",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:1])
+  mesh = jax.make_mesh(
+    (1,), ("tokens",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+  )
   spec = jax.sharding.PartitionSpec("tokens")
 
   def per_device(e, c, labels, interpret):
@@ -130,8 +134,13 @@ def test_interpret_is_ignored_by_xla_inside_shard_map_with_check_vma(inputs):
 
   def sharded(interpret):
     body = lambda e, c, labels: per_device(e, c, labels, interpret)
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(), spec),
-                           out_specs=jax.sharding.PartitionSpec(), check_vma=True)
+    mapped = jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(spec, jax.sharding.PartitionSpec(), spec),
+      out_specs=jax.sharding.PartitionSpec(),
+      check_vma=True,
+    )
     return jax.jit(jax.value_and_grad(mapped, argnums=(0, 1)))(e, c, labels)
 
   loss, (d_e, d_c) = sharded(True)
@@ -149,24 +158,28 @@ def _second_order(name: str, loss):
   """Each way of asking for a derivative of the gradient of ``loss(e, c)``."""
   grad = jax.grad(loss, argnums=(0, 1))
   return {
-      "hessian": lambda e, c: jax.hessian(loss)(e, c),
-      "grad_of_grad": lambda e, c: jax.grad(lambda e, c: jnp.sum(grad(e, c)[0]))(e, c),
-      "jacrev_of_grad": lambda e, c: jax.jacrev(grad)(e, c),
-      "hvp": lambda e, c: jax.jvp(lambda e: grad(e, c)[0], (e,), (e,)),
-      "grad_of_vjp": lambda e, c: jax.grad(lambda g: jnp.sum(jax.vjp(loss, e, c)[1](g)[0]))(1.0),
+    "hessian": lambda e, c: jax.hessian(loss)(e, c),
+    "grad_of_grad": lambda e, c: jax.grad(lambda e, c: jnp.sum(grad(e, c)[0]))(e, c),
+    "jacrev_of_grad": lambda e, c: jax.jacrev(grad)(e, c),
+    "hvp": lambda e, c: jax.jvp(lambda e: grad(e, c)[0], (e,), (e,)),
+    "grad_of_vjp": lambda e, c: jax.grad(lambda g: jnp.sum(jax.vjp(loss, e, c)[1](g)[0]))(1.0),
   }[name]
 
 
 @pytest.mark.parametrize(
-    "asked", ["hessian", "grad_of_grad", "jacrev_of_grad", "hvp", "grad_of_vjp"])
+  "asked", ["hessian", "grad_of_grad", "jacrev_of_grad", "hvp", "grad_of_vjp"]
+)
 @pytest.mark.parametrize("impl", ["xla", "reference", "pallas_gpu", "pallas_tpu"])
 def test_second_order_derivatives_raise_plainly(inputs, impl, asked):
   """Only first-order reverse mode is supported: the rest says so (it used to fail with an
   empty AssertionError or "Linearization failed" from deep inside JAX)."""
   e, c, labels = inputs
   loss = lambda e, c: cce_jax.linear_cross_entropy(
-      e, c, labels[0], impl=impl, interpret=impl.startswith("pallas"))
-  with pytest.raises(NotImplementedError,
-                     match=r"first-order reverse-mode differentiation only .* derivative of its "
-                           r"gradient \(a second-order derivative: jax.hessian"):
+    e, c, labels[0], impl=impl, interpret=impl.startswith("pallas")
+  )
+  with pytest.raises(
+    NotImplementedError,
+    match=r"first-order reverse-mode differentiation only .* derivative of its "
+    r"gradient \(a second-order derivative: jax.hessian",
+  ):
     _second_order(asked, loss)(e[0], c)

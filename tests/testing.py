@@ -178,7 +178,13 @@ def check_case(
     )
   }
   expected = reference64.reference(
-    e, c, labels, bias, loss_weights=loss_weights, lse_weights=lse_weights, weights=weights,
+    e,
+    c,
+    labels,
+    bias,
+    loss_weights=loss_weights,
+    lse_weights=lse_weights,
+    weights=weights,
     **options,
   )
 

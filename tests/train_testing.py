@@ -30,17 +30,32 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VOCAB = 8192
 DATA = ["data.vocab_size=8192", "data.max_corpus_bytes=1000000"]
 TINY_MODEL = [
-    "model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-    "model.head_dim=8", "model.mlp_dim=64",
+  "model.d_model=32",
+  "model.num_layers=2",
+  "model.num_heads=4",
+  "model.num_kv_heads=2",
+  "model.head_dim=8",
+  "model.mlp_dim=64",
 ]
 QUIET = ["progress=false", "tensorboard=false", "plot=false"]
 
 
 def overrides(workdir: pathlib.Path, cache_dir: pathlib.Path, *extra: str) -> list[str]:
   """Command-line overrides of a tiny run in ``workdir`` (later ``extra`` ones win)."""
-  return [f"workdir={workdir}", f"data.cache_dir={cache_dir}", *DATA, *TINY_MODEL,
-          "batch_size=8", "seq_len=32", "log_every=1", "eval_every=0", "checkpoint_every=1000",
-          "optim.warmup_steps=2", *QUIET, *extra]
+  return [
+    f"workdir={workdir}",
+    f"data.cache_dir={cache_dir}",
+    *DATA,
+    *TINY_MODEL,
+    "batch_size=8",
+    "seq_len=32",
+    "log_every=1",
+    "eval_every=0",
+    "checkpoint_every=1000",
+    "optim.warmup_steps=2",
+    *QUIET,
+    *extra,
+  ]
 
 
 # XLA flags of trainer subprocesses: compiles faster (fusion, so rounding, may differ).
@@ -93,10 +108,12 @@ def reference_losses(base: pathlib.Path, steps: int) -> dict[int, float]:
 
 def final_params(workdir: pathlib.Path) -> dict:
   """The parameters of the newest checkpoint in ``workdir``, as numpy arrays."""
-  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
-                                  item_names=("state", "data"))
-  restored = manager.restore(manager.latest_step(),
-                             args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager = ocp.CheckpointManager(
+    pathlib.Path(workdir) / "checkpoints", item_names=("state", "data")
+  )
+  restored = manager.restore(
+    manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )
   manager.close()
   return jax.tree.map(np.asarray, restored.state["params"])
 
@@ -124,13 +141,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def start_train(args: Sequence[str], **env: str) -> subprocess.Popen:
   """``python -m train`` with ``args`` in a subprocess (output captured)."""
-  return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT,
-                          env=subprocess_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "train", *args],
+    cwd=ROOT,
+    env=subprocess_env(**env),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
-def wait_for_step(process: subprocess.Popen, workdir: pathlib.Path, step: int,
-                  timeout: float = 120.0) -> int:
+def wait_for_step(
+  process: subprocess.Popen, workdir: pathlib.Path, step: int, timeout: float = 120.0
+) -> int:
   """Waits until ``workdir``'s metrics.jsonl has logged ``step``; the newest step logged.
 
   Raises:
@@ -140,8 +163,10 @@ def wait_for_step(process: subprocess.Popen, workdir: pathlib.Path, step: int,
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if process.poll() is not None:
-      raise AssertionError(f"trainer exited ({process.returncode}) before step {step}:\n"
-                           + process.stdout.read()[-5000:])
+      raise AssertionError(
+        f"trainer exited ({process.returncode}) before step {step}:\n"
+        + process.stdout.read()[-5000:]
+      )
     steps = [0]
     if path.exists():
       for line in path.read_text().splitlines():
@@ -161,10 +186,13 @@ def use_compilation_cache(directory: pathlib.Path):
   cache every distinct program compiles once per test session. The previous setting is put
   back on exit, so other tests run as before.
   """
+
   @contextlib.contextmanager
   def manager():
-    previous = (jax.config.jax_compilation_cache_dir,
-                jax.config.jax_persistent_cache_min_compile_time_secs)
+    previous = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
     compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -180,5 +208,7 @@ def use_compilation_cache(directory: pathlib.Path):
 
 def cache_env(directory: pathlib.Path) -> dict[str, str]:
   """Environment variables that give a subprocess the same compilation cache."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(directory),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(directory),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }

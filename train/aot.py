@@ -59,8 +59,12 @@ class CompiledStep:
 def memory_of(compiled: Any) -> tuple[int | None, int | None, int | None, int | None]:
   """(argument, output, alias, temp) bytes per device of a compiled step's memory_analysis()."""
   stats = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes")
+  fields = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "temp_size_in_bytes",
+  )
   return tuple(None if stats is None else int(getattr(stats, f)) for f in fields)
 
 
@@ -101,21 +105,33 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(
-      prog="python -m train.aot",
-      description="Compile a trainer config's step for abstract inputs on forced host devices, "
-                  "print its per-device memory, and fail (exit 1) when the peak exceeds the "
-                  "config's hardware.hbm_gib. Exit 2: a bad config or argument.",
-      epilog="Example: python -m train.aot configs/llama3_8b_v5p32.yaml grad_accum_steps=16")
+    prog="python -m train.aot",
+    description="Compile a trainer config's step for abstract inputs on forced host devices, "
+    "print its per-device memory, and fail (exit 1) when the peak exceeds the "
+    "config's hardware.hbm_gib. Exit 2: a bad config or argument.",
+    epilog="Example: python -m train.aot configs/llama3_8b_v5p32.yaml grad_accum_steps=16",
+  )
   parser.add_argument("config", metavar="CONFIG.yaml", help="a trainer config file")
-  parser.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="config overrides, as for python -m train (model.num_layers=2)")
+  parser.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="key=value",
+    help="config overrides, as for python -m train (model.num_layers=2)",
+  )
   devices = parser.add_mutually_exclusive_group()
-  devices.add_argument("--devices", type=int, metavar="N",
-                       help="compile on N forced CPU devices (default: hardware.chips of the "
-                            "config, else the devices JAX finds)")
-  devices.add_argument("--real-devices", action="store_true",
-                       help="compile for this host's accelerators (on a multi-host slice: start "
-                            "it on every host) and check their reported memory limit too")
+  devices.add_argument(
+    "--devices",
+    type=int,
+    metavar="N",
+    help="compile on N forced CPU devices (default: hardware.chips of the "
+    "config, else the devices JAX finds)",
+  )
+  devices.add_argument(
+    "--real-devices",
+    action="store_true",
+    help="compile for this host's accelerators (on a multi-host slice: start "
+    "it on every host) and check their reported memory limit too",
+  )
   return parser
 
 
@@ -128,13 +144,18 @@ def force_host_devices(count: int) -> None:
   from jax._src import xla_bridge
 
   if xla_bridge.backends_are_initialized():
-    raise RuntimeError("train.aot: JAX's backends are already initialized; run "
-                       "`python -m train.aot` in a fresh process")
+    raise RuntimeError(
+      "train.aot: JAX's backends are already initialized; run "
+      "`python -m train.aot` in a fresh process"
+    )
   import jax
 
   # A count in XLA_FLAGS (the older way) would compete with jax_num_cpu_devices.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   os.environ["XLA_FLAGS"] = " ".join(flags)
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", count)
@@ -182,23 +203,30 @@ def main(argv: Sequence[str] | None = None) -> int:
       limit = device_limit if limit is None else min(limit, device_limit)
   cfg = step.config
   devices = jax.devices()
-  print(f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices; "
-        f"mesh {step.mesh_shape}, batch {cfg.batch_size} x {cfg.seq_len} in "
-        f"{cfg.grad_accum_steps} micro-batches, V={cfg.model.vocab_size}, loss {cfg.loss_impl}; "
-        f"per device: arguments {gib(step.argument_bytes)}, temporaries {gib(step.temp_bytes)}, "
-        f"peak {gib(step.peak_bytes)}", flush=True)
+  print(
+    f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices; "
+    f"mesh {step.mesh_shape}, batch {cfg.batch_size} x {cfg.seq_len} in "
+    f"{cfg.grad_accum_steps} micro-batches, V={cfg.model.vocab_size}, loss {cfg.loss_impl}; "
+    f"per device: arguments {gib(step.argument_bytes)}, temporaries {gib(step.temp_bytes)}, "
+    f"peak {gib(step.peak_bytes)}",
+    flush=True,
+  )
   if limit is None:
     print(f"{name}: no memory limit to check (the config sets no hardware.hbm_gib)")
     return 0
   hardware = cfg.hardware
-  target = (f"{hardware.chips} x {hardware.chip}" if hardware.chip else "the devices")
+  target = f"{hardware.chips} x {hardware.chip}" if hardware.chip else "the devices"
   if not fits(step, limit):
-    print(f"{name}: does NOT fit: peak {gib(step.peak_bytes)} per device > {gib(limit)} "
-          f"({target}); raise grad_accum_steps, lower batch_size, shard more (mesh), or set "
-          "model.remat=true / model.attention_chunk", flush=True)
+    print(
+      f"{name}: does NOT fit: peak {gib(step.peak_bytes)} per device > {gib(limit)} "
+      f"({target}); raise grad_accum_steps, lower batch_size, shard more (mesh), or set "
+      "model.remat=true / model.attention_chunk",
+      flush=True,
+    )
     return EXIT_DOES_NOT_FIT
-  print(f"{name}: fits: peak {gib(step.peak_bytes)} per device <= {gib(limit)} ({target})",
-        flush=True)
+  print(
+    f"{name}: fits: peak {gib(step.peak_bytes)} per device <= {gib(limit)} ({target})", flush=True
+  )
   return 0
 
 

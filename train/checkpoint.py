@@ -55,7 +55,7 @@ def _reason(error: BaseException, limit: int = 200) -> str:
   """The first line of ``error``'s message (TensorStore's run to pages), at most ``limit``."""
   text = (str(error).strip().splitlines() or [""])[0]
   text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -68,10 +68,12 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, keep: int):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True)
+      max_to_keep=keep, create=True, enable_async_checkpointing=True
+    )
     self.directory = checkpoint_directory(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data"))
+      self.directory, options=options, item_names=("state", "data")
+    )
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -80,11 +82,12 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any) -> None:
     """Starts saving ``state`` and the iterator's state at ``step`` (asynchronously)."""
     self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator)),
-        force=True)
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+      ),
+      force=True,
+    )
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """The state saved at ``step``, placed on ``abstract_state``'s shardings.
@@ -95,14 +98,17 @@ class Checkpointer:
       data_iterator: the Grain iterator; its state is set to the saved one in place.
     """
     restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
+    )
     return restored.state
 
-  def restore_newest(self, abstract_state: Any, data_iterator: Any, *,
-                     warn: Callable[[str], None], set_aside: bool) -> tuple[int, Any]:
+  def restore_newest(
+    self, abstract_state: Any, data_iterator: Any, *, warn: Callable[[str], None], set_aside: bool
+  ) -> tuple[int, Any]:
     """The newest checkpoint that restores: ``(step, state)``, or ``(0, None)`` if none exists.
 
     Each newer checkpoint that fails to restore is reported through ``warn`` (its step and
@@ -123,10 +129,12 @@ class Checkpointer:
     for step in steps:
       try:
         state = self.restore(step, abstract_state, data_iterator)
-      except Exception as error:  # noqa: BLE001 - Orbax, TensorStore and Grain raise anything
+      except Exception as error:
         failures.append((step, _reason(error)))
-        warn(f"warning: checkpoint {self.directory / str(step)} does not restore "
-             f"({failures[-1][1]}); skipping it")
+        warn(
+          f"warning: checkpoint {self.directory / str(step)} does not restore "
+          f"({failures[-1][1]}); skipping it"
+        )
         continue
       if failures and set_aside:
         self._set_aside([failed for failed, _ in failures], warn)
@@ -134,8 +142,9 @@ class Checkpointer:
     if failures:
       newest, reason = failures[0]
       raise CheckpointError(
-          f"no checkpoint in {self.directory} restores (steps {steps}; step {newest}: "
-          f"{reason}); move that directory away to start the run afresh")
+        f"no checkpoint in {self.directory} restores (steps {steps}; step {newest}: "
+        f"{reason}); move that directory away to start the run afresh"
+      )
     return 0, None
 
   def _set_aside(self, steps: list[int], warn: Callable[[str], None]) -> None:

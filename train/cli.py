@@ -16,8 +16,10 @@ SIGTERM or Ctrl-C saves a checkpoint and stops; the workdir is locked while a ru
 
 
 # What `pip install cce-jax` without extras lacks; the message names the extra that brings it.
-MISSING_EXTRA = ("the trainer needs the 'train' extra (missing module {name!r}): "
-                 "pip install 'cce-jax[train]' (from a checkout: pip install '.[train]')")
+MISSING_EXTRA = (
+  "the trainer needs the 'train' extra (missing module {name!r}): "
+  "pip install 'cce-jax[train]' (from a checkout: pip install '.[train]')"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

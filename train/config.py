@@ -33,21 +33,21 @@ DEFAULT_CONFIG = pathlib.Path("configs") / "default.yaml"
 # the ``act_`` ones, so that a parameter's "embed" (FSDP-sharded) and an activation's model
 # dimension (replicated, its batch being sharded over the same devices) can differ.
 DEFAULT_RULES: dict[str, Any] = {
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "norm": None,
-    "layers": None,
-    "act_batch": ["data", "fsdp"],
-    "act_seq": None,
-    "act_embed": None,
-    "act_heads": "tensor",
-    "act_kv_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "mlp": "tensor",
+  "norm": None,
+  "layers": None,
+  "act_batch": ["data", "fsdp"],
+  "act_seq": None,
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_kv_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
 }
 MESH_AXES = ("data", "fsdp", "tensor")
 LOSS_IMPLS = ("cce", "naive")
@@ -107,24 +107,29 @@ class ModelConfig:
 
   def __post_init__(self):
     check_ranges(self, MODEL_RANGES, "model.", ConfigError)
-    _require(self.num_heads % self.num_kv_heads == 0,
-             f"model.num_kv_heads={self.num_kv_heads} must divide "
-             f"model.num_heads={self.num_heads}")
+    _require(
+      self.num_heads % self.num_kv_heads == 0,
+      f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}",
+    )
     _require(self.head_dim % 2 == 0, f"model.head_dim must be even (RoPE), got {self.head_dim}")
     _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
-    _require(self.param_dtype in DTYPES,
-             f"model.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+    _require(
+      self.param_dtype in DTYPES,
+      f"model.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}",
+    )
 
 
 MODEL_RANGES: dict[str, Range] = {
-    "vocab_size": at_least(2, nullable=True),
-    **{name: at_least(1) for name in ("d_model", "num_layers", "num_heads", "num_kv_heads",
-                                      "head_dim", "mlp_dim")},
-    "rope_theta": positive(),
-    "norm_eps": positive(),
-    "final_softcap": positive(nullable=True),
-    "dropout": fraction(),
-    "attention_chunk": at_least(1, nullable=True),
+  "vocab_size": at_least(2, nullable=True),
+  **{
+    name: at_least(1)
+    for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+  },
+  "rope_theta": positive(),
+  "norm_eps": positive(),
+  "final_softcap": positive(nullable=True),
+  "dropout": fraction(),
+  "attention_chunk": at_least(1, nullable=True),
 }
 
 
@@ -143,14 +148,21 @@ class LossConfig:
   filter_c_grad: bool = False
 
   def __post_init__(self):
-    _require(self.cce_impl in CCE_IMPLS,
-             f"loss.cce_impl must be one of {CCE_IMPLS}, got {self.cce_impl!r}")
+    _require(
+      self.cce_impl in CCE_IMPLS, f"loss.cce_impl must be one of {CCE_IMPLS}, got {self.cce_impl!r}"
+    )
     check_ranges(self, LOSS_RANGES, "loss.", ConfigError)
-    _require(self.filter_eps is None or self.filter_eps == "auto"
-             or (isinstance(self.filter_eps, float) and FILTER_EPS_RANGE.contains(self.filter_eps)
-                 and math.isfinite(self.filter_eps)),
-             f"loss.filter_eps must be 'auto', a float {FILTER_EPS_RANGE.describe()} or null, "
-             f"got {self.filter_eps!r}")
+    _require(
+      self.filter_eps is None
+      or self.filter_eps == "auto"
+      or (
+        isinstance(self.filter_eps, float)
+        and FILTER_EPS_RANGE.contains(self.filter_eps)
+        and math.isfinite(self.filter_eps)
+      ),
+      f"loss.filter_eps must be 'auto', a float {FILTER_EPS_RANGE.describe()} or null, "
+      f"got {self.filter_eps!r}",
+    )
 
 
 LOSS_RANGES: dict[str, Range] = {"z_loss": at_least(0), "label_smoothing": fraction()}
@@ -178,14 +190,14 @@ class OptimConfig:
 
 
 OPTIM_RANGES: dict[str, Range] = {
-    "learning_rate": positive(),
-    "warmup_steps": at_least(0),
-    "end_lr_ratio": fraction(high_open=False),
-    "b1": fraction(),
-    "b2": fraction(),
-    "eps": at_least(0),
-    "weight_decay": at_least(0),
-    "clip_norm": positive(nullable=True),
+  "learning_rate": positive(),
+  "warmup_steps": at_least(0),
+  "end_lr_ratio": fraction(high_open=False),
+  "b1": fraction(),
+  "b2": fraction(),
+  "eps": at_least(0),
+  "weight_decay": at_least(0),
+  "clip_norm": positive(nullable=True),
 }
 
 
@@ -205,14 +217,18 @@ class MeshConfig:
 
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
-    _require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
-             f"mesh sizes must be >= 1, with at most one -1; got data={self.data}, "
-             f"fsdp={self.fsdp}, tensor={self.tensor}")
+    _require(
+      all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
+      f"mesh sizes must be >= 1, with at most one -1; got data={self.data}, "
+      f"fsdp={self.fsdp}, tensor={self.tensor}",
+    )
     _require(isinstance(self.rules, Mapping), f"mesh.rules must be a mapping, got {self.rules!r}")
     for name, axes in self.rules.items():
       listed = [axes] if axes is None or isinstance(axes, str) else list(axes)
-      _require(all(a is None or a in MESH_AXES for a in listed),
-               f"mesh.rules.{name}={axes!r}: mesh axes are {MESH_AXES} (or null)")
+      _require(
+        all(a is None or a in MESH_AXES for a in listed),
+        f"mesh.rules.{name}={axes!r}: mesh axes are {MESH_AXES} (or null)",
+      )
     missing = sorted(set(DEFAULT_RULES) - set(self.rules))
     _require(not missing, f"mesh.rules lacks logical axes {missing}")
 
@@ -267,33 +283,51 @@ class TrainConfig:
   hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
 
   def __post_init__(self):
-    _require(isinstance(self.workdir, str) and self.workdir.strip() != "",
-             f"workdir must name a directory (a local path or gs://bucket/path), "
-             f"got {self.workdir!r}")
+    _require(
+      isinstance(self.workdir, str) and self.workdir.strip() != "",
+      f"workdir must name a directory (a local path or gs://bucket/path), got {self.workdir!r}",
+    )
     check_ranges(self, TRAIN_RANGES, "", ConfigError)
-    _require(self.loss_impl in LOSS_IMPLS,
-             f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+    _require(
+      self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}"
+    )
     if isinstance(self.distributed, bool):
       object.__setattr__(self, "distributed", "on" if self.distributed else "off")
-    _require(self.distributed in ("auto", "on", "off"),
-             f"distributed must be 'auto', 'on' or 'off', got {self.distributed!r}")
-    _require(self.batch_size % self.grad_accum_steps == 0,
-             f"batch_size={self.batch_size} must be a multiple of "
-             f"grad_accum_steps={self.grad_accum_steps}")
+    _require(
+      self.distributed in ("auto", "on", "off"),
+      f"distributed must be 'auto', 'on' or 'off', got {self.distributed!r}",
+    )
+    _require(
+      self.batch_size % self.grad_accum_steps == 0,
+      f"batch_size={self.batch_size} must be a multiple of "
+      f"grad_accum_steps={self.grad_accum_steps}",
+    )
     chunk = self.model.attention_chunk
-    _require(chunk is None or chunk >= self.seq_len or self.seq_len % chunk == 0,
-             f"model.attention_chunk={chunk} must divide seq_len={self.seq_len} "
-             "(or be null, or >= seq_len)")
+    _require(
+      chunk is None or chunk >= self.seq_len or self.seq_len % chunk == 0,
+      f"model.attention_chunk={chunk} must divide seq_len={self.seq_len} "
+      "(or be null, or >= seq_len)",
+    )
 
 
 # seq_len >= 2: a sequence needs a token and its successor (shifted targets).
 TRAIN_RANGES: dict[str, Range] = {
-    **{name: at_least(1) for name in ("steps", "batch_size", "checkpoint_every", "log_every",
-                                      "eval_batches", "grad_accum_steps", "keep_checkpoints",
-                                      "max_skipped_steps")},
-    "seq_len": at_least(2),
-    "seed": Range(low=0, high=MAX_SEED),
-    "eval_every": at_least(0),
+  **{
+    name: at_least(1)
+    for name in (
+      "steps",
+      "batch_size",
+      "checkpoint_every",
+      "log_every",
+      "eval_batches",
+      "grad_accum_steps",
+      "keep_checkpoints",
+      "max_skipped_steps",
+    )
+  },
+  "seq_len": at_least(2),
+  "seed": Range(low=0, high=MAX_SEED),
+  "eval_every": at_least(0),
 }
 
 
@@ -385,14 +419,16 @@ def build(cls: type, values: Mapping[str, Any] | None, prefix: str = "") -> Any:
   """
   values = {} if values is None else values
   if not isinstance(values, Mapping):
-    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, "
-                      f"got {_describe(values)}")
+    raise ConfigError(
+      f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_describe(values)}"
+    )
   fields = _fields(cls)
   unknown = sorted(set(values) - set(fields))
   if unknown:
     raise ConfigError(
-        f"unknown config key(s) {[prefix + str(k) for k in unknown]}; valid keys: "
-        + ", ".join(valid_keys(cls, prefix)))
+      f"unknown config key(s) {[prefix + str(k) for k in unknown]}; valid keys: "
+      + ", ".join(valid_keys(cls, prefix))
+    )
   kwargs = {}
   for name, value in values.items():
     kind = fields[name]
@@ -436,8 +472,7 @@ def parse_override(text: str) -> tuple[str, Any]:
   """``"model.num_layers=2"`` -> ``("model.num_layers", 2)`` (the value parsed as YAML)."""
   key, sep, raw = text.partition("=")
   if not sep or not key.strip():
-    raise ConfigError(f"override {text!r} is not key=value; valid keys: "
-                      + ", ".join(valid_keys()))
+    raise ConfigError(f"override {text!r} is not key=value; valid keys: " + ", ".join(valid_keys()))
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as error:

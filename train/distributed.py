@@ -55,8 +55,10 @@ def local_device_ids(env: Mapping[str, str] | None = None) -> list[int] | None:
   except ValueError:
     ids = None
   if ids is None or min(ids) < 0 or len(set(ids)) != len(ids):
-    raise ConfigError(f"JAX_LOCAL_DEVICE_IDS={value!r} must be distinct non-negative integers "
-                      "separated by commas, e.g. '0' or '0,1,2,3'")
+    raise ConfigError(
+      f"JAX_LOCAL_DEVICE_IDS={value!r} must be distinct non-negative integers "
+      "separated by commas, e.g. '0' or '0,1,2,3'"
+    )
   return ids
 
 
@@ -76,13 +78,17 @@ def initialize_arguments(env: Mapping[str, str] | None = None) -> dict[str, obje
   if not address:
     return kwargs
   try:
-    kwargs.update(coordinator_address=address, num_processes=int(env["JAX_NUM_PROCESSES"]),
-                  process_id=int(env["JAX_PROCESS_ID"]))
+    kwargs.update(
+      coordinator_address=address,
+      num_processes=int(env["JAX_NUM_PROCESSES"]),
+      process_id=int(env["JAX_PROCESS_ID"]),
+    )
   except (KeyError, ValueError) as error:
     raise ConfigError(
-        "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
-        f"integers too (got JAX_NUM_PROCESSES={env.get('JAX_NUM_PROCESSES')!r}, "
-        f"JAX_PROCESS_ID={env.get('JAX_PROCESS_ID')!r})") from error
+      "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+      f"integers too (got JAX_NUM_PROCESSES={env.get('JAX_NUM_PROCESSES')!r}, "
+      f"JAX_PROCESS_ID={env.get('JAX_PROCESS_ID')!r})"
+    ) from error
   return kwargs
 
 
@@ -124,6 +130,8 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
     covered = max(covered, hi)
   size = stop - start
   if covered != stop or batch_size % size or start % size:
-    raise ConfigError(f"process {jax.process_index()} holds batch rows {rows}, not one "
-                      f"contiguous block dividing batch_size={batch_size}; change the mesh")
+    raise ConfigError(
+      f"process {jax.process_index()} holds batch rows {rows}, not one "
+      f"contiguous block dividing batch_size={batch_size}; change the mesh"
+    )
   return start // size, batch_size // size

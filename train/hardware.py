@@ -28,26 +28,26 @@ class Chip:
 # HBM in GiB, rounded (a "141 GB" H200 holds 140). A TPU v4 or v5p chip is one JAX device
 # (megacore); GPUs are the SXM parts (the H100 PCIe: h100_pcie).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(275e12, 32),
-    "v5e": Chip(197e12, 16),
-    "v5p": Chip(459e12, 95),
-    "v6e": Chip(918e12, 32),
-    "a100": Chip(312e12, 80),
-    "h100": Chip(989e12, 80),
-    "h100_pcie": Chip(756e12, 80),
-    "h200": Chip(989e12, 140),
+  "v4": Chip(275e12, 32),
+  "v5e": Chip(197e12, 16),
+  "v5p": Chip(459e12, 95),
+  "v6e": Chip(918e12, 32),
+  "a100": Chip(312e12, 80),
+  "h100": Chip(989e12, 80),
+  "h100_pcie": Chip(756e12, 80),
+  "h200": Chip(989e12, 140),
 }
 
 # ``jax.Device.device_kind`` -> chip name: the first pattern that matches (lower case) wins.
 _KIND_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"tpu v4", "v4"),
-    (r"tpu v5 ?lite|tpu v5e", "v5e"),
-    (r"tpu v5p?$", "v5p"),
-    (r"tpu v6 ?lite|tpu v6e", "v6e"),
-    (r"a100", "a100"),
-    (r"h100.*pcie", "h100_pcie"),
-    (r"h100", "h100"),
-    (r"h200", "h200"),
+  (r"tpu v4", "v4"),
+  (r"tpu v5 ?lite|tpu v5e", "v5e"),
+  (r"tpu v5p?$", "v5p"),
+  (r"tpu v6 ?lite|tpu v6e", "v6e"),
+  (r"a100", "a100"),
+  (r"h100.*pcie", "h100_pcie"),
+  (r"h100", "h100"),
+  (r"h200", "h200"),
 )
 
 
@@ -86,8 +86,7 @@ class HardwareConfig:
     from train.config import ConfigError  # here: train.config imports this module
 
     if self.chip is not None and self.chip not in CHIPS:
-      raise ConfigError(f"hardware.chip must be one of {sorted(CHIPS)} or null, got "
-                        f"{self.chip!r}")
+      raise ConfigError(f"hardware.chip must be one of {sorted(CHIPS)} or null, got {self.chip!r}")
     if self.chips is not None and self.chips < 1:
       raise ConfigError(f"hardware.chips must be >= 1 or null, got {self.chips}")
     if self.hbm_gib is not None and self.hbm_gib <= 0:
@@ -119,8 +118,9 @@ def model_flops_per_token(model, seq_len: int) -> float:
   return float(6 * matmul_params(model) + attention)
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int,
-        device_peak_flops: float | None) -> float | None:
+def mfu(
+  tokens_per_s: float, flops_per_token: float, num_devices: int, device_peak_flops: float | None
+) -> float | None:
   """Model FLOPs utilization in [0, 1]: achieved model FLOP/s over the devices' peak; None
   where the peak is unknown."""
   if device_peak_flops is None or num_devices < 1:

@@ -43,8 +43,15 @@ class LossLayout:
     return cls(mesh=mesh, token_axes=axes("act_batch"), vocab_axes=axes("vocab"))
 
 
-def cce_loss_sum(h_BTD: jax.Array, classifier: jax.Array, layout: str, tokens_BT: jax.Array,
-                 cfg: LossConfig, softcap: float | None, sharding: LossLayout) -> jax.Array:
+def cce_loss_sum(
+  h_BTD: jax.Array,
+  classifier: jax.Array,
+  layout: str,
+  tokens_BT: jax.Array,
+  cfg: LossConfig,
+  softcap: float | None,
+  sharding: LossLayout,
+) -> jax.Array:
   """Summed next-token loss by ``cce_jax.linear_cross_entropy``; () f32.
 
   The loss runs per device through ``shard_map`` (``mesh=``): each device takes its sequences
@@ -60,15 +67,34 @@ def cce_loss_sum(h_BTD: jax.Array, classifier: jax.Array, layout: str, tokens_BT
     sharding: the mesh and the axes that split tokens and vocabulary.
   """
   return cce_jax.linear_cross_entropy(
-      h_BTD, classifier, tokens_BT, shift=1, reduction="sum", softcap=softcap,
-      z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing, filter_eps=cfg.filter_eps,
-      filter_e_grad=cfg.filter_e_grad, filter_c_grad=cfg.filter_c_grad, impl=cfg.cce_impl,
-      classifier_layout=layout, mesh=sharding.mesh, token_axes=sharding.token_axes,
-      vocab_axis=sharding.vocab_axes)
+    h_BTD,
+    classifier,
+    tokens_BT,
+    shift=1,
+    reduction="sum",
+    softcap=softcap,
+    z_loss=cfg.z_loss,
+    label_smoothing=cfg.label_smoothing,
+    filter_eps=cfg.filter_eps,
+    filter_e_grad=cfg.filter_e_grad,
+    filter_c_grad=cfg.filter_c_grad,
+    impl=cfg.cce_impl,
+    classifier_layout=layout,
+    mesh=sharding.mesh,
+    token_axes=sharding.token_axes,
+    vocab_axis=sharding.vocab_axes,
+  )
 
 
-def naive_loss_sum(h_BTD: jax.Array, classifier: jax.Array, layout: str, tokens_BT: jax.Array,
-                   cfg: LossConfig, softcap: float | None, sharding: LossLayout) -> jax.Array:
+def naive_loss_sum(
+  h_BTD: jax.Array,
+  classifier: jax.Array,
+  layout: str,
+  tokens_BT: jax.Array,
+  cfg: LossConfig,
+  softcap: float | None,
+  sharding: LossLayout,
+) -> jax.Array:
   """The same sum through materialized (B, T-1, V) f32 logits and optax; () f32.
 
   XLA partitions it (the logits are constrained to the activation rules); ``sharding`` is
@@ -76,8 +102,7 @@ def naive_loss_sum(h_BTD: jax.Array, classifier: jax.Array, layout: str, tokens_
   """
   del sharding
   equation = "btd,vd->btv" if layout == "vd" else "btd,dv->btv"
-  logits_BTV = jnp.einsum(equation, h_BTD[:, :-1], classifier,
-                          preferred_element_type=jnp.float32)
+  logits_BTV = jnp.einsum(equation, h_BTD[:, :-1], classifier, preferred_element_type=jnp.float32)
   logits_BTV = constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
   if softcap is not None:
     logits_BTV = softcap * jnp.tanh(logits_BTV / softcap)
@@ -96,9 +121,16 @@ def naive_loss_sum(h_BTD: jax.Array, classifier: jax.Array, layout: str, tokens_
 LOSSES = {"cce": cce_loss_sum, "naive": naive_loss_sum}
 
 
-def loss_sum(loss_impl: str, h_BTD: jax.Array, classifier: jax.Array, layout: str,
-             tokens_BT: jax.Array, cfg: LossConfig, softcap: float | None,
-             sharding: LossLayout) -> jax.Array:
+def loss_sum(
+  loss_impl: str,
+  h_BTD: jax.Array,
+  classifier: jax.Array,
+  layout: str,
+  tokens_BT: jax.Array,
+  cfg: LossConfig,
+  softcap: float | None,
+  sharding: LossLayout,
+) -> jax.Array:
   """Summed next-token loss of ``loss_impl`` ("cce" or "naive"); () f32.
 
   Raises:

@@ -43,8 +43,9 @@ class MetricsFileError(RunError):
   """A ``metrics.jsonl`` line before the last that is not a JSON object (names file and line)."""
 
 
-def read_metrics(path: str | os.PathLike,
-                 warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def read_metrics(
+  path: str | os.PathLike, warn: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
   """The records of a ``metrics.jsonl`` (local or ``gs://``), in order; [] if it is missing.
 
   A torn last line (a crash mid-write) is dropped, through ``warn`` if given.
@@ -72,7 +73,8 @@ def read_metrics(path: str | os.PathLike,
           warn(f"warning: {path}: dropped the torn last line {i + 1} ({line[:60]!r})")
         break
       raise MetricsFileError(
-          f"{path}, line {i + 1}: not a metrics record ({error}); fix or delete that line")
+        f"{path}, line {i + 1}: not a metrics record ({error}); fix or delete that line"
+      ) from None
     records.append(record)
   return records
 
@@ -98,9 +100,17 @@ class MetricsWriter:
     MetricsFileError: an existing ``metrics.jsonl`` with a bad line before its last.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int,
-               enabled: bool, progress: bool, tensorboard: bool,
-               warn: Callable[[str], None] | None = None):
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    *,
+    total_steps: int,
+    start_step: int,
+    enabled: bool,
+    progress: bool,
+    tensorboard: bool,
+    warn: Callable[[str], None] | None = None,
+  ):
     self.workdir = epath.Path(workdir)
     # A URI (gs://...) cannot be appended to: metrics.jsonl is rewritten whole, now and then.
     self.remote = paths.is_uri(self.workdir)
@@ -122,14 +132,16 @@ class MetricsWriter:
         import tensorboardX  # imported here: process 0 only
 
         self._tensorboard = tensorboardX.SummaryWriter(
-            os.fspath(self.workdir / TENSORBOARD_DIR),
-            purge_step=start_step + 1 if start_step else None)
+          os.fspath(self.workdir / TENSORBOARD_DIR),
+          purge_step=start_step + 1 if start_step else None,
+        )
     self.total_steps = total_steps
     show_bar = enabled and progress and _progress.is_terminal()
     # Not a terminal (a pod's log file) or no bar wanted: one plain line per logged step.
     self._plain_lines = enabled and not show_bar
-    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                         disable=not show_bar, dynamic_ncols=True)
+    self.bar = tqdm.tqdm(
+      total=total_steps, initial=start_step, unit="step", disable=not show_bar, dynamic_ncols=True
+    )
 
   def advance(self, steps: int = 1) -> None:
     """Moves the progress bar (its ETA comes from the observed step rate)."""

@@ -33,7 +33,8 @@ def _dtype(name: str) -> jnp.dtype:
 def _fan_in_init(in_axis, out_axis):
   """Truncated-normal init with variance 1 / fan_in over the given kernel axes."""
   return jax.nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+    1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+  )
 
 
 def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
@@ -61,21 +62,40 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
-    self.q = nnx.Einsum("BTD,DNH->BTNH", (d, h, dh), kernel_init=nnx.with_partitioning(
-        _fan_in_init(0, (1, 2)), ("embed", "heads", "head_dim")), **kw)
-    self.k = nnx.Einsum("BTD,DNH->BTNH", (d, k, dh), kernel_init=nnx.with_partitioning(
-        _fan_in_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")), **kw)
-    self.v = nnx.Einsum("BTD,DNH->BTNH", (d, k, dh), kernel_init=nnx.with_partitioning(
-        _fan_in_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")), **kw)
-    self.o = nnx.Einsum("BTNH,NHD->BTD", (h, dh, d), kernel_init=nnx.with_partitioning(
-        _fan_in_init((0, 1), 2), ("heads", "head_dim", "embed")), **kw)
+    self.q = nnx.Einsum(
+      "BTD,DNH->BTNH",
+      (d, h, dh),
+      kernel_init=nnx.with_partitioning(_fan_in_init(0, (1, 2)), ("embed", "heads", "head_dim")),
+      **kw,
+    )
+    self.k = nnx.Einsum(
+      "BTD,DNH->BTNH",
+      (d, k, dh),
+      kernel_init=nnx.with_partitioning(_fan_in_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")),
+      **kw,
+    )
+    self.v = nnx.Einsum(
+      "BTD,DNH->BTNH",
+      (d, k, dh),
+      kernel_init=nnx.with_partitioning(_fan_in_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")),
+      **kw,
+    )
+    self.o = nnx.Einsum(
+      "BTNH,NHD->BTD",
+      (h, dh, d),
+      kernel_init=nnx.with_partitioning(_fan_in_init((0, 1), 2), ("heads", "head_dim", "embed")),
+      **kw,
+    )
 
   def __call__(self, x_BTD: jax.Array, positions_T: jax.Array) -> jax.Array:
     cfg = self.cfg
-    q_BTHD = constrain(rope(self.q(x_BTD), positions_T, cfg.rope_theta),
-                       ("act_batch", "act_seq", "act_heads", None))
-    k_BTKD = constrain(rope(self.k(x_BTD), positions_T, cfg.rope_theta),
-                       ("act_batch", "act_seq", "act_kv_heads", None))
+    q_BTHD = constrain(
+      rope(self.q(x_BTD), positions_T, cfg.rope_theta), ("act_batch", "act_seq", "act_heads", None)
+    )
+    k_BTKD = constrain(
+      rope(self.k(x_BTD), positions_T, cfg.rope_theta),
+      ("act_batch", "act_seq", "act_kv_heads", None),
+    )
     v_BTKD = constrain(self.v(x_BTD), ("act_batch", "act_seq", "act_kv_heads", None))
     # Grouped-query attention: jax.nn.dot_product_attention maps query head n to kv head
     # n // G, as the (H, Dh) query kernel is laid out.
@@ -83,8 +103,9 @@ class Attention(nnx.Module):
     return self.o(out_BTHD)
 
 
-def causal_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
-                     chunk: int | None) -> jax.Array:
+def causal_attention(
+  q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, chunk: int | None
+) -> jax.Array:
   """Causal (grouped-query) attention, (B, T, H, Dh); with ``chunk``, queries in checkpointed
   chunks of ``chunk`` (which must divide T), so that the backward holds one chunk's
   (B, H, chunk, T) scores at a time instead of (B, H, T, T).
@@ -114,25 +135,35 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-              rngs=rngs)
+    kw = dict(
+      use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs
+    )
     up_init = nnx.with_partitioning(_fan_in_init(0, 1), ("embed", "mlp"))
     self.gate = nnx.Linear(cfg.d_model, cfg.mlp_dim, kernel_init=up_init, **kw)
     self.up = nnx.Linear(cfg.d_model, cfg.mlp_dim, kernel_init=up_init, **kw)
-    self.down = nnx.Linear(cfg.mlp_dim, cfg.d_model, kernel_init=nnx.with_partitioning(
-        _fan_in_init(0, 1), ("mlp", "embed")), **kw)
+    self.down = nnx.Linear(
+      cfg.mlp_dim,
+      cfg.d_model,
+      kernel_init=nnx.with_partitioning(_fan_in_init(0, 1), ("mlp", "embed")),
+      **kw,
+    )
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    hidden_BTF = constrain(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD),
-                           ("act_batch", "act_seq", "act_mlp"))
+    hidden_BTF = constrain(
+      jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD), ("act_batch", "act_seq", "act_mlp")
+    )
     return self.down(hidden_BTF)
 
 
 def _rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
   return nnx.RMSNorm(
-      cfg.d_model, epsilon=cfg.norm_eps, dtype=_dtype(cfg.dtype),
-      param_dtype=_dtype(cfg.param_dtype),
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)), rngs=rngs)
+    cfg.d_model,
+    epsilon=cfg.norm_eps,
+    dtype=_dtype(cfg.dtype),
+    param_dtype=_dtype(cfg.param_dtype),
+    scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+    rngs=rngs,
+  )
 
 
 class Block(nnx.Module):
@@ -145,11 +176,9 @@ class Block(nnx.Module):
     self.mlp_norm = _rms_norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD: jax.Array, positions_T: jax.Array,
-               key: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, positions_T: jax.Array, key: jax.Array | None) -> jax.Array:
     keys = (None, None) if key is None else tuple(jax.random.split(key))
-    x_BTD = x_BTD + _dropout(self.attn(self.attn_norm(x_BTD), positions_T), self.dropout,
-                             keys[0])
+    x_BTD = x_BTD + _dropout(self.attn(self.attn_norm(x_BTD), positions_T), self.dropout, keys[0])
     x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
     x_BTD = x_BTD + _dropout(self.mlp(self.mlp_norm(x_BTD)), self.dropout, keys[1])
     return constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
@@ -175,9 +204,15 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     self.embed = nnx.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-        embedding_init=nnx.with_partitioning(
-            nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(stddev=0.02), ("vocab", "embed")
+      ),
+      rngs=rngs,
+    )
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -188,8 +223,14 @@ class Transformer(nnx.Module):
     self.final_norm = _rms_norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.head = nnx.Linear(
-          cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-          kernel_init=nnx.with_partitioning(_fan_in_init(0, 1), ("embed", "vocab")), rngs=rngs)
+        cfg.d_model,
+        cfg.vocab_size,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(_fan_in_init(0, 1), ("embed", "vocab")),
+        rngs=rngs,
+      )
 
   def __call__(self, tokens_BT: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """Final hidden states (B, T, D) in ``cfg.dtype`` of int tokens (B, T).
@@ -220,8 +261,11 @@ class Transformer(nnx.Module):
     if cfg.remat:
       layer = nnx.remat(layer, prevent_cse=False)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.scan(
+      in_axes=(0, nnx.Carry, 0),
+      out_axes=nnx.Carry,
+      transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
     def run_layers(block: Block, x_BTD: jax.Array, key: jax.Array) -> jax.Array:
       return layer(block, x_BTD, key)
 

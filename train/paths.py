@@ -24,5 +24,6 @@ def workdir_path(workdir: str) -> epath.Path:
   try:
     return epath.Path(workdir)
   except (KeyError, NotImplementedError) as error:
-    raise ConfigError(f"workdir={workdir!r}: unsupported URI scheme; use a local path or "
-                      "gs://bucket/path") from error
+    raise ConfigError(
+      f"workdir={workdir!r}: unsupported URI scheme; use a local path or gs://bucket/path"
+    ) from error

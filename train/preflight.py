@@ -15,8 +15,13 @@ from train.config import ConfigError, TrainConfig
 
 GIB = 2**30
 # The keys that shrink a train step's memory, named by the memory check's message.
-MEMORY_KEYS = ("batch_size", "grad_accum_steps", "mesh (fsdp/tensor)", "model.remat=true",
-               "model.attention_chunk")
+MEMORY_KEYS = (
+  "batch_size",
+  "grad_accum_steps",
+  "mesh (fsdp/tensor)",
+  "model.remat=true",
+  "model.attention_chunk",
+)
 
 
 def size(num_bytes: int) -> str:
@@ -37,8 +42,14 @@ def check_data(cfg: TrainConfig, num_train_tokens: int, num_eval_tokens: int) ->
   seq_len, batch = cfg.seq_len, cfg.batch_size
   needs = [("train", num_train_tokens, batch, f"one global batch (batch_size={batch})")]
   if cfg.eval_every > 0:
-    needs.append(("eval", num_eval_tokens, batch * cfg.eval_batches,
-                  f"evaluation (eval_batches={cfg.eval_batches} x batch_size={batch})"))
+    needs.append(
+      (
+        "eval",
+        num_eval_tokens,
+        batch * cfg.eval_batches,
+        f"evaluation (eval_batches={cfg.eval_batches} x batch_size={batch})",
+      )
+    )
   for split, tokens, windows_needed, what in needs:
     windows = tokens // seq_len
     if windows >= windows_needed:
@@ -49,8 +60,9 @@ def check_data(cfg: TrainConfig, num_train_tokens: int, num_eval_tokens: int) ->
     elif cfg.data.source == "stdlib":
       fixes += ", or a larger data.max_corpus_bytes"
     raise ConfigError(
-        f"data: the {split} split holds {tokens} tokens = {windows} windows of "
-        f"seq_len={seq_len}, but {what} needs {windows_needed}; use {fixes}")
+      f"data: the {split} split holds {tokens} tokens = {windows} windows of "
+      f"seq_len={seq_len}, but {what} needs {windows_needed}; use {fixes}"
+    )
 
 
 def device_memory_limit(device: Any) -> int | None:
@@ -61,8 +73,9 @@ def device_memory_limit(device: Any) -> int | None:
   return None if limit is None else int(limit)
 
 
-def check_memory(peak_bytes: int | None, limit_bytes: int | None, device_kind: str,
-                 mesh_shape: dict[str, int]) -> None:
+def check_memory(
+  peak_bytes: int | None, limit_bytes: int | None, device_kind: str, mesh_shape: dict[str, int]
+) -> None:
   """Checks that a compiled step's per-device peak fits the device's limit.
 
   Args:
@@ -78,9 +91,10 @@ def check_memory(peak_bytes: int | None, limit_bytes: int | None, device_kind: s
   if peak_bytes is None or limit_bytes is None or peak_bytes <= limit_bytes:
     return
   raise ConfigError(
-      f"memory: the compiled train step needs {size(peak_bytes)} per device, more than the "
-      f"{size(limit_bytes)} a {device_kind} device allows (mesh {mesh_shape}); "
-      f"change {', '.join(MEMORY_KEYS)}, and check with python -m train.aot")
+    f"memory: the compiled train step needs {size(peak_bytes)} per device, more than the "
+    f"{size(limit_bytes)} a {device_kind} device allows (mesh {mesh_shape}); "
+    f"change {', '.join(MEMORY_KEYS)}, and check with python -m train.aot"
+  )
 
 
 def peak_bytes(compiled: Any) -> int | None:
@@ -89,8 +103,12 @@ def peak_bytes(compiled: Any) -> int | None:
   stats = compiled.memory_analysis()
   if stats is None:
     return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return int(
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
 
 
 def check_compiled(compiled: Any, mesh: Any) -> None:
@@ -104,5 +122,6 @@ def check_compiled(compiled: Any, mesh: Any) -> None:
 
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   device = local[0] if local else jax.local_devices()[0]
-  check_memory(peak_bytes(compiled), device_memory_limit(device), device.device_kind,
-               dict(mesh.shape))
+  check_memory(
+    peak_bytes(compiled), device_memory_limit(device), device.device_kind, dict(mesh.shape)
+  )

@@ -37,20 +37,24 @@ class Throughput:
   @classmethod
   def of(cls, cfg: TrainConfig, devices: Sequence[Any]) -> Throughput:
     """The throughput of ``cfg`` (``model.vocab_size`` set) on ``devices`` (jax.Device)."""
-    return cls(tokens_per_step=cfg.batch_size * cfg.seq_len,
-               flops_per_token=hardware.model_flops_per_token(cfg.model, cfg.seq_len),
-               num_devices=len(devices),
-               device_peak_flops=hardware.peak_flops(devices[0].device_kind),
-               total_steps=cfg.steps)
+    return cls(
+      tokens_per_step=cfg.batch_size * cfg.seq_len,
+      flops_per_token=hardware.model_flops_per_token(cfg.model, cfg.seq_len),
+      num_devices=len(devices),
+      device_peak_flops=hardware.peak_flops(devices[0].device_kind),
+      total_steps=cfg.steps,
+    )
 
   def metrics(self, step: int, step_time_s: float) -> dict[str, float]:
     """``step_time_s``, ``tokens_per_s``, ``eta_s`` (seconds to the last step at this rate)
     and, where the peak is known, ``mfu`` (a fraction) after ``step`` steps."""
     tokens_per_s = self.tokens_per_step / step_time_s
-    values = {"step_time_s": step_time_s, "tokens_per_s": tokens_per_s,
-              "eta_s": step_time_s * max(self.total_steps - step, 0)}
-    mfu = hardware.mfu(tokens_per_s, self.flops_per_token, self.num_devices,
-                       self.device_peak_flops)
+    values = {
+      "step_time_s": step_time_s,
+      "tokens_per_s": tokens_per_s,
+      "eta_s": step_time_s * max(self.total_steps - step, 0),
+    }
+    mfu = hardware.mfu(tokens_per_s, self.flops_per_token, self.num_devices, self.device_peak_flops)
     if mfu is not None:
       values["mfu"] = mfu
     return values
@@ -75,9 +79,13 @@ def format_line(step: int, total_steps: int, record: Mapping[str, float]) -> str
   """The plain log line of one logged step's ``record`` (metrics.jsonl keys; those missing are
   left out)."""
   parts = [f"step {step}/{total_steps}"]
-  shown = (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"),
-           ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "tokens/s {:,.0f}"),
-           ("step_time_s", "time/step {:.3g} s"))
+  shown = (
+    ("loss", "loss {:.4f}"),
+    ("learning_rate", "lr {:.2e}"),
+    ("grad_norm", "grad_norm {:.3f}"),
+    ("tokens_per_s", "tokens/s {:,.0f}"),
+    ("step_time_s", "time/step {:.3g} s"),
+  )
   parts += [text.format(record[key]) for key, text in shown if key in record]
   if "mfu" in record:
     parts.append(f"MFU {100 * record['mfu']:.1f}%")

@@ -22,8 +22,14 @@ from train import config as config_lib
 
 # Keys whose change gives parameters (or optimizer state) of another shape or tree.
 INCOMPATIBLE_KEYS = (
-    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-    "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.tie_embeddings",
+  "model.vocab_size",
+  "model.d_model",
+  "model.num_layers",
+  "model.num_heads",
+  "model.num_kv_heads",
+  "model.head_dim",
+  "model.mlp_dim",
+  "model.tie_embeddings",
 )
 # Keys that say nothing about the run itself.
 IGNORED_KEYS = ("workdir", "force_unlock")
@@ -73,9 +79,11 @@ def compare(stored: Mapping[str, Any], cfg: config_lib.TrainConfig) -> list[str]
     (incompatible if key in INCOMPATIBLE_KEYS or clipping_toggled else allowed).append(change)
   if incompatible:
     raise config_lib.ConfigError(
-        "the workdir's checkpoints were written with another model: "
-        + ", ".join(incompatible) + " (checkpoints -> now); use the checkpoints' values or "
-        "another workdir")
+      "the workdir's checkpoints were written with another model: "
+      + ", ".join(incompatible)
+      + " (checkpoints -> now); use the checkpoints' values or "
+      "another workdir"
+    )
   return allowed
 
 

@@ -41,12 +41,16 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
-      raise ConfigError(f"mesh: {num_devices} devices are not a multiple of the fixed axes "
-                        f"(data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor})")
+      raise ConfigError(
+        f"mesh: {num_devices} devices are not a multiple of the fixed axes "
+        f"(data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor})"
+      )
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
-                      f"{num_devices} devices; set one axis to -1 to fill them")
+    raise ConfigError(
+      f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
+      f"{num_devices} devices; set one axis to -1 to fill them"
+    )
   return tuple(sizes)
 
 
@@ -54,8 +58,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   """A (data, fsdp, tensor) mesh with Auto axis types over ``devices`` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def logical_rules(rules: Mapping[str, Any]) -> LogicalRules:
@@ -122,6 +127,7 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
       size = int(np.prod([mesh_sizes[a] for a in names]))
       if dim % size:
         raise ConfigError(
-            f"{jax.tree_util.keystr(path)}: dimension {dim} is not divisible by mesh axes "
-            f"{names} of size {size} (shape {leaf.shape}, spec {sharding.spec}); change "
-            "mesh sizes or mesh.rules")
+          f"{jax.tree_util.keystr(path)}: dimension {dim} is not divisible by mesh axes "
+          f"{names} of size {size} (shape {leaf.shape}, spec {sharding.spec}); change "
+          "mesh sizes or mesh.rules"
+        )

@@ -76,8 +76,9 @@ class Program:
   def abstract_batch(self, batch_size: int | None = None) -> jax.ShapeDtypeStruct:
     """The (B, T) int32 token batch as a ShapeDtypeStruct with its sharding."""
     cfg = self.config
-    return jax.ShapeDtypeStruct((batch_size or cfg.batch_size, cfg.seq_len), jnp.int32,
-                                sharding=self.batch_sharding)
+    return jax.ShapeDtypeStruct(
+      (batch_size or cfg.batch_size, cfg.seq_len), jnp.int32, sharding=self.batch_sharding
+    )
 
   def lower_train_step(self, batch_size: int | None = None):
     """``jax.jit(...).lower`` of the train step on abstract inputs (nothing is allocated)."""
@@ -86,20 +87,24 @@ class Program:
 
 
 def _specs_to_shardings(mesh: Mesh, specs: Any) -> Any:
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
 
 
 def _with_sharding(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract, shardings)
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+    abstract,
+    shardings,
+  )
 
 
 def _all_finite(tree: Any) -> jax.Array:
   """() bool: every floating-point entry of ``tree`` is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -133,28 +138,46 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     params_key, run_key = jax.random.split(jax.random.key(seed))
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=params_key))
     params = nnx.to_pure_dict(nnx.state(model))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=jax.random.key_data(run_key))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(run_key),
+    )
 
   abstract_state = jax.eval_shape(init, jnp.zeros((), jnp.int32))
   opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
-  state_shardings = TrainState(step=replicated, params=param_shardings,
-                               opt_state=opt_shardings, rng=replicated)
+    optimizer,
+    lambda _, sharding: sharding,
+    abstract_state.opt_state,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
+  state_shardings = TrainState(
+    step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+  )
   check_divisible(abstract_state, state_shardings)
   tokens_sharding = batch_sharding(mesh, rules)
   micro_batch = cfg.batch_size // cfg.grad_accum_steps
   check_divisible(jax.ShapeDtypeStruct((micro_batch, cfg.seq_len), jnp.int32), tokens_sharding)
 
-  def loss_fn(params: Params, tokens_BT: jax.Array, key: jax.Array | None,
-              num_targets: int) -> jax.Array:
+  def loss_fn(
+    params: Params, tokens_BT: jax.Array, key: jax.Array | None, num_targets: int
+  ) -> jax.Array:
     model = nnx.merge(graphdef, params)
     h_BTD = model(tokens_BT, key)
     classifier, layout = model.classifier()
-    total = loss_sum(cfg.loss_impl, h_BTD, classifier, layout, tokens_BT, cfg.loss,
-                     model_cfg.final_softcap, loss_layout)
+    total = loss_sum(
+      cfg.loss_impl,
+      h_BTD,
+      classifier,
+      layout,
+      tokens_BT,
+      cfg.loss,
+      model_cfg.final_softcap,
+      loss_layout,
+    )
     return total / num_targets
 
   def train_step(state: TrainState, tokens_BT: jax.Array):
@@ -174,15 +197,18 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
         def accumulate(carry, inputs):
           loss_acc, grads_acc = carry
           tokens, index = inputs
-          loss, grads = grad_fn(state.params, tokens, jax.random.fold_in(step_key, index),
-                                num_targets)
+          loss, grads = grad_fn(
+            state.params, tokens, jax.random.fold_in(step_key, index), num_targets
+          )
           grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
           return (loss_acc + loss, grads_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         (loss, grads), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros),
-            (micro_MBT, jnp.arange(accum, dtype=jnp.int32)))
+          accumulate,
+          (jnp.zeros((), jnp.float32), zeros),
+          (micro_MBT, jnp.arange(accum, dtype=jnp.int32)),
+        )
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
       updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
@@ -192,11 +218,15 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
       params = _select(finite, new_params, state.params)
       opt_state = _select(finite, new_opt_state, state.opt_state)
-      metrics = {"loss": loss, "grad_norm": grad_norm,
-                 "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-                 "skipped": jnp.logical_not(finite).astype(jnp.int32)}
-      return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                        rng=state.rng), metrics
+      metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        "skipped": jnp.logical_not(finite).astype(jnp.int32),
+      }
+      return TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng
+      ), metrics
 
   def eval_step(params: Params, tokens_BT: jax.Array):
     with nnx.logical_axis_rules(rules):
@@ -204,17 +234,32 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
       total = loss_fn(params, tokens_BT, None, 1)
       return total, jnp.asarray(num_targets, jnp.float32)
 
-  metric_shardings = {"loss": replicated, "grad_norm": replicated, "learning_rate": replicated,
-                      "skipped": replicated}
+  metric_shardings = {
+    "loss": replicated,
+    "grad_norm": replicated,
+    "learning_rate": replicated,
+    "skipped": replicated,
+  }
   return Program(
-      config=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
-      schedule=schedule,
-      init=jax.jit(init, in_shardings=replicated, out_shardings=state_shardings),
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, tokens_sharding),
-                         out_shardings=(state_shardings, metric_shardings), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(param_shardings, tokens_sharding),
-                        out_shardings=(replicated, replicated)),
-      abstract_state=_with_sharding(abstract_state, state_shardings),
-      state_shardings=state_shardings,
-      batch_sharding=tokens_sharding,
+    config=cfg,
+    mesh=mesh,
+    rules=rules,
+    graphdef=graphdef,
+    optimizer=optimizer,
+    schedule=schedule,
+    init=jax.jit(init, in_shardings=replicated, out_shardings=state_shardings),
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(state_shardings, tokens_sharding),
+      out_shardings=(state_shardings, metric_shardings),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(
+      eval_step,
+      in_shardings=(param_shardings, tokens_sharding),
+      out_shardings=(replicated, replicated),
+    ),
+    abstract_state=_with_sharding(abstract_state, state_shardings),
+    state_shardings=state_shardings,
+    batch_sharding=tokens_sharding,
   )

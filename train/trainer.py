@@ -41,9 +41,9 @@ from train import data, distributed, paths, preflight, progress, resume
 from train.checkpoint import Checkpointer
 from train.errors import RunError
 from train.metrics import MetricsWriter
-from train.workdir_lock import WorkdirLock, WorkdirLockedError
 from train.sharding import make_mesh
 from train.step import Program, build_program
+from train.workdir_lock import WorkdirLock, WorkdirLockedError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
@@ -81,7 +81,8 @@ def with_vocab(cfg: config_lib.TrainConfig, data_vocab: int) -> config_lib.Train
     vocab = cdiv(data_vocab, VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   elif vocab < data_vocab:
     raise config_lib.ConfigError(
-        f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
+      f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})"
+    )
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
@@ -113,12 +114,14 @@ def check_writable(workdir: epath.Path) -> None:
       probe.unlink()
     except FileExistsError as error:
       raise config_lib.ConfigError(
-          f"workdir={os.fspath(workdir)!r}: {os.fspath(directory)} exists and is not a "
-          f"directory ({error.strerror or error}); choose another workdir") from None
+        f"workdir={os.fspath(workdir)!r}: {os.fspath(directory)} exists and is not a "
+        f"directory ({error.strerror or error}); choose another workdir"
+      ) from None
     except OSError as error:
       raise config_lib.ConfigError(
-          f"workdir={os.fspath(workdir)!r}: cannot write in {os.fspath(directory)} "
-          f"({error.strerror or error}); fix its permissions or choose another workdir") from None
+        f"workdir={os.fspath(workdir)!r}: cannot write in {os.fspath(directory)} "
+        f"({error.strerror or error}); fix its permissions or choose another workdir"
+      ) from None
 
 
 def _agree(ok: bool) -> bool:
@@ -172,11 +175,13 @@ def _memory_in_use() -> dict[str, float]:
 def _global_batch(program: Program, local_tokens: np.ndarray) -> jax.Array:
   cfg = program.config
   return jax.make_array_from_process_local_data(
-      program.batch_sharding, np.asarray(local_tokens, np.int32), (cfg.batch_size, cfg.seq_len))
+    program.batch_sharding, np.asarray(local_tokens, np.int32), (cfg.batch_size, cfg.seq_len)
+  )
 
 
-def evaluate(program: Program, params: Any, prepared: data.PreparedData,
-             rows: tuple[int, int]) -> float:
+def evaluate(
+  program: Program, params: Any, prepared: data.PreparedData, rows: tuple[int, int]
+) -> float:
   """Mean next-token loss over ``eval_batches`` batches of the held-out split.
 
   Raises:
@@ -185,9 +190,16 @@ def evaluate(program: Program, params: Any, prepared: data.PreparedData,
   cfg = program.config
   try:
     loader = data.make_loader(
-        prepared, split="eval", seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
-        seed=cfg.seed, shuffle=False, process_index=rows[0], process_count=rows[1],
-        num_epochs=None)
+      prepared,
+      split="eval",
+      seq_len=cfg.seq_len,
+      global_batch_size=cfg.batch_size,
+      seed=cfg.seed,
+      shuffle=False,
+      process_index=rows[0],
+      process_count=rows[1],
+      num_epochs=None,
+    )
   except (TypeError, ValueError) as error:
     raise config_lib.ConfigError(f"evaluation (eval_every={cfg.eval_every}): {error}") from None
   total, count = 0.0, 0.0
@@ -197,19 +209,22 @@ def evaluate(program: Program, params: Any, prepared: data.PreparedData,
   return total / max(count, 1.0)
 
 
-def _describe(program: Program, compiled: Any, prepared: data.PreparedData,
-              start_step: int) -> str:
+def _describe(program: Program, compiled: Any, prepared: data.PreparedData, start_step: int) -> str:
   """One line about the run: sizes, mesh, loss, and the compiled step's memory."""
   cfg = program.config
   num_params = sum(x.size for x in jax.tree.leaves(program.abstract_state.params))
-  text = (f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
-          f"{num_params / 1e6:.1f}M parameters, vocabulary {cfg.model.vocab_size}, "
-          f"{prepared.num_train_tokens:,} training and {prepared.num_eval_tokens:,} eval tokens, "
-          f"mesh {dict(program.mesh.shape)}, loss {cfg.loss_impl}")
+  text = (
+    f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
+    f"{num_params / 1e6:.1f}M parameters, vocabulary {cfg.model.vocab_size}, "
+    f"{prepared.num_train_tokens:,} training and {prepared.num_eval_tokens:,} eval tokens, "
+    f"mesh {dict(program.mesh.shape)}, loss {cfg.loss_impl}"
+  )
   memory = compiled.memory_analysis()
   if memory is not None:
-    text += (f"; train step memory: arguments {memory.argument_size_in_bytes / 1e9:.2f} GB, "
-             f"temporaries {memory.temp_size_in_bytes / 1e9:.2f} GB")
+    text += (
+      f"; train step memory: arguments {memory.argument_size_in_bytes / 1e9:.2f} GB, "
+      f"temporaries {memory.temp_size_in_bytes / 1e9:.2f} GB"
+    )
   return text
 
 
@@ -261,15 +276,15 @@ class _Loop:
         now = time.perf_counter()
         step_time = (now - last_time) / (step - last_step)
         last_time, last_step = now, step
-        values.update(throughput.metrics(step, step_time), skipped_steps=skipped_total,
-                      **_memory_in_use())
+        values.update(
+          throughput.metrics(step, step_time), skipped_steps=skipped_total, **_memory_in_use()
+        )
         if evaluate_now:
           values["eval_loss"] = evaluate(self.program, state.params, self.prepared, self.rows)
           last_time = time.perf_counter()  # evaluation time is not step time
         self.writer.write(step, values)
       if preempted:
-        self.writer.message(
-            f"{self.stop.signal_name}: saved a checkpoint at step {step}; stopping")
+        self.writer.message(f"{self.stop.signal_name}: saved a checkpoint at step {step}; stopping")
         return step, True
     return step, False
 
@@ -277,14 +292,17 @@ class _Loop:
     """Warns about a skipped step; raises NonFiniteError at ``max_skipped_steps`` in a row."""
     cfg = self.program.config
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    _warn(f"warning: step {step}: loss {loss}, gradient norm {grad_norm}: not finite, update "
-          f"skipped ({in_a_row} in a row, max_skipped_steps={cfg.max_skipped_steps})")
+    _warn(
+      f"warning: step {step}: loss {loss}, gradient norm {grad_norm}: not finite, update "
+      f"skipped ({in_a_row} in a row, max_skipped_steps={cfg.max_skipped_steps})"
+    )
     if in_a_row >= cfg.max_skipped_steps:
       raise NonFiniteError(
-          f"steps {step - in_a_row + 1}-{step}: loss or gradient norm not finite "
-          f"{in_a_row} times in a row; stopping (no checkpoint holds non-finite parameters). "
-          f"Lower optim.learning_rate (now {cfg.optim.learning_rate}) or check the data, or "
-          "raise max_skipped_steps")
+        f"steps {step - in_a_row + 1}-{step}: loss or gradient norm not finite "
+        f"{in_a_row} times in a row; stopping (no checkpoint holds non-finite parameters). "
+        f"Lower optim.learning_rate (now {cfg.optim.learning_rate}) or check the data, or "
+        "raise max_skipped_steps"
+      )
 
 
 def run(cfg: config_lib.TrainConfig) -> RunResult:
@@ -338,8 +356,9 @@ def _prepare_data(cfg: config_lib.TrainConfig) -> data.PreparedData:
     raise config_lib.ConfigError(f"data: {error}") from None
 
 
-def _check_resume(workdir: epath.Path, checkpointer: Checkpointer,
-                  cfg: config_lib.TrainConfig) -> None:
+def _check_resume(
+  workdir: epath.Path, checkpointer: Checkpointer, cfg: config_lib.TrainConfig
+) -> None:
   """Compares ``cfg`` with the config the checkpoints were written with (if both exist).
 
   Raises:
@@ -349,8 +368,10 @@ def _check_resume(workdir: epath.Path, checkpointer: Checkpointer,
     return
   stored = resume.read_stored(workdir / CONFIG_FILE)
   if stored is None:
-    _warn(f"warning: {os.fspath(workdir / CONFIG_FILE)} is missing or unreadable: resuming "
-          "without comparing the config with the checkpoints'")
+    _warn(
+      f"warning: {os.fspath(workdir / CONFIG_FILE)} is missing or unreadable: resuming "
+      "without comparing the config with the checkpoints'"
+    )
     return
   changes = resume.compare(stored, cfg)
   if changes:
@@ -366,9 +387,16 @@ def _run_locked(cfg: config_lib.TrainConfig, workdir: epath.Path, is_writer: boo
   rows = distributed.process_rows(program.batch_sharding, cfg.batch_size)
   try:
     train_loader = data.make_loader(
-        prepared, split="train", seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
-        seed=cfg.seed, shuffle=cfg.data.shuffle, process_index=rows[0], process_count=rows[1],
-        worker_count=cfg.data.worker_count)
+      prepared,
+      split="train",
+      seq_len=cfg.seq_len,
+      global_batch_size=cfg.batch_size,
+      seed=cfg.seed,
+      shuffle=cfg.data.shuffle,
+      process_index=rows[0],
+      process_count=rows[1],
+      worker_count=cfg.data.worker_count,
+    )
   except (TypeError, ValueError) as error:
     raise config_lib.ConfigError(f"data: {error}") from None
   train_iterator = iter(train_loader)
@@ -387,14 +415,21 @@ def _run_locked(cfg: config_lib.TrainConfig, workdir: epath.Path, is_writer: boo
       start_step, state = newest, None
       if 0 < newest < cfg.steps:
         start_step, state = checkpointer.restore_newest(
-            program.abstract_state, train_iterator, warn=_warn, set_aside=is_writer)
+          program.abstract_state, train_iterator, warn=_warn, set_aside=is_writer
+        )
         if start_step != newest:  # some were set aside: every process re-reads the steps
           if jax.process_count() > 1:
             multihost_utils.sync_global_devices("train: unusable checkpoints set aside")
           checkpointer.reload()
-      writer = MetricsWriter(workdir, total_steps=cfg.steps, start_step=start_step,
-                             enabled=is_writer, progress=cfg.progress,
-                             tensorboard=cfg.tensorboard, warn=_warn)
+      writer = MetricsWriter(
+        workdir,
+        total_steps=cfg.steps,
+        start_step=start_step,
+        enabled=is_writer,
+        progress=cfg.progress,
+        tensorboard=cfg.tensorboard,
+        warn=_warn,
+      )
       step, preempted = start_step, False
       if start_step < cfg.steps:
         if state is None:
@@ -410,5 +445,10 @@ def _run_locked(cfg: config_lib.TrainConfig, workdir: epath.Path, is_writer: boo
     checkpointer.close()  # waits for the in-flight saves, on every way out
     if writer is not None:
       writer.close()
-  return RunResult(step=step, start_step=start_step, preempted=preempted,
-                   history=writer.history, workdir=os.fspath(workdir))
+  return RunResult(
+    step=step,
+    start_step=start_step,
+    preempted=preempted,
+    history=writer.history,
+    workdir=os.fspath(workdir),
+  )

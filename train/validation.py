@@ -34,8 +34,10 @@ class Range:
   def describe(self) -> str:
     """The range in words: ``>= 1``, ``> 0``, ``in [0, 1)``; ``or null`` when nullable."""
     if self.low is not None and self.high is not None:
-      text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
-              f"{_number(self.high)}{')' if self.high_open else ']'}")
+      text = (
+        f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+        f"{_number(self.high)}{')' if self.high_open else ']'}"
+      )
     elif self.low is not None:
       text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
     elif self.high is not None:
@@ -64,8 +66,9 @@ def fraction(*, high_open: bool = True) -> Range:
   return Range(low=0, high=1, high_open=high_open)
 
 
-def check_ranges(obj: Any, ranges: Mapping[str, Range], prefix: str,
-                 error: type[Exception]) -> None:
+def check_ranges(
+  obj: Any, ranges: Mapping[str, Range], prefix: str, error: type[Exception]
+) -> None:
   """Raises ``error`` for the first field of ``obj`` outside its range in ``ranges``.
 
   Args:

@@ -18,6 +18,7 @@ multi-host run takes the lock (the trainer does that).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -53,8 +54,7 @@ class Holder:
   @classmethod
   def this_process(cls) -> Holder:
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return cls(host=socket.gethostname(), pid=os.getpid(), started=started,
-               token=uuid.uuid4().hex)
+    return cls(host=socket.gethostname(), pid=os.getpid(), started=started, token=uuid.uuid4().hex)
 
   def describe(self) -> str:
     return f"host {self.host}, pid {self.pid}, started {self.started}"
@@ -67,8 +67,12 @@ class Holder:
     """The holder in a lock file's text; None if it is not one (torn or garbled)."""
     try:
       fields = json.loads(text)
-      return cls(host=str(fields["host"]), pid=int(fields["pid"]),
-                 started=str(fields["started"]), token=str(fields["token"]))
+      return cls(
+        host=str(fields["host"]),
+        pid=int(fields["pid"]),
+        started=str(fields["started"]),
+        token=str(fields["token"]),
+      )
     except (ValueError, TypeError, KeyError):
       return None
 
@@ -123,9 +127,10 @@ class WorkdirLock:
       self._remove()
     who = current.describe() if current is not None else "an unreadable lock file"
     raise WorkdirLockedError(
-        f"workdir {self.path.parent} is in use by another run ({who}; lock file {self.path}); "
-        "wait for it to end, use another workdir, or pass force_unlock=true if that run is "
-        "gone")
+      f"workdir {self.path.parent} is in use by another run ({who}; lock file {self.path}); "
+      "wait for it to end, use another workdir, or pass force_unlock=true if that run is "
+      "gone"
+    )
 
   def release(self) -> None:
     """Removes the lock file if it is still ours (no-op when not held)."""
@@ -146,8 +151,9 @@ class WorkdirLock:
   def _may_take_over(self, current: Holder | None) -> bool:
     same_host = current is not None and current.host == self.holder.host
     if same_host and (current.pid == self.holder.pid or not _pid_exists(current.pid)):
-      self.warn(f"warning: taking over the lock of a run that is gone ({current.describe()}; "
-                f"{self.path})")
+      self.warn(
+        f"warning: taking over the lock of a run that is gone ({current.describe()}; {self.path})"
+      )
       return True
     if self.force:
       who = current.describe() if current is not None else "unreadable"
@@ -180,7 +186,5 @@ class WorkdirLock:
       return None
 
   def _remove(self) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
       self.path.unlink()
-    except FileNotFoundError:
-      pass

@@ -25,29 +25,29 @@ from __future__ import annotations
 from cce_jax.tiled import Implementation, examples_in_sequence, fold_examples
 from pallas_kernels.gpu.block_sizes import SHARED_MEMORY_LIMITS, GPUBlockSizes
 from pallas_kernels.gpu.implementation import (
-    backward,
-    forward,
-    resolve_block_sizes,
-    skip_table,
+  backward,
+  forward,
+  resolve_block_sizes,
+  skip_table,
 )
 
 IMPLEMENTATION = Implementation(
-    name="pallas_gpu",
-    # Under vmap the forward is one kernel call over every example's tokens (block maxima
-    # (vocab blocks, N)); the backward runs the examples one after another, so that a skipped
-    # tile stays a real branch.
-    forward=fold_examples(forward, block_max_token_axis=1),
-    backward=examples_in_sequence(backward),
-    skip_table=skip_table,
-    resolve_block_sizes=resolve_block_sizes,
-    is_pallas=True,
-    backends=("gpu",),
+  name="pallas_gpu",
+  # Under vmap the forward is one kernel call over every example's tokens (block maxima
+  # (vocab blocks, N)); the backward runs the examples one after another, so that a skipped
+  # tile stays a real branch.
+  forward=fold_examples(forward, block_max_token_axis=1),
+  backward=examples_in_sequence(backward),
+  skip_table=skip_table,
+  resolve_block_sizes=resolve_block_sizes,
+  is_pallas=True,
+  backends=("gpu",),
 )
 
 __all__ = [
-    "IMPLEMENTATION",
-    "SHARED_MEMORY_LIMITS",
-    "GPUBlockSizes",
-    "backward",
-    "forward",
+  "IMPLEMENTATION",
+  "SHARED_MEMORY_LIMITS",
+  "GPUBlockSizes",
+  "backward",
+  "forward",
 ]

@@ -19,8 +19,8 @@ from cce_jax import filtering
 
 # Shared memory a thread block may use (opt-in maximum), bytes.
 SHARED_MEMORY_LIMITS = {
-    "a100": 163 * 1024,  # sm_80
-    "h100": 227 * 1024,  # sm_90
+  "a100": 163 * 1024,  # sm_80
+  "h100": 227 * 1024,  # sm_90
 }
 # Triton's matrix product needs M, N, K >= 16.
 MIN_BLOCK = 16
@@ -32,7 +32,7 @@ def _is_power_of_two(value: int) -> bool:
 
 
 def detect_generation() -> str:
-  """"h100" for compute capability 9.x and newer, "a100" for 8.x, "h100" without a GPU."""
+  """ "h100" for compute capability 9.x and newer, "a100" for 8.x, "h100" without a GPU."""
   try:
     device = jax.devices("gpu")[0]
   except RuntimeError:
@@ -78,27 +78,24 @@ class GPUBlockSizes:
       value = getattr(self, field.name)
       if field.name == "generation":
         if not isinstance(value, str):
-          raise TypeError(
-              f"`GPUBlockSizes.generation` must be a str, got {type(value).__name__}."
-          )
+          raise TypeError(f"`GPUBlockSizes.generation` must be a str, got {type(value).__name__}.")
         if value not in SHARED_MEMORY_LIMITS:
           raise ValueError(
-              f"`GPUBlockSizes.generation` must be one of {sorted(SHARED_MEMORY_LIMITS)}, "
-              f"got {value!r}."
+            f"`GPUBlockSizes.generation` must be one of {sorted(SHARED_MEMORY_LIMITS)}, "
+            f"got {value!r}."
           )
         continue
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            f"`GPUBlockSizes.{field.name}` must be an int, got {type(value).__name__} "
-            f"({value!r})."
+          f"`GPUBlockSizes.{field.name}` must be an int, got {type(value).__name__} ({value!r})."
         )
       object.__setattr__(self, field.name, int(value))
     for name in ("token_block", "vocab_block", "hidden_block"):
       value = getattr(self, name)
       if not _is_power_of_two(value) or value < MIN_BLOCK:
         raise ValueError(
-            f"`GPUBlockSizes.{name}` must be a power of two >= {MIN_BLOCK} (Triton tiles), "
-            f"got {value}."
+          f"`GPUBlockSizes.{name}` must be a power of two >= {MIN_BLOCK} (Triton tiles), "
+          f"got {value}."
         )
     if self.vocab_splits < 1:
       raise ValueError(f"`GPUBlockSizes.vocab_splits` must be >= 1, got {self.vocab_splits}.")
@@ -136,11 +133,11 @@ class GPUBlockSizes:
     limit = SHARED_MEMORY_LIMITS[self.generation]
     if need > limit:
       raise ValueError(
-          f"GPUBlockSizes(token_block={self.token_block}, vocab_block={self.vocab_block}, "
-          f"hidden_block={self.hidden_block}, num_stages={self.num_stages}) needs about "
-          f"{need / 1024:.0f} KiB of shared memory for {np.dtype(dtype).name} inputs, more than "
-          f"the {limit // 1024} KiB of generation={self.generation!r}; use smaller blocks or "
-          "fewer stages."
+        f"GPUBlockSizes(token_block={self.token_block}, vocab_block={self.vocab_block}, "
+        f"hidden_block={self.hidden_block}, num_stages={self.num_stages}) needs about "
+        f"{need / 1024:.0f} KiB of shared memory for {np.dtype(dtype).name} inputs, more than "
+        f"the {limit // 1024} KiB of generation={self.generation!r}; use smaller blocks or "
+        "fewer stages."
       )
 
   @classmethod
@@ -155,6 +152,5 @@ class GPUBlockSizes:
     generation = detect_generation() if generation is None else generation
     if dtype is not None and np.dtype(dtype).itemsize == 2:
       hidden_block = 64 if generation == "h100" else 32
-      return cls(token_block=64, vocab_block=128, hidden_block=hidden_block,
-                 generation=generation)
+      return cls(token_block=64, vocab_block=128, hidden_block=hidden_block, generation=generation)
     return cls(token_block=64, vocab_block=64, hidden_block=32, generation=generation)

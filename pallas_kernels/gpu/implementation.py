@@ -23,8 +23,9 @@ from pallas_kernels.gpu import kernels, tile_math
 from pallas_kernels.gpu.block_sizes import MIN_BLOCK, GPUBlockSizes
 
 
-def kernel_config(e: jax.Array, c: jax.Array, opts: LossOptions, gathered: bool,
-                  **kwargs) -> kernels.KernelConfig:
+def kernel_config(
+  e: jax.Array, c: jax.Array, opts: LossOptions, gathered: bool, **kwargs
+) -> kernels.KernelConfig:
   """The static launch description for these shapes and options.
 
   Raises:
@@ -35,34 +36,33 @@ def kernel_config(e: jax.Array, c: jax.Array, opts: LossOptions, gathered: bool,
   sizes = opts.block_sizes
   if not isinstance(sizes, GPUBlockSizes):
     raise TypeError(
-        f"impl='pallas_gpu' needs `block_sizes` of type GPUBlockSizes, got "
-        f"{type(sizes).__name__}."
+      f"impl='pallas_gpu' needs `block_sizes` of type GPUBlockSizes, got {type(sizes).__name__}."
     )
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_dim]
   if hidden < MIN_BLOCK or num_classes < MIN_BLOCK:
     raise ValueError(
-        f"impl='pallas_gpu' needs D >= {MIN_BLOCK} and at least {MIN_BLOCK} classes (Triton's "
-        f"smallest matrix product), got D={hidden}, V={num_classes}; use impl='xla'."
+      f"impl='pallas_gpu' needs D >= {MIN_BLOCK} and at least {MIN_BLOCK} classes (Triton's "
+      f"smallest matrix product), got D={hidden}, V={num_classes}; use impl='xla'."
     )
   sizes.check_shared_memory(e.dtype)
   return kernels.KernelConfig(
-      opts=opts,
-      tokens=tile_math.masked_axis(num_tokens, sizes.token_block),
-      classes=tile_math.overlapped_axis(num_classes, sizes.vocab_block),
-      hidden=tile_math.overlapped_axis(hidden, sizes.hidden_block),
-      gathered=gathered,
-      has_bias=False,
-      **kwargs,
+    opts=opts,
+    tokens=tile_math.masked_axis(num_tokens, sizes.token_block),
+    classes=tile_math.overlapped_axis(num_classes, sizes.vocab_block),
+    hidden=tile_math.overlapped_axis(hidden, sizes.hidden_block),
+    gathered=gathered,
+    has_bias=False,
+    **kwargs,
   )
 
 
 def forward(
-    inputs: TiledInputs,
-    opts: LossOptions,
-    for_backward: bool,
-    *,
-    debug: bool = False,
+  inputs: TiledInputs,
+  opts: LossOptions,
+  for_backward: bool,
+  *,
+  debug: bool = False,
 ) -> LocalForward:
   """Per-token lse, target logit and logit sum over the local classes (``cce_jax.tiled``).
 
@@ -74,9 +74,12 @@ def forward(
   gathered = for_backward and opts.sort_vocab
   want_block_max = for_backward and opts.filters_anything
   cfg = kernel_config(
-      e, c, opts, gathered,
-      want_logit_sum=opts.label_smoothing > 0.0,
-      want_block_max=want_block_max,
+    e,
+    c,
+    opts,
+    gathered,
+    want_logit_sum=opts.label_smoothing > 0.0,
+    want_block_max=want_block_max,
   )
   cfg = _with_bias(cfg, bias)
   blocks = cfg.classes.count
@@ -84,8 +87,9 @@ def forward(
   splits = filtering.cdiv(blocks, per_split)  # no split is empty
   cfg = _replace(cfg, blocks_per_split=per_split)
   order = vocab_sort.vocab_order(e, c, bias, opts) if gathered else None
-  out = kernels.forward_call(e, c, local_labels.astype(jnp.int32), bias, order, cfg, splits,
-                             debug=debug)
+  out = kernels.forward_call(
+    e, c, local_labels.astype(jnp.int32), bias, order, cfg, splits, debug=debug
+  )
   lse = tile_math.merge_partial_lse(out.max_SN, out.sum_SN)
   logit_sum = jnp.sum(out.logit_sum_SN, axis=0) if cfg.want_logit_sum else None
   residuals = None
@@ -95,14 +99,14 @@ def forward(
 
 
 def backward(
-    inputs: TiledInputs,
-    residuals: Residuals,
-    lse: jax.Array,  # (N,) f32
-    coeffs: TokenCoefficients,
-    filter_scale: jax.Array | None,  # (N,) f32
-    opts: LossOptions,
-    *,
-    debug: bool = False,
+  inputs: TiledInputs,
+  residuals: Residuals,
+  lse: jax.Array,  # (N,) f32
+  coeffs: TokenCoefficients,
+  filter_scale: jax.Array | None,  # (N,) f32
+  opts: LossOptions,
+  *,
+  debug: bool = False,
 ) -> LocalGrads:
   """dE (N, D) f32, dC (layout and dtype of c) and d_bias (V,) f32 (``cce_jax.tiled``).
 
@@ -113,16 +117,28 @@ def backward(
   e, c, local_labels, bias = inputs
   order, block_max = residuals
   labels = local_labels.astype(jnp.int32)
-  base = kernel_config(e, c, opts, order is not None,
-                       product_dtype=filtering.product_dtype(e.dtype).name)
+  base = kernel_config(
+    e, c, opts, order is not None, product_dtype=filtering.product_dtype(e.dtype).name
+  )
   base = _with_bias(base, bias)
   skip = None
   if filter_scale is not None and opts.filters_anything:
     if block_max is None:
-      raise ValueError("filter_scale given but the forward kept no block maxima "
-                       "(was it called with for_backward=True and the same options?).")
-    table = filtering.skip_table(block_max, lse, filter_scale, labels, order, base.tokens,
-                                 base.classes, opts.filter_eps, block_max_token_axis=1)
+      raise ValueError(
+        "filter_scale given but the forward kept no block maxima "
+        "(was it called with for_backward=True and the same options?)."
+      )
+    table = filtering.skip_table(
+      block_max,
+      lse,
+      filter_scale,
+      labels,
+      order,
+      base.tokens,
+      base.classes,
+      opts.filter_eps,
+      block_max_token_axis=1,
+    )
     skip = table.astype(jnp.int32)  # the kernels read one int32 per tile
   f32 = jnp.float32
   class_sum = weighted_e = gamma_sum = None
@@ -134,17 +150,40 @@ def backward(
   lse = lse.astype(f32)
   cfg_e = _replace(base, skip=skip is not None and opts.filter_e_grad)
   cfg_c = _replace(base, skip=skip is not None and opts.filter_c_grad)
-  d_e = kernels.grad_e_call(e, c, labels, bias, order, lse, coeffs, class_sum,
-                            skip if cfg_e.skip else None, cfg_e, debug=debug)
-  d_c, d_bias = kernels.grad_c_call(e, c, labels, bias, order, lse, coeffs, weighted_e,
-                                    gamma_sum, skip if cfg_c.skip else None, cfg_c, debug=debug)
+  d_e = kernels.grad_e_call(
+    e,
+    c,
+    labels,
+    bias,
+    order,
+    lse,
+    coeffs,
+    class_sum,
+    skip if cfg_e.skip else None,
+    cfg_e,
+    debug=debug,
+  )
+  d_c, d_bias = kernels.grad_c_call(
+    e,
+    c,
+    labels,
+    bias,
+    order,
+    lse,
+    coeffs,
+    weighted_e,
+    gamma_sum,
+    skip if cfg_c.skip else None,
+    cfg_c,
+    debug=debug,
+  )
   return LocalGrads(d_e, d_c.astype(c.dtype), d_bias if bias is not None else None)
 
 
 def skip_table(
-    inputs: TiledInputs,
-    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-    opts: LossOptions,
+  inputs: TiledInputs,
+  filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+  opts: LossOptions,
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles both backward kernels skip
   (``cce_jax.tiled.SkipTableFn``); runs the forward."""
@@ -154,8 +193,15 @@ def skip_table(
   out = forward(inputs, opts, for_backward=True)
   labels = inputs.local_labels.astype(jnp.int32)
   return filtering.skip_table(
-      out.residuals.block_max, out.lse, filter_scale(out.lse), labels, out.residuals.order,
-      cfg.tokens, cfg.classes, opts.filter_eps, block_max_token_axis=1,
+    out.residuals.block_max,
+    out.lse,
+    filter_scale(out.lse),
+    labels,
+    out.residuals.order,
+    cfg.tokens,
+    cfg.classes,
+    opts.filter_eps,
+    block_max_token_axis=1,
   )
 
 

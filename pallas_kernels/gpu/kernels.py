@@ -98,8 +98,9 @@ def load_classifier(c_ref, blk: ClassBlock, d0: jax.Array, cfg: KernelConfig) ->
   return c_ref[class_chunk_index(blk, d0, cfg)[0]]
 
 
-def load_token_rows(ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Array,
-                    cfg: KernelConfig) -> jax.Array:
+def load_token_rows(
+  ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Array, cfg: KernelConfig
+) -> jax.Array:
   """(bn, bd) rows of an (N, D) ref, zero past N."""
   index = (pl.ds(n0, cfg.tokens.block), pl.ds(d0, cfg.hidden.block))
   if rows_ok is None:
@@ -107,13 +108,20 @@ def load_token_rows(ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Array
   return plgpu.load(ref.at[index], mask=rows_ok[:, None], other=0)
 
 
-def store_token_rows(ref, n0: jax.Array, rows_ok: jax.Array | None, d0: jax.Array,
-                     value: jax.Array, cfg: KernelConfig,
-                     fresh_d: jax.Array | None = None) -> None:
+def store_token_rows(
+  ref,
+  n0: jax.Array,
+  rows_ok: jax.Array | None,
+  d0: jax.Array,
+  value: jax.Array,
+  cfg: KernelConfig,
+  fresh_d: jax.Array | None = None,
+) -> None:
   """Stores (bn, bd) rows of an (N, D) ref: rows inside N, columns in ``fresh_d``."""
   index = (pl.ds(n0, cfg.tokens.block), pl.ds(d0, cfg.hidden.block))
-  mask = tile_math.and_masks(None if rows_ok is None else rows_ok[:, None],
-                             None if fresh_d is None else fresh_d[None, :])
+  mask = tile_math.and_masks(
+    None if rows_ok is None else rows_ok[:, None], None if fresh_d is None else fresh_d[None, :]
+  )
   plgpu.store(ref.at[index], value, mask=mask)
 
 
@@ -131,8 +139,9 @@ def barrier(cfg: KernelConfig) -> None:
     plgpu.debug_barrier()
 
 
-def load_token_vector(ref, n0: jax.Array, rows_ok: jax.Array | None, cfg: KernelConfig,
-                      other=0) -> jax.Array:
+def load_token_vector(
+  ref, n0: jax.Array, rows_ok: jax.Array | None, cfg: KernelConfig, other=0
+) -> jax.Array:
   """(bn,) entries of an (N,) ref, ``other`` past N."""
   index = pl.ds(n0, cfg.tokens.block)
   if rows_ok is None:
@@ -140,8 +149,14 @@ def load_token_vector(ref, n0: jax.Array, rows_ok: jax.Array | None, cfg: Kernel
   return plgpu.load(ref.at[index], mask=rows_ok, other=other)
 
 
-def store_token_vector(ref, row: jax.Array | int, n0: jax.Array, rows_ok: jax.Array | None,
-                       value: jax.Array, cfg: KernelConfig) -> None:
+def store_token_vector(
+  ref,
+  row: jax.Array | int,
+  n0: jax.Array,
+  rows_ok: jax.Array | None,
+  value: jax.Array,
+  cfg: KernelConfig,
+) -> None:
   """Stores (bn,) values into row ``row`` of an (R, N) ref."""
   plgpu.store(ref.at[row, pl.ds(n0, cfg.tokens.block)], value, mask=rows_ok)
 
@@ -164,11 +179,15 @@ def class_chunk_index(blk: ClassBlock, d0: jax.Array, cfg: KernelConfig):
     return ((classes, hidden) if vd else (hidden, classes)), mask
   hidden_ids = d0 + lax.iota(jnp.int32, bd)
   if vd:
-    index = (jnp.broadcast_to(blk.ids[:, None], shape),
-             jnp.broadcast_to(hidden_ids[None, :], shape))
+    index = (
+      jnp.broadcast_to(blk.ids[:, None], shape),
+      jnp.broadcast_to(hidden_ids[None, :], shape),
+    )
   else:
-    index = (jnp.broadcast_to(hidden_ids[:, None], shape),
-             jnp.broadcast_to(blk.ids[None, :], shape))
+    index = (
+      jnp.broadcast_to(hidden_ids[:, None], shape),
+      jnp.broadcast_to(blk.ids[None, :], shape),
+    )
   return index, mask
 
 
@@ -180,8 +199,15 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def tile_logits(e_ref, c_ref, bias_ref, n0: jax.Array, rows_ok: jax.Array | None,
-                blk: ClassBlock, cfg: KernelConfig) -> jax.Array:
+def tile_logits(
+  e_ref,
+  c_ref,
+  bias_ref,
+  n0: jax.Array,
+  rows_ok: jax.Array | None,
+  blk: ClassBlock,
+  cfg: KernelConfig,
+) -> jax.Array:
   """``z = softcap(e . c + b)`` of one tile, (bn, bv) f32, D reduced in chunks."""
   bn, bv = cfg.tokens.block, cfg.classes.block
 
@@ -203,9 +229,20 @@ def tile_logits(e_ref, c_ref, bias_ref, n0: jax.Array, rows_ok: jax.Array | None
 # ---- forward ------------------------------------------------------------------------------
 
 
-def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
-                   max_ref, sum_ref, logit_sum_ref, target_ref, block_max_ref,
-                   *, cfg: KernelConfig):
+def forward_kernel(
+  e_ref,
+  c_ref,
+  labels_ref,
+  bias_ref,
+  order_ref,
+  max_ref,
+  sum_ref,
+  logit_sum_ref,
+  target_ref,
+  block_max_ref,
+  *,
+  cfg: KernelConfig,
+):
   """One (token block, vocabulary split) program of the forward.
 
   Refs: e (N, D); c (V, D) or (D, V); labels (N,) int32 local labels (-1: none); bias (V,) or
@@ -225,7 +262,8 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
     z = tile_logits(e_ref, c_ref, bias_ref, n0, rows_ok, blk, cfg)  # (bn, bv)
     live = None if blk.fresh is None else blk.fresh[None, :]
     running_max, running_sum, tile_max = filtering.online_lse_step(
-        running_max, running_sum, z, live)
+      running_max, running_sum, z, live
+    )
     if cfg.want_logit_sum:
       logit_sum = logit_sum + jnp.sum(z if live is None else jnp.where(live, z, 0.0), axis=1)
     if cfg.want_block_max:
@@ -254,8 +292,9 @@ def forward_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref,
       else:
         hidden_ids = d0 + lax.iota(jnp.int32, cfg.hidden.block)
         shape = (cfg.hidden.block, bn)
-        rows = c_ref[jnp.broadcast_to(hidden_ids[:, None], shape),
-                     jnp.broadcast_to(safe[None, :], shape)].T
+        rows = c_ref[
+          jnp.broadcast_to(hidden_ids[:, None], shape), jnp.broadcast_to(safe[None, :], shape)
+        ].T
       product = e_chunk * rows.astype(jnp.float32)
       fresh_d = cfg.hidden.live(k, d0)
       if fresh_d is not None:
@@ -289,8 +328,15 @@ def _dummy(dtype=jnp.float32) -> jax.Array:
   return jnp.zeros((1,), dtype)
 
 
-def _launch(kernel, cfg: KernelConfig, grid: tuple[int, ...], name: str, debug: bool,
-            out_shapes: tuple[tuple[tuple[int, ...], jnp.dtype], ...], *inputs: jax.Array):
+def _launch(
+  kernel,
+  cfg: KernelConfig,
+  grid: tuple[int, ...],
+  name: str,
+  debug: bool,
+  out_shapes: tuple[tuple[tuple[int, ...], jnp.dtype], ...],
+  *inputs: jax.Array,
+):
   """``pl.pallas_call`` on the Triton lowering (or its interpreter) over whole-array refs.
 
   Inside ``shard_map`` with ``check_vma``, the inputs (dummies included) are cast to vary
@@ -298,32 +344,42 @@ def _launch(kernel, cfg: KernelConfig, grid: tuple[int, ...], name: str, debug: 
   """
   inputs = vma.vary_like(inputs, *inputs)
   call = pl.pallas_call(
-      functools.partial(kernel, cfg=cfg),
-      out_shape=tuple(vma.shape_dtype_struct(shape, dtype, *inputs)
-                      for shape, dtype in out_shapes),
-      grid=grid,
-      interpret=cfg.opts.interpret,
-      compiler_params=_compiler_params(cfg),
-      debug=debug,
-      name=name,
+    functools.partial(kernel, cfg=cfg),
+    out_shape=tuple(vma.shape_dtype_struct(shape, dtype, *inputs) for shape, dtype in out_shapes),
+    grid=grid,
+    interpret=cfg.opts.interpret,
+    compiler_params=_compiler_params(cfg),
+    debug=debug,
+    name=name,
   )
   return call(*inputs)
 
 
-def forward_call(e, c, labels, bias, order, cfg: KernelConfig, splits: int,
-                 debug: bool = False) -> ForwardOutputs:
+def forward_call(
+  e, c, labels, bias, order, cfg: KernelConfig, splits: int, debug: bool = False
+) -> ForwardOutputs:
   """Runs :func:`forward_kernel` over the (token blocks, ``splits``) grid."""
   num_tokens, f32 = cfg.tokens.size, jnp.float32
   out_shapes = ForwardOutputs(
-      max_SN=((splits, num_tokens), f32),
-      sum_SN=((splits, num_tokens), f32),
-      logit_sum_SN=((splits, num_tokens) if cfg.want_logit_sum else (1, 1), f32),
-      target=((num_tokens,), f32),
-      block_max=((cfg.classes.count, num_tokens) if cfg.want_block_max else (1, 1), f32),
+    max_SN=((splits, num_tokens), f32),
+    sum_SN=((splits, num_tokens), f32),
+    logit_sum_SN=((splits, num_tokens) if cfg.want_logit_sum else (1, 1), f32),
+    target=((num_tokens,), f32),
+    block_max=((cfg.classes.count, num_tokens) if cfg.want_block_max else (1, 1), f32),
   )
-  outs = _launch(forward_kernel, cfg, (cfg.tokens.count, splits), "cce_forward", debug,
-                 tuple(out_shapes), e, c, labels, _dummy() if bias is None else bias,
-                 _dummy(jnp.int32) if order is None else order)
+  outs = _launch(
+    forward_kernel,
+    cfg,
+    (cfg.tokens.count, splits),
+    "cce_forward",
+    debug,
+    tuple(out_shapes),
+    e,
+    c,
+    labels,
+    _dummy() if bias is None else bias,
+    _dummy(jnp.int32) if order is None else order,
+  )
   return ForwardOutputs(*outs)
 
 
@@ -340,29 +396,51 @@ class TokenRows(NamedTuple):
   gamma: jax.Array
 
 
-def load_token_rows_of(labels_ref, lse_ref, alpha_ref, beta_ref, gamma_ref, n0, rows_ok,
-                       cfg: KernelConfig) -> TokenRows:
+def load_token_rows_of(
+  labels_ref, lse_ref, alpha_ref, beta_ref, gamma_ref, n0, rows_ok, cfg: KernelConfig
+) -> TokenRows:
   vec = lambda ref: load_token_vector(ref, n0, rows_ok, cfg)
-  return TokenRows(load_token_vector(labels_ref, n0, rows_ok, cfg, other=-1),
-                   vec(lse_ref), vec(alpha_ref), vec(beta_ref), vec(gamma_ref))
+  return TokenRows(
+    load_token_vector(labels_ref, n0, rows_ok, cfg, other=-1),
+    vec(lse_ref),
+    vec(alpha_ref),
+    vec(beta_ref),
+    vec(gamma_ref),
+  )
 
 
-def tile_grad(e_ref, c_ref, bias_ref, rows: TokenRows, n0, rows_ok, blk: ClassBlock,
-              cfg: KernelConfig) -> jax.Array:
+def tile_grad(
+  e_ref, c_ref, bias_ref, rows: TokenRows, n0, rows_ok, blk: ClassBlock, cfg: KernelConfig
+) -> jax.Array:
   """The recomputed softmax gradient w.r.t. the raw logits of one tile, (bn, bv) f32, zero
   on rows past N and on classes an earlier block covers."""
   z = tile_logits(e_ref, c_ref, bias_ref, n0, rows_ok, blk, cfg)
   valid = tile_math.and_masks(
-      None if rows_ok is None else rows_ok[:, None],
-      None if blk.fresh is None else blk.fresh[None, :],
+    None if rows_ok is None else rows_ok[:, None],
+    None if blk.fresh is None else blk.fresh[None, :],
   )
   is_target = rows.labels[:, None] == blk.ids[None, :]
   return tile_math.softmax_grad(
-      z, rows.lse, is_target, rows.alpha, rows.beta, rows.gamma, valid, cfg.opts)
+    z, rows.lse, is_target, rows.alpha, rows.beta, rows.gamma, valid, cfg.opts
+  )
 
 
-def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_ref, beta_ref,
-                  gamma_ref, class_sum_ref, skip_ref, d_e_ref, *, cfg: KernelConfig):
+def grad_e_kernel(
+  e_ref,
+  c_ref,
+  labels_ref,
+  bias_ref,
+  order_ref,
+  lse_ref,
+  alpha_ref,
+  beta_ref,
+  gamma_ref,
+  class_sum_ref,
+  skip_ref,
+  d_e_ref,
+  *,
+  cfg: KernelConfig,
+):
   """One token block of dE = sum_v dx_nv c_v, (N, D) f32, accumulated in its own rows.
 
   Refs as :func:`forward_kernel`, plus lse, alpha, beta, gamma (N,) f32 (``cce_jax.tiled``'s
@@ -371,8 +449,7 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
   """
   i = pl.program_id(0)
   n0, rows_ok = tile_math.masked_rows(i, cfg.tokens)
-  rows = load_token_rows_of(labels_ref, lse_ref, alpha_ref, beta_ref, gamma_ref, n0, rows_ok,
-                            cfg)
+  rows = load_token_rows_of(labels_ref, lse_ref, alpha_ref, beta_ref, gamma_ref, n0, rows_ok, cfg)
   bn, bd = cfg.tokens.block, cfg.hidden.block
   p_dtype = jnp.dtype(cfg.product_dtype)
 
@@ -399,8 +476,7 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
       acc = load_token_rows(d_e_ref, n0, rows_ok, d0, cfg)
       # The last chunk writes only its fresh columns: its overlap with the previous chunk
       # holds that chunk's result, possibly read before it was stored.
-      store_token_rows(d_e_ref, n0, rows_ok, d0, acc + update, cfg,
-                       cfg.hidden.live(k, d0))
+      store_token_rows(d_e_ref, n0, rows_ok, d0, acc + update, cfg, cfg.hidden.live(k, d0))
       return carry
 
     lax.fori_loop(0, cfg.hidden.count, product_step, 0)
@@ -416,9 +492,24 @@ def grad_e_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
   lax.fori_loop(0, cfg.classes.count, vocab_step, 0)
 
 
-def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_ref, beta_ref,
-                  gamma_ref, weighted_e_ref, gamma_sum_ref, skip_ref, d_c_ref, d_bias_ref,
-                  *, cfg: KernelConfig):
+def grad_c_kernel(
+  e_ref,
+  c_ref,
+  labels_ref,
+  bias_ref,
+  order_ref,
+  lse_ref,
+  alpha_ref,
+  beta_ref,
+  gamma_ref,
+  weighted_e_ref,
+  gamma_sum_ref,
+  skip_ref,
+  d_c_ref,
+  d_bias_ref,
+  *,
+  cfg: KernelConfig,
+):
   """One vocabulary block of dC = sum_n dx_nv e_n (f32, layout of c) and db = sum_n dx_nv.
 
   Refs as :func:`grad_e_kernel`, with weighted_e (D,) f32 (``sum_n gamma_n e_n``) and
@@ -449,8 +540,7 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
 
   def tile_work(i, d_bias):
     n0, rows_ok = tile_math.masked_rows(i, cfg.tokens)
-    rows = load_token_rows_of(labels_ref, lse_ref, alpha_ref, beta_ref, gamma_ref, n0,
-                              rows_ok, cfg)
+    rows = load_token_rows_of(labels_ref, lse_ref, alpha_ref, beta_ref, gamma_ref, n0, rows_ok, cfg)
     dx = tile_grad(e_ref, c_ref, bias_ref, rows, n0, rows_ok, blk, cfg)  # (bn, bv) f32
     d_bias = d_bias + jnp.sum(dx, axis=0)
     dx = dx.astype(p_dtype)
@@ -484,32 +574,71 @@ def grad_c_kernel(e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_
     plgpu.store(d_bias_ref.at[_class_index(blk, cfg)], d_bias, mask=blk.fresh)
 
 
-def grad_e_call(e, c, labels, bias, order, lse, coeffs, class_sum, skip, cfg: KernelConfig,
-                debug: bool = False) -> jax.Array:
+def grad_e_call(
+  e, c, labels, bias, order, lse, coeffs, class_sum, skip, cfg: KernelConfig, debug: bool = False
+) -> jax.Array:
   """Runs :func:`grad_e_kernel` over the token blocks; returns dE (N, D) f32."""
   out_shapes = (((cfg.tokens.size, cfg.hidden.size), jnp.float32),)
   (d_e,) = _launch(
-      grad_e_kernel, cfg, (cfg.tokens.count,), "cce_grad_e", debug, out_shapes,
-      e, c, labels, _dummy() if bias is None else bias,
-      _dummy(jnp.int32) if order is None else order, lse, coeffs.alpha, coeffs.beta,
-      coeffs.gamma, _dummy() if class_sum is None else class_sum,
-      jnp.zeros((1, 1), jnp.int32) if skip is None else skip)
+    grad_e_kernel,
+    cfg,
+    (cfg.tokens.count,),
+    "cce_grad_e",
+    debug,
+    out_shapes,
+    e,
+    c,
+    labels,
+    _dummy() if bias is None else bias,
+    _dummy(jnp.int32) if order is None else order,
+    lse,
+    coeffs.alpha,
+    coeffs.beta,
+    coeffs.gamma,
+    _dummy() if class_sum is None else class_sum,
+    jnp.zeros((1, 1), jnp.int32) if skip is None else skip,
+  )
   return d_e
 
 
-def grad_c_call(e, c, labels, bias, order, lse, coeffs, weighted_e, gamma_sum, skip,
-                cfg: KernelConfig, debug: bool = False) -> tuple[jax.Array, jax.Array]:
+def grad_c_call(
+  e,
+  c,
+  labels,
+  bias,
+  order,
+  lse,
+  coeffs,
+  weighted_e,
+  gamma_sum,
+  skip,
+  cfg: KernelConfig,
+  debug: bool = False,
+) -> tuple[jax.Array, jax.Array]:
   """Runs :func:`grad_c_kernel` over the vocabulary blocks; returns (dC in the layout of c,
   f32; d_bias (V,) f32, or a dummy without bias)."""
   out_shapes = (
-      (c.shape, jnp.float32),
-      ((cfg.classes.size,) if cfg.has_bias else (1,), jnp.float32),
+    (c.shape, jnp.float32),
+    ((cfg.classes.size,) if cfg.has_bias else (1,), jnp.float32),
   )
   d_c, d_bias = _launch(
-      grad_c_kernel, cfg, (cfg.classes.count,), "cce_grad_c", debug, out_shapes,
-      e, c, labels, _dummy() if bias is None else bias,
-      _dummy(jnp.int32) if order is None else order, lse, coeffs.alpha, coeffs.beta,
-      coeffs.gamma, _dummy() if weighted_e is None else weighted_e,
-      _dummy() if gamma_sum is None else gamma_sum,
-      jnp.zeros((1, 1), jnp.int32) if skip is None else skip)
+    grad_c_kernel,
+    cfg,
+    (cfg.classes.count,),
+    "cce_grad_c",
+    debug,
+    out_shapes,
+    e,
+    c,
+    labels,
+    _dummy() if bias is None else bias,
+    _dummy(jnp.int32) if order is None else order,
+    lse,
+    coeffs.alpha,
+    coeffs.beta,
+    coeffs.gamma,
+    _dummy() if weighted_e is None else weighted_e,
+    _dummy() if gamma_sum is None else gamma_sum,
+    jnp.zeros((1, 1), jnp.int32) if skip is None else skip,
+  )
   return d_c, d_bias

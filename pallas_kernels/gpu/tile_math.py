@@ -69,14 +69,14 @@ def merge_partial_lse(max_SN: jax.Array, sum_SN: jax.Array) -> jax.Array:
 
 
 def softmax_grad(
-    z: jax.Array,  # (n, v) f32 soft-capped logits
-    lse: jax.Array,  # (n,) f32
-    is_target: jax.Array,  # (n, v) bool
-    alpha: jax.Array,  # (n,) f32
-    beta: jax.Array,  # (n,) f32
-    gamma: jax.Array,  # (n,) f32
-    valid: jax.Array | None,  # broadcastable to (n, v): real entries of the tile
-    opts: LossOptions,
+  z: jax.Array,  # (n, v) f32 soft-capped logits
+  lse: jax.Array,  # (n,) f32
+  is_target: jax.Array,  # (n, v) bool
+  alpha: jax.Array,  # (n,) f32
+  beta: jax.Array,  # (n,) f32
+  gamma: jax.Array,  # (n,) f32
+  valid: jax.Array | None,  # broadcastable to (n, v): real entries of the tile
+  opts: LossOptions,
 ) -> jax.Array:
   """``dx_nv`` of a tile (``cce_jax.tiled.BackwardFn``'s rule), (n, v) f32, zero off ``valid``.
 
@@ -85,5 +85,5 @@ def softmax_grad(
   """
   coeffs = loss_math.TokenCoefficients(g=alpha, alpha=alpha, beta=beta, gamma=gamma)
   return loss_math.softmax_grad_tile(
-      z, lse, is_target, coeffs, valid, opts, filtering.uniform_in_tile(opts)
+    z, lse, is_target, coeffs, valid, opts, filtering.uniform_in_tile(opts)
   )

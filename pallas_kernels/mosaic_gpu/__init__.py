@@ -18,22 +18,21 @@ from __future__ import annotations
 
 from cce_jax import xla_chunked
 from cce_jax.tiled import (
-    Implementation,
-    examples_in_sequence,
-    fold_examples,
-    resolve_block_sizes_of,
+  Implementation,
+  examples_in_sequence,
+  fold_examples,
+  resolve_block_sizes_of,
 )
 from pallas_kernels.mosaic_gpu.block_sizes import MosaicGPUBlockSizes
 from pallas_kernels.mosaic_gpu.implementation import forward, skip_table
 
 IMPLEMENTATION = Implementation(
-    name="pallas_mosaic_gpu",
-    forward=fold_examples(forward, block_max_token_axis=1),
-    backward=examples_in_sequence(xla_chunked.backward),
-    skip_table=skip_table,
-    resolve_block_sizes=resolve_block_sizes_of(MosaicGPUBlockSizes,
-                                               MosaicGPUBlockSizes.get_default),
-    is_pallas=True,
+  name="pallas_mosaic_gpu",
+  forward=fold_examples(forward, block_max_token_axis=1),
+  backward=examples_in_sequence(xla_chunked.backward),
+  skip_table=skip_table,
+  resolve_block_sizes=resolve_block_sizes_of(MosaicGPUBlockSizes, MosaicGPUBlockSizes.get_default),
+  is_pallas=True,
 )
 
 __all__ = ["IMPLEMENTATION", "MosaicGPUBlockSizes", "forward"]

@@ -41,15 +41,20 @@ class MosaicGPUBlockSizes:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`MosaicGPUBlockSizes.{field.name}` must be an int, got "
-                        f"{type(value).__name__} ({value!r}).")
+        raise TypeError(
+          f"`MosaicGPUBlockSizes.{field.name}` must be an int, got "
+          f"{type(value).__name__} ({value!r})."
+        )
       object.__setattr__(self, field.name, int(value))
     if self.token_block <= 0:
       raise ValueError(
-          f"`MosaicGPUBlockSizes.token_block` must be positive, got {self.token_block}.")
+        f"`MosaicGPUBlockSizes.token_block` must be positive, got {self.token_block}."
+      )
     if self.vocab_block not in VOCAB_BLOCKS:
-      raise ValueError(f"`MosaicGPUBlockSizes.vocab_block` must be one of {VOCAB_BLOCKS} "
-                       f"(a wgmma tile width), got {self.vocab_block}.")
+      raise ValueError(
+        f"`MosaicGPUBlockSizes.vocab_block` must be one of {VOCAB_BLOCKS} "
+        f"(a wgmma tile width), got {self.vocab_block}."
+      )
 
   @classmethod
   def get_default(cls, dtype=None) -> MosaicGPUBlockSizes:

@@ -36,8 +36,9 @@ def interpret_params(interpret: bool):
     return None
   if not hasattr(plgpu, "InterpretGPUParams"):
     raise NotImplementedError(
-        f"`interpret`=True with impl='pallas_mosaic_gpu' needs JAX >= 0.11 (Mosaic GPU's "
-        f"interpret mode); this is JAX {jax.__version__}.")
+      f"`interpret`=True with impl='pallas_mosaic_gpu' needs JAX >= 0.11 (Mosaic GPU's "
+      f"interpret mode); this is JAX {jax.__version__}."
+    )
   return plgpu.InterpretGPUParams()
 
 
@@ -64,8 +65,9 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   e, c, local_labels, bias = inputs
   if np.dtype(e.dtype) not in DTYPES:
     raise TypeError(
-        f"impl='pallas_mosaic_gpu' takes float16 or bfloat16 `e` and `c`, got {e.dtype}; "
-        "use impl='xla' or impl='pallas_gpu' for float32 (tensor cores would round it to tf32).")
+      f"impl='pallas_mosaic_gpu' takes float16 or bfloat16 `e` and `c`, got {e.dtype}; "
+      "use impl='xla' or impl='pallas_gpu' for float32 (tensor cores would round it to tf32)."
+    )
   interpret = interpret_params(opts.interpret)
   axis = opts.vocab_dim
   num_tokens, hidden = e.shape
@@ -83,23 +85,31 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   padded_c = _pad(_pad(visit_c, 1 - axis, padded_hidden), axis, block)
   padded_bias = None if visit_bias is None else _pad(visit_bias.astype(jnp.float32), 0, block)
   cfg = kernel.KernelConfig(
-      num_classes=num_classes, vocab_block=block, vocab_dim=axis, softcap=opts.softcap,
-      with_bias=bias is not None, want_logit_sum=opts.label_smoothing > 0.0,
-      want_block_max=want_block_max)
+    num_classes=num_classes,
+    vocab_block=block,
+    vocab_dim=axis,
+    softcap=opts.softcap,
+    with_bias=bias is not None,
+    want_logit_sum=opts.label_smoothing > 0.0,
+    want_block_max=want_block_max,
+  )
   stats = list(kernel.forward_stats(padded_e, padded_c, padded_bias, cfg, interpret))
   lse = stats.pop(0)[:num_tokens]
   logit_sum = stats.pop(0)[:num_tokens] if cfg.want_logit_sum else None
   block_max = stats.pop(0)[:, :num_tokens] if want_block_max else None
   target = loss_math.target_logits(e, c, local_labels, bias, opts)
   return LocalForward(
-      lse=lse, target=target, logit_sum=logit_sum,
-      residuals=Residuals(order, block_max) if for_backward else None)
+    lse=lse,
+    target=target,
+    logit_sum=logit_sum,
+    residuals=Residuals(order, block_max) if for_backward else None,
+  )
 
 
 def skip_table(
-    inputs: TiledInputs,
-    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-    opts: LossOptions,
+  inputs: TiledInputs,
+  filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+  opts: LossOptions,
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles the paired "xla" backward skips
   (``cce_jax.tiled.SkipTableFn``); runs this forward, whose block maxima that backward reads."""
@@ -108,6 +118,13 @@ def skip_table(
     return jnp.zeros((tok.count, voc.count), bool)
   fwd = forward(inputs, opts, for_backward=True)
   return filtering.skip_table(
-      fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), inputs.local_labels,
-      fwd.residuals.order, tok, voc, opts.filter_eps, block_max_token_axis=1,
+    fwd.residuals.block_max,
+    fwd.lse,
+    filter_scale(fwd.lse),
+    inputs.local_labels,
+    fwd.residuals.order,
+    tok,
+    voc,
+    opts.filter_eps,
+    block_max_token_axis=1,
   )

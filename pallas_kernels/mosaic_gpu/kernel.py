@@ -59,8 +59,9 @@ def _load_columns(ref, layout) -> jax.Array:
   return plgpu.load(ref, layout=layout)
 
 
-def forward_stats(e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: KernelConfig,
-                  interpret: Any = None) -> tuple[jax.Array, ...]:
+def forward_stats(
+  e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: KernelConfig, interpret: Any = None
+) -> tuple[jax.Array, ...]:
   """Per-token statistics of ``capped(e @ c + bias)`` over ``cfg.num_classes`` classes.
 
   Args:
@@ -115,8 +116,10 @@ def forward_stats(e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: Kerne
         def matmul(acc_ref):
           def hidden_chunk(k, _):
             plgpu.copy_gmem_to_smem(
-                e_gmem.at[pl.ds(t0, TOKEN_ROWS), pl.ds(k * HIDDEN_CHUNK, HIDDEN_CHUNK)],
-                e_smem, barriers.at[0])
+              e_gmem.at[pl.ds(t0, TOKEN_ROWS), pl.ds(k * HIDDEN_CHUNK, HIDDEN_CHUNK)],
+              e_smem,
+              barriers.at[0],
+            )
             plgpu.copy_gmem_to_smem(c_chunk(v0, k), c_smem, barriers.at[1])
             plgpu.barrier_wait(barriers.at[0])
             plgpu.barrier_wait(barriers.at[1])
@@ -136,8 +139,7 @@ def forward_stats(e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: Kerne
           logits = logits + lax.broadcast_in_dim(tile_bias, tile_shape, [1])
         if cfg.softcap is not None:
           logits = cfg.softcap * jnp.tanh(logits / cfg.softcap)
-        classes = v0 + plgpu.broadcasted_iota(jnp.int32, tile_shape, 1,
-                                              layout=plgpu.Layout.WGMMA)
+        classes = v0 + plgpu.broadcasted_iota(jnp.int32, tile_shape, 1, layout=plgpu.Layout.WGMMA)
         # Classes an earlier tile covered (the overlapping last tile) or padding: not counted.
         fresh = (classes >= j * block) & (classes < cfg.num_classes)
         live = jnp.where(fresh, logits, -jnp.inf)
@@ -152,8 +154,11 @@ def forward_stats(e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: Kerne
         return new_max, row_sum, logit_sum
 
       zeros = plgpu.layout_cast(jnp.zeros((TOKEN_ROWS,), jnp.float32), rows_layout)
-      init = (plgpu.layout_cast(jnp.full((TOKEN_ROWS,), -jnp.inf, jnp.float32), rows_layout),
-              zeros, zeros)
+      init = (
+        plgpu.layout_cast(jnp.full((TOKEN_ROWS,), -jnp.inf, jnp.float32), rows_layout),
+        zeros,
+        zeros,
+      )
       row_max, row_sum, logit_sum = lax.fori_loop(0, num_vocab_blocks, vocab_tile, init)
       write_rows(row_smem, row_max + jnp.log(row_sum), lse_gmem.at[pl.ds(t0, TOKEN_ROWS)])
       if cfg.want_logit_sum:
@@ -161,12 +166,12 @@ def forward_stats(e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: Kerne
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(
-        scoped,
-        plgpu.SMEM((TOKEN_ROWS, HIDDEN_CHUNK), e.dtype, transforms=transforms),
-        plgpu.SMEM(c_tile_shape, c.dtype, transforms=transforms),
-        plgpu.SMEM((block,), jnp.float32) if cfg.with_bias else None,
-        plgpu.SMEM((TOKEN_ROWS,), jnp.float32),
-        plgpu.Barrier(num_barriers=3),
+      scoped,
+      plgpu.SMEM((TOKEN_ROWS, HIDDEN_CHUNK), e.dtype, transforms=transforms),
+      plgpu.SMEM(c_tile_shape, c.dtype, transforms=transforms),
+      plgpu.SMEM((block,), jnp.float32) if cfg.with_bias else None,
+      plgpu.SMEM((TOKEN_ROWS,), jnp.float32),
+      plgpu.Barrier(num_barriers=3),
     )
 
   rows = jax.ShapeDtypeStruct((num_tokens,), jnp.float32)
@@ -177,5 +182,8 @@ def forward_stats(e: jax.Array, c: jax.Array, bias: jax.Array | None, cfg: Kerne
     out_type.append(jax.ShapeDtypeStruct((num_vocab_blocks, num_tokens), jnp.float32))
   options = {} if interpret is None else {"interpret": interpret}
   args = (e, c, bias) if cfg.with_bias else (e, c)
-  return tuple(plgpu.kernel(body, out_type=tuple(out_type), grid=(num_token_blocks,),
-                            grid_names=("tokens",), **options)(*args))
+  return tuple(
+    plgpu.kernel(
+      body, out_type=tuple(out_type), grid=(num_token_blocks,), grid_names=("tokens",), **options
+    )(*args)
+  )

@@ -19,25 +19,36 @@ ROUTES = ("mosaic_gpu", "triton_pallas", "jax_triton", "xla")
 
 def render(results) -> str:
   """The results as a Markdown table, headed by the JAX and Python versions."""
-  lines = [f"JAX {jax.__version__}, jaxlib {jax.lib.__version__}, Python "
-           f"{platform.python_version()}, backend {jax.default_backend()}", "",
-           "| route | check | status | evidence |", "|---|---|---|---|"]
-  lines += [f"| {r.route} | {r.check} | {r.status} | {r.detail.replace('|', '/')} |"
-            for r in results]
+  lines = [
+    f"JAX {jax.__version__}, jaxlib {jax.lib.__version__}, Python "
+    f"{platform.python_version()}, backend {jax.default_backend()}",
+    "",
+    "| route | check | status | evidence |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r.route} | {r.check} | {r.status} | {r.detail.replace('|', '/')} |" for r in results
+  ]
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m pallas_kernels.probes",
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument("--routes", default=",".join(ROUTES),
-                      help=f"comma-separated routes (default: all of {', '.join(ROUTES)})")
+  parser = argparse.ArgumentParser(
+    prog="python -m pallas_kernels.probes", description=__doc__.splitlines()[0]
+  )
+  parser.add_argument(
+    "--routes",
+    default=",".join(ROUTES),
+    help=f"comma-separated routes (default: all of {', '.join(ROUTES)})",
+  )
   args = parser.parse_args(argv)
   routes = [name.strip() for name in args.routes.split(",") if name.strip()]
   unknown = sorted(set(routes) - set(ROUTES))
   if unknown:
-    print(f"--routes: unknown route(s) {', '.join(unknown)}; choose from {', '.join(ROUTES)}",
-          file=sys.stderr)
+    print(
+      f"--routes: unknown route(s) {', '.join(unknown)}; choose from {', '.join(ROUTES)}",
+      file=sys.stderr,
+    )
     return 2
   results = []
   for route in routes:

@@ -42,8 +42,10 @@ class ProbeResult:
 
 def example_shapes() -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
   """Abstract (e, c): (TOKENS, HIDDEN) and (CLASSES, HIDDEN), bfloat16."""
-  return (jax.ShapeDtypeStruct((TOKENS, HIDDEN), DTYPE),
-          jax.ShapeDtypeStruct((CLASSES, HIDDEN), DTYPE))
+  return (
+    jax.ShapeDtypeStruct((TOKENS, HIDDEN), DTYPE),
+    jax.ShapeDtypeStruct((CLASSES, HIDDEN), DTYPE),
+  )
 
 
 def example_inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +70,19 @@ def first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {message}"[:160]
 
 
-def check_numbers(route: str, check: str, run: Callable[[np.ndarray, np.ndarray], jax.Array],
-                  tolerance: float = 1e-5) -> ProbeResult:
+def check_numbers(
+  route: str,
+  check: str,
+  run: Callable[[np.ndarray, np.ndarray], jax.Array],
+  tolerance: float = 1e-5,
+) -> ProbeResult:
   """Runs ``run(e, c)`` on :func:`example_inputs` and compares it with :func:`reference_lse`
   (maximum relative error; bfloat16 operands are exact products in f32, so only the f32
   accumulation and exponentials differ)."""
   e, c = example_inputs()
   try:
     got = np.asarray(run(e, c), np.float64)
-  except Exception as error:  # noqa: BLE001 -- the probe reports any failure as evidence
+  except Exception as error:
     return ProbeResult(route, check, "failed", first_line(error))
   want = reference_lse(e, c)
   if got.shape != want.shape:

@@ -46,27 +46,29 @@ def abstract_gpu_device(generation: str = "h100") -> jax.sharding.AbstractDevice
   """
   if generation not in DEVICE_KINDS:
     raise ValueError(f"`generation`={generation!r}: expected one of {sorted(DEVICE_KINDS)}")
-  return jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[generation],
-                                     num_cores=_NUM_CORES[generation], platform="gpu")
+  return jax.sharding.AbstractDevice(
+    device_kind=DEVICE_KINDS[generation], num_cores=_NUM_CORES[generation], platform="gpu"
+  )
 
 
-def cuda_mesh(axis_names: Sequence[str], generation: str = "h100"
-              ) -> jax.sharding.AbstractMesh | jax.sharding.Mesh:
+def cuda_mesh(
+  axis_names: Sequence[str], generation: str = "h100"
+) -> jax.sharding.AbstractMesh | jax.sharding.Mesh:
   """A mesh of size 1 along each of ``axis_names`` to lower ``shard_map`` code for CUDA on any
   host: on JAX >= 0.11 an abstract mesh whose device is :func:`abstract_gpu_device` (pass it to
   :func:`export_for_cuda` as ``mesh``, and build the arguments' shardings on it); on JAX 0.10 a
   concrete mesh of the first local device, as the lowering there needs no GPU device."""
   if not reads_abstract_gpu_device():
-    return jax.make_mesh((1,) * len(axis_names), tuple(axis_names),
-                         devices=jax.devices()[:1])
-  return jax.sharding.AbstractMesh((1,) * len(axis_names), tuple(axis_names),
-                                   abstract_device=abstract_gpu_device(generation))
+    return jax.make_mesh((1,) * len(axis_names), tuple(axis_names), devices=jax.devices()[:1])
+  return jax.sharding.AbstractMesh(
+    (1,) * len(axis_names), tuple(axis_names), abstract_device=abstract_gpu_device(generation)
+  )
 
 
 @contextlib.contextmanager
-def cuda_target(generation: str = "h100",
-                mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh | None = None
-                ) -> Iterator[None]:
+def cuda_target(
+  generation: str = "h100", mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh | None = None
+) -> Iterator[None]:
   """Context in which a CUDA lowering on a CPU host targets one GPU of ``generation``.
 
   On JAX >= 0.11 an abstract mesh whose device is that GPU is in context: ``mesh`` (from
@@ -83,9 +85,14 @@ def cuda_target(generation: str = "h100",
     yield
 
 
-def export_for_cuda(fn: Callable, args: Sequence, *, generation: str = "h100",
-                    mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh | None = None,
-                    custom_calls: Sequence[str] = (TRITON_CALL,)) -> jax.export.Exported:
+def export_for_cuda(
+  fn: Callable,
+  args: Sequence,
+  *,
+  generation: str = "h100",
+  mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh | None = None,
+  custom_calls: Sequence[str] = (TRITON_CALL,),
+) -> jax.export.Exported:
   """``jax.export`` of ``jax.jit(fn)`` for CUDA at ``args`` (``jax.ShapeDtypeStruct`` s or
   arrays), on any host, targeting a GPU of ``generation`` (see :func:`cuda_target` for
   ``mesh``); ``custom_calls`` are the kernel custom-call targets allowed through the export's

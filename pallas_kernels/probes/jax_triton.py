@@ -49,8 +49,15 @@ def _kernel():
   import triton.language as tl
 
   @triton.jit
-  def lse_kernel(e_ptr, c_ptr, lse_ptr, tokens: tl.constexpr, hidden: tl.constexpr,
-                 classes: tl.constexpr, block: tl.constexpr):
+  def lse_kernel(
+    e_ptr,
+    c_ptr,
+    lse_ptr,
+    tokens: tl.constexpr,
+    hidden: tl.constexpr,
+    classes: tl.constexpr,
+    block: tl.constexpr,
+  ):
     rows = tl.arange(0, tokens)
     cols = tl.arange(0, hidden)
     e = tl.load(e_ptr + rows[:, None] * hidden + cols[None, :])  # (tokens, hidden)
@@ -61,8 +68,7 @@ def _kernel():
       c = tl.load(c_ptr + ids[:, None] * hidden + cols[None, :])  # (block, hidden)
       logits = tl.dot(e, tl.trans(c))  # (tokens, block) f32
       new_max = tl.maximum(row_max, tl.max(logits, 1))
-      row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]),
-                                                             1)
+      row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
       row_max = new_max
     tl.store(lse_ptr + rows, row_max + tl.log(row_sum))
 
@@ -79,9 +85,19 @@ def tile_lse(e: jax.Array, c: jax.Array, *, compute_capability: int | None = Non
 
   tokens, hidden = e.shape
   return jax_triton.triton_call(
-      e, c, kernel=_kernel(), out_type=jax.ShapeDtypeStruct((tokens,), jnp.float32), grid=(1,),
-      num_warps=4, num_stages=1, compute_capability=compute_capability, tokens=tokens,
-      hidden=hidden, classes=c.shape[0], block=common.VOCAB_BLOCK)
+    e,
+    c,
+    kernel=_kernel(),
+    out_type=jax.ShapeDtypeStruct((tokens,), jnp.float32),
+    grid=(1,),
+    num_warps=4,
+    num_stages=1,
+    compute_capability=compute_capability,
+    tokens=tokens,
+    hidden=hidden,
+    classes=c.shape[0],
+    block=common.VOCAB_BLOCK,
+  )
 
 
 def probe_lowering(generation: str = "h100") -> common.ProbeResult:
@@ -90,18 +106,24 @@ def probe_lowering(generation: str = "h100") -> common.ProbeResult:
   if not is_installed():
     return common.ProbeResult(ROUTE, check, "unavailable", "jax_triton / triton not installed")
   if not has_gpu_triton_support():
-    return common.ProbeResult(ROUTE, check, "unavailable",
-                              "jaxlib has no GPU Triton support here: install jax-cuda12-plugin "
-                              "(no GPU nor CUDA needed to lower)")
+    return common.ProbeResult(
+      ROUTE,
+      check,
+      "unavailable",
+      "jaxlib has no GPU Triton support here: install jax-cuda12-plugin "
+      "(no GPU nor CUDA needed to lower)",
+    )
   run = functools.partial(tile_lse, compute_capability=COMPUTE_CAPABILITY[generation])
   try:
-    exported = cuda_lowering.export_for_cuda(run, common.example_shapes(),
-                                             generation=generation, custom_calls=(CUSTOM_CALL,))
-  except Exception as error:  # noqa: BLE001 -- the failure is the evidence
+    exported = cuda_lowering.export_for_cuda(
+      run, common.example_shapes(), generation=generation, custom_calls=(CUSTOM_CALL,)
+    )
+  except Exception as error:
     return common.ProbeResult(ROUTE, check, "failed", common.first_line(error))
   calls = common.custom_calls(exported.mlir_module())
-  return common.ProbeResult(ROUTE, check, "ok" if calls == [CUSTOM_CALL] else "failed",
-                            f"custom calls {calls}")
+  return common.ProbeResult(
+    ROUTE, check, "ok" if calls == [CUSTOM_CALL] else "failed", f"custom calls {calls}"
+  )
 
 
 def probe_interpret() -> common.ProbeResult:

@@ -61,23 +61,26 @@ def tile_lse(e: jax.Array, c: jax.Array, *, interpret: Any = None) -> jax.Array:
         row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.exp(shifted).sum(axis=1)
         return new_max, row_sum
 
-      init = (plgpu.layout_cast(jnp.full((tokens,), -jnp.inf, jnp.float32), row_layout),
-              plgpu.layout_cast(jnp.zeros((tokens,), jnp.float32), row_layout))
+      init = (
+        plgpu.layout_cast(jnp.full((tokens,), -jnp.inf, jnp.float32), row_layout),
+        plgpu.layout_cast(jnp.zeros((tokens,), jnp.float32), row_layout),
+      )
       row_max, row_sum = lax.fori_loop(0, classes // block, vocab_tile, init)
       lse_smem[...] = row_max + jnp.log(row_sum)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
       plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(scoped,
-                  plgpu.SMEM((tokens, hidden), e.dtype, transforms=transforms),
-                  plgpu.SMEM((block, hidden), c.dtype, transforms=transforms),
-                  plgpu.SMEM((tokens,), jnp.float32),
-                  plgpu.Barrier(num_barriers=2))
+    pl.run_scoped(
+      scoped,
+      plgpu.SMEM((tokens, hidden), e.dtype, transforms=transforms),
+      plgpu.SMEM((block, hidden), c.dtype, transforms=transforms),
+      plgpu.SMEM((tokens,), jnp.float32),
+      plgpu.Barrier(num_barriers=2),
+    )
 
   options = {} if interpret is None else {"interpret": interpret}
-  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((tokens,), jnp.float32),
-                      **options)(e, c)
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((tokens,), jnp.float32), **options)(e, c)
 
 
 def has_gpu_interpret_mode() -> bool:
@@ -89,10 +92,13 @@ def probe_lowering(generation: str = "h100") -> common.ProbeResult:
   """Lowers :func:`tile_lse` for CUDA on this host, targeting a GPU of ``generation``."""
   check = f"lower for CUDA ({generation})"
   try:
-    exported = cuda_lowering.export_for_cuda(tile_lse, common.example_shapes(),
-                                             generation=generation,
-                                             custom_calls=(cuda_lowering.MOSAIC_GPU_CALL,))
-  except Exception as error:  # noqa: BLE001 -- the failure is the evidence
+    exported = cuda_lowering.export_for_cuda(
+      tile_lse,
+      common.example_shapes(),
+      generation=generation,
+      custom_calls=(cuda_lowering.MOSAIC_GPU_CALL,),
+    )
+  except Exception as error:
     return common.ProbeResult(ROUTE, check, "failed", common.first_line(error))
   calls = common.custom_calls(exported.mlir_module())
   status = "ok" if calls == [cuda_lowering.MOSAIC_GPU_CALL] else "failed"
@@ -103,8 +109,9 @@ def probe_interpret() -> common.ProbeResult:
   """Runs :func:`tile_lse` in GPU interpret mode on this host, against float64."""
   check = "GPU interpret mode on this host"
   if not has_gpu_interpret_mode():
-    return common.ProbeResult(ROUTE, check, "unavailable",
-                              f"JAX {jax.__version__} has no plgpu.InterpretGPUParams (0.11+)")
+    return common.ProbeResult(
+      ROUTE, check, "unavailable", f"JAX {jax.__version__} has no plgpu.InterpretGPUParams (0.11+)"
+    )
   params = plgpu.InterpretGPUParams()
   return common.check_numbers(ROUTE, check, lambda e, c: tile_lse(e, c, interpret=params))
 

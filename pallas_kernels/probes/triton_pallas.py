@@ -39,8 +39,9 @@ def tile_lse(e: jax.Array, c: jax.Array, *, interpret: bool = False) -> jax.Arra
       c_tile = c_ref[pl.ds(j * block, block), :]  # (block, hidden)
       logits = jnp.dot(e_block, c_tile.T, preferred_element_type=jnp.float32)
       new_max = jnp.maximum(row_max, logits.max(axis=1))
-      row_sum = (row_sum * jnp.exp(row_max - new_max)
-                 + jnp.exp(logits - new_max[:, None]).sum(axis=1))
+      row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(
+        axis=1
+      )
       return new_max, row_sum
 
     init = (jnp.full((tokens,), -jnp.inf, jnp.float32), jnp.zeros((tokens,), jnp.float32))
@@ -48,10 +49,10 @@ def tile_lse(e: jax.Array, c: jax.Array, *, interpret: bool = False) -> jax.Arra
     lse_ref[...] = row_max + jnp.log(row_sum)
 
   return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((tokens,), jnp.float32),
-      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((tokens,), jnp.float32),
+    compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+    interpret=interpret,
   )(e, c)
 
 
@@ -63,22 +64,27 @@ def probe_lowering(generation: str = "h100") -> common.ProbeResult:
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     try:
-      exported = cuda_lowering.export_for_cuda(tile_lse, common.example_shapes(),
-                                               generation=generation)
-    except Exception as error:  # noqa: BLE001 -- the failure is the evidence
+      exported = cuda_lowering.export_for_cuda(
+        tile_lse, common.example_shapes(), generation=generation
+      )
+    except Exception as error:
       return common.ProbeResult(ROUTE, check, "failed", common.first_line(error))
   calls = common.custom_calls(exported.mlir_module())
   deprecated = any(str(w.message).startswith(DEPRECATION_MESSAGE) for w in caught)
   status = "ok" if calls == [cuda_lowering.TRITON_CALL] else "failed"
   return common.ProbeResult(
-      ROUTE, check, status,
-      f"custom calls {calls}" + ("; warns: deprecated backend" if deprecated else ""))
+    ROUTE,
+    check,
+    status,
+    f"custom calls {calls}" + ("; warns: deprecated backend" if deprecated else ""),
+  )
 
 
 def probe_interpret() -> common.ProbeResult:
   """Runs :func:`tile_lse` in Pallas' interpret mode on this host, against float64."""
-  return common.check_numbers(ROUTE, "interpret=True on this host",
-                              lambda e, c: tile_lse(e, c, interpret=True))
+  return common.check_numbers(
+    ROUTE, "interpret=True on this host", lambda e, c: tile_lse(e, c, interpret=True)
+  )
 
 
 def probes() -> list[common.ProbeResult]:

@@ -21,8 +21,9 @@ def tile_lse(e: jax.Array, c: jax.Array) -> jax.Array:
   """(TOKENS,) f32 log-sum-exp of ``e @ c.T`` through ``impl="xla"``."""
   labels = jnp.zeros((e.shape[0],), jnp.int32)
   blocks = cce_jax.BlockSizes(token_block=e.shape[0], vocab_block=common.VOCAB_BLOCK)
-  _, lse = cce_jax.linear_cross_entropy(e, c, labels, reduction="none", return_lse=True,
-                                        impl="xla", block_sizes=blocks)
+  _, lse = cce_jax.linear_cross_entropy(
+    e, c, labels, reduction="none", return_lse=True, impl="xla", block_sizes=blocks
+  )
   return lse
 
 
@@ -30,13 +31,13 @@ def probe_lowering(generation: str = "h100") -> common.ProbeResult:
   """Lowers :func:`tile_lse` for CUDA on this host (no custom calls expected)."""
   check = f"lower for CUDA ({generation})"
   try:
-    exported = cuda_lowering.export_for_cuda(tile_lse, common.example_shapes(),
-                                             generation=generation, custom_calls=())
-  except Exception as error:  # noqa: BLE001 -- the failure is the evidence
+    exported = cuda_lowering.export_for_cuda(
+      tile_lse, common.example_shapes(), generation=generation, custom_calls=()
+    )
+  except Exception as error:
     return common.ProbeResult(ROUTE, check, "failed", common.first_line(error))
   calls = common.custom_calls(exported.mlir_module())
-  return common.ProbeResult(ROUTE, check, "ok" if not calls else "failed",
-                            f"custom calls {calls}")
+  return common.ProbeResult(ROUTE, check, "ok" if not calls else "failed", f"custom calls {calls}")
 
 
 def probe_run() -> common.ProbeResult:

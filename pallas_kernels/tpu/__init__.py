@@ -12,22 +12,22 @@ from __future__ import annotations
 from cce_jax.tiled import Implementation, examples_in_sequence, fold_examples
 from pallas_kernels.tpu.block_sizes import TPUBlockSizes, kernel_vmem_bytes, resolve
 from pallas_kernels.tpu.implementation import (
-    backward,
-    forward,
-    resolve_block_sizes,
-    skip_table,
+  backward,
+  forward,
+  resolve_block_sizes,
+  skip_table,
 )
 
 IMPLEMENTATION = Implementation(
-    name="pallas_tpu",
-    # Under vmap the forward is one kernel call over every example's tokens; the backward runs
-    # the examples one after another (TPU interpret mode cannot run a vmapped pallas_call).
-    forward=fold_examples(forward, block_max_token_axis=0),
-    backward=examples_in_sequence(backward),
-    skip_table=skip_table,
-    resolve_block_sizes=resolve_block_sizes,
-    is_pallas=True,
-    backends=("tpu",),
+  name="pallas_tpu",
+  # Under vmap the forward is one kernel call over every example's tokens; the backward runs
+  # the examples one after another (TPU interpret mode cannot run a vmapped pallas_call).
+  forward=fold_examples(forward, block_max_token_axis=0),
+  backward=examples_in_sequence(backward),
+  skip_table=skip_table,
+  resolve_block_sizes=resolve_block_sizes,
+  is_pallas=True,
+  backends=("tpu",),
 )
 
 __all__ = ["IMPLEMENTATION", "TPUBlockSizes", "kernel_vmem_bytes", "resolve"]

@@ -68,20 +68,20 @@ class TPUBlockSizes:
         continue
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            f"`TPUBlockSizes.{field.name}` must be an int"
-            f"{'' if field.name == 'vmem_budget_bytes' else ' or None'}, got "
-            f"{type(value).__name__} ({value!r})."
+          f"`TPUBlockSizes.{field.name}` must be an int"
+          f"{'' if field.name == 'vmem_budget_bytes' else ' or None'}, got "
+          f"{type(value).__name__} ({value!r})."
         )
       value = int(value)
       if field.name == "vmem_budget_bytes":
         if value < 1024 * 1024:
           raise ValueError(
-              f"`TPUBlockSizes.vmem_budget_bytes` must be at least 1 MiB, got {value}."
+            f"`TPUBlockSizes.vmem_budget_bytes` must be at least 1 MiB, got {value}."
           )
       elif value <= 0 or value % LANES:
         raise ValueError(
-            f"`TPUBlockSizes.{field.name}` must be a positive multiple of {LANES} (TPU tiles "
-            f"are (8, 128) and 16-bit rows pack in pairs), got {value}."
+          f"`TPUBlockSizes.{field.name}` must be a positive multiple of {LANES} (TPU tiles "
+          f"are (8, 128) and 16-bit rows pack in pairs), got {value}."
         )
       object.__setattr__(self, field.name, value)
 
@@ -108,8 +108,9 @@ class Tiles(NamedTuple):
 
   def for_forward(self) -> Tiles:
     """These tiles with the forward's hidden chunk as ``hidden_block``."""
-    return self._replace(hidden_block=self.forward_hidden_block,
-                         num_hidden_blocks=self.num_forward_hidden_blocks)
+    return self._replace(
+      hidden_block=self.forward_hidden_block, num_hidden_blocks=self.num_forward_hidden_blocks
+    )
 
 
 def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
@@ -119,7 +120,7 @@ def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
 
 
 def kernel_vmem_bytes(
-    token_block: int, vocab_block: int, hidden_block: int, hidden: int, itemsize: int
+  token_block: int, vocab_block: int, hidden_block: int, hidden: int, itemsize: int
 ) -> dict[str, int]:
   """Estimated VMEM bytes of each kernel at these tiles (the heuristic's model).
 
@@ -147,19 +148,31 @@ def kernel_vmem_bytes(
   grad_scratch = _tile_bytes(bn, bv, itemsize) if chunked else 0
   token_inputs = 2 * (_tile_bytes(bn, 4, f32) + _tile_bytes(bn, 1, f32))  # stats, labels
   forward = (
-      inputs + logit_temps + logit_acc
-      + 2 * 2 * _tile_bytes(bn, LANES, f32)  # lse/logit-sum and block-maxima outputs
-      + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
+    inputs
+    + logit_temps
+    + logit_acc
+    + 2 * 2 * _tile_bytes(bn, LANES, f32)  # lse/logit-sum and block-maxima outputs
+    + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
   )
   backward_e = (
-      inputs + token_inputs + logit_temps + logit_acc + grad_scratch
-      + 2 * _tile_bytes(bn, bd, f32)  # dE output block
-      + (_tile_bytes(bn, hidden_padded, f32) if chunked else 0)  # dE accumulator
+    inputs
+    + token_inputs
+    + logit_temps
+    + logit_acc
+    + grad_scratch
+    + 2 * _tile_bytes(bn, bd, f32)  # dE output block
+    + (_tile_bytes(bn, hidden_padded, f32) if chunked else 0)  # dE accumulator
   )
   backward_c = (
-      inputs + token_inputs + logit_temps + logit_acc + grad_scratch
-      + 2 * _tile_bytes(bv, bd, itemsize) + 2 * _tile_bytes(1, bv, f32)  # dC, dbias outputs
-      + _tile_bytes(bv, hidden_padded, f32) + _tile_bytes(1, bv, f32)  # dC, dbias accumulators
+    inputs
+    + token_inputs
+    + logit_temps
+    + logit_acc
+    + grad_scratch
+    + 2 * _tile_bytes(bv, bd, itemsize)
+    + 2 * _tile_bytes(1, bv, f32)  # dC, dbias outputs
+    + _tile_bytes(bv, hidden_padded, f32)
+    + _tile_bytes(1, bv, f32)  # dC, dbias accumulators
   )
   return {"forward": forward, "backward_e": backward_e, "backward_c": backward_c}
 
@@ -182,9 +195,7 @@ def _clamp(requested: int, size: int) -> int:
   return size if size <= requested else requested
 
 
-def resolve(
-    sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int, dtype
-) -> Tiles:
+def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int, dtype) -> Tiles:
   """The tiles of one call: explicit sizes kept, None sizes chosen by the VMEM heuristic.
 
   Heuristic: start from (token, vocab) = (512, 512) for 16-bit inputs and (256, 512) for
@@ -221,9 +232,14 @@ def resolve(
   candidates = []
   while True:
     candidates.append((token_block, _clamp(vocab_block, num_classes)))
-    free = [name for name, value, fixed in (
-        ("token", token_block, sizes.token_block), ("vocab", vocab_block, sizes.vocab_block)
-    ) if fixed is None and value > LANES]
+    free = [
+      name
+      for name, value, fixed in (
+        ("token", token_block, sizes.token_block),
+        ("vocab", vocab_block, sizes.vocab_block),
+      )
+      if fixed is None and value > LANES
+    ]
     if not free:
       break
     if "token" in free and (token_block >= vocab_block or "vocab" not in free):
@@ -235,20 +251,30 @@ def resolve(
       bd = first_fit(bn, bv, min_hidden_block)
       if bd is not None:
         # The forward holds no (bn, D) accumulator: it may take a wider hidden chunk.
-        forward_bd = next(b for b in _hidden_blocks(hidden, sizes.hidden_block)
-                          if b <= bd or fits(bn, bv, b, ("forward",)))
+        forward_bd = next(
+          b
+          for b in _hidden_blocks(hidden, sizes.hidden_block)
+          if b <= bd or fits(bn, bv, b, ("forward",))
+        )
         bn = _clamp(bn, num_tokens)
         return Tiles(
-            bn, bv, bd, cdiv(num_tokens, bn), cdiv(num_classes, bv), cdiv(hidden, bd),
-            sizes.vmem_budget_bytes, forward_bd, cdiv(hidden, forward_bd),
+          bn,
+          bv,
+          bd,
+          cdiv(num_tokens, bn),
+          cdiv(num_classes, bv),
+          cdiv(hidden, bd),
+          sizes.vmem_budget_bytes,
+          forward_bd,
+          cdiv(hidden, forward_bd),
         )
   bn, bv = candidates[-1]
   bd = min(sizes.hidden_block or LANES, hidden)
   need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)
   raise ValueError(
-      f"`block_sizes`={sizes} does not fit its VMEM budget at N={num_tokens}, D={hidden}, "
-      f"V={num_classes}, {np.dtype(dtype).name}: even token_block={bn}, vocab_block={bv}, "
-      f"hidden_block={bd} need an estimated {max(need.values())} bytes ({need}) > "
-      f"{VMEM_HEADROOM} x vmem_budget_bytes = {budget}. Use smaller blocks or a larger "
-      "`vmem_budget_bytes`."
+    f"`block_sizes`={sizes} does not fit its VMEM budget at N={num_tokens}, D={hidden}, "
+    f"V={num_classes}, {np.dtype(dtype).name}: even token_block={bn}, vocab_block={bv}, "
+    f"hidden_block={bd} need an estimated {max(need.values())} bytes ({need}) > "
+    f"{VMEM_HEADROOM} x vmem_budget_bytes = {budget}. Use smaller blocks or a larger "
+    "`vmem_budget_bytes`."
   )

@@ -26,11 +26,11 @@ from cce_jax import filtering, loss_math, vocab_sort
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
 from cce_jax.tiled import (
-    LocalForward,
-    LocalGrads,
-    Residuals,
-    TiledInputs,
-    resolve_block_sizes_of,
+  LocalForward,
+  LocalGrads,
+  Residuals,
+  TiledInputs,
+  resolve_block_sizes_of,
 )
 from pallas_kernels.tpu import kernels
 from pallas_kernels.tpu.block_sizes import TPUBlockSizes, resolve
@@ -50,19 +50,19 @@ def check_inputs(e: jax.Array, c: jax.Array, opts: LossOptions) -> None:
   dtype = jnp.dtype(e.dtype)
   if dtype not in SUPPORTED_DTYPES:
     advice = {
-        jnp.dtype(jnp.float16): "TPUs have no float16 arithmetic; use bfloat16, or impl='xla'",
-        jnp.dtype(jnp.float64): (
-            "the TPU kernels have no float64; cast to float32, or use impl='xla' or "
-            "impl='reference' for float64"
-        ),
+      jnp.dtype(jnp.float16): "TPUs have no float16 arithmetic; use bfloat16, or impl='xla'",
+      jnp.dtype(jnp.float64): (
+        "the TPU kernels have no float64; cast to float32, or use impl='xla' or "
+        "impl='reference' for float64"
+      ),
     }.get(dtype, "use impl='xla'")
     raise TypeError(
-        f"impl='pallas_tpu' takes float32 or bfloat16 `e` and `c`, got {dtype.name} ({advice})."
+      f"impl='pallas_tpu' takes float32 or bfloat16 `e` and `c`, got {dtype.name} ({advice})."
     )
   if not isinstance(opts.block_sizes, TPUBlockSizes):
     raise TypeError(
-        "impl='pallas_tpu' takes `block_sizes` of type pallas_kernels.tpu.TPUBlockSizes, got "
-        f"{type(opts.block_sizes).__name__} ({opts.block_sizes!r})."
+      "impl='pallas_tpu' takes `block_sizes` of type pallas_kernels.tpu.TPUBlockSizes, got "
+      f"{type(opts.block_sizes).__name__} ({opts.block_sizes!r})."
     )
   del c
 
@@ -78,16 +78,18 @@ def geometry(e: jax.Array, c: jax.Array, opts: LossOptions) -> Geometry:
 def tilings(geo: Geometry) -> tuple[AxisTiling, AxisTiling]:
   """The (tokens, classes) tilings of the kernels: both masked."""
   t = geo.tiles
-  return (AxisTiling(geo.num_tokens, t.token_block, "mask"),
-          AxisTiling(geo.num_classes, t.vocab_block, "mask"))
+  return (
+    AxisTiling(geo.num_tokens, t.token_block, "mask"),
+    AxisTiling(geo.num_classes, t.vocab_block, "mask"),
+  )
 
 
 def _math(e: jax.Array, bias: jax.Array | None, opts: LossOptions) -> Math:
   return Math(
-      softcap=opts.softcap,
-      with_bias=bias is not None,
-      uniform_in_tile=filtering.uniform_in_tile(opts),
-      precision=lax.Precision.HIGHEST if e.dtype == jnp.float32 else None,
+    softcap=opts.softcap,
+    with_bias=bias is not None,
+    uniform_in_tile=filtering.uniform_in_tile(opts),
+    precision=lax.Precision.HIGHEST if e.dtype == jnp.float32 else None,
   )
 
 
@@ -116,20 +118,26 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   check_inputs(e, c, opts)
   geo = geometry(e, c, opts)
   want_block_max = for_backward and opts.filters_anything
-  order = vocab_sort.vocab_order(e, c, bias, opts) if for_backward and sorts_vocabulary(
-      opts) else None
+  order = (
+    vocab_sort.vocab_order(e, c, bias, opts) if for_backward and sorts_vocabulary(opts) else None
+  )
   c_run, bias_run = _sorted(c, bias, order, opts)
   lse, logit_sum, block_max = kernels.forward_stats(
-      e, c_run, bias_run, geo, _math(e, bias, opts),
-      with_logit_sum=opts.label_smoothing > 0.0, with_block_max=want_block_max,
-      interpret=opts.interpret,
+    e,
+    c_run,
+    bias_run,
+    geo,
+    _math(e, bias, opts),
+    with_logit_sum=opts.label_smoothing > 0.0,
+    with_block_max=want_block_max,
+    interpret=opts.interpret,
   )
   target = loss_math.target_logits(e, c, local_labels, bias, opts)
   return LocalForward(
-      lse=lse,
-      target=target,
-      logit_sum=logit_sum,
-      residuals=Residuals(order, block_max) if for_backward else None,
+    lse=lse,
+    target=target,
+    logit_sum=logit_sum,
+    residuals=Residuals(order, block_max) if for_backward else None,
   )
 
 
@@ -139,18 +147,19 @@ def pack_skip_table(skip: jax.Array, geo: Geometry) -> jax.Array:
   words = geo.skip_words
   skip = jnp.pad(skip, ((0, 0), (0, words * kernels.SKIP_BITS - skip.shape[1])))
   bits = skip.reshape(skip.shape[0], words, kernels.SKIP_BITS).astype(jnp.uint32)
-  packed = jnp.sum(bits << jnp.arange(kernels.SKIP_BITS, dtype=jnp.uint32), axis=-1,
-                   dtype=jnp.uint32)
+  packed = jnp.sum(
+    bits << jnp.arange(kernels.SKIP_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32
+  )
   return lax.bitcast_convert_type(packed, jnp.int32).reshape(-1)
 
 
 def backward(
-    inputs: TiledInputs,
-    residuals: Residuals,
-    lse: jax.Array,  # (N,) f32
-    coeffs: loss_math.TokenCoefficients,
-    filter_scale: jax.Array | None,  # (N,) f32
-    opts: LossOptions,
+  inputs: TiledInputs,
+  residuals: Residuals,
+  lse: jax.Array,  # (N,) f32
+  coeffs: loss_math.TokenCoefficients,
+  filter_scale: jax.Array | None,  # (N,) f32
+  opts: LossOptions,
 ) -> LocalGrads:
   """Gradients w.r.t. ``e``, ``c`` and ``bias`` (``cce_jax.tiled.BackwardFn``).
 
@@ -175,21 +184,46 @@ def backward(
   if filter_scale is not None and residuals is not None and residuals.block_max is not None:
     if residuals.block_max.shape[1] != geo.tiles.num_vocab_blocks:
       raise AssertionError(  # the tile choice must not depend on N (block_sizes.resolve)
-          f"block maxima of {residuals.block_max.shape[1]} vocabulary blocks for "
-          f"{geo.tiles.num_vocab_blocks} blocks in the backward")
+        f"block maxima of {residuals.block_max.shape[1]} vocabulary blocks for "
+        f"{geo.tiles.num_vocab_blocks} blocks in the backward"
+      )
     tokens, classes = tilings(geo)
-    skip = filtering.skip_table(residuals.block_max, lse, filter_scale, local_labels, order,
-                                tokens, classes, opts.filter_eps, block_max_token_axis=0)
+    skip = filtering.skip_table(
+      residuals.block_max,
+      lse,
+      filter_scale,
+      local_labels,
+      order,
+      tokens,
+      classes,
+      opts.filter_eps,
+      block_max_token_axis=0,
+    )
     skip_bits = pack_skip_table(skip, geo)
 
   d_e = kernels.grad_e(
-      e, c_run, bias_run, token_stats, tile_labels,
-      skip_bits if opts.filter_e_grad else None, geo, math, opts.interpret,
+    e,
+    c_run,
+    bias_run,
+    token_stats,
+    tile_labels,
+    skip_bits if opts.filter_e_grad else None,
+    geo,
+    math,
+    opts.interpret,
   )
   class_offset = uniform.weighted_e if uniform_outside else None  # (D,)
   d_c, d_bias = kernels.grad_c(
-      e, c_run, bias_run, token_stats, tile_labels,
-      skip_bits if opts.filter_c_grad else None, class_offset, geo, math, opts.interpret,
+    e,
+    c_run,
+    bias_run,
+    token_stats,
+    tile_labels,
+    skip_bits if opts.filter_c_grad else None,
+    class_offset,
+    geo,
+    math,
+    opts.interpret,
   )
   if order is not None:
     positions = filtering.positions(order)  # (V,) the inverse permutation
@@ -204,9 +238,9 @@ def backward(
 
 
 def skip_table(
-    inputs: TiledInputs,
-    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-    opts: LossOptions,
+  inputs: TiledInputs,
+  filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+  opts: LossOptions,
 ) -> jax.Array:
   """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips
   (``cce_jax.tiled.SkipTableFn``); runs the forward kernel."""
@@ -217,8 +251,15 @@ def skip_table(
     return jnp.zeros((tokens.count, classes.count), bool)
   fwd = forward(inputs, opts, for_backward=True)
   return filtering.skip_table(
-      fwd.residuals.block_max, fwd.lse, filter_scale(fwd.lse), inputs.local_labels,
-      fwd.residuals.order, tokens, classes, opts.filter_eps, block_max_token_axis=0,
+    fwd.residuals.block_max,
+    fwd.lse,
+    filter_scale(fwd.lse),
+    inputs.local_labels,
+    fwd.residuals.order,
+    tokens,
+    classes,
+    opts.filter_eps,
+    block_max_token_axis=0,
   )
 
 

@@ -110,8 +110,9 @@ def _logits_part(e_blk, c_blk, k, geo: Geometry, precision) -> jax.Array:
   e_blk = _zero_outside(e_blk, _valid(k, hidden_block, geo.hidden, e_blk.shape, 1))
   c_blk = _zero_outside(c_blk, _valid(k, hidden_block, geo.hidden, c_blk.shape, d_axis))
   dims = (((1,), (d_axis,)), ((), ()))
-  return lax.dot_general(e_blk, c_blk, dims, precision=precision,
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    e_blk, c_blk, dims, precision=precision, preferred_element_type=jnp.float32
+  )
 
 
 def _capped(x, bias_ref, math: Math) -> jax.Array:
@@ -129,14 +130,14 @@ def _softmax_grad(z, i, j, tok_ref, label_ref, geo: Geometry, math: Math) -> jax
   """
   tiles = geo.tiles
   shape = z.shape
-  lse = tok_ref[:, TOKEN_LSE:TOKEN_LSE + 1]  # (bn, 1)
-  alpha = tok_ref[:, TOKEN_ALPHA:TOKEN_ALPHA + 1]
-  beta = tok_ref[:, TOKEN_BETA:TOKEN_BETA + 1]
+  lse = tok_ref[:, TOKEN_LSE : TOKEN_LSE + 1]  # (bn, 1)
+  alpha = tok_ref[:, TOKEN_ALPHA : TOKEN_ALPHA + 1]
+  beta = tok_ref[:, TOKEN_BETA : TOKEN_BETA + 1]
   class_ids = j * tiles.vocab_block + lax.broadcasted_iota(jnp.int32, shape, 1)
   is_target = label_ref[...] == class_ids  # (bn, bv)
   dz = alpha * jnp.exp(z - lse) - jnp.where(is_target, beta, 0.0)
   if math.uniform_in_tile:
-    dz = dz - tok_ref[:, TOKEN_GAMMA:TOKEN_GAMMA + 1]
+    dz = dz - tok_ref[:, TOKEN_GAMMA : TOKEN_GAMMA + 1]
   dx = dz * loss_math.softcap_derivative(z, math.softcap)
   valid_rows = _valid(i, tiles.token_block, geo.num_tokens, shape, 0)
   valid_cols = _valid(j, tiles.vocab_block, geo.num_classes, shape, 1)
@@ -152,7 +153,7 @@ def _skipped(skip_ref, i, j, geo: Geometry) -> jax.Array:
 
 def _compiler_params(geo: Geometry, semantics: tuple[str, ...]) -> pltpu.CompilerParams:
   return pltpu.CompilerParams(
-      dimension_semantics=semantics, vmem_limit_bytes=geo.tiles.vmem_limit_bytes
+    dimension_semantics=semantics, vmem_limit_bytes=geo.tiles.vmem_limit_bytes
   )
 
 
@@ -167,8 +168,9 @@ def _c_block_spec(geo: Geometry, index) -> pl.BlockSpec:
 # ---- forward --------------------------------------------------------------------------------
 
 
-def _forward_kernel(e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_sum: bool,
-                    with_block_max: bool):
+def _forward_kernel(
+  e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_sum: bool, with_block_max: bool
+):
   """One grid step (i, j, k) of :func:`forward_stats`.
 
   refs: [bias (1, bv) f32], stats out (bn, 128) f32, [block max out (bn, 128) f32],
@@ -187,6 +189,7 @@ def _forward_kernel(e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_s
 
   part = _logits_part(e_ref[...], c_ref[...], k, geo, math.precision)  # (bn, bv) f32
   if nk > 1:
+
     @pl.when(k == 0)
     def _():
       acc_ref[...] = jnp.zeros_like(acc_ref)
@@ -210,7 +213,8 @@ def _forward_kernel(e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_s
     new_max = jnp.maximum(old_max, tile_max)
     shift = filtering.exp_shift(new_max)  # 0 while every class so far is masked (-inf)
     sum_ref[...] = sum_ref[...] * jnp.exp(old_max - shift) + jnp.sum(
-        jnp.exp(z_live - shift), axis=1, keepdims=True)
+      jnp.exp(z_live - shift), axis=1, keepdims=True
+    )
     max_ref[...] = new_max
     if with_logit_sum:
       logit_sum_ref[...] += jnp.sum(_zero_outside(z, valid_cols), axis=1, keepdims=True)
@@ -230,14 +234,14 @@ def _forward_kernel(e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_s
 
 
 def forward_stats(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    bias: jax.Array | None,  # (V,)
-    geo: Geometry,
-    math: Math,
-    with_logit_sum: bool,
-    with_block_max: bool,
-    interpret: bool,
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  geo: Geometry,
+  math: Math,
+  with_logit_sum: bool,
+  with_block_max: bool,
+  interpret: bool,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, vocab blocks) f32 or None.
 
@@ -249,8 +253,8 @@ def forward_stats(
   nv = t.num_vocab_blocks
   grid = (t.num_token_blocks, nv, t.num_hidden_blocks)
   in_specs = [
-      pl.BlockSpec((t.token_block, t.hidden_block), lambda i, j, k: (i, k)),
-      _c_block_spec(geo, lambda i, j, k: (j, k)),
+    pl.BlockSpec((t.token_block, t.hidden_block), lambda i, j, k: (i, k)),
+    _c_block_spec(geo, lambda i, j, k: (j, k)),
   ]
   args = [e, c]
   if math.with_bias:
@@ -261,27 +265,33 @@ def forward_stats(
   if with_block_max:
     block_max_cols = cdiv(nv, LANES) * LANES
     out_shape.append(jax.ShapeDtypeStruct((geo.num_tokens, block_max_cols), jnp.float32))
-    out_specs.append(
-        pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, lax.div(j, LANES))))
+    out_specs.append(pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, lax.div(j, LANES))))
   scratch = [pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32)] * (t.num_hidden_blocks > 1)
   scratch += [pltpu.VMEM((t.token_block, 1), jnp.float32)] * 3
-  kernel = functools.partial(_forward_kernel, geo=geo, math=math,
-                             with_logit_sum=with_logit_sum, with_block_max=with_block_max)
+  kernel = functools.partial(
+    _forward_kernel,
+    geo=geo,
+    math=math,
+    with_logit_sum=with_logit_sum,
+    with_block_max=with_block_max,
+  )
   itemsize = e.dtype.itemsize
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
   outs = pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      scratch_shapes=scratch,
-      compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
-      cost_estimate=pl.CostEstimate(
-          flops=2 * n * v * d, transcendentals=n * v,
-          bytes_accessed=itemsize * (v * d * t.num_token_blocks + n * d)),
-      interpret=interpret_params(interpret),
-      name="cce_forward",
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=scratch,
+    compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
+    cost_estimate=pl.CostEstimate(
+      flops=2 * n * v * d,
+      transcendentals=n * v,
+      bytes_accessed=itemsize * (v * d * t.num_token_blocks + n * d),
+    ),
+    interpret=interpret_params(interpret),
+    name="cce_forward",
   )(*args)
   stats = outs[0]
   lse = stats[:, STAT_LSE]
@@ -299,8 +309,21 @@ def _backward_phase_count(geo: Geometry) -> int:
   return 1 if nk == 1 else 2 * nk
 
 
-def _tile_gradient(e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, d_bias_ref,
-                   i, j, k, geo: Geometry, math: Math):
+def _tile_gradient(
+  e_ref,
+  c_ref,
+  bias_ref,
+  tok_ref,
+  label_ref,
+  acc_ref,
+  grad_ref,
+  d_bias_ref,
+  i,
+  j,
+  k,
+  geo: Geometry,
+  math: Math,
+):
   """The tile's softmax gradient (bn, bv) in the dtype of ``e``, over the phases of a
   backward tile; adds its column sums (f32) to ``d_bias_ref`` unless that is None.
 
@@ -360,15 +383,16 @@ def _grad_e_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, fil
 
   def product(grad, c_blk):
     # Rows of c past V are undefined: zero them, or 0 * NaN would reach dE.
-    c_blk = _zero_outside(
-        c_blk, _valid(j, tiles.vocab_block, geo.num_classes, c_blk.shape, v_axis))
+    c_blk = _zero_outside(c_blk, _valid(j, tiles.vocab_block, geo.num_classes, c_blk.shape, v_axis))
     dims = (((1,), contract_c), ((), ()))
-    return lax.dot_general(grad, c_blk, dims, precision=math.precision,
-                           preferred_element_type=jnp.float32)  # (bn, bd)
+    return lax.dot_general(
+      grad, c_blk, dims, precision=math.precision, preferred_element_type=jnp.float32
+    )  # (bn, bd)
 
   def work():
-    grad = _tile_gradient(e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, None,
-                          i, j, k, geo, math)
+    grad = _tile_gradient(
+      e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, None, i, j, k, geo, math
+    )
     if nk == 1:
       d_e_ref[...] += product(grad, c_ref[...])
       return
@@ -384,6 +408,7 @@ def _grad_e_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, fil
     work()
 
   if nk > 1:
+
     @pl.when((j == nv - 1) & (k >= nk))
     def _():
       cols = pl.ds(pl.multiple_of((k - nk) * tiles.hidden_block, LANES), tiles.hidden_block)
@@ -392,8 +417,8 @@ def _grad_e_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, fil
 
 def _token_specs(t: Tiles, token_index) -> list[pl.BlockSpec]:
   return [
-      pl.BlockSpec((t.token_block, NUM_TOKEN_COLUMNS), lambda *ids: (token_index(*ids), 0)),
-      pl.BlockSpec((t.token_block, 1), lambda *ids: (token_index(*ids), 0)),
+    pl.BlockSpec((t.token_block, NUM_TOKEN_COLUMNS), lambda *ids: (token_index(*ids), 0)),
+    pl.BlockSpec((t.token_block, 1), lambda *ids: (token_index(*ids), 0)),
   ]
 
 
@@ -405,15 +430,15 @@ def _backward_args(e, c, bias, token_stats, labels, skip_bits, math: Math):
 
 
 def grad_e(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    bias: jax.Array | None,  # (V,)
-    token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
-    labels: jax.Array,  # (N,) int32 class of the tile column holding the target, or -1
-    skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
-    geo: Geometry,
-    math: Math,
-    interpret: bool,
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
+  labels: jax.Array,  # (N,) int32 class of the tile column holding the target, or -1
+  skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
+  geo: Geometry,
+  math: Math,
+  interpret: bool,
 ) -> jax.Array:
   """dE = sum_v dx_nv c_v, (N, D) f32 (without the uniform smoothing term)."""
   t = geo.tiles
@@ -421,9 +446,10 @@ def grad_e(
   last_chunk = nk - 1
   grid = (t.num_token_blocks, t.num_vocab_blocks, phases)
   in_specs = [
-      pl.BlockSpec((t.token_block, t.hidden_block),
-                   lambda i, j, k, s: (i, jnp.minimum(k, last_chunk))),
-      _c_block_spec(geo, lambda i, j, k, s: (j, lax.rem(k, nk))),
+    pl.BlockSpec(
+      (t.token_block, t.hidden_block), lambda i, j, k, s: (i, jnp.minimum(k, last_chunk))
+    ),
+    _c_block_spec(geo, lambda i, j, k, s: (j, lax.rem(k, nk))),
   ]
   if math.with_bias:
     in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda i, j, k, s: (0, j)))
@@ -435,11 +461,13 @@ def grad_e(
     # The dE block of chunk k - nk is written in the last vocabulary block only; before that
     # the output index stays put, so nothing is written back early.
     out_index = lambda i, j, k, s: (
-        i, jnp.where(j == t.num_vocab_blocks - 1, jnp.maximum(k - nk, 0), 0))
+      i,
+      jnp.where(j == t.num_vocab_blocks - 1, jnp.maximum(k - nk, 0), 0),
+    )
     scratch = [
-        pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
-        pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
-        pltpu.VMEM((t.token_block, nk * t.hidden_block), jnp.float32),
+      pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
+      pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
+      pltpu.VMEM((t.token_block, nk * t.hidden_block), jnp.float32),
     ]
   filtering = skip_bits is not None
   if skip_bits is None:
@@ -447,26 +475,29 @@ def grad_e(
   kernel = functools.partial(_grad_e_kernel, geo=geo, math=math, filtering=filtering)
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
   return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=grid,
-          in_specs=in_specs,
-          out_specs=pl.BlockSpec((t.token_block, t.hidden_block), out_index),
-          scratch_shapes=scratch,
-      ),
-      out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
-      compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
-      cost_estimate=pl.CostEstimate(
-          flops=4 * n * v * d, transcendentals=n * v,
-          bytes_accessed=e.dtype.itemsize * (v * d * t.num_token_blocks + n * d) + 4 * n * d),
-      interpret=interpret_params(interpret),
-      name="cce_backward_e",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((t.token_block, t.hidden_block), out_index),
+      scratch_shapes=scratch,
+    ),
+    out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
+    compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
+    cost_estimate=pl.CostEstimate(
+      flops=4 * n * v * d,
+      transcendentals=n * v,
+      bytes_accessed=e.dtype.itemsize * (v * d * t.num_token_blocks + n * d) + 4 * n * d,
+    ),
+    interpret=interpret_params(interpret),
+    name="cce_backward_e",
   )(*_backward_args(e, c, bias, token_stats, labels, skip_bits, math))
 
 
-def _grad_c_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, filtering: bool,
-                   with_offset: bool):
+def _grad_c_kernel(
+  skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, filtering: bool, with_offset: bool
+):
   """One grid step (j, i, k) of :func:`grad_c`.
 
   refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, [class offset
@@ -502,23 +533,26 @@ def _grad_c_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, fil
     e_blk = _zero_outside(e_blk, _valid(i, tiles.token_block, geo.num_tokens, e_blk.shape, 0))
     dims = (((0,), (0,)), ((), ()))
     if vocab_major:  # (bv, bd) += grad.T @ e
-      part = lax.dot_general(grad, e_blk, dims, precision=math.precision,
-                             preferred_element_type=jnp.float32)
+      part = lax.dot_general(
+        grad, e_blk, dims, precision=math.precision, preferred_element_type=jnp.float32
+      )
       if nk == 1:
         d_c_ref[...] += part
       else:
         d_c_ref[:, chunk(index)] += part
     else:  # (bd, bv) += e.T @ grad
-      part = lax.dot_general(e_blk, grad, dims, precision=math.precision,
-                             preferred_element_type=jnp.float32)
+      part = lax.dot_general(
+        e_blk, grad, dims, precision=math.precision, preferred_element_type=jnp.float32
+      )
       if nk == 1:
         d_c_ref[...] += part
       else:
         d_c_ref[chunk(index), :] += part
 
   def work():
-    grad = _tile_gradient(e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref,
-                          d_bias_ref, i, j, k, geo, math)
+    grad = _tile_gradient(
+      e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, d_bias_ref, i, j, k, geo, math
+    )
     if nk == 1:
       accumulate(grad, e_ref[...], 0)
       return
@@ -548,16 +582,16 @@ def _grad_c_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, fil
 
 
 def grad_c(
-    e: jax.Array,  # (N, D)
-    c: jax.Array,  # (V, D) or (D, V)
-    bias: jax.Array | None,  # (V,)
-    token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
-    labels: jax.Array,  # (N,) int32
-    skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
-    class_offset: jax.Array | None,  # (D,) f32 subtracted from every class's gradient
-    geo: Geometry,
-    math: Math,
-    interpret: bool,
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
+  labels: jax.Array,  # (N,) int32
+  skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
+  class_offset: jax.Array | None,  # (D,) f32 subtracted from every class's gradient
+  geo: Geometry,
+  math: Math,
+  interpret: bool,
 ) -> tuple[jax.Array, jax.Array | None]:
   """dC_v = sum_n dx_nv e_n - class_offset (layout and dtype of ``c``) and dbias_v =
   sum_n dx_nv ((V,) f32, None without bias)."""
@@ -567,8 +601,8 @@ def grad_c(
   nt = t.num_token_blocks
   grid = (t.num_vocab_blocks, nt, phases)
   in_specs = [
-      pl.BlockSpec((t.token_block, t.hidden_block), lambda j, i, k, s: (i, lax.rem(k, nk))),
-      _c_block_spec(geo, lambda j, i, k, s: (j, jnp.minimum(k, last_chunk))),
+    pl.BlockSpec((t.token_block, t.hidden_block), lambda j, i, k, s: (i, lax.rem(k, nk))),
+    _c_block_spec(geo, lambda j, i, k, s: (j, jnp.minimum(k, last_chunk))),
   ]
   if math.with_bias:
     in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
@@ -578,8 +612,15 @@ def grad_c(
   else:
     chunk_index = lambda j, i, k, s: jnp.where(i == nt - 1, jnp.maximum(k - nk, 0), 0)
   vocab_major = geo.vocab_dim == 0
-  args = _backward_args(e, c, bias, token_stats, labels,
-                        jnp.zeros((1,), jnp.int32) if skip_bits is None else skip_bits, math)
+  args = _backward_args(
+    e,
+    c,
+    bias,
+    token_stats,
+    labels,
+    jnp.zeros((1,), jnp.int32) if skip_bits is None else skip_bits,
+    math,
+  )
   if class_offset is not None:
     if vocab_major:
       in_specs.append(pl.BlockSpec((1, t.hidden_block), lambda *ids: (0, chunk_index(*ids))))
@@ -598,29 +639,35 @@ def grad_c(
     scratch.append(pltpu.VMEM((1, t.vocab_block), jnp.float32))
   if nk > 1:
     scratch += [
-        pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
-        pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
+      pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
+      pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
     ]
-  kernel = functools.partial(_grad_c_kernel, geo=geo, math=math,
-                             filtering=skip_bits is not None,
-                             with_offset=class_offset is not None)
+  kernel = functools.partial(
+    _grad_c_kernel,
+    geo=geo,
+    math=math,
+    filtering=skip_bits is not None,
+    with_offset=class_offset is not None,
+  )
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
   outs = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=grid,
-          in_specs=in_specs,
-          out_specs=out_specs,
-          scratch_shapes=scratch,
-      ),
-      out_shape=out_shape,
-      compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
-      cost_estimate=pl.CostEstimate(
-          flops=4 * n * v * d, transcendentals=n * v,
-          bytes_accessed=e.dtype.itemsize * (n * d * t.num_vocab_blocks + 2 * v * d)),
-      interpret=interpret_params(interpret),
-      name="cce_backward_c",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=scratch,
+    ),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
+    cost_estimate=pl.CostEstimate(
+      flops=4 * n * v * d,
+      transcendentals=n * v,
+      bytes_accessed=e.dtype.itemsize * (n * d * t.num_vocab_blocks + 2 * v * d),
+    ),
+    interpret=interpret_params(interpret),
+    name="cce_backward_c",
   )(*args)
   d_bias = outs[1].reshape(-1) if math.with_bias else None
   return outs[0], d_bias

@@ -27,9 +27,18 @@ import sys
 def _load(directory: pathlib.Path) -> tuple[dict, dict]:
   script = json.loads((directory / "script.json").read_text())
   state_file = directory / "state.json"
-  state = json.loads(state_file.read_text()) if state_file.exists() else {
-      "exists": False, "life": -1, "describes": 0, "setup": False, "launched": False,
-      "probes": 0}
+  state = (
+    json.loads(state_file.read_text())
+    if state_file.exists()
+    else {
+      "exists": False,
+      "life": -1,
+      "describes": 0,
+      "setup": False,
+      "launched": False,
+      "probes": 0,
+    }
+  )
   return script, state
 
 
@@ -70,7 +79,11 @@ def main(argv: list[str]) -> int:
     return 1
   words = [a for a in argv if not a.startswith("-")]
   if words[:3] != ["compute", "tpus", "queued-resources"] and words[:4] != [
-      "compute", "tpus", "tpu-vm", "ssh"]:
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+  ]:
     return 2
   verb = words[3]
   status = 0
@@ -79,8 +92,7 @@ def main(argv: list[str]) -> int:
       print("ERROR: (gcloud) already exists", file=sys.stderr)
       status = 1
     else:
-      state.update(exists=True, life=state["life"] + 1, describes=0, setup=False,
-                   launched=False)
+      state.update(exists=True, life=state["life"] + 1, describes=0, setup=False, launched=False)
   elif verb == "describe":
     if not state["exists"]:
       print("ERROR: (gcloud) NOT_FOUND: queued resource not found", file=sys.stderr)

@@ -35,8 +35,7 @@ def srun(args: list[str]) -> int:
     env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID=str(task % per_node))
     path = (output or "/dev/stdout").replace("%j", os.environ["SLURM_JOB_ID"])
     log = open(path.replace("%t", str(task)), "ab")  # noqa: SIM115 (closed below)
-    processes.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT),
-                      log))
+    processes.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   statuses = []
   for process, log in processes:
     statuses.append(process.wait())

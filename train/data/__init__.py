@@ -1,8 +1,8 @@
 """The LM trainer's data: prepare token files once (cached), then serve packed batches with Grain.
 
-  prepared = prepare(DataConfig())                       # stdlib source, 32k byte-level BPE
-  loader = make_loader(prepared, split="train", seq_len=256, global_batch_size=32, seed=0)
-  for batch in loader: batch["tokens"]                   # (32, 256) int32
+prepared = prepare(DataConfig())                       # stdlib source, 32k byte-level BPE
+loader = make_loader(prepared, split="train", seq_len=256, global_batch_size=32, seed=0)
+for batch in loader: batch["tokens"]                   # (32, 256) int32
 """
 
 from train.data.config import DataConfig, PreparedData

@@ -51,8 +51,9 @@ def read_entry(entry: pathlib.Path) -> dict | None:
     return None
 
 
-def build_once(cache_dir: pathlib.Path, kind: str, description: dict,
-               build: Callable[[pathlib.Path], dict]) -> tuple[pathlib.Path, dict]:
+def build_once(
+  cache_dir: pathlib.Path, kind: str, description: dict, build: Callable[[pathlib.Path], dict]
+) -> tuple[pathlib.Path, dict]:
   """The entry ``<cache_dir>/<kind>-<key_of(description)>``, built by ``build`` if missing.
 
   ``build(tmp_dir)`` writes its files into ``tmp_dir`` and returns JSON-serializable metadata;

@@ -74,20 +74,23 @@ class DataConfig:
     if self.source == "text" and not paths:
       raise ValueError("DataConfig.paths must name at least one file or glob for source='text'")
     if self.source == "tokens" and not paths:
-      raise ValueError("DataConfig.paths must name at least one shard file or glob for "
-                       "source='tokens'")
+      raise ValueError(
+        "DataConfig.paths must name at least one shard file or glob for source='tokens'"
+      )
     eval_paths = self.eval_paths
     if isinstance(eval_paths, str | os.PathLike):
-      raise TypeError(f"DataConfig.eval_paths must be a sequence of paths, not one path: "
-                      f"{eval_paths!r}")
+      raise TypeError(
+        f"DataConfig.eval_paths must be a sequence of paths, not one path: {eval_paths!r}"
+      )
     try:
       eval_paths = tuple(os.fspath(p) for p in eval_paths)
     except TypeError as error:
       raise TypeError(f"DataConfig.eval_paths must be a sequence of str paths: {error}") from None
     object.__setattr__(self, "eval_paths", eval_paths)
     if eval_paths and self.source != "tokens":
-      raise ValueError(f"DataConfig.eval_paths is for source='tokens' only, got source="
-                       f"{self.source!r}")
+      raise ValueError(
+        f"DataConfig.eval_paths is for source='tokens' only, got source={self.source!r}"
+      )
     if self.bin_dtype not in BIN_DTYPES:
       raise ValueError(f"DataConfig.bin_dtype must be one of {BIN_DTYPES}, got {self.bin_dtype!r}")
     if not _is_int(self.vocab_size):
@@ -96,14 +99,20 @@ class DataConfig:
     if not low <= self.vocab_size <= MAX_VOCAB:
       raise ValueError(
         f"DataConfig.vocab_size must be in [{low}, {MAX_VOCAB}] for source={self.source!r}, "
-        f"got {self.vocab_size}")
+        f"got {self.vocab_size}"
+      )
     if not _is_int(self.max_corpus_bytes) or self.max_corpus_bytes < 1:
       raise ValueError(
-        f"DataConfig.max_corpus_bytes must be an int >= 1, got {self.max_corpus_bytes!r}")
-    if (isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, int | float)
-        or not 0.0 <= self.eval_fraction < 1.0):
+        f"DataConfig.max_corpus_bytes must be an int >= 1, got {self.max_corpus_bytes!r}"
+      )
+    if (
+      isinstance(self.eval_fraction, bool)
+      or not isinstance(self.eval_fraction, int | float)
+      or not 0.0 <= self.eval_fraction < 1.0
+    ):
       raise ValueError(
-        f"DataConfig.eval_fraction must be a float in [0, 1), got {self.eval_fraction!r}")
+        f"DataConfig.eval_fraction must be a float in [0, 1), got {self.eval_fraction!r}"
+      )
     if self.cache_dir is not None:
       if not isinstance(self.cache_dir, str | os.PathLike):
         raise TypeError(f"DataConfig.cache_dir must be a path or None, got {self.cache_dir!r}")
@@ -128,8 +137,9 @@ class PreparedData:
   For "stdlib"/"text" each token file is a 1-D ``.npy`` in the cache (open with
   ``np.load(path, mmap_mode="r")``) of dtype uint16 when ``vocab_size <= 65536``, else uint32; each
   document is followed by the end-of-text token (``train.data.EOT``); the eval file is the last
-  ``eval_fraction`` of the stream. For "tokens" nothing is copied: ``train_tokens``/``eval_tokens``
-  describe the shards and ``train_split``/``eval_split`` read them (``train.data.shards.TokenSplit``).
+  ``eval_fraction`` of the stream. For "tokens" nothing is copied: ``train_tokens`` and
+  ``eval_tokens`` describe the shards, and ``train_split``/``eval_split`` read them
+  (``train.data.shards.TokenSplit``).
   """
 
   train_tokens: str

@@ -28,8 +28,11 @@ def stdlib_files() -> list[pathlib.Path]:
   Python version only.
   """
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  files = [f for f in root.rglob("*.py")
-           if f.is_file() and not _NOT_STDLIB.intersection(f.relative_to(root).parts)]
+  files = [
+    f
+    for f in root.rglob("*.py")
+    if f.is_file() and not _NOT_STDLIB.intersection(f.relative_to(root).parts)
+  ]
   return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
@@ -79,8 +82,9 @@ def _budget(max_bytes: int | None) -> int:
   return sys.maxsize if max_bytes is None else max_bytes
 
 
-def iter_documents(files: Sequence[pathlib.Path],
-                   max_bytes: int | None) -> Iterator[tuple[str, bool]]:
+def iter_documents(
+  files: Sequence[pathlib.Path], max_bytes: int | None
+) -> Iterator[tuple[str, bool]]:
   """Yields ``(text, ends_document)`` pieces of the files in order, ``max_bytes`` bytes in all
   (None: no cap).
 
@@ -102,7 +106,8 @@ def iter_documents(files: Sequence[pathlib.Path],
 
 
 def fingerprint(files: Sequence[pathlib.Path], max_bytes: int | None) -> str:
-  """sha256 hex over the bytes ``iter_documents`` reads: each file's size and content hash, in order.
+  """sha256 hex over the bytes ``iter_documents`` reads: each file's size and content hash, in
+  order.
 
   Depends on content only (not on absolute paths or mtimes), so hosts holding the same text
   agree on it.

@@ -54,8 +54,10 @@ class TokenWindows:
     if self._vocab_size is not None and tokens_L.size:
       low, high = int(tokens_L.min()), int(tokens_L.max())
       if low < 0 or high >= self._vocab_size:
-        raise ValueError(f"data.vocab_size={self._vocab_size} does not cover token id "
-                         f"{low if low < 0 else high} in window {window} of {self._split!r}")
+        raise ValueError(
+          f"data.vocab_size={self._vocab_size} does not cover token id "
+          f"{low if low < 0 else high} in window {window} of {self._split!r}"
+        )
     return {"tokens": tokens_L.astype(np.int32)}
 
   def __repr__(self) -> str:
@@ -72,8 +74,16 @@ class EpochSampler:
   process's ``B`` rows, and serves window ``window_order(epoch)[k * G + p * B + j]``.
   """
 
-  def __init__(self, *, num_windows: int, global_batch_size: int, process_count: int, seed: int,
-               shuffle: bool, num_epochs: int | None):
+  def __init__(
+    self,
+    *,
+    num_windows: int,
+    global_batch_size: int,
+    process_count: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+  ):
     self.num_windows = num_windows
     self.global_batch_size = global_batch_size
     self.process_count = process_count
@@ -82,8 +92,9 @@ class EpochSampler:
     self.num_epochs = num_epochs
     self.batches_per_epoch = num_windows // global_batch_size
     per_epoch = self.batches_per_epoch * global_batch_size
-    self._length = (sys.maxsize // per_epoch * per_epoch if num_epochs is None
-                    else num_epochs * per_epoch)
+    self._length = (
+      sys.maxsize // per_epoch * per_epoch if num_epochs is None else num_epochs * per_epoch
+    )
     self._orders: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -123,9 +134,11 @@ class EpochSampler:
 
   def __repr__(self) -> str:
     # Grain checks a restored state against this: everything that decides the order.
-    return (f"EpochSampler(num_windows={self.num_windows}, "
-            f"global_batch_size={self.global_batch_size}, process_count={self.process_count}, "
-            f"seed={self.seed}, shuffle={self.shuffle}, num_epochs={self.num_epochs})")
+    return (
+      f"EpochSampler(num_windows={self.num_windows}, "
+      f"global_batch_size={self.global_batch_size}, process_count={self.process_count}, "
+      f"seed={self.seed}, shuffle={self.shuffle}, num_epochs={self.num_epochs})"
+    )
 
 
 def _allow_grain_workers_without_absl() -> None:
@@ -149,8 +162,9 @@ def _read_options(source: TokenWindows, rows: int) -> grain.ReadOptions:
   (at least `REMOTE_READ_THREADS` rows) ahead."""
   if not source.remote:
     return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-  return grain.ReadOptions(num_threads=REMOTE_READ_THREADS,
-                           prefetch_buffer_size=max(2 * rows, REMOTE_READ_THREADS))
+  return grain.ReadOptions(
+    num_threads=REMOTE_READ_THREADS, prefetch_buffer_size=max(2 * rows, REMOTE_READ_THREADS)
+  )
 
 
 def _split_of(prepared: PreparedData, split: str) -> TokenSplit:
@@ -169,9 +183,19 @@ def _check_int(name: str, value: object, low: int) -> None:
     raise ValueError(f"make_loader: `{name}` must be >= {low}, got {value}")
 
 
-def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batch_size: int,
-                seed: int, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-                num_epochs: int | None = None, worker_count: int = 0) -> grain.DataLoader:
+def make_loader(
+  prepared: PreparedData,
+  *,
+  split: str,
+  seq_len: int,
+  global_batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+) -> grain.DataLoader:
   """A Grain DataLoader of packed, shuffled, fixed-length token windows of one split.
 
   Iterating it yields {"tokens": int32 (global_batch_size // process_count, seq_len)}: this
@@ -189,7 +213,8 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
   """
   if not isinstance(prepared, PreparedData):
     raise TypeError(
-      f"make_loader: `prepared` must be a PreparedData, got {type(prepared).__name__}")
+      f"make_loader: `prepared` must be a PreparedData, got {type(prepared).__name__}"
+    )
   if not isinstance(split, str) or split not in SPLITS:
     raise ValueError(f"make_loader: `split` must be one of {SPLITS}, got {split!r}")
   _check_int("seq_len", seq_len, 1)
@@ -203,23 +228,39 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
   if not isinstance(shuffle, bool):
     raise TypeError(f"make_loader: `shuffle` must be a bool, got {shuffle!r}")
   if process_index >= process_count:
-    raise ValueError(f"make_loader: `process_index` must be in [0, process_count={process_count}), "
-                     f"got {process_index}")
+    raise ValueError(
+      f"make_loader: `process_index` must be in [0, process_count={process_count}), "
+      f"got {process_index}"
+    )
   if global_batch_size % process_count:
-    raise ValueError(f"make_loader: `global_batch_size`={global_batch_size} must be divisible by "
-                     f"`process_count`={process_count}")
-  source = TokenWindows(_split_of(prepared, split), seq_len,
-                        prepared.vocab_size if prepared.train_split is not None else None)
+    raise ValueError(
+      f"make_loader: `global_batch_size`={global_batch_size} must be divisible by "
+      f"`process_count`={process_count}"
+    )
+  source = TokenWindows(
+    _split_of(prepared, split),
+    seq_len,
+    prepared.vocab_size if prepared.train_split is not None else None,
+  )
   if source.num_tokens < seq_len:
-    raise ValueError(f"make_loader: the {split!r} split holds {source.num_tokens} tokens, fewer "
-                     f"than `seq_len`={seq_len}")
+    raise ValueError(
+      f"make_loader: the {split!r} split holds {source.num_tokens} tokens, fewer "
+      f"than `seq_len`={seq_len}"
+    )
   if len(source) < global_batch_size:
-    raise ValueError(f"make_loader: the {split!r} split holds {len(source)} windows of "
-                     f"`seq_len`={seq_len} tokens, fewer than `global_batch_size`="
-                     f"{global_batch_size}")
-  sampler = EpochSampler(num_windows=len(source), global_batch_size=global_batch_size,
-                         process_count=process_count, seed=seed, shuffle=shuffle,
-                         num_epochs=num_epochs)
+    raise ValueError(
+      f"make_loader: the {split!r} split holds {len(source)} windows of "
+      f"`seq_len`={seq_len} tokens, fewer than `global_batch_size`="
+      f"{global_batch_size}"
+    )
+  sampler = EpochSampler(
+    num_windows=len(source),
+    global_batch_size=global_batch_size,
+    process_count=process_count,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+  )
   rows = global_batch_size // process_count
   if worker_count:
     _allow_grain_workers_without_absl()
@@ -228,7 +269,8 @@ def make_loader(prepared: PreparedData, *, split: str, seq_len: int, global_batc
     sampler=sampler,
     operations=[grain.Batch(batch_size=rows, drop_remainder=True)],
     worker_count=worker_count,
-    shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                     drop_remainder=True),
+    shard_options=grain.ShardOptions(
+      shard_index=process_index, shard_count=process_count, drop_remainder=True
+    ),
     read_options=_read_options(source, rows),
   )

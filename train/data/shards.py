@@ -45,8 +45,9 @@ def _filesystem(url: str):
   try:
     return fsspec.core.url_to_fs(url)
   except (ImportError, ValueError) as error:
-    raise ValueError(f"cannot open {url!r}: {error} (Cloud Storage needs gcsfs: "
-                     "pip install 'cce-jax[gcp]')") from None
+    raise ValueError(
+      f"cannot open {url!r}: {error} (Cloud Storage needs gcsfs: pip install 'cce-jax[gcp]')"
+    ) from None
 
 
 def _url(fs, path: str, like: str) -> str:
@@ -130,28 +131,34 @@ def open_shard(path: str, bin_dtype: str, field: str) -> Shard:
     itemsize = np.dtype(bin_dtype).itemsize
     size = _size(path)
     if size % itemsize:
-      raise ValueError(f"{field}: {path} holds {size} bytes, not a whole number of {bin_dtype} "
-                       f"ids (set data.bin_dtype to the dtype it was written with)")
+      raise ValueError(
+        f"{field}: {path} holds {size} bytes, not a whole number of {bin_dtype} "
+        f"ids (set data.bin_dtype to the dtype it was written with)"
+      )
     return Shard(path=path, offset=0, num_tokens=size // itemsize, dtype=bin_dtype)
   head = _read_bytes(path, 0, _HEADER_PROBE)
   try:
     buffer = io.BytesIO(head)
     version = np.lib.format.read_magic(buffer)
     length_bytes = 2 if version == (1, 0) else 4
-    header_length = int.from_bytes(head[8:8 + length_bytes], "little")
+    header_length = int.from_bytes(head[8 : 8 + length_bytes], "little")
     offset = 8 + length_bytes + header_length
     if offset > len(head):
       head = _read_bytes(path, 0, offset)
       buffer = io.BytesIO(head)
       np.lib.format.read_magic(buffer)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
+    read_header = (
+      np.lib.format.read_array_header_1_0
+      if version == (1, 0)
+      else np.lib.format.read_array_header_2_0
+    )
     shape, _, dtype = read_header(buffer)
   except (ValueError, OSError, EOFError) as error:
     raise ValueError(f"{field}: {path} is not a .npy file ({error})") from None
   if len(shape) != 1 or dtype.kind not in "iu":
-    raise ValueError(f"{field}: {path} must hold a 1-D integer array, got shape {shape} dtype "
-                     f"{dtype}")
+    raise ValueError(
+      f"{field}: {path} must hold a 1-D integer array, got shape {shape} dtype {dtype}"
+    )
   return Shard(path=path, offset=offset, num_tokens=int(shape[0]), dtype=dtype.str)
 
 
@@ -231,5 +238,7 @@ class TokenSplit:
     return hashlib.sha256(f"{text}\n{self.start}:{self.stop}".encode()).hexdigest()[:16]
 
   def __repr__(self) -> str:
-    return (f"TokenSplit({len(self.shards)} shards, tokens [{self.start}, {self.stop}), "
-            f"fingerprint {self.fingerprint()})")
+    return (
+      f"TokenSplit({len(self.shards)} shards, tokens [{self.start}, {self.stop}), "
+      f"fingerprint {self.fingerprint()})"
+    )

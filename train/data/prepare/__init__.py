@@ -32,8 +32,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _write_splits(stream_N: np.ndarray, eval_fraction: float, vocab_size: int,
-                  out_dir: pathlib.Path) -> dict:
+def _write_splits(
+  stream_N: np.ndarray, eval_fraction: float, vocab_size: int, out_dir: pathlib.Path
+) -> dict:
   """Copies the 1-D stream into out_dir/train.npy (head) and out_dir/eval.npy (last fraction).
 
   Raises:
@@ -44,20 +45,25 @@ def _write_splits(stream_N: np.ndarray, eval_fraction: float, vocab_size: int,
   num_eval = round(num_tokens * eval_fraction)
   num_train = num_tokens - num_eval
   if num_train < 1:
-    raise ValueError(f"the corpus holds {num_tokens} tokens: nothing left to train on after the "
-                     f"eval split (eval_fraction={eval_fraction})")
+    raise ValueError(
+      f"the corpus holds {num_tokens} tokens: nothing left to train on after the "
+      f"eval split (eval_fraction={eval_fraction})"
+    )
   dtype = token_dtype(vocab_size)
   for name, start, stop in (("train", 0, num_train), ("eval", num_train, num_tokens)):
-    out = np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype,
-                                    shape=(stop - start,))
+    out = np.lib.format.open_memmap(
+      out_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=(stop - start,)
+    )
     for begin in range(start, stop, _COPY_CHUNK):
-      chunk = np.asarray(stream_N[begin:min(begin + _COPY_CHUNK, stop)])
+      chunk = np.asarray(stream_N[begin : min(begin + _COPY_CHUNK, stop)])
       low, high = int(chunk.min()), int(chunk.max())
       if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(f"DataConfig.vocab_size={vocab_size} does not cover token id {bad} "
-                         f"(ids must lie in [0, vocab_size))")
-      out[begin - start:begin - start + chunk.shape[0]] = chunk
+        raise ValueError(
+          f"DataConfig.vocab_size={vocab_size} does not cover token id {bad} "
+          f"(ids must lie in [0, vocab_size))"
+        )
+      out[begin - start : begin - start + chunk.shape[0]] = chunk
     out.flush()
     del out
   return {"num_train_tokens": num_train, "num_eval_tokens": num_eval, "dtype": dtype.name}
@@ -110,7 +116,8 @@ def cached_tokenizer(cfg: DataConfig) -> tuple[pathlib.Path, int]:
     "vocab_size": cfg.vocab_size,
   }
   tokenizer_dir, tokenizer_meta = cache.build_once(
-    cfg.resolved_cache_dir(), "tokenizer", tokenizer_description, build_tokenizer)
+    cfg.resolved_cache_dir(), "tokenizer", tokenizer_description, build_tokenizer
+  )
   return tokenizer_dir / "tokenizer.json", int(tokenizer_meta["vocab_size"])
 
 
@@ -137,12 +144,14 @@ def _prepare_text(cfg: DataConfig, cache_dir: pathlib.Path) -> PreparedData:
 
 def _prepare_tokens(cfg: DataConfig) -> PreparedData:
   """The "tokens" source: the shards' headers are read, their tokens stay where they are."""
-  train_shards = shards.open_shards(shards.expand(cfg.paths, "data.paths"), cfg.bin_dtype,
-                                    "data.paths")
+  train_shards = shards.open_shards(
+    shards.expand(cfg.paths, "data.paths"), cfg.bin_dtype, "data.paths"
+  )
   stream = shards.TokenSplit(train_shards)
   if cfg.eval_paths:
-    eval_shards = shards.open_shards(shards.expand(cfg.eval_paths, "data.eval_paths"),
-                                     cfg.bin_dtype, "data.eval_paths")
+    eval_shards = shards.open_shards(
+      shards.expand(cfg.eval_paths, "data.eval_paths"), cfg.bin_dtype, "data.eval_paths"
+    )
     train_split, eval_split = stream, shards.TokenSplit(eval_shards)
   else:
     num_eval = round(stream.num_tokens * cfg.eval_fraction)
@@ -150,8 +159,10 @@ def _prepare_tokens(cfg: DataConfig) -> PreparedData:
     train_split = shards.TokenSplit(train_shards, 0, boundary)
     eval_split = shards.TokenSplit(train_shards, boundary, stream.num_tokens)
   if train_split.num_tokens < 1:
-    raise ValueError(f"data.paths: the shards hold {stream.num_tokens} tokens, nothing to train "
-                     f"on (data.eval_fraction={cfg.eval_fraction})")
+    raise ValueError(
+      f"data.paths: the shards hold {stream.num_tokens} tokens, nothing to train "
+      f"on (data.eval_fraction={cfg.eval_fraction})"
+    )
 
   def describe(split: shards.TokenSplit, field: str) -> str:
     return f"{len(split.shards)} shards of {field}"

@@ -55,8 +55,7 @@ def _shard_options(texts: dict[str, str]):
 
 
 def _write_shards(options, data_cfg) -> int:
-  from train.data.prepare import cached_tokenizer
-  from train.data.prepare import to_shards
+  from train.data.prepare import cached_tokenizer, to_shards
 
   if options.tokenizer == "bpe":
     path, _ = cached_tokenizer(data_cfg)
@@ -66,10 +65,14 @@ def _write_shards(options, data_cfg) -> int:
   summary = to_shards.write_shards(options, tokenizer_json)
   earlier = summary.num_shards - summary.num_written
   resumed = f", {earlier} of them by an earlier run" if earlier else ""
-  print(f"{summary.num_shards} shards in {summary.out}{resumed}: {summary.num_tokens:,} tokens, "
-        f"{summary.dtype}, vocabulary {summary.vocab_size:,}")
-  print(f"train on them with: data.source=tokens "
-        f"data.paths=[{summary.out.rstrip('/')}/shard-*.npy] data.vocab_size={summary.vocab_size}")
+  print(
+    f"{summary.num_shards} shards in {summary.out}{resumed}: {summary.num_tokens:,} tokens, "
+    f"{summary.dtype}, vocabulary {summary.vocab_size:,}"
+  )
+  print(
+    f"train on them with: data.source=tokens "
+    f"data.paths=[{summary.out.rstrip('/')}/shard-*.npy] data.vocab_size={summary.vocab_size}"
+  )
   return 0
 
 
@@ -88,9 +91,11 @@ def _prepare_cache(data_cfg) -> int:
   if prepared.tokenizer_path is not None:
     tokens_meta = cache.read_entry(pathlib.Path(prepared.train_tokens).parent) or {}
     tokenizer_meta = cache.read_entry(pathlib.Path(prepared.tokenizer_path).parent) or {}
-    print(f"  tokenizer trained in {tokenizer_meta.get('train_seconds', float('nan')):.1f} s, "
-          f"text encoded in {tokens_meta.get('encode_seconds', float('nan')):.1f} s "
-          "(when first built)")
+    print(
+      f"  tokenizer trained in {tokenizer_meta.get('train_seconds', float('nan')):.1f} s, "
+      f"text encoded in {tokens_meta.get('encode_seconds', float('nan')):.1f} s "
+      "(when first built)"
+    )
   return 0
 
 

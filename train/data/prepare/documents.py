@@ -70,8 +70,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         names = sorted(fs.find(inner))
       else:
         names = [inner] if fs.isfile(inner) else []
-      matches = [f"{scheme}://{fs._strip_protocol(n).lstrip('/')}" for n in names
-                 if fs.isfile(n)]
+      matches = [f"{scheme}://{fs._strip_protocol(n).lstrip('/')}" for n in names if fs.isfile(n)]
     else:
       local = os.path.expanduser(pattern)
       if glob.has_magic(local):
@@ -118,8 +117,9 @@ def _parquet():
   try:
     import pyarrow.parquet as pq
   except ImportError:
-    raise ValueError("format=parquet needs pyarrow: pip install 'cce-jax[data]' "
-                     "(or pip install pyarrow)") from None
+    raise ValueError(
+      "format=parquet needs pyarrow: pip install 'cce-jax[data]' (or pip install pyarrow)"
+    ) from None
   return pq
 
 
@@ -149,11 +149,12 @@ def plan(files: Sequence[str], format: str | None, unit_bytes: int) -> list[Unit
     flush_group()
     base = len(units)
     if kind == "jsonl":
-      units.extend(Unit(base + i, "jsonl", (path,), start, stop)
-                   for i, (start, stop) in enumerate(_jsonl_ranges(path, unit_bytes)))
+      units.extend(
+        Unit(base + i, "jsonl", (path,), start, stop)
+        for i, (start, stop) in enumerate(_jsonl_ranges(path, unit_bytes))
+      )
     else:
-      units.extend(Unit(base + i, "parquet", (path,), i)
-                   for i in range(_parquet_row_groups(path)))
+      units.extend(Unit(base + i, "parquet", (path,), i) for i in range(_parquet_row_groups(path)))
   flush_group()
   return units
 
@@ -180,20 +181,24 @@ def documents(unit: Unit, field: str) -> Iterator[str]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as error:
-        raise ValueError(f"{path} (bytes {unit.start}-, line {number} of the range): not JSON "
-                         f"({error})") from None
+        raise ValueError(
+          f"{path} (bytes {unit.start}-, line {number} of the range): not JSON ({error})"
+        ) from None
       text = record.get(field) if isinstance(record, dict) else None
       if not isinstance(text, str):
-        raise ValueError(f"field={field!r}: {path} has a line without a string {field!r} "
-                         f"(keys: {sorted(record) if isinstance(record, dict) else record!r})")
+        raise ValueError(
+          f"field={field!r}: {path} has a line without a string {field!r} "
+          f"(keys: {sorted(record) if isinstance(record, dict) else record!r})"
+        )
       yield text
   else:
     path = unit.files[0]
     with _open(path) as f:
       table = _parquet().ParquetFile(f)
       if field not in table.schema_arrow.names:
-        raise ValueError(f"field={field!r}: {path} has no column {field!r} (columns: "
-                         f"{table.schema_arrow.names})")
+        raise ValueError(
+          f"field={field!r}: {path} has no column {field!r} (columns: {table.schema_arrow.names})"
+        )
       column = table.read_row_group(unit.start, columns=[field]).column(0)
       for text in column.to_pylist():
         if text is not None:

@@ -68,8 +68,9 @@ class ShardOptions:
 
   def __post_init__(self):
     if not self.paths:
-      raise ValueError("paths must name at least one input file or glob, e.g. "
-                       "paths=[corpus/*.jsonl]")
+      raise ValueError(
+        "paths must name at least one input file or glob, e.g. paths=[corpus/*.jsonl]"
+      )
     if not isinstance(self.out, str) or not self.out:
       raise ValueError("out must name the shard folder, e.g. out=gs://bucket/tokens")
     if self.format is not None and self.format not in documents.FORMATS:
@@ -80,8 +81,11 @@ class ShardOptions:
       raise ValueError(f"tokenizer must be 'bpe' or a tokenizer.json, got {self.tokenizer!r}")
     if self.workers is not None and (not _is_int(self.workers) or self.workers < 1):
       raise ValueError(f"workers must be an int >= 1 or null, got {self.workers!r}")
-    if isinstance(self.shard_mb, bool) or not isinstance(self.shard_mb, int | float) or (
-        self.shard_mb <= 0):
+    if (
+      isinstance(self.shard_mb, bool)
+      or not isinstance(self.shard_mb, int | float)
+      or (self.shard_mb <= 0)
+    ):
       raise ValueError(f"shard_mb must be a number > 0, got {self.shard_mb!r}")
 
 
@@ -114,7 +118,7 @@ def load_tokenizer_json(spec: str) -> str:
     with documents._open(spec) as f:
       text = f.read().decode()
     Tokenizer.from_str(text)
-  except Exception as error:  # noqa: BLE001 (tokenizers raises plain Exception)
+  except Exception as error:
     raise ValueError(f"tokenizer={spec!r}: not a readable tokenizers JSON file ({error})") from None
   return text
 
@@ -128,8 +132,9 @@ def _start_worker(tokenizer_json: str, eot: str, dtype: str, out: str, field: st
 
   tokenizer = Tokenizer.from_str(tokenizer_json)
   tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a text stays text
-  _WORKER.update(tokenizer=tokenizer, eot=tokenizer.token_to_id(eot), dtype=np.dtype(dtype),
-                 out=out, field=field)
+  _WORKER.update(
+    tokenizer=tokenizer, eot=tokenizer.token_to_id(eot), dtype=np.dtype(dtype), out=out, field=field
+  )
 
 
 def _encode(unit: documents.Unit) -> Iterator[np.ndarray]:
@@ -166,11 +171,14 @@ def _encode_unit(unit: documents.Unit) -> tuple[int, int]:
   return unit.index, int(tokens_N.size)
 
 
-def _plan_record(options: ShardOptions, files: Sequence[str], units: Sequence[documents.Unit],
-                 tokenizer_json: str) -> dict:
+def _plan_record(
+  options: ShardOptions, files: Sequence[str], units: Sequence[documents.Unit], tokenizer_json: str
+) -> dict:
   return {
     "inputs": [{"path": f, "size": documents._size(f)} for f in files],
-    "format": options.format, "field": options.field, "eot": options.eot,
+    "format": options.format,
+    "field": options.field,
+    "eot": options.eot,
     "shard_mb": options.shard_mb,
     "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
     "units": [dataclasses.asdict(u) for u in units],
@@ -183,8 +191,10 @@ def _check_plan(out: epath.Path, record: dict) -> None:
   text = json.dumps(record, indent=1, sort_keys=True)
   if path.exists():
     if json.loads(path.read_text()) != json.loads(text):
-      raise ValueError(f"out={str(out)!r} holds shards of other inputs or another tokenizer "
-                       f"({PLAN_FILE} differs); choose a new out or empty it")
+      raise ValueError(
+        f"out={str(out)!r} holds shards of other inputs or another tokenizer "
+        f"({PLAN_FILE} differs); choose a new out or empty it"
+      )
     return
   path.write_text(text)
 
@@ -204,8 +214,10 @@ def write_shards(options: ShardOptions, tokenizer_json: str) -> Summary:
 
   tokenizer = Tokenizer.from_str(tokenizer_json)
   if tokenizer.token_to_id(options.eot) is None:
-    raise ValueError(f"eot={options.eot!r} is not a token of tokenizer={options.tokenizer!r}; "
-                     "set eot= to its end-of-text token (e.g. eot='<|end_of_text|>')")
+    raise ValueError(
+      f"eot={options.eot!r} is not a token of tokenizer={options.tokenizer!r}; "
+      "set eot= to its end-of-text token (e.g. eot='<|end_of_text|>')"
+    )
   vocab_size = tokenizer.get_vocab_size()
   dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
   files = documents.expand_inputs(options.paths)
@@ -220,8 +232,13 @@ def write_shards(options: ShardOptions, tokenizer_json: str) -> Summary:
   todo = [u for u in units if shard_name(u.index) not in done]
   workers = min(options.workers or os.cpu_count() or 1, max(len(todo), 1))
   init_args = (tokenizer_json, options.eot, dtype.name, options.out.rstrip("/"), options.field)
-  bar = tqdm(total=len(units), initial=len(units) - len(todo), unit="shard",
-             disable=not options.progress, desc="shards")
+  bar = tqdm(
+    total=len(units),
+    initial=len(units) - len(todo),
+    unit="shard",
+    disable=not options.progress,
+    desc="shards",
+  )
   try:
     if workers == 1:
       _start_worker(*init_args)
@@ -235,8 +252,14 @@ def write_shards(options: ShardOptions, tokenizer_json: str) -> Summary:
           bar.update()
   finally:
     bar.close()
-  written = shards_lib.open_shards([f"{options.out.rstrip('/')}/{shard_name(u.index)}"
-                                    for u in units], "uint16", "out")
-  return Summary(out=options.out, num_shards=len(units), num_written=len(todo),
-                 num_tokens=sum(s.num_tokens for s in written), vocab_size=vocab_size,
-                 dtype=dtype.name)
+  written = shards_lib.open_shards(
+    [f"{options.out.rstrip('/')}/{shard_name(u.index)}" for u in units], "uint16", "out"
+  )
+  return Summary(
+    out=options.out,
+    num_shards=len(units),
+    num_written=len(todo),
+    num_tokens=sum(s.num_tokens for s in written),
+    vocab_size=vocab_size,
+    dtype=dtype.name,
+  )
