@@ -40,10 +40,12 @@ from cce_jax.block_sizes import BlockSizes
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
 from cce_jax.tiled import (
+  ForwardFn,
   Implementation,
   LocalForward,
   LocalGrads,
   Residuals,
+  SkipTableFn,
   TiledInputs,
   examples_in_sequence,
   fold_examples,
@@ -298,28 +300,39 @@ def backward(
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
 
 
-def skip_table(
-  inputs: TiledInputs,
-  filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-  opts: LossOptions,
-) -> jax.Array:
-  """(token blocks, vocab blocks) bool: the tiles a backward of ``inputs`` skips
-  (``cce_jax.tiled.SkipTableFn``); runs the forward."""
-  tok, voc = tilings(inputs.e.shape[0], inputs.c.shape[opts.vocab_dim], opts)
-  if not opts.filters_anything:
-    return jnp.zeros((tok.count, voc.count), bool)
-  fwd = forward(inputs, opts, for_backward=True)
-  return filtering.skip_table(
-    fwd.residuals.block_max,
-    fwd.lse,
-    filter_scale(fwd.lse),
-    inputs.local_labels,
-    fwd.residuals.order,
-    tok,
-    voc,
-    opts.filter_eps,
-    block_max_token_axis=1,
-  )
+def skip_table_of(forward_fn: ForwardFn) -> SkipTableFn:
+  """The :class:`cce_jax.tiled.SkipTableFn` of this module's backward paired with
+  ``forward_fn``, a forward whose residuals are :class:`cce_jax.tiled.Residuals` with block
+  maxima (vocab blocks, N) over this module's vocabulary tiles (its own, or a kernel's that
+  feeds this backward)."""
+
+  def skip_table(
+    inputs: TiledInputs,
+    filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
+    opts: LossOptions,
+  ) -> jax.Array:
+    """(token blocks, vocab blocks) bool: the tiles the backward of ``inputs`` skips; runs the
+    forward."""
+    tok, voc = tilings(inputs.e.shape[0], inputs.c.shape[opts.vocab_dim], opts)
+    if not opts.filters_anything:
+      return jnp.zeros((tok.count, voc.count), bool)
+    fwd = forward_fn(inputs, opts, for_backward=True)
+    return filtering.skip_table(
+      fwd.residuals.block_max,
+      fwd.lse,
+      filter_scale(fwd.lse),
+      inputs.local_labels,
+      fwd.residuals.order,
+      tok,
+      voc,
+      opts.filter_eps,
+      block_max_token_axis=1,
+    )
+
+  return skip_table
+
+
+skip_table = skip_table_of(forward)
 
 
 IMPLEMENTATION = Implementation(

@@ -10,8 +10,6 @@ gather rows): one (V, D) temporary, as in the TPU kernels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,25 +104,5 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   )
 
 
-def skip_table(
-  inputs: TiledInputs,
-  filter_scale: Callable[[jax.Array], jax.Array],  # (N,) lse -> (N,) filter scale
-  opts: LossOptions,
-) -> jax.Array:
-  """(token blocks, vocab blocks) bool: the tiles the paired "xla" backward skips
-  (``cce_jax.tiled.SkipTableFn``); runs this forward, whose block maxima that backward reads."""
-  tok, voc = xla_chunked.tilings(inputs.e.shape[0], inputs.c.shape[opts.vocab_dim], opts)
-  if not opts.filters_anything:
-    return jnp.zeros((tok.count, voc.count), bool)
-  fwd = forward(inputs, opts, for_backward=True)
-  return filtering.skip_table(
-    fwd.residuals.block_max,
-    fwd.lse,
-    filter_scale(fwd.lse),
-    inputs.local_labels,
-    fwd.residuals.order,
-    tok,
-    voc,
-    opts.filter_eps,
-    block_max_token_axis=1,
-  )
+# The tiles the paired "xla" backward skips: it reads this forward's block maxima.
+skip_table = xla_chunked.skip_table_of(forward)
