@@ -42,8 +42,15 @@ def test_pairwise_cases_cover_every_pair():
     assert len(seen) == len(OPTION_SPACE[p]) * len(OPTION_SPACE[q]), (p, q)
 
 
+def pytest_generate_tests(metafunc):
+  """The full cross product (about 10**5 cases) is generated only with --runslow: collecting
+  it costs seconds in every run (and in every xdist worker) that would deselect it anyway."""
+  if metafunc.function is test_full_cross_product:
+    cases = FULL_CROSS_PRODUCT if metafunc.config.getoption("--runslow") else []
+    metafunc.parametrize("case", cases, ids=[case_id(c) for c in cases])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", FULL_CROSS_PRODUCT, ids=[case_id(c) for c in FULL_CROSS_PRODUCT])
 def test_full_cross_product(impl, case):
   check_case(impl, case, seed=zlib.crc32(case_id(case).encode()))
