@@ -113,9 +113,13 @@ def test_every_numeric_field_has_a_range(cls, ranges, exempt):
 
 
 def test_the_cce_impls_are_cce_jaxs():
+  """Every impl cce_jax accepts is a valid loss.cce_impl, and nothing else is."""
   from cce_jax import checks
 
-  assert config.CCE_IMPLS == checks.IMPLS
+  for impl in checks.IMPLS:
+    assert config.load(None, [f"loss.cce_impl={impl}"]).loss.cce_impl == impl
+  with pytest.raises(config.ConfigError, match=r"loss\.cce_impl must be one of"):
+    config.load(None, ["loss.cce_impl=pallas"])
 
 
 def test_range_descriptions():

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from cce_jax.checks import IMPLS
 from train import data
 from train.hardware import HardwareConfig
 from train.validation import Range, at_least, check_ranges, fraction, positive
@@ -52,8 +53,9 @@ DEFAULT_RULES: dict[str, Any] = {
 MESH_AXES = ("data", "fsdp", "tensor")
 LOSS_IMPLS = ("cce", "naive")
 DTYPES = ("float32", "bfloat16")
-# The `impl` values cce_jax.linear_cross_entropy accepts (loss.cce_impl).
-CCE_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu")
+# The `impl` values cce_jax.linear_cross_entropy accepts (loss.cce_impl): cce_jax's own list,
+# so that a new implementation is a valid loss.cce_impl without a second edit here.
+CCE_IMPLS = IMPLS
 # seed is an int32 on the device.
 MAX_SEED = 2**31 - 1
 
