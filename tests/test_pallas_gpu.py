@@ -15,6 +15,7 @@ import re
 import warnings
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from testing import (
   PAIRWISE,
   SINGLE_OPTION,
+  TOLERANCE,
   assert_rel_close,
   case_id,
   check_case,
@@ -48,8 +50,11 @@ _TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 pytestmark = pytest.mark.filterwarnings(f"ignore:{_TRITON_DEPRECATION}:DeprecationWarning")
 
 # Small tiles, so that the option matrix's 2 x 13 tokens, D = 24 and V = 75 are ragged in
-# every axis and span several blocks of each.
-BLOCKS = GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
+# every axis and span several blocks of each; with 16-bit inputs the dC kernel's 2 persistent
+# programs take 5 class blocks of 16 (two per forward block) in 3 rounds, the last one short.
+BLOCKS = GPUBlockSizes(
+  token_block=16, vocab_block=32, hidden_block=16, grad_c_vocab_block=16, grad_c_programs=2
+)
 
 
 def _has_gpu() -> bool:
@@ -169,6 +174,99 @@ def _equations(jaxpr):
   yield from jaxpr.eqns
   for sub in jax.extend.core.subjaxprs(jaxpr):
     yield from _equations(sub)
+
+
+# ---- the persistent dC kernel of 16-bit inputs --------------------------------------------
+
+# Class blocks of 16 in dC, 4 per forward block of 64; 4 programs take them in turns.
+PERSISTENT_BLOCKS = GPUBlockSizes(
+  token_block=16, vocab_block=64, hidden_block=16, grad_c_vocab_block=16, grad_c_programs=4
+)
+
+
+@pytest.mark.parametrize(
+  "dtype, layout, sort_vocab, options",
+  [
+    ("bfloat16", "vd", True, dict(label_smoothing=0.1, z_loss=1e-3)),
+    ("float16", "dv", False, dict(softcap=20.0, label_smoothing=0.1)),
+  ],
+)
+def test_persistent_grad_c_matches_float64_at_ragged_sizes(dtype, layout, sort_vocab, options):
+  """37 tokens (16-token blocks), D = 40 (16-wide chunks) and V = 213: 14 dC class blocks of
+  16, the last overlapping, taken by 4 persistent programs in 4 rounds (the last one short);
+  loss and gradients against the float64 reference. Interpret mode runs the programs in
+  order, so the last block (program 1) writes after the one it overlaps (program 0): a store
+  of rows that are not its own would show."""
+  num_tokens, hidden, num_classes = 37, 40, 213
+  rng = np.random.default_rng(16)
+  e = jnp.asarray(rng.normal(size=(num_tokens, hidden)), dtype)
+  c_vd = rng.normal(size=(num_classes, hidden)) * 0.3
+  c = jnp.asarray(c_vd if layout == "vd" else c_vd.T, dtype)
+  bias = jnp.asarray(rng.normal(size=(num_classes,)) * 0.5, dtype)
+  labels = jnp.asarray(rng.integers(0, num_classes, size=(num_tokens,)), jnp.int32)
+  labels = labels.at[5].set(-100)
+  common = dict(ignore_index=-100, classifier_layout=layout, **options)
+
+  def loss_fn(e, c, bias):
+    return cce_jax.linear_cross_entropy(
+      e,
+      c,
+      labels,
+      bias=bias,
+      impl="pallas_gpu",
+      interpret=True,
+      block_sizes=PERSISTENT_BLOCKS,
+      filter_eps=None,
+      sort_vocab=sort_vocab,
+      **common,
+    )
+
+  loss, (d_e, d_c, d_bias) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))(e, c, bias)
+  exact = reference64.reference(
+    e,
+    c,
+    labels,
+    bias,
+    softcap=options.get("softcap"),
+    reduction="mean",
+    shift=0,
+    z_loss=options.get("z_loss", 0.0),
+    label_smoothing=options["label_smoothing"],
+    ignore_index=-100,
+    classifier_layout=layout,
+  )
+  chex.assert_type([d_e, d_c, d_bias], jnp.dtype(dtype))
+  tol = TOLERANCE[dtype]
+  assert_rel_close("loss", loss, exact["loss"], 1e-3)
+  assert_rel_close("d_e", d_e, exact["d_e"], tol)
+  assert_rel_close("d_c", d_c, exact["d_c"], tol)
+  assert_rel_close("d_bias", d_bias, exact["d_bias"], tol)
+
+
+def test_persistent_grad_c_skips_the_tiles_of_its_forward_block():
+  """With filtering, each dC class block of 16 reads the skip-table column of the forward
+  block of 64 it lies in: the bfloat16 gradients are those of "xla" on the same 16 x 64
+  tiling (the same tiles skipped), and tiles really are skipped."""
+  num_tokens, hidden, num_classes = 64, 32, 1000
+  e, c, labels = synthetic.trained_like_inputs(
+    jax.random.key(3), num_tokens, hidden, num_classes, jnp.bfloat16
+  )
+  xla_blocks = cce_jax.BlockSizes(token_block=16, vocab_block=64)
+  options = dict(filter_eps=2.0**-7, sort_vocab=True)
+
+  def grads(impl, **kwargs):
+    loss_fn = lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, impl=impl, **kwargs, **options)
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(e, c)
+
+  _, (d_e, d_c) = grads("pallas_gpu", interpret=True, block_sizes=PERSISTENT_BLOCKS)
+  _, (d_e_xla, d_c_xla) = grads("xla", block_sizes=xla_blocks)
+  assert_rel_close("d_e", d_e, np.asarray(d_e_xla, np.float64), 1e-2)
+  assert_rel_close("d_c", d_c, np.asarray(d_c_xla, np.float64), 1e-2)
+  opts = LossOptions(block_sizes=PERSISTENT_BLOCKS, interpret=True, **options)
+  inputs = TiledInputs(e, c, labels, None)
+  table = np.asarray(implementation.skip_table(inputs, lambda lse: jnp.ones_like(lse), opts))
+  assert table.shape == (4, 16)
+  assert 0 < table.sum() < table.size
 
 
 # ---- gradient filtering: tests/test_filtering.py, parametrized over the implementations ----
