@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
+from jax.interpreters import mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from testing import (
@@ -330,6 +331,72 @@ def test_kernels_lower_for_cuda_at_the_paper_shape(dtype, layout, sort_vocab, op
   # Three Triton kernels (forward, dE, dC), in that order, and nothing else of Pallas.
   assert module.count("custom_call @__gpu$xla.gpu.triton") == 3
   assert re.findall(r'name = "(cce_\w+)"', module) == ["cce_forward", "cce_grad_e", "cce_grad_c"]
+
+
+def _tensor_bytes(value_type) -> tuple[int, str, int]:
+  """(elements, element type, bytes) of a ranked tensor type."""
+  tensor = mlir.ir.RankedTensorType(value_type)
+  elements = int(np.prod(tensor.shape, dtype=np.int64))
+  element = str(tensor.element_type)
+  bits = int(re.fullmatch(r"[a-z]+(\d+)", element).group(1))
+  return elements, element, elements * bits // 8
+
+
+def _tensor_results(module_text: str):
+  """(operation name, tensor type, is a kernel custom call, is returned by main) of every
+  tensor result of every operation in every function of an exported module."""
+  with mlir.make_ir_context():
+    module = mlir.ir.Module.parse(module_text)
+    found = []
+    for function in module.body.operations:
+      is_main = mlir.ir.StringAttr(function.attributes["sym_name"]).value == "main"
+      body = function.regions[0].blocks[0]
+      returned = list(body.operations)[-1].operands if is_main else []
+
+      def walk(block):
+        for op in block.operations:
+          kernel = op.name == "stablehlo.custom_call" and cuda_lowering.TRITON_CALL in str(
+            op.attributes["call_target_name"]
+          )
+          for result in op.results:
+            if isinstance(result.type, mlir.ir.RankedTensorType):
+              is_output = any(result == value for value in returned)
+              found.append((op.name, result.type, kernel, is_output))
+          for region in op.regions:
+            for inner in region.blocks:
+              walk(inner)
+
+      walk(body)
+    return [(name, _tensor_bytes(t), kernel, out) for name, t, kernel, out in found]
+
+
+@pytest.mark.parametrize("layout, bias", [("vd", False), ("dv", True)])
+def test_backward_holds_no_f32_vocabulary_by_hidden_buffer_at_the_paper_shape(layout, bias):
+  """bfloat16 at the paper's shape, filtering and the vocabulary sort on: no tensor of V x D
+  f32 elements anywhere in the lowered forward + backward (the dC kernel writes bfloat16 from
+  per-program f32 buffers), and the buffers the kernels allocate besides the gradients (the
+  forward's block maxima and partial sums, the dC kernel's buffers) stay under 10% of the
+  gradients' bytes. (Elementwise ops between kernels are not counted: XLA fuses them.)"""
+  num_tokens, hidden, num_classes = PAPER_SHAPE
+  opts = LossOptions(
+    classifier_layout=layout,
+    sort_vocab=True,
+    filter_eps=2.0**-12,
+    block_sizes=GPUBlockSizes.get_default(jnp.bfloat16),
+  )
+  args = _abstract_args(num_tokens, hidden, num_classes, jnp.bfloat16, layout, bias)
+  results = _tensor_results(_export_for_cuda(_loss_and_grads(opts), args).mlir_module())
+  f32_vocab_by_hidden = [
+    (name, elements)
+    for name, (elements, element, _), _, _ in results
+    if element == "f32" and elements >= num_classes * hidden
+  ]
+  assert not f32_vocab_by_hidden
+  outputs = [size for _, (elements, _, size), _, out in results if out and elements > num_tokens]
+  gradient_bytes = sum(outputs)  # dE (N, D) f32, dC (V, D) bf16, d_bias (V,) f32
+  assert gradient_bytes == (num_tokens * hidden + bias * num_classes) * 4 + num_classes * hidden * 2
+  temporaries = sum(size for _, (_, _, size), kernel, out in results if kernel and not out)
+  assert temporaries < 0.1 * gradient_bytes, (temporaries, gradient_bytes)
 
 
 @pytest.mark.parametrize("generation", sorted(SHARED_MEMORY_LIMITS))
