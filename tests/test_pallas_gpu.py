@@ -256,7 +256,9 @@ def test_persistent_grad_c_skips_the_tiles_of_its_forward_block():
   options = dict(filter_eps=2.0**-7, sort_vocab=True)
 
   def grads(impl, **kwargs):
-    loss_fn = lambda e, c: cce_jax.linear_cross_entropy(e, c, labels, impl=impl, **kwargs, **options)
+    loss_fn = lambda e, c: cce_jax.linear_cross_entropy(
+      e, c, labels, impl=impl, **kwargs, **options
+    )
     return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(e, c)
 
   _, (d_e, d_c) = grads("pallas_gpu", interpret=True, block_sizes=PERSISTENT_BLOCKS)
@@ -343,31 +345,31 @@ def _tensor_bytes(value_type) -> tuple[int, str, int]:
 
 
 def _tensor_results(module_text: str):
-  """(operation name, tensor type, is a kernel custom call, is returned by main) of every
-  tensor result of every operation in every function of an exported module."""
+  """(operation name, (elements, element type, bytes), is a kernel custom call, is returned by
+  main) of every tensor result of every operation in every function of an exported module."""
+  found = []
   with mlir.make_ir_context():
     module = mlir.ir.Module.parse(module_text)
-    found = []
     for function in module.body.operations:
-      is_main = mlir.ir.StringAttr(function.attributes["sym_name"]).value == "main"
       body = function.regions[0].blocks[0]
-      returned = list(body.operations)[-1].operands if is_main else []
+      is_main = mlir.ir.StringAttr(function.attributes["sym_name"]).value == "main"
+      returned = list(list(body.operations)[-1].operands) if is_main else []
+      _collect_tensor_results(body, returned, found)
+  return found
 
-      def walk(block):
-        for op in block.operations:
-          kernel = op.name == "stablehlo.custom_call" and cuda_lowering.TRITON_CALL in str(
-            op.attributes["call_target_name"]
-          )
-          for result in op.results:
-            if isinstance(result.type, mlir.ir.RankedTensorType):
-              is_output = any(result == value for value in returned)
-              found.append((op.name, result.type, kernel, is_output))
-          for region in op.regions:
-            for inner in region.blocks:
-              walk(inner)
 
-      walk(body)
-    return [(name, _tensor_bytes(t), kernel, out) for name, t, kernel, out in found]
+def _collect_tensor_results(block, returned, found) -> None:
+  for op in block.operations:
+    kernel = op.name == "stablehlo.custom_call" and cuda_lowering.TRITON_CALL in str(
+      op.attributes["call_target_name"]
+    )
+    for result in op.results:
+      if isinstance(result.type, mlir.ir.RankedTensorType):
+        is_output = any(result == value for value in returned)
+        found.append((op.name, _tensor_bytes(result.type), kernel, is_output))
+    for region in op.regions:
+      for inner in region.blocks:
+        _collect_tensor_results(inner, returned, found)
 
 
 @pytest.mark.parametrize("layout, bias", [("vd", False), ("dv", True)])
@@ -514,6 +516,7 @@ def test_offsets_are_64_bit_past_2_31_elements(layout):
 def test_default_block_sizes_fit_shared_memory(generation, dtype):
   sizes = GPUBlockSizes.get_default(dtype, generation=generation)
   assert sizes.generation == generation
+  assert sizes.grad_c_programs == {"h100": 132, "a100": 108}[generation]  # one per SM
   need = sizes.shared_memory_bytes(dtype)
   assert 0 < need <= SHARED_MEMORY_LIMITS[generation]
   sizes.check_shared_memory(dtype)
@@ -562,6 +565,9 @@ def test_oversized_tiles_are_rejected_before_lowering():
     ("num_warps", 3, ValueError, r"`GPUBlockSizes.num_warps` must be one of"),
     ("num_stages", 0, ValueError, r"`GPUBlockSizes.num_stages` must be >= 1"),
     ("vocab_splits", 0, ValueError, r"`GPUBlockSizes.vocab_splits` must be >= 1"),
+    ("grad_c_vocab_block", 24, ValueError, r"`GPUBlockSizes.grad_c_vocab_block` must be a power"),
+    ("grad_c_programs", 0, ValueError, r"`GPUBlockSizes.grad_c_programs` must be >= 1"),
+    ("grad_c_programs", 2.0, TypeError, r"`GPUBlockSizes.grad_c_programs` must be an int"),
     ("generation", "v100", ValueError, r"`GPUBlockSizes.generation` must be one of"),
   ],
 )

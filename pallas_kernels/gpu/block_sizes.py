@@ -177,5 +177,9 @@ class GPUBlockSizes:
         generation=generation,
       )
     return cls(
-      token_block=64, vocab_block=64, hidden_block=32, grad_c_programs=programs, generation=generation
+      token_block=64,
+      vocab_block=64,
+      hidden_block=32,
+      grad_c_programs=programs,
+      generation=generation,
     )
