@@ -15,16 +15,19 @@ import re
 import warnings
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference64
+from jax.interpreters import mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from testing import (
   PAIRWISE,
   SINGLE_OPTION,
+  TOLERANCE,
   assert_rel_close,
   case_id,
   check_case,
@@ -48,8 +51,11 @@ _TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 pytestmark = pytest.mark.filterwarnings(f"ignore:{_TRITON_DEPRECATION}:DeprecationWarning")
 
 # Small tiles, so that the option matrix's 2 x 13 tokens, D = 24 and V = 75 are ragged in
-# every axis and span several blocks of each.
-BLOCKS = GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16)
+# every axis and span several blocks of each; with 16-bit inputs the dC kernel's 2 persistent
+# programs take 5 class blocks of 16 (two per forward block) in 3 rounds, the last one short.
+BLOCKS = GPUBlockSizes(
+  token_block=16, vocab_block=32, hidden_block=16, grad_c_vocab_block=16, grad_c_programs=2
+)
 
 
 def _has_gpu() -> bool:
@@ -171,6 +177,112 @@ def _equations(jaxpr):
     yield from _equations(sub)
 
 
+# ---- the persistent dC kernel of 16-bit inputs --------------------------------------------
+
+# Class blocks of 16 in dC, 4 per forward block of 64; 4 programs take them in turns.
+PERSISTENT_BLOCKS = GPUBlockSizes(
+  token_block=16, vocab_block=64, hidden_block=16, grad_c_vocab_block=16, grad_c_programs=4
+)
+
+
+@pytest.mark.parametrize(
+  "dtype, layout, sort_vocab, options",
+  [
+    ("bfloat16", "vd", True, dict(label_smoothing=0.1, z_loss=1e-3)),
+    ("float16", "dv", False, dict(softcap=20.0, label_smoothing=0.1)),
+  ],
+)
+def test_persistent_grad_c_matches_float64_at_ragged_sizes(dtype, layout, sort_vocab, options):
+  """37 tokens (16-token blocks), D = 40 (16-wide chunks) and V = 213: 14 dC class blocks of
+  16, the last overlapping, taken by 4 persistent programs in 4 rounds (the last one short);
+  loss and gradients against the float64 reference. Interpret mode runs the programs in
+  order, so the last block (program 1) writes after the one it overlaps (program 0): a store
+  of rows that are not its own would show."""
+  num_tokens, hidden, num_classes = 37, 40, 213
+  rng = np.random.default_rng(16)
+  e = jnp.asarray(rng.normal(size=(num_tokens, hidden)), dtype)
+  c_vd = rng.normal(size=(num_classes, hidden)) * 0.3
+  c = jnp.asarray(c_vd if layout == "vd" else c_vd.T, dtype)
+  bias = jnp.asarray(rng.normal(size=(num_classes,)) * 0.5, dtype)
+  labels = jnp.asarray(rng.integers(0, num_classes, size=(num_tokens,)), jnp.int32)
+  labels = labels.at[5].set(-100)
+  common = dict(ignore_index=-100, classifier_layout=layout, **options)
+
+  def loss_fn(e, c, bias):
+    return cce_jax.linear_cross_entropy(
+      e,
+      c,
+      labels,
+      bias=bias,
+      impl="pallas_gpu",
+      interpret=True,
+      block_sizes=PERSISTENT_BLOCKS,
+      filter_eps=None,
+      sort_vocab=sort_vocab,
+      **common,
+    )
+
+  loss, (d_e, d_c, d_bias) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))(e, c, bias)
+  exact = reference64.reference(
+    e,
+    c,
+    labels,
+    bias,
+    softcap=options.get("softcap"),
+    reduction="mean",
+    shift=0,
+    z_loss=options.get("z_loss", 0.0),
+    label_smoothing=options["label_smoothing"],
+    ignore_index=-100,
+    classifier_layout=layout,
+  )
+  chex.assert_type([d_e, d_c, d_bias], jnp.dtype(dtype))
+  tol = TOLERANCE[dtype]
+  assert_rel_close("loss", loss, exact["loss"], 1e-3)
+  assert_rel_close("d_e", d_e, exact["d_e"], tol)
+  assert_rel_close("d_c", d_c, exact["d_c"], tol)
+  assert_rel_close("d_bias", d_bias, exact["d_bias"], tol)
+
+
+def test_persistent_grad_c_skips_the_tiles_of_its_forward_block():
+  """With filtering, each dC class block of 16 reads the skip-table column of the forward
+  block of 64 it lies in: tiles are skipped (4 of 20), and the bfloat16 gradients stay within
+  bfloat16 rounding of the exact float64 ones (skipping the tiles of another column drops
+  gradient mass: 0.48 relative error in dC)."""
+  num_tokens, hidden, num_classes = 64, 32, 300  # 19 dC blocks: 4 programs, 5 rounds
+  e, c, labels = synthetic.trained_like_inputs(
+    jax.random.key(3), num_tokens, hidden, num_classes, jnp.bfloat16
+  )
+  options = dict(filter_eps=2.0**-7, sort_vocab=True)
+  opts = LossOptions(block_sizes=PERSISTENT_BLOCKS, interpret=True, **options)
+  table_fn = lambda e, c: implementation.skip_table(
+    TiledInputs(e, c, labels, None), jnp.ones_like, opts
+  )
+  table = np.asarray(jax.jit(table_fn)(e, c))
+  assert table.shape == (4, 5)
+  assert 0 < table.sum() < table.size
+
+  loss_fn = lambda e, c: cce_jax.linear_cross_entropy(
+    e, c, labels, impl="pallas_gpu", interpret=True, block_sizes=PERSISTENT_BLOCKS, **options
+  )
+  d_e, d_c = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(e, c)
+  exact = reference64.reference(
+    e,
+    c,
+    labels,
+    None,
+    softcap=None,
+    reduction="mean",
+    shift=0,
+    z_loss=0.0,
+    label_smoothing=0.0,
+    ignore_index=-100,
+    classifier_layout="vd",
+  )
+  assert_rel_close("d_e", d_e, exact["d_e"], TOLERANCE["bfloat16"])
+  assert_rel_close("d_c", d_c, exact["d_c"], TOLERANCE["bfloat16"])
+
+
 # ---- gradient filtering: tests/test_filtering.py, parametrized over the implementations ----
 
 
@@ -232,6 +344,72 @@ def test_kernels_lower_for_cuda_at_the_paper_shape(dtype, layout, sort_vocab, op
   # Three Triton kernels (forward, dE, dC), in that order, and nothing else of Pallas.
   assert module.count("custom_call @__gpu$xla.gpu.triton") == 3
   assert re.findall(r'name = "(cce_\w+)"', module) == ["cce_forward", "cce_grad_e", "cce_grad_c"]
+
+
+def _tensor_bytes(value_type) -> tuple[int, str, int]:
+  """(elements, element type, bytes) of a ranked tensor type."""
+  tensor = mlir.ir.RankedTensorType(value_type)
+  elements = int(np.prod(tensor.shape, dtype=np.int64))
+  element = str(tensor.element_type)
+  bits = int(re.fullmatch(r"[a-z]+(\d+)", element).group(1))
+  return elements, element, elements * bits // 8
+
+
+def _tensor_results(module_text: str):
+  """(operation name, (elements, element type, bytes), is a kernel custom call, is returned by
+  main) of every tensor result of every operation in every function of an exported module."""
+  found = []
+  with mlir.make_ir_context():
+    module = mlir.ir.Module.parse(module_text)
+    for function in module.body.operations:
+      body = function.regions[0].blocks[0]
+      is_main = mlir.ir.StringAttr(function.attributes["sym_name"]).value == "main"
+      returned = list(list(body.operations)[-1].operands) if is_main else []
+      _collect_tensor_results(body, returned, found)
+  return found
+
+
+def _collect_tensor_results(block, returned, found) -> None:
+  for op in block.operations:
+    kernel = op.name == "stablehlo.custom_call" and cuda_lowering.TRITON_CALL in str(
+      op.attributes["call_target_name"]
+    )
+    for result in op.results:
+      if isinstance(result.type, mlir.ir.RankedTensorType):
+        is_output = any(result == value for value in returned)
+        found.append((op.name, _tensor_bytes(result.type), kernel, is_output))
+    for region in op.regions:
+      for inner in region.blocks:
+        _collect_tensor_results(inner, returned, found)
+
+
+@pytest.mark.parametrize("layout, bias", [("vd", False), ("dv", True)])
+def test_backward_holds_no_f32_vocabulary_by_hidden_buffer_at_the_paper_shape(layout, bias):
+  """bfloat16 at the paper's shape, filtering and the vocabulary sort on: no tensor of V x D
+  f32 elements anywhere in the lowered forward + backward (the dC kernel writes bfloat16 from
+  per-program f32 buffers), and the buffers the kernels allocate besides the gradients (the
+  forward's block maxima and partial sums, the dC kernel's buffers) stay under 10% of the
+  gradients' bytes. (Elementwise ops between kernels are not counted: XLA fuses them.)"""
+  num_tokens, hidden, num_classes = PAPER_SHAPE
+  opts = LossOptions(
+    classifier_layout=layout,
+    sort_vocab=True,
+    filter_eps=2.0**-12,
+    block_sizes=GPUBlockSizes.get_default(jnp.bfloat16),
+  )
+  args = _abstract_args(num_tokens, hidden, num_classes, jnp.bfloat16, layout, bias)
+  results = _tensor_results(_export_for_cuda(_loss_and_grads(opts), args).mlir_module())
+  f32_vocab_by_hidden = [
+    (name, elements)
+    for name, (elements, element, _), _, _ in results
+    if element == "f32" and elements >= num_classes * hidden
+  ]
+  assert not f32_vocab_by_hidden
+  outputs = [size for _, (elements, _, size), _, out in results if out and elements > num_tokens]
+  gradient_bytes = sum(outputs)  # dE (N, D) f32, dC (V, D) bf16, d_bias (V,) f32
+  assert gradient_bytes == (num_tokens * hidden + bias * num_classes) * 4 + num_classes * hidden * 2
+  temporaries = sum(size for _, (_, _, size), kernel, out in results if kernel and not out)
+  assert temporaries < 0.1 * gradient_bytes, (temporaries, gradient_bytes)
 
 
 @pytest.mark.parametrize("generation", sorted(SHARED_MEMORY_LIMITS))
@@ -349,6 +527,7 @@ def test_offsets_are_64_bit_past_2_31_elements(layout):
 def test_default_block_sizes_fit_shared_memory(generation, dtype):
   sizes = GPUBlockSizes.get_default(dtype, generation=generation)
   assert sizes.generation == generation
+  assert sizes.grad_c_programs == {"h100": 132, "a100": 108}[generation]  # one per SM
   need = sizes.shared_memory_bytes(dtype)
   assert 0 < need <= SHARED_MEMORY_LIMITS[generation]
   sizes.check_shared_memory(dtype)
@@ -397,6 +576,9 @@ def test_oversized_tiles_are_rejected_before_lowering():
     ("num_warps", 3, ValueError, r"`GPUBlockSizes.num_warps` must be one of"),
     ("num_stages", 0, ValueError, r"`GPUBlockSizes.num_stages` must be >= 1"),
     ("vocab_splits", 0, ValueError, r"`GPUBlockSizes.vocab_splits` must be >= 1"),
+    ("grad_c_vocab_block", 24, ValueError, r"`GPUBlockSizes.grad_c_vocab_block` must be a power"),
+    ("grad_c_programs", 0, ValueError, r"`GPUBlockSizes.grad_c_programs` must be >= 1"),
+    ("grad_c_programs", 2.0, TypeError, r"`GPUBlockSizes.grad_c_programs` must be an int"),
     ("generation", "v100", ValueError, r"`GPUBlockSizes.generation` must be one of"),
   ],
 )

@@ -22,6 +22,8 @@ SHARED_MEMORY_LIMITS = {
   "a100": 163 * 1024,  # sm_80
   "h100": 227 * 1024,  # sm_90
 }
+# Streaming multiprocessors: the persistent dC kernel's default number of programs.
+STREAMING_MULTIPROCESSORS = {"a100": 108, "h100": 132}
 # Triton's matrix product needs M, N, K >= 16.
 MIN_BLOCK = 16
 _WARPS = (1, 2, 4, 8, 16)
@@ -54,6 +56,15 @@ class GPUBlockSizes:
     vocab_splits: the forward runs ``vocab_splits`` programs per token block, each over a
       contiguous share of the vocabulary blocks, merged afterwards (more parallelism when N is
       small); >= 1, clamped to the number of vocabulary blocks.
+    grad_c_vocab_block: classes per dC program with 16-bit inputs, a power of two >= 16
+      (clamped to ``vocab_block``): each of those programs accumulates its classes' gradient
+      over all tokens in an f32 ``(grad_c_vocab_block, D)`` buffer before writing it once in the
+      input dtype. A filtered tile is skipped by the vocabulary block it lies in.
+    grad_c_programs: persistent dC programs with 16-bit inputs, >= 1 (one per streaming
+      multiprocessor by default); each reuses its own f32 buffer for one class block after
+      another, so the f32 scratch is ``grad_c_programs * grad_c_vocab_block * D * 4`` bytes
+      whatever V (38.9 MB at D = 2304 with the defaults, against 2.36 GB for an f32 dC at
+      V = 256000).
     num_warps: Triton warps per program (1, 2, 4, 8 or 16).
     num_stages: Triton software-pipelining stages of the D loops; >= 1.
     generation: "a100" or "h100": the shared-memory limit the tiles are checked against.
@@ -69,6 +80,8 @@ class GPUBlockSizes:
   vocab_block: int = 128
   hidden_block: int = 64
   vocab_splits: int = 16
+  grad_c_vocab_block: int = 32
+  grad_c_programs: int = STREAMING_MULTIPROCESSORS["h100"]
   num_warps: int = 4
   num_stages: int = 3
   generation: str = "h100"
@@ -90,7 +103,7 @@ class GPUBlockSizes:
           f"`GPUBlockSizes.{field.name}` must be an int, got {type(value).__name__} ({value!r})."
         )
       object.__setattr__(self, field.name, int(value))
-    for name in ("token_block", "vocab_block", "hidden_block"):
+    for name in ("token_block", "vocab_block", "hidden_block", "grad_c_vocab_block"):
       value = getattr(self, name)
       if not _is_power_of_two(value) or value < MIN_BLOCK:
         raise ValueError(
@@ -99,6 +112,8 @@ class GPUBlockSizes:
         )
     if self.vocab_splits < 1:
       raise ValueError(f"`GPUBlockSizes.vocab_splits` must be >= 1, got {self.vocab_splits}.")
+    if self.grad_c_programs < 1:
+      raise ValueError(f"`GPUBlockSizes.grad_c_programs` must be >= 1, got {self.grad_c_programs}.")
     if self.num_warps not in _WARPS:
       raise ValueError(f"`GPUBlockSizes.num_warps` must be one of {_WARPS}, got {self.num_warps}.")
     if self.num_stages < 1:
@@ -147,10 +162,24 @@ class GPUBlockSizes:
 
     Not tuned on hardware yet (``benchmarks/gpu.py`` measures them): 64 x 128 tiles for 16-bit
     inputs, whose filter threshold lets whole tiles be skipped, with D chunks of 64 on H100 and
-    32 on A100 (less shared memory); 64 x 64 tiles with D chunks of 32 for float32.
+    32 on A100 (less shared memory); 64 x 64 tiles with D chunks of 32 for float32. The dC
+    kernel runs one persistent program per streaming multiprocessor of ``generation``.
     """
     generation = detect_generation() if generation is None else generation
+    programs = STREAMING_MULTIPROCESSORS[generation]
     if dtype is not None and np.dtype(dtype).itemsize == 2:
       hidden_block = 64 if generation == "h100" else 32
-      return cls(token_block=64, vocab_block=128, hidden_block=hidden_block, generation=generation)
-    return cls(token_block=64, vocab_block=64, hidden_block=32, generation=generation)
+      return cls(
+        token_block=64,
+        vocab_block=128,
+        hidden_block=hidden_block,
+        grad_c_programs=programs,
+        generation=generation,
+      )
+    return cls(
+      token_block=64,
+      vocab_block=64,
+      hidden_block=32,
+      grad_c_programs=programs,
+      generation=generation,
+    )

@@ -111,8 +111,9 @@ def backward(
   """dE (N, D) f32, dC (layout and dtype of c) and d_bias (V,) f32 (``cce_jax.tiled``).
 
   Two kernels, each owning its output rows: one over token blocks for dE, one over vocabulary
-  blocks for dC and the bias. A tile the skip table marks is skipped in the kernel whose
-  filter flag is on.
+  blocks for dC and the bias (with a 16-bit c, persistent programs that each reuse one f32
+  (class block, D) buffer: no (V, D) f32 array). A tile the skip table marks is skipped in the
+  kernel whose filter flag is on.
   """
   e, c, local_labels, bias = inputs
   order, block_max = residuals
@@ -149,7 +150,9 @@ def backward(
   coeffs = TokenCoefficients(*(x.astype(f32) for x in coeffs))
   lse = lse.astype(f32)
   cfg_e = _replace(base, skip=skip is not None and opts.filter_e_grad)
-  cfg_c = _replace(base, skip=skip is not None and opts.filter_c_grad)
+  cfg_c = _grad_c_config(
+    _replace(base, skip=skip is not None and opts.filter_c_grad), c.dtype, opts.block_sizes
+  )
   d_e = kernels.grad_e_call(
     e,
     c,
@@ -178,6 +181,25 @@ def backward(
     debug=debug,
   )
   return LocalGrads(d_e, d_c.astype(c.dtype), d_bias if bias is not None else None)
+
+
+def _grad_c_config(
+  cfg: kernels.KernelConfig, d_c_dtype, sizes: GPUBlockSizes
+) -> kernels.KernelConfig:
+  """The dC kernel's launch: as ``cfg`` for an f32 dC (accumulated in place); for a 16-bit dC,
+  ``sizes.grad_c_programs`` persistent programs over class blocks of
+  ``sizes.grad_c_vocab_block`` (nested in the forward's, whose skip-table column they read),
+  each accumulating in its own f32 (block, D) buffer."""
+  if jnp.dtype(d_c_dtype) == jnp.float32:
+    return cfg
+  block = min(sizes.grad_c_vocab_block, cfg.classes.block)  # powers of two: block divides it
+  classes = tile_math.overlapped_axis(cfg.classes.size, block)
+  return _replace(
+    cfg,
+    classes=classes,
+    skip_group=cfg.classes.block // block,
+    grad_c_programs=min(sizes.grad_c_programs, classes.count),
+  )
 
 
 def skip_table(

@@ -8,9 +8,12 @@
 * :func:`grad_e_kernel`, grid (token blocks,): for one block of tokens, every vocabulary block
   in the visiting order: recompute the logits, form the softmax gradient, add
   ``G @ C`` into the block's own rows of the f32 dE (chunks of D, read-modify-write).
-* :func:`grad_c_kernel`, grid (vocabulary blocks,): for one block of classes, every token block:
-  recompute, add ``G^T @ E`` into the block's own rows of an f32 dC (gathered by class id), and
-  ``sum_n G`` into the bias gradient.
+* :func:`grad_c_kernel`: for one block of classes, every token block: recompute, add
+  ``G^T @ E`` into the block's f32 accumulator, and ``sum_n G`` into the bias gradient. With an
+  f32 dC, grid (vocabulary blocks,) and the accumulator is the block's own rows of dC (gathered
+  by class id). With a 16-bit dC, grid (persistent programs,): each program takes one class
+  block after another and accumulates it in its own (class block, D) f32 buffer, then writes
+  the block's rows of dC once, cast; the f32 scratch is bounded by the programs, not by V.
 
 Each output row is written by exactly one program, so the backward is deterministic and needs
 no atomics (``benchmarks/RESULTS.md`` explains the choice). A skipped tile is a
@@ -54,6 +57,11 @@ class KernelConfig:
     blocks_per_split: vocabulary blocks per forward program.
     want_logit_sum: the forward accumulates ``sum_v z_nv``.
     want_block_max: the forward writes per-block row maxima.
+    skip_group: class blocks per column of the skip table (the dC kernel's blocks are
+      ``skip_group`` times smaller than the forward's, and nest in them).
+    grad_c_programs: the dC kernel runs this many persistent programs, each accumulating one
+      class block after another in its own f32 buffer and writing dC in its dtype; None: one
+      program per class block, accumulating in dC itself (f32).
   """
 
   opts: LossOptions
@@ -67,6 +75,8 @@ class KernelConfig:
   blocks_per_split: int = 1
   want_logit_sum: bool = False
   want_block_max: bool = False
+  skip_group: int = 1
+  grad_c_programs: int | None = None
 
 
 # ---- ref access ---------------------------------------------------------------------------
@@ -507,32 +517,87 @@ def grad_c_kernel(
   skip_ref,
   d_c_ref,
   d_bias_ref,
+  buffer_ref,
   *,
   cfg: KernelConfig,
 ):
-  """One vocabulary block of dC = sum_n dx_nv e_n (f32, layout of c) and db = sum_n dx_nv.
+  """dC = sum_n dx_nv e_n (layout of c) and db = sum_n dx_nv, one class block at a time.
 
   Refs as :func:`grad_e_kernel`, with weighted_e (D,) f32 (``sum_n gamma_n e_n``) and
-  gamma_sum (1,) f32 for the uniform smoothing term, or dummies. The block writes only its
-  fresh classes, so the overlapping last block never touches its predecessor's rows.
+  gamma_sum (1,) f32 for the uniform smoothing term, or dummies. Outputs: d_c in the layout of
+  c, d_bias (V,) f32 or a dummy, and buffer: with ``cfg.grad_c_programs`` the programs' f32
+  accumulators (programs, class block, D), otherwise a dummy.
+
+  Without ``cfg.grad_c_programs`` (f32 dC) program ``j`` owns class block ``j`` and accumulates
+  in its rows of dC. With it (16-bit dC) program ``p`` owns blocks ``p``, ``p + programs``, ...
+  and accumulates each in ``buffer[p]`` over every token block before writing it once, cast, to
+  dC: f32 scratch bounded by the programs, not by V. Either way a block writes only its fresh
+  classes, so the overlapping last block never touches its predecessor's rows.
   """
-  j = pl.program_id(0)
+  refs = (e_ref, c_ref, labels_ref, bias_ref, order_ref, lse_ref, alpha_ref, beta_ref, gamma_ref)
+  refs += (weighted_e_ref, gamma_sum_ref, skip_ref, d_c_ref, d_bias_ref, buffer_ref)
+  programs = cfg.grad_c_programs
+  if programs is None:
+    _grad_c_block(pl.program_id(0), None, *refs, cfg=cfg)
+    return
+  slot = pl.program_id(0)
+
+  def round_step(r, carry):
+    j = slot + r * programs
+    pl.when(j < cfg.classes.count)(lambda: _grad_c_block(j, slot, *refs, cfg=cfg))
+    return carry
+
+  lax.fori_loop(0, filtering.cdiv(cfg.classes.count, programs), round_step, 0)
+
+
+def _grad_c_block(
+  j: jax.Array,
+  slot: jax.Array | None,
+  e_ref,
+  c_ref,
+  labels_ref,
+  bias_ref,
+  order_ref,
+  lse_ref,
+  alpha_ref,
+  beta_ref,
+  gamma_ref,
+  weighted_e_ref,
+  gamma_sum_ref,
+  skip_ref,
+  d_c_ref,
+  d_bias_ref,
+  buffer_ref,
+  *,
+  cfg: KernelConfig,
+) -> None:
+  """Class block ``j`` of :func:`grad_c_kernel`: accumulated in dC's own rows (``slot`` None)
+  or in ``buffer[slot]`` (bv, D) f32 and then written to dC in its dtype."""
   blk = class_block(j, order_ref, cfg)
   bv, bd = cfg.classes.block, cfg.hidden.block
   vd = cfg.opts.vocab_dim == 0
+  buffered = slot is not None
+  acc_vd = buffered or vd  # the buffer is (bv, D) whatever the layout of c
   p_dtype = jnp.dtype(cfg.product_dtype)
   outside = filtering.uniform_outside(cfg.opts)
 
+  def accumulator(d0):
+    """The (ref, index, store mask) of the accumulator's chunk at hidden offset ``d0``."""
+    if buffered:
+      return buffer_ref, (slot, pl.ds(0, bv), pl.ds(d0, bd)), None
+    index, mask = class_chunk_index(blk, d0, cfg)
+    return d_c_ref, index, mask
+
   def init_step(k, carry):
     d0 = cfg.hidden.start(k)
-    index, mask = class_chunk_index(blk, d0, cfg)
-    shape = (bv, bd) if vd else (bd, bv)
+    ref, index, mask = accumulator(d0)
+    shape = (bv, bd) if acc_vd else (bd, bv)
     if outside:
       w = weighted_e_ref[pl.ds(d0, bd)]
-      init = jnp.broadcast_to(-(w[None, :] if vd else w[:, None]), shape)
+      init = jnp.broadcast_to(-(w[None, :] if acc_vd else w[:, None]), shape)
     else:
       init = jnp.zeros(shape, jnp.float32)
-    plgpu.store(d_c_ref.at[index], init, mask=mask)
+    plgpu.store(ref.at[index], init, mask=mask)
     return carry
 
   lax.fori_loop(0, cfg.hidden.count, init_step, 0)
@@ -548,13 +613,13 @@ def grad_c_kernel(
     def product_step(k, carry):
       d0 = cfg.hidden.start(k)
       e_chunk = load_token_rows(e_ref, n0, rows_ok, d0, cfg).astype(p_dtype)  # (bn, bd)
-      # (bv, bd) for "vd", (bd, bv) for "dv".
-      update = _dot(dx, e_chunk, (0, 0)) if vd else _dot(e_chunk, dx, (0, 0))
-      index, mask = class_chunk_index(blk, d0, cfg)
+      # (bv, bd) into a buffer or a "vd" dC, (bd, bv) into a "dv" dC.
+      update = _dot(dx, e_chunk, (0, 0)) if acc_vd else _dot(e_chunk, dx, (0, 0))
+      ref, index, mask = accumulator(d0)
       fresh_d = cfg.hidden.live(k, d0)  # as in grad_e_kernel
       if fresh_d is not None:
-        mask = tile_math.and_masks(mask, fresh_d[None, :] if vd else fresh_d[:, None])
-      plgpu.store(d_c_ref.at[index], d_c_ref[index] + update, mask=mask)
+        mask = tile_math.and_masks(mask, fresh_d[None, :] if acc_vd else fresh_d[:, None])
+      plgpu.store(ref.at[index], ref[index] + update, mask=mask)
       return carry
 
     lax.fori_loop(0, cfg.hidden.count, product_step, 0)
@@ -563,7 +628,8 @@ def grad_c_kernel(
 
   def token_step(i, d_bias):
     if cfg.skip:
-      return lax.cond(skip_ref[i, j] == 0, tile_work, lambda i, d_bias: d_bias, i, d_bias)
+      skipped = skip_ref[i, j // cfg.skip_group] != 0
+      return lax.cond(skipped, lambda i, d_bias: d_bias, tile_work, i, d_bias)
     return tile_work(i, d_bias)
 
   d_bias = jnp.zeros((bv,), jnp.float32)
@@ -572,6 +638,18 @@ def grad_c_kernel(
   d_bias = lax.fori_loop(0, cfg.tokens.count, token_step, d_bias)
   if cfg.has_bias:
     plgpu.store(d_bias_ref.at[_class_index(blk, cfg)], d_bias, mask=blk.fresh)
+  if not buffered:
+    return
+
+  def write_step(k, carry):
+    d0 = cfg.hidden.start(k)
+    chunk = buffer_ref[slot, pl.ds(0, bv), pl.ds(d0, bd)].astype(d_c_ref.dtype)  # (bv, bd)
+    index, mask = class_chunk_index(blk, d0, cfg)
+    plgpu.store(d_c_ref.at[index], chunk if vd else chunk.T, mask=mask)
+    return carry
+
+  lax.fori_loop(0, cfg.hidden.count, write_step, 0)
+  barrier(cfg)  # the next class block overwrites the buffer
 
 
 def grad_e_call(
@@ -615,16 +693,20 @@ def grad_c_call(
   cfg: KernelConfig,
   debug: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Runs :func:`grad_c_kernel` over the vocabulary blocks; returns (dC in the layout of c,
-  f32; d_bias (V,) f32, or a dummy without bias)."""
+  """Runs :func:`grad_c_kernel`: one program per class block, or ``cfg.grad_c_programs``
+  persistent ones. Returns (dC in the layout of c, f32, or the dtype of c with
+  ``cfg.grad_c_programs``; d_bias (V,) f32, or a dummy without bias)."""
+  programs = cfg.grad_c_programs
+  f32 = jnp.float32
   out_shapes = (
-    (c.shape, jnp.float32),
-    ((cfg.classes.size,) if cfg.has_bias else (1,), jnp.float32),
+    (c.shape, f32 if programs is None else c.dtype),
+    ((cfg.classes.size,) if cfg.has_bias else (1,), f32),
+    ((1, 1, 1) if programs is None else (programs, cfg.classes.block, cfg.hidden.size), f32),
   )
-  d_c, d_bias = _launch(
+  d_c, d_bias, _ = _launch(
     grad_c_kernel,
     cfg,
-    (cfg.classes.count,),
+    (cfg.classes.count if programs is None else programs,),
     "cce_grad_c",
     debug,
     out_shapes,
