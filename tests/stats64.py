@@ -55,17 +55,22 @@ def stats(
     return {k: None if v is None else np.asarray(v) for k, v in out.items()}
 
 
-def stats_grads(e, c, labels, bias, weights, **options):
+def stats_grads(
+  e, c, labels, bias, weights, *, ignore_index=-100, softcap=None, shift=0, classifier_layout="vd"
+):
   """Gradients w.r.t. (e, c, bias) of ``sum(w_lse lse + w_entropy entropy + w_logprob
   logprob)`` over the counted tokens (logprob's terms) and all tokens (lse, entropy), with
   ``weights`` a dict of float arrays of the output shape; float64 numpy, bias' None if None."""
+  options = dict(
+    ignore_index=ignore_index, softcap=softcap, shift=shift, classifier_layout=classifier_layout
+  )
   with jax.enable_x64(True):
     labels = jnp.asarray(np.asarray(labels))
     w = {k: _f64(v) for k, v in weights.items()}
 
     def objective(e, c, bias):
       lse, entropy, logprob, _ = _fields(e, c, labels, bias, **options)
-      counted = labels[..., options["shift"] :] != options["ignore_index"]
+      counted = labels[..., shift:] != ignore_index
       value = jnp.sum(w["lse"] * lse) + jnp.sum(w["entropy"] * entropy)
       return value + jnp.sum(jnp.where(counted, w["logprob"] * logprob, 0.0))
 
