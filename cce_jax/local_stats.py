@@ -98,7 +98,7 @@ def stats_grad_tile(
   return dz * loss_math.softcap_derivative(z, opts.softcap)
 
 
-# ---- "xla": one streamed pass over vocabulary tiles ----------------------------------------------
+# ---- "xla": one streamed pass over vocabulary tiles ------------------------------------------
 
 
 def _online_stats_step(state, z: jax.Array, first_class: jax.Array):
@@ -232,7 +232,7 @@ def xla_backward(
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
 
 
-# ---- "reference": the materialized logits ---------------------------------------------------------
+# ---- "reference": the materialized logits ---------------------------------------------------
 
 
 def reference_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
