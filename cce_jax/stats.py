@@ -52,6 +52,13 @@ class TokenStats(NamedTuple):
       ``[0, V)``; differentiable. None without ``labels``.
     correct: bool, ``argmax == label`` at counted tokens, False at ignored ones. None without
       ``labels``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, cce_jax
+    >>> e, c = jnp.eye(3, 4)[None], 5.0 * jnp.eye(6, 4)  # (1, 3, 4) tokens, (6, 4) classes
+    >>> stats = cce_jax.token_stats(e, c, jnp.array([[0, 2, -100]]))
+    >>> stats.argmax.tolist(), stats.correct.tolist(), stats.logprob[0, 2].item()
+    ([[0, 1, 2]], [[True, False, False]], 0.0)
   """
 
   lse: jax.Array
