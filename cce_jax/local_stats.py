@@ -106,11 +106,16 @@ def _online_stats_step(state, z: jax.Array, first_class: jax.Array):
   class ``first_class`` into the running (max, s, t, argmax)."""
   running_max, s, t, argmax = state
   tile_max = jnp.max(z, axis=1)
-  tile_argmax = jnp.argmax(z, axis=1).astype(jnp.int32) + first_class  # lowest id on ties
   new_max = jnp.maximum(running_max, tile_max)
   shift = filtering.exp_shift(new_max)
-  p = jnp.exp(z - shift[:, None])  # 0 at -inf logits
-  tile_t = jnp.sum(jnp.where(p > 0.0, p * (z - shift[:, None]), 0.0), axis=1)
+  centered = z - shift[:, None]  # (n, v): exactly 0 where z is the new maximum
+  p = jnp.exp(centered)  # 0 at -inf logits
+  tile_t = jnp.sum(jnp.where(p > 0.0, p * centered, 0.0), axis=1)
+  # The tile's argmax matters only where it raises the maximum (tile_max > running_max), and
+  # there its maxima are the entries with centered == 0: the lowest such column. (A min over
+  # a select, where jnp.argmax's variadic reduction is about twice as slow on XLA:CPU.)
+  columns = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  tile_argmax = jnp.min(jnp.where(centered == 0.0, columns, z.shape[1]), axis=1) + first_class
   # sum exp(z - m_old)(z - m_old) rescaled to the new max: exp(m_old - m_new) (t + s (m_old -
   # m_new)); nothing to rescale (and -inf - m, a NaN source) while s is 0.
   rescale = jnp.exp(running_max - shift)
