@@ -69,6 +69,29 @@ def weighted_cce_loss(impl: str, **options: Any) -> LossFn:
   return loss
 
 
+# Weight of the entropy bonus in stats_objective (an RL-style objective).
+ENTROPY_BONUS = 0.01
+
+
+def stats_objective(impl: str, **options: Any) -> LossFn:
+  """An RL-style objective through ``cce_jax.token_stats`` with ``impl``: the masked mean of
+  ``-logprob`` minus ``ENTROPY_BONUS`` times the mean entropy. Every field is kept live (a
+  NaN unless every lse is finite, every argmax >= 0 and ``correct`` only at counted tokens,
+  never the case here), so that the compiled program computes all five, as an evaluation
+  would."""
+
+  def objective(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
+    stats = cce_jax.token_stats(e, c, labels, impl=impl, ignore_index=IGNORE_INDEX, **options)
+    counted = labels != IGNORE_INDEX
+    count = jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+    value = -jnp.sum(jnp.where(counted, stats.logprob, 0.0)) / count
+    value = value - ENTROPY_BONUS * jnp.mean(stats.entropy)
+    live = jnp.all(jnp.isfinite(stats.lse) & (stats.argmax >= 0) & (stats.correct <= counted))
+    return jnp.where(live, value, jnp.nan)
+
+  return objective
+
+
 def jax_cce_loss(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
   """The ``jax-cce`` package with its defaults (it has no ignore_index: a mean over all
   tokens). Imported on first use: only ``memory.py`` and ``speed.py`` need it."""

@@ -11,6 +11,9 @@ it compares the loss and the loss+grad (w.r.t. ``e`` and ``c``) of:
 * ``xla``: ``cce_jax.linear_cross_entropy(e, c, labels, impl="xla")`` (default options);
 * ``xla+weights``: the same with per-token ``weights=`` computed from the labels inside the
   step (``common.token_weights``): the weighted loss keeps the loss's memory bound.
+* ``xla+stats``: ``cce_jax.token_stats(impl="xla")`` (lse, entropy, argmax, logprob, correct)
+  in an RL-style objective (``common.stats_objective``: mean ``-logprob`` minus an entropy
+  bonus): the statistics keep the loss's memory bound, forward and backward.
 
 bfloat16 rows are reported twice: as compiled, and compiled in a child process with
 ``--xla_disable_hlo_passes=while-loop-invariant-code-motion``. XLA:CPU has no bfloat16 matrix
@@ -19,8 +22,8 @@ convert out of the loop and keeps a whole (V, D) f32 copy of ``c`` (2.4 GB here)
 TPUs multiply bfloat16 natively and do not make that copy, so the second row is the one that
 predicts their memory.
 
-Then the goals are checked (f32 ``xla`` and ``xla+weights`` loss temp <= 0.5% and loss+grad
-temp <= 1% of the baseline's), the sharded layouts are measured on 8 host devices
+Then the goals are checked (f32 ``xla``, ``xla+weights`` and ``xla+stats`` loss temp <= 0.5%
+and loss+grad temp <= 1% of the baseline's), the sharded layouts are measured on 8 host devices
 (``sharded_memory.py``: vocabulary-parallel needs <= 1/2 of the per-device bytes of a
 replicated classifier), and
 unless ``--quick`` a sweep over V and over N is drawn to a PNG chart.
@@ -52,6 +55,7 @@ from common import (
   baseline_loss,
   cce_loss,
   jax_cce_loss,
+  stats_objective,
   temp_bytes,
   token_weights,
   weighted_cce_loss,
@@ -64,7 +68,7 @@ SWEEP_TOKENS = (1024, 4096, 16384, 65536)  # at V=256000, D=2304
 IMPLS = (
   ("baseline", "jax-cce", "xla") if importlib.util.find_spec("jax_cce") else ("baseline", "xla")
 )
-TABLE_IMPLS = (*IMPLS, "xla+weights")  # the table at the paper's shape and the goals
+TABLE_IMPLS = (*IMPLS, "xla+weights", "xla+stats")  # the table at the paper's shape, the goals
 MODES = ("loss", "loss+grad")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
@@ -99,6 +103,7 @@ LOSSES: dict[str, LossFn] = {
   "jax-cce": jax_cce_loss,
   "xla": cce_loss("xla"),
   "xla+weights": weighted_cce_loss("xla"),
+  "xla+stats": stats_objective("xla"),
 }
 EXPLICIT_EPS: dict[str, LossFn] = {
   "xla": xla_loss_explicit_eps,
@@ -200,9 +205,10 @@ def print_table(tables: Sequence[dict[str, Any]]) -> None:
 
 
 def check_goals(f32_table: dict[str, Any]) -> list[dict[str, Any]]:
-  """PASS/FAIL of the f32 ``xla`` and ``xla+weights`` temp ratios against ``GOALS``."""
+  """PASS/FAIL of the f32 ``xla``, ``xla+weights`` and ``xla+stats`` temp ratios against
+  ``GOALS``."""
   goals = []
-  for impl in ("xla", "xla+weights"):
+  for impl in ("xla", "xla+weights", "xla+stats"):
     for mode, limit in GOALS.items():
       row = next(r for r in f32_table["rows"] if r["impl"] == impl and r["mode"] == mode)
       goals.append(

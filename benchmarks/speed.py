@@ -9,6 +9,10 @@ Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. 
 * ``xla``: ``cce_jax.linear_cross_entropy(e, c, labels, impl="xla")`` (default options);
 * ``xla-weights``: the same with per-token ``weights=`` computed from the labels inside the
   step (``common.token_weights``, about one in ten 0): the cost of weighting;
+* ``xla-stats``: ``cce_jax.token_stats(impl="xla")`` (lse, entropy, argmax, logprob,
+  correct) in an RL-style objective (``common.stats_objective``); its "loss" column is the
+  statistics' forward, which should cost no more than the ``xla`` loss forward (the ratio
+  ``loss xla-stats / xla`` is printed and checked per case);
 * with ``--extra``: ``xla-exact`` (``filter_eps=None``) and ``xla-nosort``
   (``sort_vocab=False``).
 
@@ -45,6 +49,7 @@ from common import (
   error_text,
   jax_cce_loss,
   parse_shapes,
+  stats_objective,
   timed,
   token_weights,
   weighted_cce_loss,
@@ -61,6 +66,8 @@ DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] 
 }
 # Goals on the loss+grad time: xla / baseline per distribution, and xla <= jax-cce everywhere.
 BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
+# Goal on the forward time: token_stats (xla-stats) / the xla loss forward.
+STATS_FORWARD_GOAL = 1.0
 
 # name -> (loss function, cce_jax options for filter_stats, or None when not a cce_jax impl).
 IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
@@ -68,6 +75,7 @@ IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
   "jax-cce": (jax_cce_loss, None),
   "xla": (cce_loss("xla"), {}),
   "xla-weights": (weighted_cce_loss("xla"), {"weighted": True}),
+  "xla-stats": (stats_objective("xla"), None),
   "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
   "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
 }
@@ -226,8 +234,17 @@ def run_case(
     ratio = ok["xla-weights"]["loss_grad_ms"] / ok["xla"]["loss_grad_ms"]
     info["weights_loss_grad_ratio_vs_xla"] = ratio
     print(f"  loss+grad xla-weights / xla: {ratio:.3f}")
+  if "xla" in ok and "xla-stats" in ok:
+    ratio = ok["xla-stats"]["loss_ms"] / ok["xla"]["loss_ms"]
+    info["stats_forward_ratio_vs_xla_loss"] = ratio
+    print(f"  forward xla-stats (token_stats) / xla loss: {ratio:.3f}")
   if base:
-    diffs = {name: abs(r["loss_value"] - base["loss_value"]) for name, r in ok.items()}
+    # xla-stats adds an entropy bonus: its value is not the loss.
+    diffs = {
+      name: abs(r["loss_value"] - base["loss_value"])
+      for name, r in ok.items()
+      if name != "xla-stats"
+    }
     info["loss_abs_diff_vs_baseline"] = diffs
     print(
       "  |loss - baseline loss|: " + ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items())
@@ -308,6 +325,15 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           "goal": f"loss+grad xla/baseline <= {limit} ({where})",
           "value": ratio,
           "passed": ratio is not None and ratio <= limit,
+        }
+      )
+    if "xla-stats" in by_impl and "error" not in by_impl["xla-stats"] and "error" not in xla:
+      ratio = by_impl["xla-stats"]["loss_ms"] / xla["loss_ms"]
+      goals.append(
+        {
+          "goal": f"forward xla-stats/xla loss <= {STATS_FORWARD_GOAL} ({where})",
+          "value": ratio,
+          "passed": ratio <= STATS_FORWARD_GOAL,
         }
       )
     if "jax-cce" in by_impl:
@@ -406,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla", "xla-weights"] + (list(EXTRA_IMPLS) if args.extra else [])
+  impls = ["baseline", "jax-cce", "xla", "xla-weights", "xla-stats"]
+  impls += list(EXTRA_IMPLS) if args.extra else []
   print(
     f"impls: {', '.join(impls)}; shapes: "
     f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "

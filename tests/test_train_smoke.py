@@ -41,6 +41,9 @@ def test_default_config_at_tiny_size(base, tmp_path, capsys):
     assert {"learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "eta_s"} <= set(record)
     assert "mfu" not in record  # the CPU has no peak FLOP/s in train/hardware.py
   assert [r["step"] for r in records if "eval_loss" in r] == [12, 24]
+  for record in (r for r in records if "eval_loss" in r):  # cce_jax.token_stats
+    assert 0.0 <= record["eval_accuracy"] <= 1.0
+    assert 0.0 < record["eval_entropy"] <= math.log(train_testing.VOCAB) + 1e-3
   losses = [r["loss"] for r in records]
   assert losses[-1] < losses[0] - 0.3, losses  # from ln(8192) = 9.0
 

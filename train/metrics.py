@@ -2,9 +2,10 @@
 
 Only the writer of process 0 writes files; the others are silent. ``metrics.jsonl`` holds one
 JSON object per logged step, with at least ``step`` and ``loss`` (the training loss of that
-step) and, at evaluation steps, ``eval_loss``. When a run resumes from step s, lines past s
-(logged after the checkpoint the run resumes from) are dropped, and TensorBoard's events past
-s are purged, so the files read as one uninterrupted run.
+step) and, at evaluation steps, ``eval_loss``, ``eval_accuracy`` and ``eval_entropy``
+(TensorBoard tags ``eval/loss``, ``eval/accuracy``, ``eval/entropy``). When a run resumes
+from step s, lines past s (logged after the checkpoint the run resumes from) are dropped, and
+TensorBoard's events past s are purged, so the files read as one uninterrupted run.
 
 The workdir may be local or a Cloud Storage URI (``gs://bucket/run``, through ``etils.epath``;
 needs the ``gcp`` extra: ``gcsfs`` for the files, ``google-cloud-storage`` for TensorBoard,
@@ -163,7 +164,7 @@ class MetricsWriter:
       self._jsonl.flush()
     if self._tensorboard is not None:
       for name, value in values.items():
-        tag = "eval/loss" if name == "eval_loss" else f"train/{name}"
+        tag = f"eval/{name[5:]}" if name.startswith("eval_") else f"train/{name}"
         self._tensorboard.add_scalar(tag, value, step)
       self._tensorboard.flush()
     shown = {"loss": f"{record['loss']:.4f}"}

@@ -6,8 +6,8 @@ the trainer prints one line per logged step instead of a progress bar::
     step 120/10000 loss 5.1234 lr 3.00e-04 grad_norm 0.812 tokens/s 61,440 time/step 17.1 s
     MFU 41.3% ETA 1d 22h 51m
 
-(one line; ``eval_loss`` follows at evaluation steps). MFU is left out where the devices' peak
-FLOP/s is unknown (a CPU; see ``train/hardware.py``).
+(one line; ``eval_loss`` and ``eval_accuracy`` follow at evaluation steps). MFU is left out
+where the devices' peak FLOP/s is unknown (a CPU; see ``train/hardware.py``).
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def format_line(step: int, total_steps: int, record: Mapping[str, float]) -> str
     parts.append(f"ETA {format_duration(record['eta_s'])}")
   if "eval_loss" in record:
     parts.append(f"eval_loss {record['eval_loss']:.4f}")
+  if "eval_accuracy" in record:
+    parts.append(f"eval_accuracy {record['eval_accuracy']:.4f}")
   return " ".join(parts)
 
 

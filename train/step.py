@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train.config import TrainConfig
+from train.eval_stats import eval_stat_sums
 from train.loss import LossLayout, loss_sum
 from train.model import Transformer
 from train.optimizer import learning_rate_schedule, make_optimizer
@@ -54,7 +55,9 @@ class Program:
       ``state``. metrics: ``loss``, ``grad_norm``, ``learning_rate`` (() f32 each) and
       ``skipped`` (() int32: 1 when the update was skipped, the loss, gradient norm or new
       parameters being non-finite; parameters and optimizer state are then unchanged).
-    eval_step: ``eval_step(params, tokens (B, T)) -> (loss_sum () f32, num_targets () f32)``.
+    eval_step: ``eval_step(params, tokens (B, T)) -> (loss_sum () f32, num_targets () f32,
+      stat_sums)``; ``stat_sums`` maps ``train.eval_stats.STAT_NAMES`` to () f32 sums over the
+      targets (correct argmax count, entropy).
     abstract_state: the TrainState of ShapeDtypeStructs carrying their shardings.
     state_shardings: NamedShardings of the TrainState.
     batch_sharding: NamedSharding of a (B, T) token batch.
@@ -68,7 +71,7 @@ class Program:
   schedule: optax.Schedule
   init: Callable[..., TrainState]
   train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
-  eval_step: Callable[..., tuple[jax.Array, jax.Array]]
+  eval_step: Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
   abstract_state: TrainState
   state_shardings: TrainState
   batch_sharding: NamedSharding
@@ -231,8 +234,13 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
   def eval_step(params: Params, tokens_BT: jax.Array):
     with nnx.logical_axis_rules(rules):
       num_targets = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1)
-      total = loss_fn(params, tokens_BT, None, 1)
-      return total, jnp.asarray(num_targets, jnp.float32)
+      model = nnx.merge(graphdef, params)
+      h_BTD = model(tokens_BT, None)
+      classifier, layout = model.classifier()
+      head = (h_BTD, classifier, layout, tokens_BT, cfg.loss, model_cfg.final_softcap, loss_layout)
+      total = loss_sum(cfg.loss_impl, *head)
+      stat_sums = eval_stat_sums(cfg.loss_impl, *head)
+      return total, jnp.asarray(num_targets, jnp.float32), stat_sums
 
   metric_shardings = {
     "loss": replicated,
@@ -257,7 +265,7 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> Program:
     eval_step=jax.jit(
       eval_step,
       in_shardings=(param_shardings, tokens_sharding),
-      out_shardings=(replicated, replicated),
+      out_shardings=(replicated, replicated, replicated),
     ),
     abstract_state=_with_sharding(abstract_state, state_shardings),
     state_shardings=state_shardings,

@@ -181,8 +181,10 @@ def _global_batch(program: Program, local_tokens: np.ndarray) -> jax.Array:
 
 def evaluate(
   program: Program, params: Any, prepared: data.PreparedData, rows: tuple[int, int]
-) -> float:
-  """Mean next-token loss over ``eval_batches`` batches of the held-out split.
+) -> dict[str, float]:
+  """Mean next-token loss (``eval_loss``), accuracy of the argmax (``eval_accuracy``) and
+  softmax entropy in nats (``eval_entropy``, by ``cce_jax.token_stats``) over ``eval_batches``
+  batches of the held-out split.
 
   Raises:
     ConfigError: the held-out split cannot serve a batch (the data layer's message).
@@ -202,11 +204,13 @@ def evaluate(
     )
   except (TypeError, ValueError) as error:
     raise config_lib.ConfigError(f"evaluation (eval_every={cfg.eval_every}): {error}") from None
-  total, count = 0.0, 0.0
+  totals, count = {"loss": 0.0}, 0.0
   for _, batch in zip(range(cfg.eval_batches), loader, strict=False):
-    loss_sum, num = program.eval_step(params, _global_batch(program, batch["tokens"]))
-    total, count = total + float(loss_sum), count + float(num)
-  return total / max(count, 1.0)
+    loss_sum, num, stat_sums = program.eval_step(params, _global_batch(program, batch["tokens"]))
+    count += float(num)
+    for name, value in {"loss": loss_sum, **stat_sums}.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  return {f"eval_{name}": total / max(count, 1.0) for name, total in totals.items()}
 
 
 def _describe(program: Program, compiled: Any, prepared: data.PreparedData, start_step: int) -> str:
@@ -280,7 +284,7 @@ class _Loop:
           throughput.metrics(step, step_time), skipped_steps=skipped_total, **_memory_in_use()
         )
         if evaluate_now:
-          values["eval_loss"] = evaluate(self.program, state.params, self.prepared, self.rows)
+          values.update(evaluate(self.program, state.params, self.prepared, self.rows))
           last_time = time.perf_counter()  # evaluation time is not step time
         self.writer.write(step, values)
       if preempted:

@@ -1,0 +1,289 @@
+r"""Per-token softmax statistics over the classes one device holds, and their backward.
+
+The local half of :func:`cce_jax.token_stats` (``cce_jax.stats`` combines the halves over a
+vocabulary-sharded mesh axis and forms the public fields). For token ``n`` over the local
+classes ``v`` (soft-capped logits ``z_nv`` as in ``loss_math.capped_logits``):
+
+.. math::
+  L_n = \log \sum_v e^{z_{nv}}, \quad p_{nv} = e^{z_{nv} - L_n}, \quad
+  H_n = -\sum_{v: p_{nv} > 0} p_{nv} \log p_{nv},
+
+the target logit ``z_{n t_n}``, and the first (lowest class id) largest logit and its value.
+Two implementations, registered in :data:`IMPLEMENTATIONS`:
+
+* ``"xla"``: one pass over the vocabulary per block of tokens, in the tiles of
+  ``cce_jax.xla_chunked`` (overlapped ragged blocks, nothing padded). Per token it keeps a
+  running maximum ``m``, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)`` (rescaled
+  when ``m`` grows), so that ``H = log s - t / s`` is formed without cancelling against ``m``;
+  and a running argmax that a later block replaces only with a strictly larger maximum.
+  Nothing of size N x V is allocated.
+* ``"reference"``: the materialized (N, V) f32 logits.
+
+The backward (:func:`xla_backward`, :func:`reference_backward`) takes the cotangents
+``a_n, b_n, c_n`` of ``L_n``, ``H_n`` and the target logit and forms, per entry,
+
+.. math::
+  dz_{nv} = a_n p_{nv} - b_n p_{nv} (\log p_{nv} + H_n) + c_n [v = t_n]
+
+(0 where ``p_nv`` is 0: a masked class), times the softcap derivative; then the products of
+``dE``, ``dC`` and the bias gradient as the loss's backward (``docs/math.md``). No tile is
+skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cce_jax import filtering, loss_math, vma, xla_chunked
+from cce_jax.options import LossOptions
+from cce_jax.tiled import LocalGrads, TiledInputs
+
+
+class LocalStats(NamedTuple):
+  """Per-token statistics over the local classes, each (N,).
+
+  Attributes:
+    lse: f32 ``log sum_v exp(z_nv)``; -inf for a token without a finite logit.
+    entropy: f32 entropy of the local softmax; 0 for a token without a finite logit.
+    target: f32 ``z_{n, local_labels[n]}`` (by an indexed dot), 0 where the label is -1.
+    peak: f32 the largest local logit.
+    argmax: int32 the lowest local class id holding ``peak`` (0 when every logit is -inf,
+      like ``jnp.argmax``).
+  """
+
+  lse: jax.Array
+  entropy: jax.Array
+  target: jax.Array
+  peak: jax.Array
+  argmax: jax.Array
+
+
+class StatsCotangents(NamedTuple):
+  """The cotangents of the differentiable fields of :class:`LocalStats`, each (N,) f32."""
+
+  lse: jax.Array
+  entropy: jax.Array
+  target: jax.Array
+
+
+def stats_grad_tile(
+  z: jax.Array,  # (n, v) f32 soft-capped logits
+  lse: jax.Array,  # (n,) f32, exp_shift-ed: 0 where the local lse is -inf
+  entropy: jax.Array,  # (n,) f32
+  is_target: jax.Array,  # (n, v) bool
+  cot: StatsCotangents,  # of the n tokens
+  valid: jax.Array | None,  # (n, v) bool, or None for all
+  opts: LossOptions,
+) -> jax.Array:
+  r"""The gradient w.r.t. the raw logits of a tile, (n, v) f32:
+
+  .. math::
+    dx_{nv} = \bigl(a_n p_{nv} - b_n p_{nv} (\log p_{nv} + H_n) + c_n [v = t_n]\bigr)
+      \left(1 - (z_{nv} / s)^2\right)
+
+  with 0 in place of ``p log p`` where ``p`` is 0 (a ``-inf`` logit), and 0 outside ``valid``.
+  """
+  log_p = z - lse[:, None]
+  p = jnp.exp(log_p)
+  safe_log_p = jnp.where(p > 0.0, log_p, 0.0)  # -inf at a masked class, where p is 0
+  dz = p * (cot.lse[:, None] - cot.entropy[:, None] * (safe_log_p + entropy[:, None]))
+  dz = dz + jnp.where(is_target, cot.target[:, None], 0.0)
+  if valid is not None:
+    dz = jnp.where(valid, dz, 0.0)
+  return dz * loss_math.softcap_derivative(z, opts.softcap)
+
+
+# ---- "xla": one streamed pass over vocabulary tiles ------------------------------------------
+
+
+def _online_stats_step(state, z: jax.Array, first_class: jax.Array):
+  """Merges one (n, v) tile of logits (non-live entries already -inf) whose first column is
+  class ``first_class`` into the running (max, s, t, argmax)."""
+  running_max, s, t, argmax = state
+  tile_max = jnp.max(z, axis=1)
+  new_max = jnp.maximum(running_max, tile_max)
+  shift = filtering.exp_shift(new_max)
+  centered = z - shift[:, None]  # (n, v): exactly 0 where z is the new maximum
+  p = jnp.exp(centered)  # 0 at -inf logits
+  tile_t = jnp.sum(jnp.where(p > 0.0, p * centered, 0.0), axis=1)
+  # The tile's argmax matters only where it raises the maximum (tile_max > running_max), and
+  # there its maxima are the entries with centered == 0: the lowest such column. (A min over
+  # a select, where jnp.argmax's variadic reduction is about twice as slow on XLA:CPU.)
+  columns = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  tile_argmax = jnp.min(jnp.where(centered == 0.0, columns, z.shape[1]), axis=1) + first_class
+  # sum exp(z - m_old)(z - m_old) rescaled to the new max: exp(m_old - m_new) (t + s (m_old -
+  # m_new)); nothing to rescale (and -inf - m, a NaN source) while s is 0.
+  rescale = jnp.exp(running_max - shift)
+  moved = jnp.where(s > 0.0, s * (running_max - shift), 0.0)
+  t = rescale * (t + moved) + tile_t
+  s = rescale * s + jnp.sum(p, axis=1)
+  # A later block (higher class ids) wins only with a strictly larger maximum.
+  argmax = jnp.where(tile_max > running_max, tile_argmax, argmax)
+  return new_max, s, t, argmax
+
+
+def xla_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
+  """:class:`LocalStats` in one pass over the vocabulary tiles of ``opts.block_sizes``."""
+  e, c, local_labels, bias = inputs  # (N, D), (V, D) or (D, V), (N,), (V,) or None
+  axis = opts.vocab_dim
+  tok, voc = xla_chunked.tilings(e.shape[0], c.shape[axis], opts)
+
+  def token_step(i, carry):
+    t0 = tok.start(i)
+    e_blk = lax.dynamic_slice_in_dim(e, t0, tok.block)  # (n, D)
+    labels_blk = lax.dynamic_slice_in_dim(local_labels, t0, tok.block)
+    target = loss_math.target_logits(e_blk, c, labels_blk, bias, opts)
+
+    def vocab_step(j, state):
+      v0 = voc.start(j)
+      c_blk = lax.dynamic_slice_in_dim(c, v0, voc.block, axis)
+      bias_blk = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, voc.block)
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      live = voc.live(j, v0)  # classes an earlier (overlapped) block did not cover
+      if live is not None:
+        z = jnp.where(live[None, :], z, -jnp.inf)
+      return _online_stats_step(state, z, v0)
+
+    zeros = jnp.zeros((tok.block,), jnp.float32)
+    init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros, zeros)
+    init = (*init, jnp.zeros((tok.block,), jnp.int32))
+    init = vma.vary_like(init, e, c, bias)
+    peak, s, t, argmax = lax.fori_loop(0, voc.count, vocab_step, init)
+    has_mass = s > 0.0
+    safe_s = jnp.where(has_mass, s, 1.0)
+    entropy = jnp.where(has_mass, jnp.log(safe_s) - t / safe_s, 0.0)
+    block = LocalStats(peak + jnp.log(s), entropy, target, peak, argmax)
+    # Rows shared with the previous (overlapped) block are recomputed identically.
+    return jax.tree.map(lambda acc, x: lax.dynamic_update_slice_in_dim(acc, x, t0, 0), carry, block)
+
+  num_tokens = e.shape[0]
+  f32 = jnp.zeros((num_tokens,), jnp.float32)
+  init = LocalStats(f32, f32, f32, f32, jnp.zeros((num_tokens,), jnp.int32))
+  init = vma.vary_like(init, e, c, bias)
+  return lax.fori_loop(0, tok.count, token_step, init)
+
+
+def xla_backward(
+  inputs: TiledInputs,
+  lse: jax.Array,  # (N,) f32, exp_shift-ed
+  entropy: jax.Array,  # (N,) f32
+  cot: StatsCotangents,
+  opts: LossOptions,
+) -> LocalGrads:
+  """dE (N, D) f32, dC (layout and dtype of ``c``) and the bias gradient (V,) f32, tile by
+  tile: for each vocabulary block, for each token block, recompute the logits, form
+  :func:`stats_grad_tile` and accumulate ``dE += dX @ C`` and ``dC_block += dX.T @ E``."""
+  e, c, local_labels, bias = inputs
+  num_tokens, hidden = e.shape
+  axis = opts.vocab_dim
+  tok, voc = xla_chunked.tilings(num_tokens, c.shape[axis], opts)
+  product_dtype = filtering.product_dtype(e.dtype)
+  block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
+
+  def vocab_step(j, carry):
+    d_e, d_c, d_bias = carry
+    v0 = voc.start(j)
+    c_blk = lax.dynamic_slice_in_dim(c, v0, voc.block, axis)
+    c_product = c_blk.astype(product_dtype)
+    bias_blk = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, voc.block)
+    class_ids = v0 + lax.iota(jnp.int32, voc.block)
+    live_v = voc.live(j, v0)
+
+    def token_step(i, inner):
+      d_e, d_c_blk, d_bias_blk = inner
+      t0 = tok.start(i)
+      rows = lambda x: lax.dynamic_slice_in_dim(x, t0, tok.block)
+      e_blk = rows(e)  # (n, D)
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      is_target = rows(local_labels)[:, None] == class_ids[None, :]
+      valid = xla_chunked._outer_and(tok.live(i, t0), live_v)  # (n, v) or None
+      dx = stats_grad_tile(
+        z, rows(lse), rows(entropy), is_target, jax.tree.map(rows, cot), valid, opts
+      )
+      if d_bias_blk is not None:
+        d_bias_blk = d_bias_blk + jnp.sum(dx, axis=0)
+      dx = dx.astype(product_dtype)
+      d_rows = rows(d_e) + xla_chunked._grad_e(dx, c_product, axis)
+      d_c_blk = d_c_blk + xla_chunked._grad_c(dx, e_blk.astype(product_dtype), axis)
+      return lax.dynamic_update_slice_in_dim(d_e, d_rows, t0, 0), d_c_blk, d_bias_blk
+
+    init = (
+      d_e,
+      jnp.zeros(block_shape_c, jnp.float32),
+      None if bias is None else jnp.zeros((voc.block,), jnp.float32),
+    )
+    init = vma.vary_like(init, e, c, bias, cot)
+    d_e, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
+    # Classes an earlier block covered got zeros in this one (not live): adding is exact.
+    old = lax.dynamic_slice_in_dim(d_c, v0, voc.block, axis)
+    d_c = lax.dynamic_update_slice_in_dim(d_c, (old + d_c_blk).astype(d_c.dtype), v0, axis)
+    if d_bias is not None:
+      old_bias = lax.dynamic_slice_in_dim(d_bias, v0, voc.block)
+      d_bias = lax.dynamic_update_slice_in_dim(d_bias, old_bias + d_bias_blk, v0, 0)
+    return d_e, d_c, d_bias
+
+  init = (
+    jnp.zeros((num_tokens, hidden), jnp.float32),
+    jnp.zeros_like(c),
+    None if bias is None else jnp.zeros((c.shape[axis],), jnp.float32),
+  )
+  init = vma.vary_like(init, e, c, bias, cot)
+  d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
+  return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
+
+
+# ---- "reference": the materialized logits ---------------------------------------------------
+
+
+def reference_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
+  """:class:`LocalStats` from the materialized (N, V) f32 logits."""
+  e, c, local_labels, bias = inputs
+  z = loss_math.capped_logits(e, c, bias, opts)  # (N, V) f32
+  lse = jax.nn.logsumexp(z, axis=-1)
+  log_p = z - filtering.exp_shift(lse)[:, None]
+  p = jnp.exp(log_p)
+  entropy = -jnp.sum(jnp.where(p > 0.0, p * log_p, 0.0), axis=-1)
+  target = jnp.take_along_axis(z, jnp.maximum(local_labels, 0)[:, None], axis=-1)[:, 0]
+  return LocalStats(
+    lse=lse,
+    entropy=entropy,
+    target=jnp.where(local_labels >= 0, target, 0.0),
+    peak=jnp.max(z, axis=-1),
+    argmax=jnp.argmax(z, axis=-1).astype(jnp.int32),
+  )
+
+
+def reference_backward(
+  inputs: TiledInputs, lse: jax.Array, entropy: jax.Array, cot: StatsCotangents, opts: LossOptions
+) -> LocalGrads:
+  """The gradients of :func:`xla_backward` from the materialized (N, V) tile."""
+  e, c, local_labels, bias = inputs
+  z = loss_math.capped_logits(e, c, bias, opts)  # (N, V) f32
+  is_target = local_labels[:, None] == jnp.arange(z.shape[1], dtype=jnp.int32)[None, :]
+  dx = stats_grad_tile(z, lse, entropy, is_target, cot, None, opts)  # (N, V)
+  f32, exact = jnp.float32, lax.Precision.HIGHEST
+  c32 = c.astype(f32)
+  d_e = jnp.matmul(dx, c32 if opts.vocab_dim == 0 else c32.T, precision=exact)  # (N, D)
+  d_c = jnp.matmul(dx.T, e.astype(f32), precision=exact)  # (V, D)
+  if opts.vocab_dim == 1:
+    d_c = d_c.T
+  d_bias = None if bias is None else jnp.sum(dx, axis=0)
+  return LocalGrads(d_e=d_e, d_c=d_c.astype(c.dtype), d_bias=d_bias)
+
+
+class StatsImplementation(NamedTuple):
+  """The forward and backward of one ``impl`` of :func:`cce_jax.token_stats`."""
+
+  forward: Callable[[TiledInputs, LossOptions], LocalStats]
+  backward: Callable[..., LocalGrads]
+
+
+IMPLEMENTATIONS = {
+  "xla": StatsImplementation(xla_forward, xla_backward),
+  "reference": StatsImplementation(reference_forward, reference_backward),
+}

@@ -1,0 +1,262 @@
+"""``cce_jax.token_stats`` against the float64 reference of the materialized logits.
+
+Every field (lse, entropy, argmax, logprob, correct) and the gradients of lse, entropy and
+logprob, for "xla" (streamed tiles) and "reference", on sizes that no block divides, with bias,
+masked classes, softcap, shift, ignored and out-of-range labels, both classifier layouts, exact
+argmax ties, ``jax.jit`` and ``jax.vmap``. (``mesh=`` over 8 host devices:
+``tests/multidevice/test_token_stats_shard.py``.)
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import stats64
+from testing import assert_rel_close
+
+import cce_jax
+
+# 2 x 13 tokens, V = 203 classes, D = 16: ragged for the 8 x 32 tiles below.
+BATCH, SEQ_LEN, HIDDEN, NUM_CLASSES = 2, 13, 16, 203
+BLOCKS = cce_jax.BlockSizes(token_block=8, vocab_block=32)
+IMPLS = ("xla", "reference")
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-4}
+
+
+def _inputs(seed: int, dtype: str = "float32", layout: str = "vd", masked=None):
+  """Random e (B, T, D), c (layout), labels (B, T) with ignored ones, bias (V,)."""
+  rng = np.random.default_rng(seed)
+  e = rng.normal(size=(BATCH, SEQ_LEN, HIDDEN))
+  c = rng.normal(size=(NUM_CLASSES, HIDDEN)) * 0.5
+  bias = rng.normal(size=(NUM_CLASSES,)).astype(np.float32)
+  allowed = np.arange(NUM_CLASSES)
+  if masked is not None:
+    bias[masked] = -np.inf
+    allowed = np.setdiff1d(allowed, masked)
+  labels = rng.choice(allowed, size=(BATCH, SEQ_LEN)).astype(np.int32)
+  labels[0, 4] = labels[1, 9] = -100
+  if layout == "dv":
+    c = c.T
+  return (
+    jnp.asarray(e, dtype),
+    jnp.asarray(c, dtype),
+    jnp.asarray(labels),
+    jnp.asarray(bias),
+  )
+
+
+def _check_argmax(name: str, argmax, z64, atol: float) -> None:
+  """``argmax`` picks a largest logit of the float64 logits ``z64`` (within ``atol``: f32
+  rounding may reorder near-ties), and the float64 argmax on all but a few rows."""
+  argmax = np.asarray(argmax)
+  assert argmax.dtype == np.int32, f"{name}: dtype {argmax.dtype}"
+  picked = np.take_along_axis(z64, argmax[..., None], axis=-1)[..., 0]
+  assert np.all(picked >= z64.max(axis=-1) - atol), f"{name}: not a largest logit"
+  assert np.mean(argmax == z64.argmax(axis=-1)) > 0.9, f"{name}: differs from the f64 argmax"
+
+
+def _check_fields(stats, expected, labels, shift: int, tol: float, ignore_index: int = -100):
+  assert_rel_close("lse", stats.lse, expected["lse"], tol)
+  assert_rel_close("entropy", stats.entropy, expected["entropy"], 10 * tol)
+  _check_argmax("argmax", stats.argmax, expected["z"], atol=50 * tol)
+  targets = np.asarray(labels)[..., shift:]
+  counted = targets != ignore_index
+  assert_rel_close("logprob", stats.logprob, expected["logprob"], tol)
+  chex.assert_trees_all_equal(np.asarray(stats.logprob)[~counted], np.zeros((~counted).sum()))
+  expected_correct = counted & (np.asarray(stats.argmax) == targets)
+  chex.assert_trees_all_equal(np.asarray(stats.correct), expected_correct)
+  assert np.asarray(stats.correct).dtype == np.bool_
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fields_match_the_float64_reference(impl, dtype, layout, softcap):
+  seed = IMPLS.index(impl) + 2 * (dtype == "bfloat16") + 4 * (layout == "dv") + 8 * bool(softcap)
+  e, c, labels, bias = _inputs(seed, dtype, layout)
+  options = dict(softcap=softcap, shift=1, classifier_layout=layout)
+  stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, **options)
+  expected = stats64.stats(e, c, labels, bias, **options)
+  chex.assert_shape(list(stats), (BATCH, SEQ_LEN - 1))
+  chex.assert_type([stats.lse, stats.entropy, stats.logprob], jnp.float32)
+  _check_fields(stats, expected, labels, shift=1, tol=TOLERANCE[dtype])
+  entropy = np.asarray(stats.entropy)
+  assert np.all(entropy >= -1e-5) and np.all(entropy <= np.log(NUM_CLASSES) + 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_gradients_match_the_float64_reference(impl, layout, softcap):
+  """The gradient of a weighted sum of lse, entropy and logprob w.r.t. e, c and bias."""
+  e, c, labels, bias = _inputs(20 + IMPLS.index(impl) + 2 * (layout == "dv"), layout=layout)
+  options = dict(softcap=softcap, shift=1, classifier_layout=layout)
+  rng = np.random.default_rng(7)
+  weights = {k: rng.normal(size=(BATCH, SEQ_LEN - 1)) for k in ("lse", "entropy", "logprob")}
+
+  def objective(e, c, bias):
+    stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, **options)
+    return sum(jnp.sum(weights[k] * getattr(stats, k)) for k in weights)
+
+  grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(e, c, bias)
+  expected = stats64.stats_grads(e, c, labels, bias, weights, ignore_index=-100, **options)
+  for name, grad in zip(("d_e", "d_c", "d_bias"), grads, strict=True):
+    assert_rel_close(name, grad, expected[name], 1e-4)
+
+
+def test_entropy_gradient_alone_is_minus_p_times_centered_logits():
+  """Only the entropy differentiated (an RL entropy bonus): no bias, no labels."""
+  e, c, _, _ = _inputs(31)
+  weights = {"lse": np.zeros((BATCH, SEQ_LEN)), "logprob": np.zeros((BATCH, SEQ_LEN))}
+  weights["entropy"] = np.ones((BATCH, SEQ_LEN))
+  entropy_sum = lambda e, c: jnp.sum(cce_jax.token_stats(e, c, block_sizes=BLOCKS).entropy)
+  d_e, d_c = jax.grad(entropy_sum, argnums=(0, 1))(e, c)
+  labels = jnp.zeros((BATCH, SEQ_LEN), jnp.int32)
+  expected = stats64.stats_grads(
+    e, c, labels, None, weights, ignore_index=-100, softcap=None, shift=0, classifier_layout="vd"
+  )
+  assert_rel_close("d_e", d_e, expected["d_e"], 1e-4)
+  assert_rel_close("d_c", d_c, expected["d_c"], 1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_classes_give_finite_entropy_and_zero_gradients(impl):
+  """A -inf bias over whole vocabulary tiles (and scattered classes): p = 0 adds 0 to the
+  entropy (never 0 * -inf), the argmax avoids them, their gradients are exactly 0."""
+  masked = np.r_[0:70, 101, 150, 202]
+  e, c, labels, bias = _inputs(41, masked=masked)
+  stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, shift=2)
+  expected = stats64.stats(e, c, labels, bias, shift=2)
+  _check_fields(stats, expected, labels, shift=2, tol=2e-5)
+  assert not np.isin(np.asarray(stats.argmax), masked).any()
+
+  def objective(c, bias):
+    stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, shift=2)
+    return jnp.sum(stats.entropy) + jnp.sum(stats.logprob) + 0.5 * jnp.sum(stats.lse)
+
+  d_c, d_bias = jax.grad(objective, argnums=(0, 1))(c, bias)
+  assert np.all(np.isfinite(d_c)) and np.all(np.isfinite(d_bias))
+  chex.assert_trees_all_equal(np.asarray(d_c)[masked], np.zeros((masked.size, HIDDEN)))
+  chex.assert_trees_all_equal(np.asarray(d_bias)[masked], np.zeros((masked.size,)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_argmax_ties_resolve_to_the_lowest_class_id(impl, dtype):
+  """Classes with identical rows of c (and bias) have bit-identical logits; the winner is the
+  lowest id, within a tile, across tiles and in the overlapped last tile, like jnp.argmax."""
+  rng = np.random.default_rng(5)
+  e = rng.normal(size=(3, 9, HIDDEN))
+  c = rng.normal(size=(NUM_CLASSES, HIDDEN)) * 0.1
+  # Token group g's hidden states point along a row that three classes share.
+  ties = [(40, 45, 190), (3, 99, 200), (171, 180, 202)]  # in-tile, across tiles, last tile
+  for group, ids in enumerate(ties):
+    direction = rng.normal(size=HIDDEN)
+    c[list(ids)] = 3.0 * direction
+    e[group] = e[group] * 0.1 + direction
+  e, c = jnp.asarray(e, dtype), jnp.asarray(c, dtype)
+  stats = cce_jax.token_stats(e, c, impl=impl, block_sizes=BLOCKS)
+  logits = jnp.einsum("btd,vd->btv", e, c, preferred_element_type=jnp.float32)
+  expected = np.broadcast_to(np.array([ids[0] for ids in ties])[:, None], (3, 9))
+  chex.assert_trees_all_equal(np.asarray(jnp.argmax(logits, axis=-1)), expected)
+  chex.assert_trees_all_equal(np.asarray(stats.argmax), expected)
+
+
+def test_ignored_and_out_of_range_labels():
+  e, c, labels, _ = _inputs(51)
+  labels = labels.at[0, 4].set(7).at[1, 9].set(8)  # no -100: out of range with ignore_index=3
+  labels = labels.at[0, 2].set(NUM_CLASSES).at[1, 1].set(-7).at[1, 5].set(3)
+  stats = cce_jax.token_stats(e, c, labels, ignore_index=3, block_sizes=BLOCKS)
+  logprob, correct = np.asarray(stats.logprob), np.asarray(stats.correct)
+  assert np.isnan(logprob[0, 2]) and np.isnan(logprob[1, 1])  # bad labels: NaN, never plausible
+  assert logprob[1, 5] == 0.0 and not correct[1, 5]  # ignore_index=3
+  assert not correct[0, 2] and not correct[1, 1]
+  assert np.isfinite(np.delete(logprob.ravel(), [2, SEQ_LEN + 1])).all()
+  assert np.all(np.isfinite(stats.lse)) and np.all(np.isfinite(stats.entropy))
+  with pytest.raises(ValueError, match=r"`labels` holds 2 value\(s\) outside \[0, V\)"):
+    cce_jax.token_stats(e, c, labels, ignore_index=3, check_labels=True)
+
+
+def test_without_labels_and_with_shift():
+  e, c, labels, _ = _inputs(61)
+  with_labels = cce_jax.token_stats(e, c, labels, shift=2, block_sizes=BLOCKS)
+  without = cce_jax.token_stats(e, c, shift=2, block_sizes=BLOCKS)
+  assert without.logprob is None and without.correct is None
+  chex.assert_trees_all_close(without[:3], with_labels[:3], rtol=0, atol=0)
+  chex.assert_shape(without.lse, (BATCH, SEQ_LEN - 2))
+  empty = cce_jax.token_stats(e, c, labels, shift=SEQ_LEN)
+  chex.assert_shape(list(empty), (BATCH, 0))
+
+
+def test_two_dimensional_e_and_a_single_token():
+  e, c, labels, bias = _inputs(71)
+  flat = cce_jax.token_stats(e.reshape(-1, HIDDEN), c, labels.reshape(-1), bias=bias)
+  batched = cce_jax.token_stats(e, c, labels, bias=bias)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda x: x.reshape(-1), batched), flat, rtol=1e-6, atol=1e-6
+  )
+  one = cce_jax.token_stats(e[:1, :1], c, labels[:1, :1], bias=bias, block_sizes=BLOCKS)
+  expected = stats64.stats(e[:1, :1], c, labels[:1, :1], bias)
+  assert_rel_close("lse", one.lse, expected["lse"], 2e-5)
+  assert_rel_close("entropy", one.entropy, expected["entropy"], 2e-4)
+
+
+def test_vmap_and_jit_match_the_plain_call():
+  e, c, labels, bias = _inputs(81)
+  call = lambda e, labels: cce_jax.token_stats(e, c, labels, bias=bias, block_sizes=BLOCKS)
+  mapped = jax.jit(jax.vmap(call))(e, labels)
+  chex.assert_trees_all_close(mapped, call(e, labels), rtol=1e-6, atol=1e-6)
+
+  def entropy_sum(e, labels):
+    stats = call(e, labels)
+    return jnp.sum(stats.entropy) - jnp.sum(stats.logprob)
+
+  per_example = jax.vmap(jax.grad(entropy_sum))(e, labels)
+  chex.assert_trees_all_close(per_example, jax.grad(entropy_sum)(e, labels), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu"])
+def test_pallas_impl_raises_naming_the_supported_ones(impl):
+  e, c, labels, _ = _inputs(91)
+  with pytest.raises(NotImplementedError, match=rf"`impl`='{impl}'.*'auto', 'xla', 'reference'"):
+    cce_jax.token_stats(e, c, labels, impl=impl)
+
+
+def test_auto_is_xla():
+  e, c, labels, bias = _inputs(92)
+  auto = cce_jax.token_stats(e, c, labels, bias=bias)
+  xla = cce_jax.token_stats(e, c, labels, bias=bias, impl="xla")
+  chex.assert_trees_all_equal(auto, xla)
+
+
+def test_second_order_and_forward_mode_raise():
+  e, c, labels, _ = _inputs(93)
+  entropy_sum = lambda e: jnp.sum(cce_jax.token_stats(e, c, labels).entropy)
+  with pytest.raises(NotImplementedError, match="first-order reverse-mode"):
+    jax.grad(lambda e: jnp.sum(jax.grad(entropy_sum)(e)))(e)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(entropy_sum, (e,), (e,))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "error", "match"),
+  [
+    (dict(labels=jnp.zeros((BATCH, SEQ_LEN + 1), jnp.int32)), ValueError, "`labels` must have"),
+    (dict(labels=jnp.zeros((BATCH, SEQ_LEN))), TypeError, "`labels` must be an integer"),
+    (dict(impl="triton"), ValueError, "`impl` must be one of"),
+    (dict(shift=SEQ_LEN + 1), ValueError, "`shift` must be in"),
+    (dict(classifier_layout="dv"), ValueError, "classifier_layout='vd'"),
+    (dict(block_sizes=(8, 32)), TypeError, "`block_sizes` must be a cce_jax.BlockSizes"),
+    (dict(bias=jnp.zeros((NUM_CLASSES + 1,))), ValueError, "`bias` must have shape"),
+    (dict(vocab_axis="tensor"), ValueError, "`vocab_axis`='tensor' is not a mesh axis"),
+  ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+  e, c, labels, _ = _inputs(94)
+  kwargs = {"labels": labels, **kwargs}
+  with pytest.raises(error, match=match):
+    cce_jax.token_stats(e, c, **kwargs)
