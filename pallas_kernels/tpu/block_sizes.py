@@ -3,8 +3,9 @@
 Every kernel works on a tile of ``token_block x vocab_block`` logits, computed as the sum over
 ``hidden_block``-wide chunks of the hidden dimension D. What lives in VMEM (per TensorCore) is
 the double-buffered input blocks of ``e`` and ``c``, the f32 accumulators, a few f32 logit-sized
-temporaries, and for the backward the f32 gradient accumulator of a whole token block (dE,
-``token_block x D``) or a whole vocabulary block (dC, ``vocab_block x D``).
+temporaries, and for the backward a whole-width block of ``c`` and the f32 gradient accumulator
+of that vocabulary block (dC, ``vocab_block x D``), plus one f32 ``token_block x hidden_block``
+chunk of dE.
 :func:`kernel_vmem_bytes` adds these up per kernel, rounding every buffer up to the (8, 128)
 VMEM tiling (16 sublanes for 16-bit types). The heuristic (:func:`resolve`) keeps the largest
 tiles whose every kernel stays within ``VMEM_HEADROOM`` of the budget, the rest left to Mosaic's
@@ -126,7 +127,8 @@ def kernel_vmem_bytes(
 
   Counts the double-buffered input and output blocks, the scratch accumulators, and four
   f32 ``token_block x vocab_block`` temporaries (logits, exponentials, gradient, masks). The
-  classifier block is counted as (vocab_block, hidden_block) in either layout.
+  classifier block is counted as (vocab_block, hidden_block) in either layout (the backward's
+  as (vocab_block, D rounded up to whole chunks)).
 
   Args:
     token_block, vocab_block, hidden_block: bn, bv, bd (already clamped to the problem).
@@ -134,7 +136,7 @@ def kernel_vmem_bytes(
     itemsize: bytes per element of ``e`` and ``c`` (2 or 4).
 
   Returns:
-    ``{"forward": bytes, "backward_e": bytes, "backward_c": bytes}``.
+    ``{"forward": bytes, "backward": bytes}``.
   """
   bn, bv, bd = token_block, vocab_block, hidden_block
   nk = cdiv(hidden, bd)
@@ -154,27 +156,21 @@ def kernel_vmem_bytes(
     + 2 * 2 * _tile_bytes(bn, LANES, f32)  # lse/logit-sum and block-maxima outputs
     + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
   )
-  backward_e = (
-    inputs
-    + token_inputs
-    + logit_temps
-    + logit_acc
-    + grad_scratch
-    + 2 * _tile_bytes(bn, bd, f32)  # dE output block
-    + (_tile_bytes(bn, hidden_padded, f32) if chunked else 0)  # dE accumulator
-  )
-  backward_c = (
-    inputs
+  backward = (  # kernels.grads: the classifier block is resident at full width
+    2 * (_tile_bytes(bn, bd, itemsize) + _tile_bytes(bv, hidden_padded, itemsize))
+    + 2 * _tile_bytes(1, bv, f32)  # bias
     + token_inputs
     + logit_temps
     + logit_acc
     + grad_scratch
     + 2 * _tile_bytes(bv, bd, itemsize)
     + 2 * _tile_bytes(1, bv, f32)  # dC, dbias outputs
+    + 2 * _tile_bytes(1, bd, f32)  # class offset
     + _tile_bytes(bv, hidden_padded, f32)
     + _tile_bytes(1, bv, f32)  # dC, dbias accumulators
+    + _tile_bytes(bn, bd, f32)  # the tile's dE chunk, read and written by DMA
   )
-  return {"forward": forward, "backward_e": backward_e, "backward_c": backward_c}
+  return {"forward": forward, "backward": backward}
 
 
 def _hidden_blocks(hidden: int, requested: int | None):
@@ -216,7 +212,7 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
   token_block = sizes.token_block or (512 if itemsize == 2 else 256)
   vocab_block = sizes.vocab_block or 512
 
-  def fits(bn, bv, bd, kernels=("forward", "backward_e", "backward_c")):
+  def fits(bn, bv, bd, kernels=("forward", "backward")):
     need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)
     return max(need[k] for k in kernels) <= budget
 
