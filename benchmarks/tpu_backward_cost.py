@@ -37,7 +37,7 @@ def baseline(e, c, labels):
   return jnp.mean(losses)
 
 
-def pallas(budget_mib: int, filtered: bool):
+def pallas(budget_mib: int, vocab_block: int | None, filtered: bool):
   def loss(e, c, labels):
     return cce_jax.linear_cross_entropy(
       e,
@@ -45,7 +45,7 @@ def pallas(budget_mib: int, filtered: bool):
       labels,
       impl="pallas_tpu",
       filter_eps="auto" if filtered else None,
-      block_sizes=TPUBlockSizes(vmem_budget_bytes=budget_mib * MIB),
+      block_sizes=TPUBlockSizes(vocab_block=vocab_block, vmem_budget_bytes=budget_mib * MIB),
     )
 
   return loss
@@ -69,7 +69,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topologies", default="v5e:2x2,v6e:2x2")
   parser.add_argument("--shape", default="8192,2304,256000", help="N,D,V")
-  parser.add_argument("--budget-mib", default="16", help="VMEM budgets of pallas_tpu, MiB")
+  parser.add_argument(
+    "--budget-mib",
+    default="16",
+    help="VMEM budgets of pallas_tpu in MiB, each optionally :VOCAB_BLOCK (e.g. 16,96:2048)",
+  )
   parser.add_argument("--exact", action="store_true", help="also pallas_tpu with filter_eps=None")
   parser.add_argument("--no-baseline", action="store_true")
   args = parser.parse_args(argv)
@@ -87,10 +91,13 @@ def main(argv=None) -> int:
       jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     ]
     impls = {} if args.no_baseline else {"baseline": baseline}
-    for budget in (int(b) for b in args.budget_mib.split(",")):
-      impls[f"pallas_tpu {budget} MiB"] = pallas(budget, True)
+    for spec in args.budget_mib.split(","):
+      budget, _, vocab_block = spec.partition(":")
+      vocab_block = int(vocab_block) if vocab_block else None
+      name = f"pallas_tpu {budget} MiB" + (f" bv={vocab_block}" if vocab_block else "")
+      impls[name] = pallas(int(budget), vocab_block, True)
       if args.exact:
-        impls[f"pallas_tpu {budget} MiB exact"] = pallas(budget, False)
+        impls[f"{name} exact"] = pallas(int(budget), vocab_block, False)
     for name, fn in impls.items():
       loss = measure(fn, shapes, False)
       grad = measure(fn, shapes, True)
