@@ -136,8 +136,8 @@ def kernel_vmem_bytes(
 
   Counts the double-buffered input and output blocks, the scratch accumulators, and four
   f32 ``token_block x vocab_block`` temporaries (logits, exponentials, gradient, masks). The
-  classifier block is counted as (vocab_block, hidden_block) in either layout (the backward's
-  as (vocab_block, D rounded up to whole chunks)).
+  classifier block is counted as (vocab_block, hidden_block) in either layout; the backward's
+  blocks of ``e`` and ``c`` as (token_block or vocab_block, D rounded up to whole chunks).
 
   Args:
     token_block, vocab_block, hidden_block: bn, bv, bd (already clamped to the problem).
@@ -165,8 +165,8 @@ def kernel_vmem_bytes(
     + 2 * 2 * _tile_bytes(bn, LANES, f32)  # lse/logit-sum and block-maxima outputs
     + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
   )
-  backward = (  # kernels.grads: the classifier block is resident at full width
-    2 * (_tile_bytes(bn, bd, itemsize) + _tile_bytes(bv, hidden_padded, itemsize))
+  backward = (  # kernels.grads: blocks of e and c at full width
+    2 * (_tile_bytes(bn, hidden_padded, itemsize) + _tile_bytes(bv, hidden_padded, itemsize))
     + 2 * _tile_bytes(1, bv, f32)  # bias
     + token_inputs
     + logit_temps
@@ -261,10 +261,13 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
       if bd is not None:
         # The forward holds no whole-width block: it may take a wider hidden chunk and more
         # tokens.
-        forward_bn, forward_bd = bn, next(
-          b
-          for b in _hidden_blocks(hidden, sizes.hidden_block)
-          if b <= bd or fits(bn, bv, b, ("forward",))
+        forward_bn, forward_bd = (
+          bn,
+          next(
+            b
+            for b in _hidden_blocks(hidden, sizes.hidden_block)
+            if b <= bd or fits(bn, bv, b, ("forward",))
+          ),
         )
         if sizes.token_block is None:
           wider = (

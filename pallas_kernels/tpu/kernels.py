@@ -1,4 +1,4 @@
-"""The three Pallas TPU (Mosaic) kernels of Cut Cross-Entropy, and their ``pallas_call``s.
+"""The two Pallas TPU (Mosaic) kernels of Cut Cross-Entropy, and their ``pallas_call``s.
 
 Every kernel walks the (token, vocabulary) plane in tiles of ``bn x bv`` logits, each the sum
 over ``nk`` chunks of the hidden dimension of ``e_blk . c_blk`` (f32 accumulation on the matrix
@@ -8,18 +8,19 @@ unit), and never writes a logit tile to HBM:
   chunks "arbitrary"): online log-sum-exp in VMEM scratch across the vocabulary blocks; the sum
   of the logits (label smoothing); the maximum logit of every (token, vocabulary block) (the
   residual of the backward's skip test).
-* :func:`grad_e`, grid (token blocks "parallel", vocabulary blocks "arbitrary", phase): reduces
-  over the vocabulary into a VMEM-resident f32 accumulator of one token block of dE.
-* :func:`grad_c`, grid (vocabulary blocks "parallel", token blocks "arbitrary", phase): reduces
-  over the tokens into a VMEM-resident f32 accumulator of one vocabulary block of dC (and of
-  the bias gradient).
+* :func:`grads`, grid (vocabulary blocks, token blocks, phase), all "arbitrary": computes each
+  tile's logits once and both products from them. A vocabulary block of ``c`` (whole width)
+  and its f32 dC (and dbias) accumulator stay in VMEM while the token blocks stream through;
+  each tile's share of dE is added to an f32 buffer in HBM by DMA (read, add, write), so dE
+  accumulates over the vocabulary blocks in a fixed order: deterministic, no atomics. Its HBM
+  traffic is ``8 N D`` bytes per vocabulary block, which is why the backward prefers a large
+  vocabulary block and a small token block (``docs/tpu_backend.md``).
 
-So dE and dC each accumulate in f32 without atomics, at the cost of recomputing every tile's
-logits twice in the backward (once per kernel). Each backward kernel reads a skip table (one bit
-per tile, scalar-prefetched into SMEM) and skips a skipped tile's work with ``pl.when``. With
-more than one hidden chunk a backward tile takes ``2 nk`` grid steps: ``nk`` accumulate the
-logits, the softmax gradient goes to VMEM scratch, then ``nk`` steps multiply it with the
-chunks of the other operand.
+The backward reads a skip table (one bit per tile, scalar-prefetched into SMEM) and skips a
+skipped tile's work with ``pl.when`` (its dE product and DMA, its dC product, and its logits
+when both go). With more than one hidden chunk a backward tile takes ``2 nk`` grid steps:
+``nk`` accumulate the logits, the softmax gradient goes to VMEM scratch, then step ``nk + q``
+forms both products for hidden chunk q.
 
 Tiles are laid out (tokens, classes): per-token vectors enter as (bn, k) columns, per-class
 ones as (1, bv) rows. Ragged sizes: the last block of any axis may stick out of its array; what
@@ -323,6 +324,13 @@ def _c_chunk(c_ref, index, geo: Geometry) -> jax.Array:
   return c_ref[_chunk(index, geo.tiles), :]
 
 
+def _e_chunk(e_ref, index, geo: Geometry) -> jax.Array:
+  """Chunk ``index`` of the full-width token block of ``e``: (bn, bd)."""
+  if geo.tiles.num_hidden_blocks == 1:
+    return e_ref[...]
+  return e_ref[:, _chunk(index, geo.tiles)]
+
+
 def _not(cond):
   """``not cond`` of a Python bool or a traced bool."""
   return (not cond) if isinstance(cond, bool) else jnp.logical_not(cond)
@@ -363,7 +371,8 @@ def _grads_kernel(
   accumulator (1, bv) f32], dE tile buffer (bn, bd) f32, DMA semaphores (2,), and when nk > 1:
   logit accumulator (bn, bv) f32, gradient (bn, bv) in e's dtype.
 
-  ``c_ref`` holds the whole width of vocabulary block j (resident over the token blocks).
+  ``c_ref`` holds the whole width of vocabulary block j (resident over the token blocks),
+  ``e_ref`` the whole width of token block i.
   Steps: with one hidden chunk, one step per tile; else steps ``k < nk`` accumulate the logits
   over the chunks of D, step ``nk - 1`` forms the softmax gradient, and step ``nk + q`` does
   both products for hidden chunk q. The dE chunk of the tile is a read-modify-write of HBM by
@@ -413,7 +422,11 @@ def _grads_kernel(
 
   def logits(chunk_index):
     return _logits_part(
-      e_ref[...], _c_chunk(c_ref, chunk_index, geo), chunk_index, geo, math.precision
+      _e_chunk(e_ref, chunk_index, geo),
+      _c_chunk(c_ref, chunk_index, geo),
+      chunk_index,
+      geo,
+      math.precision,
     )
 
   if nk > 1:
@@ -443,7 +456,7 @@ def _grads_kernel(
     )
 
   def add_d_c(grad):  # dC chunk q += grad^T . e (or its transpose for (D, V))
-    e_blk = e_ref[...]
+    e_blk = _e_chunk(e_ref, q, geo)
     # Rows of e past N are undefined: zero them, or 0 * NaN would reach dC.
     e_blk = _zero_outside(e_blk, _valid(i, tiles.token_block, geo.num_tokens, e_blk.shape, 0))
     dims = (((0,), (0,)), ((), ()))
@@ -466,7 +479,7 @@ def _grads_kernel(
 
   # The tile's rows of dE chunk q in HBM (dE is padded to whole blocks).
   rows = pl.ds(pl.multiple_of(i * tiles.token_block, tiles.token_block), tiles.token_block)
-  d_e_window = d_e_hbm.at[rows, pl.ds(pl.multiple_of(q * tiles.hidden_block, LANES), tiles.hidden_block)]
+  d_e_window = d_e_hbm.at[rows, _chunk(q, tiles)]
   read = pltpu.make_async_copy(d_e_window, d_e_buf, sems.at[0])
   write = pltpu.make_async_copy(d_e_buf, d_e_window, sems.at[1])
 
@@ -550,9 +563,8 @@ def grads(
   nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
   nt, nv = t.num_token_blocks, t.num_vocab_blocks
   hidden_padded = nk * t.hidden_block
-  c_width = geo.hidden if nk == 1 else hidden_padded
-  e_chunk = (lambda j, i, k, s: 0) if nk == 1 else (lambda j, i, k, s: lax.rem(k, nk))
-  in_specs = [pl.BlockSpec((t.token_block, t.hidden_block), lambda j, i, k, s: (i, e_chunk(j, i, k, s)))]
+  c_width = geo.hidden if nk == 1 else hidden_padded  # e and c blocks are full width
+  in_specs = [pl.BlockSpec((t.token_block, c_width), lambda j, i, k, s: (i, 0))]
   if geo.vocab_dim == 0:
     in_specs.append(pl.BlockSpec((t.vocab_block, c_width), lambda j, i, k, s: (j, 0)))
   else:
@@ -616,7 +628,7 @@ def grads(
   )
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
   itemsize = e.dtype.itemsize
-  e_reads = nv * n * d * (1 if nk == 1 else 2)  # e streams through once per vocabulary block
+  e_reads = nv * n * d  # e streams through once per vocabulary block
   d_e_bytes = 4 * n * d * (2 * nv - 1)  # read and written per vocabulary block, not read at j = 0
   outs = pl.pallas_call(
     kernel,
