@@ -166,7 +166,8 @@ def kernel_vmem_bytes(
     + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
   )
   backward = (  # kernels.grads: blocks of e and c at full width
-    2 * (_tile_bytes(bn, hidden_padded, itemsize) + _tile_bytes(bv, hidden_padded, itemsize))
+    2 * _tile_bytes(bn, hidden_padded, itemsize)
+    + _tile_bytes(bv, hidden_padded, itemsize)  # one buffer: it changes per vocabulary block
     + 2 * _tile_bytes(1, bv, f32)  # bias
     + token_inputs
     + logit_temps
