@@ -70,6 +70,7 @@ def test_pairwise_options(case):
 
 # ---- ragged sizes over several blocks of every axis ----------------------------------------
 
+
 def _budget_for(*need: int) -> int:
   """The smallest VMEM budget whose headroom holds each of these kernels' estimates."""
   return int(-(-max(need) // VMEM_HEADROOM)) + 1
