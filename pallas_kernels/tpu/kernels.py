@@ -368,7 +368,8 @@ def _grads_kernel(
   refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, [class offset
   (1, bd) or (bd, 1) f32], dE out (N padded, D padded) f32 in HBM, dC out (c's block, c's
   dtype), [dbias out (1, bv) f32], dC accumulator (bv, nk * bd) or (nk * bd, bv) f32, [dbias
-  accumulator (1, bv) f32], dE tile buffer (bn, bd) f32, DMA semaphores (2,), and when nk > 1:
+  accumulator (1, bv) f32], dE tile buffer (bn, bd) f32, DMA semaphores (2,), write pending
+  flag (1,) int32 in SMEM, and when nk > 1:
   logit accumulator (bn, bv) f32, gradient (bn, bv) in e's dtype.
 
   ``c_ref`` holds the whole width of vocabulary block j (resident over the token blocks),
@@ -387,7 +388,7 @@ def _grads_kernel(
   d_bias_out = refs.pop(0) if math.with_bias else None
   d_c_ref = refs.pop(0)
   d_bias_ref = refs.pop(0) if math.with_bias else None
-  d_e_buf, sems = refs.pop(0), refs.pop(0)
+  d_e_buf, sems, pending_ref = refs.pop(0), refs.pop(0), refs.pop(0)
   tiles = geo.tiles
   nk, nt = tiles.num_hidden_blocks, tiles.num_token_blocks
   acc_ref, grad_ref = refs if nk > 1 else (None, None)
@@ -483,6 +484,23 @@ def _grads_kernel(
   read = pltpu.make_async_copy(d_e_window, d_e_buf, sems.at[0])
   write = pltpu.make_async_copy(d_e_buf, d_e_window, sems.at[1])
 
+  # A write of dE is waited for only before the buffer is next filled (or at the last step),
+  # so it overlaps the next tile's logits and dC product. The wait needs only the semaphore
+  # and the size, which every window shares.
+  @pl.when((j == 0) & (i == 0) & (k == 0))
+  def _():
+    pending_ref[0] = 0
+
+  def finish_write():
+    @pl.when(pending_ref[0] == 1)
+    def _():
+      write.wait()
+      pending_ref[0] = 0
+
+  def start_write():
+    write.start()
+    pending_ref[0] = 1
+
   @_when(_and(product_step, _not(skip_both)))
   def _():
     grad = tile_grad()
@@ -493,6 +511,8 @@ def _grads_kernel(
 
     @_when(_not(skip_e))
     def _():
+      finish_write()
+
       @pl.when(j > 0)
       def _():
         read.start()
@@ -508,15 +528,17 @@ def _grads_kernel(
       def _():
         d_e_buf[...] = part
 
-      write.start()
-      write.wait()
+      start_write()
 
   # A tile skipped for dE still writes its zeros in the first vocabulary block.
   @_when(_and(_and(product_step, skip_e), j == 0))
   def _():
+    finish_write()
     d_e_buf[...] = jnp.zeros_like(d_e_buf)
-    write.start()
-    write.wait()
+    start_write()
+
+  last_step = (j == pl.num_programs(0) - 1) & (i == nt - 1) & (k == pl.num_programs(2) - 1)
+  pl.when(last_step)(finish_write)
 
   @_when(_and(product_step, i == nt - 1))
   def _():
@@ -615,7 +637,8 @@ def grads(
     scratch.append(pltpu.VMEM((1, t.vocab_block), jnp.float32))
   scratch += [
     pltpu.VMEM((t.token_block, t.hidden_block), jnp.float32),
-    pltpu.SemaphoreType.DMA((2,)),
+    pltpu.SemaphoreType.DMA((2,)),  # dE read, dE write
+    pltpu.SMEM((1,), jnp.int32),  # 1 while a dE write is in flight
   ]
   if nk > 1:
     scratch += [
