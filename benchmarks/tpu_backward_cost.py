@@ -10,9 +10,10 @@ nothing counts as skipped), and prints a markdown table of the compiled program'
 bytes, estimated time (``optimal_seconds``) and temporaries. A Pallas kernel's flops and bytes are
 the ``pl.CostEstimate`` its ``pallas_call`` declares (``pallas_kernels/tpu/kernels.py``).
 
-Needs libtpu (``jax[tpu]``) for the TPU compiler; run with ``JAX_PLATFORMS=cpu``:
-  JAX_PLATFORMS=cpu python benchmarks/tpu_backward_cost.py [--budget-mib 16,64]
-Each full-size compile takes a minute or more of CPU.
+Needs libtpu (``jax[tpu]``) for the TPU compiler; run with ``JAX_PLATFORMS=cpu`` (and
+``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` when another process on the host has libtpu loaded):
+  JAX_PLATFORMS=cpu python benchmarks/tpu_backward_cost.py [--budget-mib 16,96:2048] [--sort both]
+Each full-size compile takes a minute or more of CPU. ``docs/tpu_backend.md`` has the results.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ import cce_jax
 from pallas_kernels.tpu import TPUBlockSizes
 
 MIB = 1024 * 1024
+IGNORE_INDEX = -100
 
 
 def baseline(e, c, labels):
+  """Masked mean of optax's cross-entropy on the materialized f32 logits."""
   logits = jnp.dot(e, c.T, preferred_element_type=jnp.float32)  # (N, V) f32
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return jnp.mean(losses)
+  counted = labels != IGNORE_INDEX  # (N,)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, labels, 0))
+  return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
 
-def pallas(budget_mib: int, vocab_block: int | None, filtered: bool):
+def pallas(budget_mib: int, vocab_block: int | None, filtered: bool, sort_vocab: bool = True):
   def loss(e, c, labels):
     return cce_jax.linear_cross_entropy(
       e,
@@ -45,6 +49,7 @@ def pallas(budget_mib: int, vocab_block: int | None, filtered: bool):
       labels,
       impl="pallas_tpu",
       filter_eps="auto" if filtered else None,
+      sort_vocab=sort_vocab,
       block_sizes=TPUBlockSizes(vocab_block=vocab_block, vmem_budget_bytes=budget_mib * MIB),
     )
 
@@ -75,6 +80,12 @@ def main(argv=None) -> int:
     help="VMEM budgets of pallas_tpu in MiB, each optionally :VOCAB_BLOCK (e.g. 16,96:2048)",
   )
   parser.add_argument("--exact", action="store_true", help="also pallas_tpu with filter_eps=None")
+  parser.add_argument(
+    "--sort",
+    choices=("on", "off", "both"),
+    default="on",
+    help="pallas_tpu's sort_vocab (off: no sorted copy of c)",
+  )
   parser.add_argument("--no-baseline", action="store_true")
   args = parser.parse_args(argv)
   from jax.experimental import topologies
@@ -95,7 +106,10 @@ def main(argv=None) -> int:
       budget, _, vocab_block = spec.partition(":")
       vocab_block = int(vocab_block) if vocab_block else None
       name = f"pallas_tpu {budget} MiB" + (f" bv={vocab_block}" if vocab_block else "")
-      impls[name] = pallas(int(budget), vocab_block, True)
+      if args.sort in ("on", "both"):
+        impls[name] = pallas(int(budget), vocab_block, True)
+      if args.sort in ("off", "both"):
+        impls[f"{name} unsorted"] = pallas(int(budget), vocab_block, True, sort_vocab=False)
       if args.exact:
         impls[f"{name} exact"] = pallas(int(budget), vocab_block, False)
     for name, fn in impls.items():
