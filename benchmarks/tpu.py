@@ -93,6 +93,10 @@ def pallas_details(e, c, labels, options: dict[str, Any], interpret: bool) -> di
   vmem = kernel_vmem_bytes(
     tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden, e.dtype.itemsize
   )
+  forward = tiles.for_forward()  # the forward's own token block and hidden chunk
+  vmem["forward"] = kernel_vmem_bytes(
+    forward.token_block, forward.vocab_block, forward.hidden_block, hidden, e.dtype.itemsize
+  )["forward"]
   filter_eps = options.get("filter_eps", cce_jax.default_filter_eps(e.dtype))
   stats = cce_jax.filter_stats(
     e,

@@ -3,8 +3,9 @@
 Every kernel works on a tile of ``token_block x vocab_block`` logits, computed as the sum over
 ``hidden_block``-wide chunks of the hidden dimension D. What lives in VMEM (per TensorCore) is
 the double-buffered input blocks of ``e`` and ``c``, the f32 accumulators, a few f32 logit-sized
-temporaries, and for the backward the f32 gradient accumulator of a whole token block (dE,
-``token_block x D``) or a whole vocabulary block (dC, ``vocab_block x D``).
+temporaries, and for the backward a whole-width block of ``c`` and the f32 gradient accumulator
+of that vocabulary block (dC, ``vocab_block x D``), plus one f32 ``token_block x hidden_block``
+chunk of dE.
 :func:`kernel_vmem_bytes` adds these up per kernel, rounding every buffer up to the (8, 128)
 VMEM tiling (16 sublanes for 16-bit types). The heuristic (:func:`resolve`) keeps the largest
 tiles whose every kernel stays within ``VMEM_HEADROOM`` of the budget, the rest left to Mosaic's
@@ -96,20 +97,29 @@ class TPUBlockSizes:
 class Tiles(NamedTuple):
   """The tile sizes one call runs with (:func:`resolve`), clamped to the problem."""
 
-  token_block: int  # bn: N when N <= the requested block
+  token_block: int  # bn of the backward: N when N <= the requested block
   vocab_block: int  # bv
-  hidden_block: int  # bd of the backward kernels
+  hidden_block: int  # bd of the backward kernel
   num_token_blocks: int
   num_vocab_blocks: int
   num_hidden_blocks: int  # nk
   vmem_limit_bytes: int
   forward_hidden_block: int  # bd of the forward kernel (>= hidden_block: it needs less VMEM)
   num_forward_hidden_blocks: int
+  # bn of the forward (>= token_block: the forward holds no whole-width block); None: bn.
+  forward_token_block: int | None = None
+  num_forward_token_blocks: int | None = None
 
   def for_forward(self) -> Tiles:
-    """These tiles with the forward's hidden chunk as ``hidden_block``."""
-    return self._replace(
+    """These tiles with the forward's token block and hidden chunk as ``token_block`` and
+    ``hidden_block``."""
+    tiles = self._replace(
       hidden_block=self.forward_hidden_block, num_hidden_blocks=self.num_forward_hidden_blocks
+    )
+    if self.forward_token_block is None:
+      return tiles
+    return tiles._replace(
+      token_block=self.forward_token_block, num_token_blocks=self.num_forward_token_blocks
     )
 
 
@@ -126,7 +136,8 @@ def kernel_vmem_bytes(
 
   Counts the double-buffered input and output blocks, the scratch accumulators, and four
   f32 ``token_block x vocab_block`` temporaries (logits, exponentials, gradient, masks). The
-  classifier block is counted as (vocab_block, hidden_block) in either layout.
+  classifier block is counted as (vocab_block, hidden_block) in either layout; the backward's
+  blocks of ``e`` and ``c`` as (token_block or vocab_block, D rounded up to whole chunks).
 
   Args:
     token_block, vocab_block, hidden_block: bn, bv, bd (already clamped to the problem).
@@ -134,7 +145,7 @@ def kernel_vmem_bytes(
     itemsize: bytes per element of ``e`` and ``c`` (2 or 4).
 
   Returns:
-    ``{"forward": bytes, "backward_e": bytes, "backward_c": bytes}``.
+    ``{"forward": bytes, "backward": bytes}``.
   """
   bn, bv, bd = token_block, vocab_block, hidden_block
   nk = cdiv(hidden, bd)
@@ -154,27 +165,22 @@ def kernel_vmem_bytes(
     + 2 * 2 * _tile_bytes(bn, LANES, f32)  # lse/logit-sum and block-maxima outputs
     + 3 * _tile_bytes(bn, 1, f32)  # running max, sum, logit sum
   )
-  backward_e = (
-    inputs
-    + token_inputs
-    + logit_temps
-    + logit_acc
-    + grad_scratch
-    + 2 * _tile_bytes(bn, bd, f32)  # dE output block
-    + (_tile_bytes(bn, hidden_padded, f32) if chunked else 0)  # dE accumulator
-  )
-  backward_c = (
-    inputs
+  backward = (  # kernels.grads: blocks of e and c at full width
+    2 * _tile_bytes(bn, hidden_padded, itemsize)
+    + _tile_bytes(bv, hidden_padded, itemsize)  # one buffer: it changes per vocabulary block
+    + 2 * _tile_bytes(1, bv, f32)  # bias
     + token_inputs
     + logit_temps
     + logit_acc
     + grad_scratch
     + 2 * _tile_bytes(bv, bd, itemsize)
     + 2 * _tile_bytes(1, bv, f32)  # dC, dbias outputs
+    + 2 * _tile_bytes(1, bd, f32)  # class offset
     + _tile_bytes(bv, hidden_padded, f32)
     + _tile_bytes(1, bv, f32)  # dC, dbias accumulators
+    + _tile_bytes(bn, bd, f32)  # the tile's dE chunk, read and written by DMA
   )
-  return {"forward": forward, "backward_e": backward_e, "backward_c": backward_c}
+  return {"forward": forward, "backward": backward}
 
 
 def _hidden_blocks(hidden: int, requested: int | None):
@@ -204,8 +210,12 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
   so does not depend on N). For each candidate, take the widest hidden chunk (D itself first, then D
   split evenly into 2, 3, ... chunks of a multiple of 128) at least 256 wide with which every
   kernel's :func:`kernel_vmem_bytes` is within ``VMEM_HEADROOM`` of the budget; if none,
-  halve the larger of the free (None) tile sizes, down to 128, and try again; finally accept
-  hidden chunks down to 128.
+  halve a free (None) tile size, the token block first, down to 128, and try again; finally
+  accept hidden chunks down to 128. The token block goes first because the backward's HBM
+  traffic (``kernels.grads``: dE is read and written once per vocabulary block) falls with the
+  vocabulary block alone. The forward then takes the largest token block, from the starting
+  one down, with which it fits with its hidden chunk (its traffic, ``c`` read once per token
+  block, falls with the token block): ``Tiles.forward_token_block``.
 
   Raises:
     ValueError: the explicit sizes, or even the smallest free ones, do not fit the budget
@@ -213,10 +223,10 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
   """
   itemsize = np.dtype(dtype).itemsize
   budget = int(sizes.vmem_budget_bytes * VMEM_HEADROOM)
-  token_block = sizes.token_block or (512 if itemsize == 2 else 256)
+  token_block = start_token_block = sizes.token_block or (512 if itemsize == 2 else 256)
   vocab_block = sizes.vocab_block or 512
 
-  def fits(bn, bv, bd, kernels=("forward", "backward_e", "backward_c")):
+  def fits(bn, bv, bd, kernels=("forward", "backward")):
     need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)
     return max(need[k] for k in kernels) <= budget
 
@@ -242,7 +252,7 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
     ]
     if not free:
       break
-    if "token" in free and (token_block >= vocab_block or "vocab" not in free):
+    if "token" in free:
       token_block //= 2
     else:
       vocab_block //= 2
@@ -250,13 +260,26 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
     for bn, bv in candidates:
       bd = first_fit(bn, bv, min_hidden_block)
       if bd is not None:
-        # The forward holds no (bn, D) accumulator: it may take a wider hidden chunk.
-        forward_bd = next(
-          b
-          for b in _hidden_blocks(hidden, sizes.hidden_block)
-          if b <= bd or fits(bn, bv, b, ("forward",))
+        # The forward holds no whole-width block: it may take a wider hidden chunk and more
+        # tokens.
+        forward_bn, forward_bd = (
+          bn,
+          next(
+            b
+            for b in _hidden_blocks(hidden, sizes.hidden_block)
+            if b <= bd or fits(bn, bv, b, ("forward",))
+          ),
         )
-        bn = _clamp(bn, num_tokens)
+        if sizes.token_block is None:
+          wider = (
+            (b, d)
+            for b in (start_token_block >> s for s in range(8))
+            if b > bn
+            for d in _hidden_blocks(hidden, sizes.hidden_block)
+            if d >= forward_bd and fits(b, bv, d, ("forward",))
+          )
+          forward_bn, forward_bd = next(wider, (forward_bn, forward_bd))
+        bn, forward_bn = _clamp(bn, num_tokens), _clamp(forward_bn, num_tokens)
         return Tiles(
           bn,
           bv,
@@ -267,6 +290,8 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
           sizes.vmem_budget_bytes,
           forward_bd,
           cdiv(hidden, forward_bd),
+          forward_bn,
+          cdiv(num_tokens, forward_bn),
         )
   bn, bv = candidates[-1]
   bd = min(sizes.hidden_block or LANES, hidden)

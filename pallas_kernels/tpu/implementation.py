@@ -163,9 +163,9 @@ def backward(
 ) -> LocalGrads:
   """Gradients w.r.t. ``e``, ``c`` and ``bias`` (``cce_jax.tiled.BackwardFn``).
 
-  dE comes from :func:`.kernels.grad_e` (skipping the skip table's tiles when
-  ``opts.filter_e_grad``), dC and dbias from :func:`.kernels.grad_c` (when
-  ``opts.filter_c_grad``; a skipped tile's bias-gradient entries go with it). Without softcap
+  One kernel, :func:`.kernels.grads`, computes each tile's logits once for dE, dC and dbias;
+  a tile of the skip table skips its dE product when ``opts.filter_e_grad``, its dC and dbias
+  products when ``opts.filter_c_grad``, and its logits when both. Without softcap
   the uniform label-smoothing term is added exactly outside the tiles.
   """
   e, c, local_labels, bias = inputs
@@ -201,26 +201,16 @@ def backward(
     )
     skip_bits = pack_skip_table(skip, geo)
 
-  d_e = kernels.grad_e(
+  d_e, d_c, d_bias = kernels.grads(
     e,
     c_run,
     bias_run,
     token_stats,
     tile_labels,
-    skip_bits if opts.filter_e_grad else None,
-    geo,
-    math,
-    opts.interpret,
-  )
-  class_offset = uniform.weighted_e if uniform_outside else None  # (D,)
-  d_c, d_bias = kernels.grad_c(
-    e,
-    c_run,
-    bias_run,
-    token_stats,
-    tile_labels,
-    skip_bits if opts.filter_c_grad else None,
-    class_offset,
+    skip_bits,
+    opts.filter_e_grad,
+    opts.filter_c_grad,
+    uniform.weighted_e if uniform_outside else None,  # (D,)
     geo,
     math,
     opts.interpret,

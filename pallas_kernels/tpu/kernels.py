@@ -1,4 +1,4 @@
-"""The three Pallas TPU (Mosaic) kernels of Cut Cross-Entropy, and their ``pallas_call``s.
+"""The two Pallas TPU (Mosaic) kernels of Cut Cross-Entropy, and their ``pallas_call``s.
 
 Every kernel walks the (token, vocabulary) plane in tiles of ``bn x bv`` logits, each the sum
 over ``nk`` chunks of the hidden dimension of ``e_blk . c_blk`` (f32 accumulation on the matrix
@@ -8,18 +8,19 @@ unit), and never writes a logit tile to HBM:
   chunks "arbitrary"): online log-sum-exp in VMEM scratch across the vocabulary blocks; the sum
   of the logits (label smoothing); the maximum logit of every (token, vocabulary block) (the
   residual of the backward's skip test).
-* :func:`grad_e`, grid (token blocks "parallel", vocabulary blocks "arbitrary", phase): reduces
-  over the vocabulary into a VMEM-resident f32 accumulator of one token block of dE.
-* :func:`grad_c`, grid (vocabulary blocks "parallel", token blocks "arbitrary", phase): reduces
-  over the tokens into a VMEM-resident f32 accumulator of one vocabulary block of dC (and of
-  the bias gradient).
+* :func:`grads`, grid (vocabulary blocks, token blocks, phase), all "arbitrary": computes each
+  tile's logits once and both products from them. A vocabulary block of ``c`` (whole width)
+  and its f32 dC (and dbias) accumulator stay in VMEM while the token blocks stream through;
+  each tile's share of dE is added to an f32 buffer in HBM by DMA (read, add, write), so dE
+  accumulates over the vocabulary blocks in a fixed order: deterministic, no atomics. Its HBM
+  traffic is ``8 N D`` bytes per vocabulary block, which is why the backward prefers a large
+  vocabulary block and a small token block (``docs/tpu_backend.md``).
 
-So dE and dC each accumulate in f32 without atomics, at the cost of recomputing every tile's
-logits twice in the backward (once per kernel). Each backward kernel reads a skip table (one bit
-per tile, scalar-prefetched into SMEM) and skips a skipped tile's work with ``pl.when``. With
-more than one hidden chunk a backward tile takes ``2 nk`` grid steps: ``nk`` accumulate the
-logits, the softmax gradient goes to VMEM scratch, then ``nk`` steps multiply it with the
-chunks of the other operand.
+The backward reads a skip table (one bit per tile, scalar-prefetched into SMEM) and skips a
+skipped tile's work with ``pl.when`` (its dE product and DMA, its dC product, and its logits
+when both go). With more than one hidden chunk a backward tile takes ``2 nk`` grid steps:
+``nk`` accumulate the logits, the softmax gradient goes to VMEM scratch, then step ``nk + q``
+forms both products for hidden chunk q.
 
 Tiles are laid out (tokens, classes): per-token vectors enter as (bn, k) columns, per-class
 ones as (1, bv) rows. Ragged sizes: the last block of any axis may stick out of its array; what
@@ -309,110 +310,375 @@ def _backward_phase_count(geo: Geometry) -> int:
   return 1 if nk == 1 else 2 * nk
 
 
-def _tile_gradient(
+def _chunk(index, tiles: Tiles):
+  """The ``index``-th hidden chunk of a full-width block, as a slice."""
+  return pl.ds(pl.multiple_of(index * tiles.hidden_block, LANES), tiles.hidden_block)
+
+
+def _c_chunk(c_ref, index, geo: Geometry) -> jax.Array:
+  """Chunk ``index`` of the resident (full-width) classifier block: (bv, bd) or (bd, bv)."""
+  if geo.tiles.num_hidden_blocks == 1:
+    return c_ref[...]
+  if geo.vocab_dim == 0:
+    return c_ref[:, _chunk(index, geo.tiles)]
+  return c_ref[_chunk(index, geo.tiles), :]
+
+
+def _e_chunk(e_ref, index, geo: Geometry) -> jax.Array:
+  """Chunk ``index`` of the full-width token block of ``e``: (bn, bd)."""
+  if geo.tiles.num_hidden_blocks == 1:
+    return e_ref[...]
+  return e_ref[:, _chunk(index, geo.tiles)]
+
+
+def _not(cond):
+  """``not cond`` of a Python bool or a traced bool."""
+  return (not cond) if isinstance(cond, bool) else jnp.logical_not(cond)
+
+
+def _and(a, b):
+  """``a and b`` of Python bools or traced bools."""
+  if isinstance(a, bool):
+    return b if a else False
+  if isinstance(b, bool):
+    return a if b else False
+  return a & b
+
+
+def _when(cond):
+  """``pl.when`` that also takes a Python bool (runs or drops the body at trace time)."""
+  if isinstance(cond, bool):
+    return (lambda body: body()) if cond else (lambda body: None)
+  return pl.when(cond)
+
+
+def _grads_kernel(
+  skip_ref,
   e_ref,
   c_ref,
-  bias_ref,
-  tok_ref,
-  label_ref,
-  acc_ref,
-  grad_ref,
-  d_bias_ref,
-  i,
-  j,
-  k,
+  *refs,
   geo: Geometry,
   math: Math,
+  filter_e: bool,
+  filter_c: bool,
+  with_offset: bool,
 ):
-  """The tile's softmax gradient (bn, bv) in the dtype of ``e``, over the phases of a
-  backward tile; adds its column sums (f32) to ``d_bias_ref`` unless that is None.
+  """One grid step (j, i, k) of :func:`grads`: tile (token block i, vocabulary block j).
 
-  With one hidden chunk it is returned at once. Otherwise steps ``k < nk`` accumulate the
-  logits in ``acc_ref`` and step ``nk - 1`` stores the gradient in ``grad_ref``; None then
-  (the caller reads ``grad_ref`` in steps ``k >= nk``).
+  refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, [class offset
+  (1, bd) or (bd, 1) f32], dE out (N padded, D padded) f32 in HBM, dC out (c's block, c's
+  dtype), [dbias out (1, bv) f32], dC accumulator (bv, nk * bd) or (nk * bd, bv) f32, [dbias
+  accumulator (1, bv) f32], dE tile buffer (bn, bd) f32, DMA semaphores (2,), write pending
+  flag (1,) int32 in SMEM, and when nk > 1:
+  logit accumulator (bn, bv) f32, gradient (bn, bv) in e's dtype.
+
+  ``c_ref`` holds the whole width of vocabulary block j (resident over the token blocks),
+  ``e_ref`` the whole width of token block i.
+  Steps: with one hidden chunk, one step per tile; else steps ``k < nk`` accumulate the logits
+  over the chunks of D, step ``nk - 1`` forms the softmax gradient, and step ``nk + q`` does
+  both products for hidden chunk q. The dE chunk of the tile is a read-modify-write of HBM by
+  DMA (written without reading at j = 0); dC accumulates in VMEM and is written at the last
+  token block.
   """
-  nk = geo.tiles.num_hidden_blocks
+  refs = list(refs)
+  bias_ref = refs.pop(0) if math.with_bias else None
+  tok_ref, label_ref = refs.pop(0), refs.pop(0)
+  offset_ref = refs.pop(0) if with_offset else None
+  d_e_hbm, d_c_out = refs.pop(0), refs.pop(0)
+  d_bias_out = refs.pop(0) if math.with_bias else None
+  d_c_ref = refs.pop(0)
+  d_bias_ref = refs.pop(0) if math.with_bias else None
+  d_e_buf, sems, pending_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  tiles = geo.tiles
+  nk, nt = tiles.num_hidden_blocks, tiles.num_token_blocks
+  acc_ref, grad_ref = refs if nk > 1 else (None, None)
+  j, i, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  v_axis, _ = _c_axes(geo.vocab_dim)
+  vocab_major = geo.vocab_dim == 0
   dtype = e_ref.dtype
+  # The hidden chunk of the products of this step (0 in the logit steps).
+  q = k if nk == 1 else jnp.maximum(k - nk, 0)
+  product_step = True if nk == 1 else k >= nk
+
+  @pl.when((i == 0) & (k == 0))
+  def _():
+    d_c_ref[...] = jnp.zeros_like(d_c_ref)
+    if d_bias_ref is not None:
+      d_bias_ref[...] = jnp.zeros_like(d_bias_ref)
+
+  skipped = _skipped(skip_ref, i, j, geo) if (filter_e or filter_c) else False
+  skip_e = skipped if filter_e else False  # bool or traced bool
+  skip_c = skipped if filter_c else False
+  skip_both = skipped if (filter_e and filter_c) else False
 
   def gradient(x):
     grad = _softmax_grad(_capped(x, bias_ref, math), i, j, tok_ref, label_ref, geo, math)
     if d_bias_ref is not None:
-      d_bias_ref[...] += jnp.sum(grad, axis=0, keepdims=True)
+
+      @_when(_not(skip_c))
+      def _():
+        d_bias_ref[...] += jnp.sum(grad, axis=0, keepdims=True)
+
     return grad.astype(dtype)
 
-  if nk == 1:
-    return gradient(_logits_part(e_ref[...], c_ref[...], 0, geo, math.precision))
-
-  @pl.when(k < nk)
-  def _():
-    part = _logits_part(e_ref[...], c_ref[...], k, geo, math.precision)
-
-    @pl.when(k == 0)
-    def _():
-      acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    acc_ref[...] += part
-
-  @pl.when(k == nk - 1)
-  def _():
-    grad_ref[...] = gradient(acc_ref[...])
-
-  return None
-
-
-def _grad_e_kernel(skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, filtering: bool):
-  """One grid step (i, j, k) of :func:`grad_e`.
-
-  refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, dE out (bn, bd)
-  f32, and when nk > 1: logit accumulator (bn, bv) f32, gradient (bn, bv), dE accumulator
-  (bn, nk * bd) f32.
-  """
-  refs = list(refs)
-  bias_ref = refs.pop(0) if math.with_bias else None
-  tok_ref, label_ref, out_ref = refs[:3]
-  tiles = geo.tiles
-  nk, nv = tiles.num_hidden_blocks, tiles.num_vocab_blocks
-  acc_ref, grad_ref, d_e_ref = refs[3:] if nk > 1 else (None, None, out_ref)
-  i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  v_axis, _ = _c_axes(geo.vocab_dim)
-  contract_c = (v_axis,)
-
-  @pl.when((j == 0) & (k == 0))
-  def _():
-    d_e_ref[...] = jnp.zeros_like(d_e_ref)
-
-  def product(grad, c_blk):
-    # Rows of c past V are undefined: zero them, or 0 * NaN would reach dE.
-    c_blk = _zero_outside(c_blk, _valid(j, tiles.vocab_block, geo.num_classes, c_blk.shape, v_axis))
-    dims = (((1,), contract_c), ((), ()))
-    return lax.dot_general(
-      grad, c_blk, dims, precision=math.precision, preferred_element_type=jnp.float32
-    )  # (bn, bd)
-
-  def work():
-    grad = _tile_gradient(
-      e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, None, i, j, k, geo, math
+  def logits(chunk_index):
+    return _logits_part(
+      _e_chunk(e_ref, chunk_index, geo),
+      _c_chunk(c_ref, chunk_index, geo),
+      chunk_index,
+      geo,
+      math.precision,
     )
-    if nk == 1:
-      d_e_ref[...] += product(grad, c_ref[...])
-      return
-
-    @pl.when(k >= nk)
-    def _():
-      cols = pl.ds(pl.multiple_of((k - nk) * tiles.hidden_block, LANES), tiles.hidden_block)
-      d_e_ref[:, cols] += product(grad_ref[...], c_ref[...])
-
-  if filtering:
-    pl.when(jnp.logical_not(_skipped(skip_ref, i, j, geo)))(work)
-  else:
-    work()
 
   if nk > 1:
 
-    @pl.when((j == nv - 1) & (k >= nk))
+    @_when(_and(_not(skip_both), k < nk))
     def _():
-      cols = pl.ds(pl.multiple_of((k - nk) * tiles.hidden_block, LANES), tiles.hidden_block)
-      out_ref[...] = d_e_ref[:, cols]
+      @pl.when(k == 0)
+      def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+      acc_ref[...] += logits(k)
+
+    @_when(_and(_not(skip_both), k == nk - 1))
+    def _():
+      grad_ref[...] = gradient(acc_ref[...])
+
+  def tile_grad():
+    return gradient(logits(0)) if nk == 1 else grad_ref[...]
+
+  def d_e_part(grad):  # (bn, bd) f32: grad . c over the block's classes, hidden chunk q
+    c_blk = _c_chunk(c_ref, q, geo)
+    # Rows of c past V are undefined: zero them, or 0 * NaN would reach dE.
+    c_blk = _zero_outside(c_blk, _valid(j, tiles.vocab_block, geo.num_classes, c_blk.shape, v_axis))
+    dims = (((1,), (v_axis,)), ((), ()))
+    return lax.dot_general(
+      grad, c_blk, dims, precision=math.precision, preferred_element_type=jnp.float32
+    )
+
+  def add_d_c(grad):  # dC chunk q += grad^T . e (or its transpose for (D, V))
+    e_blk = _e_chunk(e_ref, q, geo)
+    # Rows of e past N are undefined: zero them, or 0 * NaN would reach dC.
+    e_blk = _zero_outside(e_blk, _valid(i, tiles.token_block, geo.num_tokens, e_blk.shape, 0))
+    dims = (((0,), (0,)), ((), ()))
+    if vocab_major:  # (bv, bd)
+      part = lax.dot_general(
+        grad, e_blk, dims, precision=math.precision, preferred_element_type=jnp.float32
+      )
+      if nk == 1:
+        d_c_ref[...] += part
+      else:
+        d_c_ref[:, _chunk(q, tiles)] += part
+    else:  # (bd, bv)
+      part = lax.dot_general(
+        e_blk, grad, dims, precision=math.precision, preferred_element_type=jnp.float32
+      )
+      if nk == 1:
+        d_c_ref[...] += part
+      else:
+        d_c_ref[_chunk(q, tiles), :] += part
+
+  # The tile's rows of dE chunk q in HBM (dE is padded to whole blocks).
+  rows = pl.ds(pl.multiple_of(i * tiles.token_block, tiles.token_block), tiles.token_block)
+  d_e_window = d_e_hbm.at[rows, _chunk(q, tiles)]
+  read = pltpu.make_async_copy(d_e_window, d_e_buf, sems.at[0])
+  write = pltpu.make_async_copy(d_e_buf, d_e_window, sems.at[1])
+
+  # A write of dE is waited for only before the buffer is next filled (or at the last step),
+  # so it overlaps the next tile's logits and dC product. The wait needs only the semaphore
+  # and the size, which every window shares.
+  @pl.when((j == 0) & (i == 0) & (k == 0))
+  def _():
+    pending_ref[0] = 0
+
+  def finish_write():
+    @pl.when(pending_ref[0] == 1)
+    def _():
+      write.wait()
+      pending_ref[0] = 0
+
+  def start_write():
+    write.start()
+    pending_ref[0] = 1
+
+  @_when(_and(product_step, _not(skip_both)))
+  def _():
+    grad = tile_grad()
+
+    @_when(_not(skip_c))
+    def _():
+      add_d_c(grad)
+
+    @_when(_not(skip_e))
+    def _():
+      finish_write()
+
+      @pl.when(j > 0)
+      def _():
+        read.start()
+
+      part = d_e_part(grad)
+
+      @pl.when(j > 0)
+      def _():
+        read.wait()
+        d_e_buf[...] += part
+
+      @pl.when(j == 0)
+      def _():
+        d_e_buf[...] = part
+
+      start_write()
+
+  # A tile skipped for dE still writes its zeros in the first vocabulary block.
+  @_when(_and(_and(product_step, skip_e), j == 0))
+  def _():
+    finish_write()
+    d_e_buf[...] = jnp.zeros_like(d_e_buf)
+    start_write()
+
+  last_step = (j == pl.num_programs(0) - 1) & (i == nt - 1) & (k == pl.num_programs(2) - 1)
+  pl.when(last_step)(finish_write)
+
+  @_when(_and(product_step, i == nt - 1))
+  def _():
+    if nk == 1:
+      block = d_c_ref[...]
+    elif vocab_major:
+      block = d_c_ref[:, _chunk(q, tiles)]
+    else:
+      block = d_c_ref[_chunk(q, tiles), :]
+    if offset_ref is not None:
+      block = block - offset_ref[...]
+    d_c_out[...] = block.astype(d_c_out.dtype)
+    if d_bias_out is not None:
+      d_bias_out[...] = d_bias_ref[...]
+
+
+def grads(
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
+  labels: jax.Array,  # (N,) int32 class of the tile column holding the target, or -1
+  skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
+  filter_e: bool,  # a skipped tile skips its dE product
+  filter_c: bool,  # a skipped tile skips its dC (and dbias) product
+  class_offset: jax.Array | None,  # (D,) f32 subtracted from every class's gradient
+  geo: Geometry,
+  math: Math,
+  interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """dE = sum_v dx_nv c_v ((N, D) f32), dC_v = sum_n dx_nv e_n - class_offset (layout and dtype
+  of ``c``) and dbias_v = sum_n dx_nv ((V,) f32, None without bias), in one kernel that
+  computes each tile's logits once.
+
+  Grid (vocabulary blocks, token blocks, phases), every axis "arbitrary" (in order: dE is
+  accumulated across the vocabulary blocks in HBM, so no two blocks may run at once; on
+  two-core chips (v4, v5p) it runs on one core). A vocabulary block of ``c`` (whole width) and
+  its f32 dC accumulator stay in VMEM while the token blocks stream through; each tile adds its
+  (bn, D) share of dE to an f32 HBM buffer padded to whole blocks, by DMA. Deterministic: the
+  order of every sum is fixed. A tile skipped on both sides (``filter_e`` and ``filter_c``)
+  costs neither logits nor products.
+  """
+  t = geo.tiles
+  nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
+  nt, nv = t.num_token_blocks, t.num_vocab_blocks
+  hidden_padded = nk * t.hidden_block
+  c_width = geo.hidden if nk == 1 else hidden_padded  # e and c blocks are full width
+  in_specs = [pl.BlockSpec((t.token_block, c_width), lambda j, i, k, s: (i, 0))]
+  # The block of c changes once per vocabulary block: one buffer (its copy stalls the grid
+  # once per vocabulary block, for 1 / (token blocks) of the time) instead of two.
+  single = pl.Buffered(1)
+  if geo.vocab_dim == 0:
+    c_spec = pl.BlockSpec((t.vocab_block, c_width), lambda j, i, k, s: (j, 0), single)
+  else:
+    c_spec = pl.BlockSpec((c_width, t.vocab_block), lambda j, i, k, s: (0, j), single)
+  in_specs.append(c_spec)
+  if math.with_bias:
+    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
+  in_specs += _token_specs(t, lambda j, i, k, s: i)
+  if nk == 1:
+    chunk_index = lambda j, i, k, s: 0
+  else:
+    chunk_index = lambda j, i, k, s: jnp.where(i == nt - 1, jnp.maximum(k - nk, 0), 0)
+  vocab_major = geo.vocab_dim == 0
+  filtering = skip_bits is not None and (filter_e or filter_c)
+  args = _backward_args(
+    e,
+    c,
+    bias,
+    token_stats,
+    labels,
+    skip_bits if filtering else jnp.zeros((1,), jnp.int32),
+    math,
+  )
+  if class_offset is not None:
+    if vocab_major:
+      in_specs.append(pl.BlockSpec((1, t.hidden_block), lambda *ids: (0, chunk_index(*ids))))
+      args.append(class_offset.astype(jnp.float32).reshape(1, -1))
+    else:
+      in_specs.append(pl.BlockSpec((t.hidden_block, 1), lambda *ids: (chunk_index(*ids), 0)))
+      args.append(class_offset.astype(jnp.float32).reshape(-1, 1))
+  n_padded = nt * t.token_block
+  out_shape = [
+    jax.ShapeDtypeStruct((n_padded, hidden_padded), jnp.float32),
+    jax.ShapeDtypeStruct(c.shape, c.dtype),
+  ]
+  out_specs = [
+    pl.BlockSpec(memory_space=pl.ANY),
+    _c_block_spec(geo, lambda *ids: (ids[0], chunk_index(*ids))),
+  ]
+  acc_shape = (t.vocab_block, hidden_padded) if vocab_major else (hidden_padded, t.vocab_block)
+  scratch = [pltpu.VMEM(acc_shape, jnp.float32)]
+  if math.with_bias:
+    out_shape.append(jax.ShapeDtypeStruct((1, geo.num_classes), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
+    scratch.append(pltpu.VMEM((1, t.vocab_block), jnp.float32))
+  scratch += [
+    pltpu.VMEM((t.token_block, t.hidden_block), jnp.float32),
+    pltpu.SemaphoreType.DMA((2,)),  # dE read, dE write
+    pltpu.SMEM((1,), jnp.int32),  # 1 while a dE write is in flight
+  ]
+  if nk > 1:
+    scratch += [
+      pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
+      pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
+    ]
+  kernel = functools.partial(
+    _grads_kernel,
+    geo=geo,
+    math=math,
+    filter_e=filtering and filter_e,
+    filter_c=filtering and filter_c,
+    with_offset=class_offset is not None,
+  )
+  n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
+  itemsize = e.dtype.itemsize
+  e_reads = nv * n * d  # e streams through once per vocabulary block
+  d_e_bytes = 4 * n * d * (2 * nv - 1)  # read and written per vocabulary block, not read at j = 0
+  outs = pl.pallas_call(
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(nv, nt, phases),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=scratch,
+    ),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(geo, ("arbitrary", "arbitrary", "arbitrary")),
+    cost_estimate=pl.CostEstimate(
+      flops=6 * n * v * d,
+      transcendentals=n * v,
+      bytes_accessed=itemsize * (e_reads + 2 * v * d) + d_e_bytes + 20 * n * nv,
+    ),
+    interpret=interpret_params(interpret),
+    name="cce_backward",
+  )(*args)
+  d_e = outs[0][:n, :d]
+  d_bias = outs[2].reshape(-1) if math.with_bias else None
+  return d_e, outs[1], d_bias
 
 
 def _token_specs(t: Tiles, token_index) -> list[pl.BlockSpec]:
@@ -427,247 +693,3 @@ def _backward_args(e, c, bias, token_stats, labels, skip_bits, math: Math):
   if math.with_bias:
     args.append(bias.astype(jnp.float32).reshape(1, -1))
   return [*args, token_stats, labels.reshape(-1, 1).astype(jnp.int32)]
-
-
-def grad_e(
-  e: jax.Array,  # (N, D)
-  c: jax.Array,  # (V, D) or (D, V)
-  bias: jax.Array | None,  # (V,)
-  token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
-  labels: jax.Array,  # (N,) int32 class of the tile column holding the target, or -1
-  skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
-  geo: Geometry,
-  math: Math,
-  interpret: bool,
-) -> jax.Array:
-  """dE = sum_v dx_nv c_v, (N, D) f32 (without the uniform smoothing term)."""
-  t = geo.tiles
-  nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
-  last_chunk = nk - 1
-  grid = (t.num_token_blocks, t.num_vocab_blocks, phases)
-  in_specs = [
-    pl.BlockSpec(
-      (t.token_block, t.hidden_block), lambda i, j, k, s: (i, jnp.minimum(k, last_chunk))
-    ),
-    _c_block_spec(geo, lambda i, j, k, s: (j, lax.rem(k, nk))),
-  ]
-  if math.with_bias:
-    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda i, j, k, s: (0, j)))
-  in_specs += _token_specs(t, lambda i, j, k, s: i)
-  if nk == 1:
-    out_index = lambda i, j, k, s: (i, 0)
-    scratch = []
-  else:
-    # The dE block of chunk k - nk is written in the last vocabulary block only; before that
-    # the output index stays put, so nothing is written back early.
-    out_index = lambda i, j, k, s: (
-      i,
-      jnp.where(j == t.num_vocab_blocks - 1, jnp.maximum(k - nk, 0), 0),
-    )
-    scratch = [
-      pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
-      pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
-      pltpu.VMEM((t.token_block, nk * t.hidden_block), jnp.float32),
-    ]
-  filtering = skip_bits is not None
-  if skip_bits is None:
-    skip_bits = jnp.zeros((1,), jnp.int32)
-  kernel = functools.partial(_grad_e_kernel, geo=geo, math=math, filtering=filtering)
-  n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
-  return pl.pallas_call(
-    kernel,
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((t.token_block, t.hidden_block), out_index),
-      scratch_shapes=scratch,
-    ),
-    out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
-    compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
-    cost_estimate=pl.CostEstimate(
-      flops=4 * n * v * d,
-      transcendentals=n * v,
-      bytes_accessed=e.dtype.itemsize * (v * d * t.num_token_blocks + n * d) + 4 * n * d,
-    ),
-    interpret=interpret_params(interpret),
-    name="cce_backward_e",
-  )(*_backward_args(e, c, bias, token_stats, labels, skip_bits, math))
-
-
-def _grad_c_kernel(
-  skip_ref, e_ref, c_ref, *refs, geo: Geometry, math: Math, filtering: bool, with_offset: bool
-):
-  """One grid step (j, i, k) of :func:`grad_c`.
-
-  refs: [bias (1, bv) f32], token stats (bn, 4) f32, labels (bn, 1) int32, [class offset
-  (1, bd) or (bd, 1) f32], dC out (c's block, c's dtype), [dbias out (1, bv) f32], dC
-  accumulator (bv, nk * bd) or (nk * bd, bv) f32, [dbias accumulator (1, bv) f32], and when
-  nk > 1: logit accumulator (bn, bv) f32, gradient (bn, bv).
-  """
-  refs = list(refs)
-  bias_ref = refs.pop(0) if math.with_bias else None
-  tok_ref, label_ref = refs.pop(0), refs.pop(0)
-  offset_ref = refs.pop(0) if with_offset else None
-  d_c_out = refs.pop(0)
-  d_bias_out = refs.pop(0) if math.with_bias else None
-  d_c_ref = refs.pop(0)
-  d_bias_ref = refs.pop(0) if math.with_bias else None
-  tiles = geo.tiles
-  nk, nt = tiles.num_hidden_blocks, tiles.num_token_blocks
-  acc_ref, grad_ref = refs if nk > 1 else (None, None)
-  j, i, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  vocab_major = geo.vocab_dim == 0
-
-  @pl.when((i == 0) & (k == 0))
-  def _():
-    d_c_ref[...] = jnp.zeros_like(d_c_ref)
-    if d_bias_ref is not None:
-      d_bias_ref[...] = jnp.zeros_like(d_bias_ref)
-
-  def chunk(index):
-    return pl.ds(pl.multiple_of(index * tiles.hidden_block, LANES), tiles.hidden_block)
-
-  def accumulate(grad, e_blk, index):
-    # Rows of e past N are undefined: zero them, or 0 * NaN would reach dC.
-    e_blk = _zero_outside(e_blk, _valid(i, tiles.token_block, geo.num_tokens, e_blk.shape, 0))
-    dims = (((0,), (0,)), ((), ()))
-    if vocab_major:  # (bv, bd) += grad.T @ e
-      part = lax.dot_general(
-        grad, e_blk, dims, precision=math.precision, preferred_element_type=jnp.float32
-      )
-      if nk == 1:
-        d_c_ref[...] += part
-      else:
-        d_c_ref[:, chunk(index)] += part
-    else:  # (bd, bv) += e.T @ grad
-      part = lax.dot_general(
-        e_blk, grad, dims, precision=math.precision, preferred_element_type=jnp.float32
-      )
-      if nk == 1:
-        d_c_ref[...] += part
-      else:
-        d_c_ref[chunk(index), :] += part
-
-  def work():
-    grad = _tile_gradient(
-      e_ref, c_ref, bias_ref, tok_ref, label_ref, acc_ref, grad_ref, d_bias_ref, i, j, k, geo, math
-    )
-    if nk == 1:
-      accumulate(grad, e_ref[...], 0)
-      return
-
-    @pl.when(k >= nk)
-    def _():
-      accumulate(grad_ref[...], e_ref[...], k - nk)
-
-  if filtering:
-    pl.when(jnp.logical_not(_skipped(skip_ref, i, j, geo)))(work)
-  else:
-    work()
-
-  @pl.when((i == nt - 1) & ((k >= nk) if nk > 1 else True))
-  def _():
-    if nk == 1:
-      block = d_c_ref[...]
-    elif vocab_major:
-      block = d_c_ref[:, chunk(k - nk)]
-    else:
-      block = d_c_ref[chunk(k - nk), :]
-    if offset_ref is not None:
-      block = block - offset_ref[...]
-    d_c_out[...] = block.astype(d_c_out.dtype)
-    if d_bias_out is not None:
-      d_bias_out[...] = d_bias_ref[...]
-
-
-def grad_c(
-  e: jax.Array,  # (N, D)
-  c: jax.Array,  # (V, D) or (D, V)
-  bias: jax.Array | None,  # (V,)
-  token_stats: jax.Array,  # (N, 4) f32: lse, alpha, beta, gamma
-  labels: jax.Array,  # (N,) int32
-  skip_bits: jax.Array | None,  # (token blocks * skip words,) int32; None: skip nothing
-  class_offset: jax.Array | None,  # (D,) f32 subtracted from every class's gradient
-  geo: Geometry,
-  math: Math,
-  interpret: bool,
-) -> tuple[jax.Array, jax.Array | None]:
-  """dC_v = sum_n dx_nv e_n - class_offset (layout and dtype of ``c``) and dbias_v =
-  sum_n dx_nv ((V,) f32, None without bias)."""
-  t = geo.tiles
-  nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
-  last_chunk = nk - 1
-  nt = t.num_token_blocks
-  grid = (t.num_vocab_blocks, nt, phases)
-  in_specs = [
-    pl.BlockSpec((t.token_block, t.hidden_block), lambda j, i, k, s: (i, lax.rem(k, nk))),
-    _c_block_spec(geo, lambda j, i, k, s: (j, jnp.minimum(k, last_chunk))),
-  ]
-  if math.with_bias:
-    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
-  in_specs += _token_specs(t, lambda j, i, k, s: i)
-  if nk == 1:
-    chunk_index = lambda j, i, k, s: 0
-  else:
-    chunk_index = lambda j, i, k, s: jnp.where(i == nt - 1, jnp.maximum(k - nk, 0), 0)
-  vocab_major = geo.vocab_dim == 0
-  args = _backward_args(
-    e,
-    c,
-    bias,
-    token_stats,
-    labels,
-    jnp.zeros((1,), jnp.int32) if skip_bits is None else skip_bits,
-    math,
-  )
-  if class_offset is not None:
-    if vocab_major:
-      in_specs.append(pl.BlockSpec((1, t.hidden_block), lambda *ids: (0, chunk_index(*ids))))
-      args.append(class_offset.astype(jnp.float32).reshape(1, -1))
-    else:
-      in_specs.append(pl.BlockSpec((t.hidden_block, 1), lambda *ids: (chunk_index(*ids), 0)))
-      args.append(class_offset.astype(jnp.float32).reshape(-1, 1))
-  out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype)]
-  out_specs = [_c_block_spec(geo, lambda *ids: (ids[0], chunk_index(*ids)))]
-  hidden_padded = nk * t.hidden_block
-  acc_shape = (t.vocab_block, hidden_padded) if vocab_major else (hidden_padded, t.vocab_block)
-  scratch = [pltpu.VMEM(acc_shape, jnp.float32)]
-  if math.with_bias:
-    out_shape.append(jax.ShapeDtypeStruct((1, geo.num_classes), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
-    scratch.append(pltpu.VMEM((1, t.vocab_block), jnp.float32))
-  if nk > 1:
-    scratch += [
-      pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
-      pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
-    ]
-  kernel = functools.partial(
-    _grad_c_kernel,
-    geo=geo,
-    math=math,
-    filtering=skip_bits is not None,
-    with_offset=class_offset is not None,
-  )
-  n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
-  outs = pl.pallas_call(
-    kernel,
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
-    cost_estimate=pl.CostEstimate(
-      flops=4 * n * v * d,
-      transcendentals=n * v,
-      bytes_accessed=e.dtype.itemsize * (n * d * t.num_vocab_blocks + 2 * v * d),
-    ),
-    interpret=interpret_params(interpret),
-    name="cce_backward_c",
-  )(*args)
-  d_bias = outs[1].reshape(-1) if math.with_bias else None
-  return outs[0], d_bias
