@@ -153,13 +153,15 @@ def gpu_devices(gpu: str, count: int) -> list[jax.Device]:
 
 
 def gpu_mesh(gpu: str, axes: dict[str, int]) -> jax.sharding.Mesh:
-  """A mesh of ``prod(axes.values())`` deviceless ``gpu`` devices with these axis sizes."""
+  """A mesh of ``prod(axes.values())`` deviceless ``gpu`` devices with these axis sizes (Auto
+  axis types: the compiler propagates shardings, as for the trainer's mesh)."""
   sizes = tuple(axes.values())
   count = 1
   for size in sizes:
     count *= size
   devices = gpu_devices(gpu, count)
-  return jax.make_mesh(sizes, tuple(axes), devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(sizes)
+  return jax.make_mesh(sizes, tuple(axes), axis_types=axis_types, devices=devices)
 
 
 @contextlib.contextmanager
