@@ -123,7 +123,11 @@ def target(gpu: str) -> GpuTarget:
 
 def require_plugin() -> None:
   """Raises :class:`GpuAotUnavailable` (naming the install) without the CUDA plugin."""
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  try:
+    found = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins namespace at all
+    found = False
+  if not found:
     raise GpuAotUnavailable(
       "compiling for GPUs on this host needs JAX's CUDA plugin (jax-cuda12-plugin and "
       f"jax-cuda12-pjrt of the installed JAX's version): {INSTALL_HINT}"
