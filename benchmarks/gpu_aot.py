@@ -59,6 +59,7 @@ MODES = ("loss", "loss+grad")
 LAYOUTS = {"single": 1, "vocab4": 4}  # name -> GPUs (vocab4: c split 4 ways along V)
 GPUS = ("a100", "h100")
 VOCAB_AXIS = "vocab"
+_COMMAND = "python benchmarks/gpu_aot.py --json benchmarks/gpu_aot.json --results RESULTS.md"
 BEGIN, END = "<!-- gpu_aot:begin -->", "<!-- gpu_aot:end -->"
 MIB = 2**20
 
@@ -231,13 +232,31 @@ def _parser() -> argparse.ArgumentParser:
     )
   parser.add_argument("--json", type=pathlib.Path, help="write all rows as JSON here")
   parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="keep the rows of an existing --json file (a row of the same case is replaced), so "
+    "that a grid can be compiled in parts; --results then tabulates them all",
+  )
+  parser.add_argument(
     "--results", type=pathlib.Path, help="rewrite this script's section of this RESULTS.md"
+  )
+  parser.add_argument(
+    "--tabulate",
+    action="store_true",
+    help="compile nothing: write --results from the rows of the --json file",
   )
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.tabulate:
+    if not (args.json and args.json.exists() and args.results):
+      parser.error("--tabulate needs an existing --json file and --results")
+    rows = json.loads(args.json.read_text())
+    write_section(args.results, markdown(rows, _COMMAND))
+    return 0
   cases = [
     Case(g, impl, mode, dtype, softcap == "on", shape, layout)
     for g, shape, dtype, softcap, layout, mode, impl in itertools.product(
@@ -253,12 +272,38 @@ def main(argv: Sequence[str] | None = None) -> int:
   except gpu.GpuAotUnavailable as error:
     print(f"gpu_aot: {error}", file=sys.stderr)
     return 2
+  failed = any("error" in row for row in rows)
+  if args.merge and args.json and args.json.exists():
+    rows = merge_rows(json.loads(args.json.read_text()), rows)
   if args.json:
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
   if args.results:
-    command = "python benchmarks/gpu_aot.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_section(args.results, markdown(rows, command.strip()))
-  return 1 if any("error" in row for row in rows) else 0
+    write_section(args.results, markdown(rows, _COMMAND))
+  return 1 if failed else 0
+
+
+def case_key(row: dict[str, Any]) -> tuple:
+  """The :class:`Case` fields of a row."""
+  return tuple(row[field.name] for field in dataclasses.fields(Case))
+
+
+def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict]:
+  """``old`` rows with those of ``new``'s cases replaced, then ``new``'s other rows, in the
+  grid's order (GPU, shape, dtype, softcap, layout, mode, impl)."""
+  merged = {case_key(row): row for row in old}
+  merged.update((case_key(row), row) for row in new)
+  order = {
+    "gpu": GPUS,
+    "shape": tuple(SHAPES),
+    "dtype": tuple(DTYPES),
+    "softcap": (False, True),
+    "layout": tuple(LAYOUTS),
+    "mode": MODES,
+    "impl": IMPLS,
+  }
+  return sorted(
+    merged.values(), key=lambda row: tuple(values.index(row[k]) for k, values in order.items())
+  )
 
 
 if __name__ == "__main__":
