@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -153,11 +154,11 @@ def _g(value: float | None) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]], command: str) -> str:
   """The RESULTS.md section of ``rows`` (between :data:`BEGIN` and :data:`END`)."""
-  lines = [
+  intro = [
     BEGIN,
     "## XLA:GPU deviceless compiler numbers (not runs): `python benchmarks/gpu_aot.py`",
     "",
-    f"jax {jax.__version__}, jax-cuda12-plugin, on a CPU host: `{command}`. Each row is one "
+    f"jax {jax.__version__} with its CUDA plugin, on a CPU host: `{command}`. Each row is one "
     "program compiled by the real XLA:GPU pipeline for the target GPU (Triton and LLVM to "
     "PTX, ptxas to a cubin) and never run: temp is the per-device temporary memory XLA:GPU "
     "plans without autotuning (it needs a device), GFLOP and GB the generic HLO cost model's "
@@ -166,7 +167,17 @@ def markdown(rows: Sequence[dict[str, Any]], command: str) -> str:
     "(no loops) are the whole program's; xla's and pallas_gpu's are what lies outside their "
     "loops and kernels, lower bounds, not comparable with it. What this proves: the kernels "
     "compile for sm_80 and sm_90a, and the memory the compiler plans. What it does not: "
-    "speed. vocab4 is vocabulary-parallel over 4 GPUs (c split along V; per-device numbers).",
+    "speed. vocab4 is vocabulary-parallel over 4 GPUs (c split along V; per-device numbers). "
+    "With 16-bit inputs pallas_gpu's loss+grad temp is mostly its dC kernel's f32 (V, D) "
+    "accumulator (V x D x 4 bytes: 2250 MiB at the paper's shape, 2004 MiB at Llama 3's).",
+    "",
+  ]
+  lines = [
+    *intro[:3],
+    textwrap.fill(intro[3], width=100, break_on_hyphens=False, break_long_words=False),
+    *intro[4:],
+    *summary(rows),
+    "All rows:",
     "",
     "| gpu | shape | dtype | softcap | layout | mode | impl | temp MiB | GFLOP | GB | compile s |",
     "|---|---|---|---|---|---|---|---:|---:|---:|---:|",
@@ -186,6 +197,31 @@ def markdown(rows: Sequence[dict[str, Any]], command: str) -> str:
       )
   lines.append(END)
   return "\n".join(lines) + "\n"
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """Markdown lines: loss+grad temp MiB per impl, one GPU, softcap off, with xla's and
+  pallas_gpu's share of the baseline's (where the rows hold all three)."""
+  temps: dict[tuple, dict[str, int]] = {}
+  for row in rows:
+    if row["mode"] == "loss+grad" and row["layout"] == "single" and not row["softcap"]:
+      key = (row["gpu"], row["arch"], row["shape"], row["dtype"])
+      temps.setdefault(key, {})[row["impl"]] = row.get("temp_bytes")
+  lines = [
+    "Loss + gradient, one GPU, softcap off: per-device temporary MiB (share of the baseline's):",
+    "",
+    "| gpu | shape | dtype | baseline | xla | pallas_gpu |",
+    "|---|---|---|---:|---:|---:|",
+  ]
+  for (name, arch, shape, dtype), by_impl in temps.items():
+    base = by_impl.get("baseline")
+    cells = []
+    for impl in IMPLS:
+      value = by_impl.get(impl)
+      share = f" ({100 * value / base:.1f}%)" if value and base and impl != "baseline" else ""
+      cells.append(f"{_mib(value)}{share}" if value is not None else "failed")
+    lines.append(f"| {name} ({arch}) | {shape} | {dtype} | " + " | ".join(cells) + " |")
+  return [*lines, ""]
 
 
 def write_section(path: pathlib.Path, section: str) -> None:
