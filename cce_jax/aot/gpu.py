@@ -24,8 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import math
+import os
 import pathlib
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -160,10 +164,7 @@ def gpu_mesh(gpu: str, axes: dict[str, int]) -> jax.sharding.Mesh:
   """A mesh of ``prod(axes.values())`` deviceless ``gpu`` devices with these axis sizes (Auto
   axis types: the compiler propagates shardings, as for the trainer's mesh)."""
   sizes = tuple(axes.values())
-  count = 1
-  for size in sizes:
-    count *= size
-  devices = gpu_devices(gpu, count)
+  devices = gpu_devices(gpu, math.prod(sizes))
   axis_types = (jax.sharding.AxisType.Auto,) * len(sizes)
   return jax.make_mesh(sizes, tuple(axes), axis_types=axis_types, devices=devices)
 
@@ -201,7 +202,9 @@ def compile_lowered(lowered: Any, dump_dir: str | pathlib.Path | None = None) ->
 def cost_model(compiled: Any) -> dict[str, float]:
   """XLA's generic HLO cost model over ``compiled``'s optimized (per-device) HLO: a dict with
   "flops", "transcendentals" and "bytes accessed" (XLA:GPU's deviceless ``cost_analysis()``
-  gives None). Custom calls (Pallas kernels) count nothing."""
+  gives None). Custom calls (Pallas kernels) count nothing, and a while loop's body counts once,
+  not per iteration. Uses JAX's internal ``hlo_module_cost_analysis`` (what
+  ``Lowered.cost_analysis`` calls) with the CPU client."""
   from jax._src import xla_bridge
   from jax._src.lib import _jax
 
@@ -308,9 +311,6 @@ def abstract(
 def find_ptxas() -> pathlib.Path | None:
   """The ``ptxas`` XLA would use: under ``--xla_gpu_cuda_data_dir`` of ``XLA_FLAGS``, else on
   PATH; None where there is none."""
-  import os
-  import shutil
-
   match = re.search(r"--xla_gpu_cuda_data_dir=(\S+)", os.environ.get("XLA_FLAGS", ""))
   if match is not None and (pathlib.Path(match.group(1)) / "bin" / "ptxas").is_file():
     return pathlib.Path(match.group(1)) / "bin" / "ptxas"
@@ -327,8 +327,6 @@ def assemble(kernel: KernelReport, cubin_path: str | pathlib.Path) -> str:
     GpuAotUnavailable: no ptxas (see :data:`TOOLKIT_HINT`).
     RuntimeError: ptxas failed (its output in the message).
   """
-  import subprocess
-
   ptxas = find_ptxas()
   if ptxas is None:
     raise GpuAotUnavailable(TOOLKIT_HINT)
