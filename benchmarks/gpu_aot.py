@@ -60,7 +60,9 @@ MODES = ("loss", "loss+grad")
 LAYOUTS = {"single": 1, "vocab4": 4}  # name -> GPUs (vocab4: c split 4 ways along V)
 GPUS = ("a100", "h100")
 VOCAB_AXIS = "vocab"
-_COMMAND = "python benchmarks/gpu_aot.py --json benchmarks/gpu_aot.json --results RESULTS.md"
+_COMMAND = (
+  "python benchmarks/gpu_aot.py --json benchmarks/gpu_aot.json --results benchmarks/RESULTS.md"
+)
 BEGIN, END = "<!-- gpu_aot:begin -->", "<!-- gpu_aot:end -->"
 MIB = 2**20
 
@@ -158,7 +160,9 @@ def markdown(rows: Sequence[dict[str, Any]], command: str) -> str:
     BEGIN,
     "## XLA:GPU deviceless compiler numbers (not runs): `python benchmarks/gpu_aot.py`",
     "",
-    f"jax {jax.__version__} with its CUDA plugin, on a CPU host: `{command}`. Each row is one "
+    f"jax {jax.__version__} with its CUDA plugin, on a 2-core CPU host: `{command}` (the grid "
+    "was compiled in parts with `--merge`; `--tabulate` rewrites this section from the JSON). "
+    "Each row is one "
     "program compiled by the real XLA:GPU pipeline for the target GPU (Triton and LLVM to "
     "PTX, ptxas to a cubin) and never run: temp is the per-device temporary memory XLA:GPU "
     "plans without autotuning (it needs a device), GFLOP and GB the generic HLO cost model's "
