@@ -165,8 +165,8 @@ def build_options(
 
   ``implementation`` resolves and validates ``block_sizes`` (None: its default for
   ``dtype``); ``interpret`` is validated, and kept only for a Pallas implementation (the
-  others ignore it). ``platform``: where the computation is compiled for (see
-  :func:`compile_platform`; None: JAX's default backend), checked by :func:`check_backend`.
+  others ignore it). ``platform``: the platform the computation is compiled for (see
+  :func:`compile_platform`), which :func:`check_backend` accepts besides JAX's default backend.
   """
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(
@@ -183,7 +183,7 @@ def build_options(
   block_sizes = implementation.resolve_block_sizes(block_sizes, dtype)
   interpret = check_bool("interpret", interpret) and implementation.is_pallas
   if not interpret:
-    check_backend(implementation, platform)
+    check_backend(implementation, platform=platform)
   return LossOptions(
     ignore_index=int(ignore_index),
     softcap=softcap,
@@ -219,13 +219,16 @@ def compile_platform(*arrays: Any) -> str | None:
   return None
 
 
-def check_backend(implementation: Implementation, backend: str | None = None) -> None:
-  """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
-  (default ``jax.default_backend()``), naming ``impl``, the backend and ``interpret=True``,
-  before JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
+def check_backend(
+  implementation: Implementation, backend: str | None = None, platform: str | None = None
+) -> None:
+  """Raises ValueError when ``implementation``'s compiled kernels run neither on ``backend``
+  (default ``jax.default_backend()``) nor on ``platform`` (the one the computation is compiled
+  for, :func:`compile_platform`), naming ``impl``, the backend and ``interpret=True``, before
+  JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
   backend = backend or jax.default_backend()
   backends = implementation.backends
-  if backends is None or backend in backends:
+  if backends is None or backend in backends or platform in backends:
     return
   raise ValueError(
     f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "

@@ -138,9 +138,11 @@ def test_compile_platform_reads_the_abstract_mesh():
   with jax.sharding.use_abstract_mesh(mesh):
     assert checks.compile_platform() == "gpu"
   pallas_gpu = dispatch.implementation("pallas_gpu")
-  checks.check_backend(pallas_gpu, "gpu")  # compiled for a GPU: accepted on a CPU host
+  checks.check_backend(pallas_gpu, "cpu", platform="gpu")  # compiled for a GPU: accepted
   with pytest.raises(ValueError, match="`impl`='pallas_gpu' compiles its kernels for the gpu"):
-    checks.check_backend(pallas_gpu, "cpu")
+    checks.check_backend(pallas_gpu, "cpu", platform="cpu")
+  with pytest.raises(ValueError, match="`impl`='pallas_gpu' compiles its kernels for the gpu"):
+    checks.check_backend(pallas_gpu, "cpu")  # no platform known: JAX's default backend
 
 
 def test_results_section_is_rewritten_in_place(tmp_path):
