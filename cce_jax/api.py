@@ -121,6 +121,7 @@ def _prepare(
     dtype=e.dtype,
     classifier_layout=layout,
     implementation=dispatch.implementation(impl),
+    platform=checks.compile_platform(e, c),
     **options,
   )
   return opts, shift

@@ -159,12 +159,14 @@ def build_options(
   implementation: Implementation,
   interpret: Any = False,
   vocab_axis: str | tuple[str, ...] | None = None,
+  platform: str | None = None,
 ) -> LossOptions:
   """Validates the scalar options and bundles them into the static :class:`LossOptions`.
 
   ``implementation`` resolves and validates ``block_sizes`` (None: its default for
   ``dtype``); ``interpret`` is validated, and kept only for a Pallas implementation (the
-  others ignore it).
+  others ignore it). ``platform``: the platform the computation is compiled for (see
+  :func:`compile_platform`), which :func:`check_backend` accepts besides JAX's default backend.
   """
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(
@@ -181,7 +183,7 @@ def build_options(
   block_sizes = implementation.resolve_block_sizes(block_sizes, dtype)
   interpret = check_bool("interpret", interpret) and implementation.is_pallas
   if not interpret:
-    check_backend(implementation)
+    check_backend(implementation, platform=platform)
   return LossOptions(
     ignore_index=int(ignore_index),
     softcap=softcap,
@@ -200,13 +202,33 @@ def build_options(
   )
 
 
-def check_backend(implementation: Implementation, backend: str | None = None) -> None:
-  """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
-  (default ``jax.default_backend()``), naming ``impl``, the backend and ``interpret=True``,
-  before JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
+def compile_platform(*arrays: Any) -> str | None:
+  """The platform ("gpu", "tpu", "cpu") that ``arrays`` are compiled for: the device of their
+  sharding's mesh, else of the abstract mesh in context; None where neither names one.
+
+  Under ``jax.jit`` the inputs' shardings say where the program goes, which need not be JAX's
+  default backend: a program lowered for the devices of a GPU or TPU topology on a CPU host
+  (``cce_jax.aot``) is compiled for that GPU or TPU.
+  """
+  meshes = [getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None) for x in arrays]
+  meshes.append(jax.sharding.get_abstract_mesh())
+  for mesh in meshes:
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None:
+      return device.platform
+  return None
+
+
+def check_backend(
+  implementation: Implementation, backend: str | None = None, platform: str | None = None
+) -> None:
+  """Raises ValueError when ``implementation``'s compiled kernels run neither on ``backend``
+  (default ``jax.default_backend()``) nor on ``platform`` (the one the computation is compiled
+  for, :func:`compile_platform`), naming ``impl``, the backend and ``interpret=True``, before
+  JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
   backend = backend or jax.default_backend()
   backends = implementation.backends
-  if backends is None or backend in backends:
+  if backends is None or backend in backends or platform in backends:
     return
   raise ValueError(
     f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "

@@ -1,6 +1,7 @@
 """Compile a config's train step ahead of time, with abstract inputs, and check that it fits.
 
     python -m train.aot CONFIG.yaml [key=value ...] [--devices N | --real-devices]
+    python -m train.aot CONFIG.yaml --gpu [h100] [--devices N]
 
 Lowers and compiles the jitted train step for ``jax.ShapeDtypeStruct`` inputs carrying their
 shardings (nothing is allocated or run, no data is read) on ``N`` forced CPU host devices
@@ -16,6 +17,12 @@ slice, started on all of them, per the config's ``distributed``) with their own 
 also checks each device's reported memory limit. The CPU compiler's numbers estimate a TPU's or
 GPU's (layouts and fusions differ); leave headroom. The vocabulary of a config without
 ``model.vocab_size`` is ``data.vocab_size`` rounded up to 128.
+
+``--gpu NAME`` (a100, h100, h200; without NAME the config's ``hardware.chip``) compiles with
+the real XLA:GPU compiler for ``N`` (``--devices``, else ``hardware.chips``) deviceless GPUs
+of that kind on this host, no GPU needed (``pip install -e ".[gpu-aot]"``; see
+``cce_jax.aot.gpu``), and checks the peak against the smaller of ``hardware.hbm_gib`` and the
+GPU's memory: XLA:GPU's own numbers, without autotuning.
 """
 
 from __future__ import annotations
@@ -68,12 +75,18 @@ def memory_of(compiled: Any) -> tuple[int | None, int | None, int | None, int | 
   return tuple(None if stats is None else int(getattr(stats, f)) for f in fields)
 
 
-def compile_train_step(cfg: config_lib.TrainConfig, batch_size: int | None = None) -> CompiledStep:
+def compile_train_step(
+  cfg: config_lib.TrainConfig,
+  batch_size: int | None = None,
+  devices: Sequence[Any] | None = None,
+) -> CompiledStep:
   """Lowers and compiles ``cfg``'s train step on this host's devices for abstract inputs.
 
   Args:
     cfg: the config (``model.vocab_size`` None: ``data.vocab_size`` rounded up to 128).
     batch_size: compile for this global batch instead of ``cfg.batch_size``.
+    devices: the mesh's devices (default: all of JAX's), e.g. deviceless GPUs of
+      ``cce_jax.aot.gpu.gpu_devices``.
 
   Raises:
     ConfigError: a mesh or sharding the config asks for that the devices cannot provide.
@@ -85,9 +98,15 @@ def compile_train_step(cfg: config_lib.TrainConfig, batch_size: int | None = Non
   if batch_size is not None:
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
   cfg = trainer.with_vocab(cfg, cfg.model.vocab_size or cfg.data.vocab_size)
-  mesh = make_mesh(cfg.mesh)
+  mesh = make_mesh(cfg.mesh, devices)
   program = build_program(cfg, mesh)
-  compiled = program.lower_train_step().compile()
+  lowered = program.lower_train_step()
+  if devices is not None and mesh.devices.flat[0].platform == "gpu":
+    from cce_jax.aot import gpu  # deviceless: its errors name a missing ptxas / libdevice
+
+    compiled = gpu.compile_lowered(lowered)
+  else:
+    compiled = lowered.compile()
   return CompiledStep(cfg, dict(mesh.shape), compiled, *memory_of(compiled))
 
 
@@ -132,7 +151,41 @@ def _parser() -> argparse.ArgumentParser:
     help="compile for this host's accelerators (on a multi-host slice: start "
     "it on every host) and check their reported memory limit too",
   )
+  parser.add_argument(
+    "--gpu",
+    nargs="?",
+    const="",
+    metavar="NAME",
+    help="compile with XLA:GPU, deviceless, for NAME GPUs (a100, h100, h200; default: the "
+    "config's hardware.chip) on this host; combine with --devices N (needs the gpu-aot extra)",
+  )
   return parser
+
+
+def _gpu_devices(args: argparse.Namespace, cfg: config_lib.TrainConfig) -> tuple[str, list[Any]]:
+  """(GPU name, deviceless devices) for ``--gpu``.
+
+  Raises:
+    ConfigError: no GPU named and none in hardware.chip, or one without a target config.
+    cce_jax.aot.gpu.GpuAotUnavailable: the CUDA plugin is not installed.
+  """
+  from cce_jax.aot import gpu
+
+  name = args.gpu or cfg.hardware.chip
+  if name not in gpu.GPUS:
+    source = f"--gpu {args.gpu}" if args.gpu else f"hardware.chip={cfg.hardware.chip!r}"
+    raise config_lib.ConfigError(
+      f"{source} names no GPU with a target config: pass --gpu one of {sorted(gpu.GPUS)}"
+    )
+  count = args.devices if args.devices is not None else (cfg.hardware.chips or 1)
+  force_host_devices(1)  # JAX on the CPU; the GPUs are deviceless
+  return name, gpu.gpu_devices(name, count)
+
+
+def _gpu_unavailable(error: BaseException) -> bool:
+  """Whether ``error`` is ``cce_jax.aot.gpu.GpuAotUnavailable`` (a missing install)."""
+  module = sys.modules.get("cce_jax.aot.gpu")
+  return module is not None and isinstance(error, module.GpuAotUnavailable)
 
 
 def force_host_devices(count: int) -> None:
@@ -180,18 +233,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.devices is not None and args.devices < 1:
     print(f"--devices must be >= 1, got {args.devices}", file=sys.stderr)
     return EXIT_BAD_CONFIG
+  if args.gpu is not None and args.real_devices:
+    print("--gpu compiles for deviceless GPUs: drop --real-devices", file=sys.stderr)
+    return EXIT_BAD_CONFIG
   count = args.devices if args.devices is not None else cfg.hardware.chips
   limit = None if cfg.hardware.hbm_gib is None else cfg.hardware.hbm_gib * GIB
+  gpu_devices = None
   try:
-    if args.real_devices:
+    if args.gpu is not None:
+      from cce_jax.aot import gpu
+
+      gpu_name, gpu_devices = _gpu_devices(args, cfg)
+      gpu_memory = gpu.target(gpu_name).memory_bytes
+      limit = gpu_memory if limit is None else min(limit, gpu_memory)
+    elif args.real_devices:
       from train import distributed
 
       distributed.initialize(cfg.distributed)
     elif count is not None:
       force_host_devices(count)
-    step = compile_train_step(cfg)
+    step = compile_train_step(cfg, devices=gpu_devices)
   except config_lib.ConfigError as error:
     print(f"{name}: config error: {error}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  except RuntimeError as error:
+    if not _gpu_unavailable(error):
+      raise
+    print(f"{name}: {error}", file=sys.stderr)  # what to install
     return EXIT_BAD_CONFIG
   import jax
 
@@ -202,9 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device_limit is not None:
       limit = device_limit if limit is None else min(limit, device_limit)
   cfg = step.config
-  devices = jax.devices()
+  devices = jax.devices() if gpu_devices is None else gpu_devices
+  how = "" if gpu_devices is None else " (XLA:GPU deviceless, without autotuning)"
   print(
-    f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices; "
+    f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices{how}; "
     f"mesh {step.mesh_shape}, batch {cfg.batch_size} x {cfg.seq_len} in "
     f"{cfg.grad_accum_steps} micro-batches, V={cfg.model.vocab_size}, loss {cfg.loss_impl}; "
     f"per device: arguments {gib(step.argument_bytes)}, temporaries {gib(step.temp_bytes)}, "
