@@ -172,8 +172,9 @@ def markdown(rows: Sequence[dict[str, Any]], command: str) -> str:
     "loops and kernels, lower bounds, not comparable with it. What this proves: the kernels "
     "compile for sm_80 and sm_90a, and the memory the compiler plans. What it does not: "
     "speed. vocab4 is vocabulary-parallel over 4 GPUs (c split along V; per-device numbers). "
-    "With 16-bit inputs pallas_gpu's loss+grad temp is mostly its dC kernel's f32 (V, D) "
-    "accumulator (V x D x 4 bytes: 2250 MiB at the paper's shape, 2004 MiB at Llama 3's).",
+    "With 16-bit inputs pallas_gpu's dC kernel keeps one f32 (32, D) buffer per persistent "
+    "program (one program per SM), not an f32 (V, D) accumulator (which took 2250 MiB at the "
+    "paper's shape and 2004 MiB at Llama 3's before).",
     "",
   ]
   lines = [
