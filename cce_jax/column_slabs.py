@@ -21,7 +21,11 @@ import jax.numpy as jnp
 from jax import lax
 
 SLAB_WIDTH = 128
-"""Columns per slab: the TPU lane width (a (D, V) array is tiled 8 x 128 in HBM)."""
+"""Columns per slab at most: the TPU lane width (a (D, V) array is tiled 8 x 128 in HBM)."""
+
+MIN_SLAB_WIDTH = 32
+"""Columns per slab at least, for the vocabulary tiles (:func:`tile_slab_width`): a narrower
+slab still reads whole 128-lane tiles, SLAB_WIDTH / width times the bytes it uses."""
 
 TOKEN_CHUNK = 32
 """Tokens per step of :func:`column_rows`: bounds its (tokens, D, slab) gather if a compiler
@@ -75,38 +79,56 @@ def column_rows(c: jax.Array, class_ids: jax.Array) -> jax.Array:
   return lax.fori_loop(0, -(-n // chunk), step, rows)
 
 
-def slab_sortable(num_classes: int, vocab_block: int) -> bool:
-  """Whether a tiling of ``num_classes`` classes into ``vocab_block``-wide overlapped tiles
-  (``cce_jax.filtering.overlapped``) can follow a :func:`slab_order`: every tile start is a
-  multiple of :data:`SLAB_WIDTH`, which needs both sizes to be multiples of it."""
-  return num_classes % SLAB_WIDTH == 0 and min(vocab_block, num_classes) % SLAB_WIDTH == 0
+def tile_slab_width(num_classes: int, vocab_block: int) -> int | None:
+  """The slab width of a vocabulary of ``num_classes`` classes in ``vocab_block``-wide
+  overlapped tiles (``cce_jax.filtering.overlapped``, the block clamped to the vocabulary)
+  that follow a :func:`slab_order`: the widest power of two up to :data:`SLAB_WIDTH` that
+  divides both, so that every tile starts at a slab; None when that is below
+  :data:`MIN_SLAB_WIDTH`.
+
+  Example:
+    >>> from cce_jax.column_slabs import tile_slab_width
+    >>> tile_slab_width(256000, 2048), tile_slab_width(128256 // 4, 2048)
+    (128, 64)
+    >>> tile_slab_width(50257, 2048) is None
+    True
+  """
+  width = SLAB_WIDTH
+  block = min(vocab_block, num_classes)
+  while width >= MIN_SLAB_WIDTH:
+    if num_classes % width == 0 and block % width == 0:
+      return width
+    width //= 2
+  return None
 
 
-def slab_order(score: jax.Array) -> jax.Array:
-  """(V,) int32: the classes by slab of :data:`SLAB_WIDTH`, the slabs by descending best
-  ``score`` (stable), each slab's classes in their own order.
+def slab_order(score: jax.Array, width: int) -> jax.Array:
+  """(V,) int32: the classes by slab of ``width``, the slabs by descending best ``score``
+  (stable), each slab's classes in their own order.
 
   Args:
-    score: (V,) f32 per-class score (the average logit), V a multiple of ``SLAB_WIDTH``.
+    score: (V,) f32 per-class score (the average logit), V a multiple of ``width``.
+    width: classes per slab.
   """
   (num_classes,) = score.shape
-  slab_best = jnp.max(score.reshape(-1, SLAB_WIDTH), axis=1)  # (V / SLAB_WIDTH,)
+  slab_best = jnp.max(score.reshape(-1, width), axis=1)  # (V / width,)
   slabs = jnp.argsort(-slab_best, stable=True).astype(jnp.int32)
-  order = slabs[:, None] * SLAB_WIDTH + jnp.arange(SLAB_WIDTH, dtype=jnp.int32)[None, :]
+  order = slabs[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]
   return order.reshape(num_classes)
 
 
-def gather_slabs(c: jax.Array, class_ids: jax.Array) -> jax.Array:
+def gather_slabs(c: jax.Array, class_ids: jax.Array, width: int) -> jax.Array:
   """(D, v): the columns ``class_ids`` of ``c`` (D, V), read slab by slab.
 
   Args:
     c: (D, V).
-    class_ids: (v,) int32, v a multiple of :data:`SLAB_WIDTH`, a window of a
-      :func:`slab_order` that starts at a slab: consecutive runs of ``SLAB_WIDTH`` ids.
+    class_ids: (v,) int32, v a multiple of ``width``, a window of a :func:`slab_order` of
+      ``width`` that starts at a slab: consecutive runs of ``width`` ids.
+    width: classes per slab.
   """
   hidden = c.shape[0]
-  starts = class_ids[::SLAB_WIDTH]  # (v / SLAB_WIDTH,) the first class of each slab
-  slabs = _column_slabs(c, starts, SLAB_WIDTH)  # (k, D, SLAB_WIDTH)
+  starts = class_ids[::width]  # (v / width,) the first class of each slab
+  slabs = _column_slabs(c, starts, width)  # (k, D, width)
   return jnp.moveaxis(slabs, 0, 1).reshape(hidden, class_ids.shape[0])
 
 
@@ -115,10 +137,10 @@ def write_slabs(
   block: jax.Array,  # (D, v)
   class_ids: jax.Array,  # (v,) int32, as for gather_slabs
   fresh: jax.Array | None,  # (v,) bool, constant over each slab; None: all
+  width: int,
 ) -> jax.Array:
-  """``d_c`` with ``block``'s columns written at ``class_ids``, slab by slab, in place; a slab
-  whose columns are not ``fresh`` (an earlier tile wrote them) keeps its values."""
-  width = SLAB_WIDTH
+  """``d_c`` with ``block``'s columns written at ``class_ids``, slabs of ``width``, in place; a
+  slab whose columns are not ``fresh`` (an earlier tile wrote them) keeps its values."""
   starts = class_ids[::width]
   keep = None if fresh is None else fresh[::width]
 

@@ -20,7 +20,7 @@ def vocab_order(
   c: jax.Array,  # (V, D) or (D, V)
   bias: jax.Array | None,  # (V,)
   opts: LossOptions,
-  by_slab: bool = False,
+  slab_width: int | None = None,
 ) -> jax.Array:
   """The backward's class order, (V,) int32: descending average logit over the tokens.
 
@@ -29,9 +29,9 @@ def vocab_order(
   softcap it is the average of the uncapped logit, which orders the classes alike.) The
   identity when ``opts.sort_vocab`` is False.
 
-  With ``by_slab`` (a (D, V) classifier, V a multiple of ``column_slabs.SLAB_WIDTH``) whole
-  slabs of consecutive classes are ordered by their best average logit
-  (``column_slabs.slab_order``), so that a tile is read from ``c`` slab by slab.
+  With ``slab_width`` (a (D, V) classifier, V a multiple of it) whole slabs of that many
+  consecutive classes are ordered by their best average logit (``column_slabs.slab_order``),
+  so that a tile is read from ``c`` slab by slab.
   """
   num_classes = c.shape[opts.vocab_dim]
   if not opts.sort_vocab:
@@ -42,6 +42,6 @@ def vocab_order(
   score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
   if bias is not None:
     score = score + bias.astype(jnp.float32)
-  if by_slab:
-    return column_slabs.slab_order(score)
+  if slab_width is not None:
+    return column_slabs.slab_order(score, slab_width)
   return jnp.argsort(-score, stable=True).astype(jnp.int32)

@@ -71,15 +71,16 @@ def classifier_access(num_classes: int, vocab_block: int, opts: LossOptions) -> 
   (clamped) are read from ``c`` and written into dC:
 
   * ``"rows"``: (V, D), rows gathered and scattered by class id;
-  * ``"slabs"``: (D, V) with V and the block multiples of ``column_slabs.SLAB_WIDTH``: the
-    vocabulary sort orders whole slabs of columns, read and written in place;
+  * ``"slabs"``: (D, V) with V and the block multiples of a slab width
+    (``column_slabs.tile_slab_width``): the vocabulary sort orders whole slabs of columns,
+    read and written in place;
   * ``"window"``: (D, V) without the sort: each tile is a window of consecutive columns;
   * ``"columns"``: (D, V) otherwise: single columns gathered and scattered, for which XLA:TPU
     transposes ``c`` (and dC) once per call (README, "Classifier layout and memory").
   """
   if opts.vocab_dim == 0:
     return _ROWS
-  if column_slabs.slab_sortable(num_classes, vocab_block):
+  if column_slabs.tile_slab_width(num_classes, vocab_block) is not None:
     return _SLABS
   return _COLUMNS if opts.sort_vocab else _WINDOW
 
@@ -92,7 +93,8 @@ def _read_block(
   if access == _ROWS:
     return jnp.take(c, class_ids, axis=0)  # a (v, D) block, never a permuted copy of c
   if access == _SLABS:
-    return column_slabs.gather_slabs(c, class_ids)
+    width = column_slabs.tile_slab_width(c.shape[1], size)
+    return column_slabs.gather_slabs(c, class_ids, width)
   if access == _WINDOW:
     return _slice(c, start, size, axis=1)
   return jnp.take(c, class_ids, axis=1)
@@ -110,7 +112,8 @@ def _write_block(
   classes that are not ``fresh`` ((v,) bool, an earlier tile wrote them) keep their values."""
   num_classes = d_c.shape[0 if access == _ROWS else 1]
   if access == _SLABS:
-    return column_slabs.write_slabs(d_c, block, class_ids, fresh)
+    width = column_slabs.tile_slab_width(num_classes, block.shape[1])
+    return column_slabs.write_slabs(d_c, block, class_ids, fresh, width)
   if access == _WINDOW:
     if fresh is not None:
       block = jnp.where(fresh[None, :], block, _slice(d_c, start, block.shape[1], axis=1))
@@ -171,7 +174,10 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   want_logit_sum = opts.label_smoothing > 0.0
   order = None
   if for_backward:
-    order = vocab_sort.vocab_order(e, c, bias, opts, by_slab=access == _SLABS)
+    slab_width = None
+    if access == _SLABS:
+      slab_width = column_slabs.tile_slab_width(c.shape[axis], voc.block)
+    order = vocab_sort.vocab_order(e, c, bias, opts, slab_width=slab_width)
   want_block_max = for_backward and opts.filters_anything
 
   def classifier_block(v0):

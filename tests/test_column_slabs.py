@@ -48,7 +48,7 @@ def test_column_rows_never_mix_in_other_columns():
 def test_slab_order_orders_whole_slabs_by_their_best_score():
   rng = np.random.default_rng(2)
   score = rng.normal(size=(6 * SLAB,)).astype(np.float32)
-  order = np.asarray(column_slabs.slab_order(jnp.asarray(score)))
+  order = np.asarray(column_slabs.slab_order(jnp.asarray(score), SLAB))
   chex.assert_type(order, np.int32)
   np.testing.assert_array_equal(np.sort(order), np.arange(6 * SLAB))
   runs = order.reshape(-1, SLAB)
@@ -62,20 +62,36 @@ def test_gather_and_write_slabs_touch_exactly_their_columns():
   rng = np.random.default_rng(3)
   num_classes = 5 * SLAB
   c = rng.normal(size=(HIDDEN, num_classes)).astype(np.float32)
-  order = np.asarray(column_slabs.slab_order(jnp.asarray(rng.normal(size=(num_classes,)))))
+  score = jnp.asarray(rng.normal(size=(num_classes,)))
+  order = np.asarray(column_slabs.slab_order(score, SLAB))
   class_ids = order[SLAB : 3 * SLAB]  # a tile of two slabs
-  block = column_slabs.gather_slabs(jnp.asarray(c), jnp.asarray(class_ids))
+  block = column_slabs.gather_slabs(jnp.asarray(c), jnp.asarray(class_ids), SLAB)
   np.testing.assert_array_equal(np.asarray(block), c[:, class_ids])
 
   d_c = rng.normal(size=(HIDDEN, num_classes)).astype(np.float32)
   new = rng.normal(size=(HIDDEN, 2 * SLAB)).astype(np.float32)
   fresh = np.repeat([False, True], SLAB)  # the first slab was written by an earlier tile
   out = column_slabs.write_slabs(
-    jnp.asarray(d_c), jnp.asarray(new), jnp.asarray(class_ids), jnp.asarray(fresh)
+    jnp.asarray(d_c), jnp.asarray(new), jnp.asarray(class_ids), jnp.asarray(fresh), SLAB
   )
   want = d_c.copy()
   want[:, class_ids[fresh]] = new[:, fresh]
   np.testing.assert_array_equal(np.asarray(out), want)
+
+
+@pytest.mark.parametrize(
+  "num_classes, vocab_block, width",
+  [
+    (256000, 2048, 128),
+    (128256 // 4, 2048, 64),  # Llama 3's vocabulary over 4 shards
+    (151936 // 4, 8192, 32),
+    (320, 2048, 64),  # the block clamped to the vocabulary
+    (50257, 2048, None),
+    (640, 100, None),
+  ],
+)
+def test_tile_slab_width_divides_the_vocabulary_and_the_block(num_classes, vocab_block, width):
+  assert column_slabs.tile_slab_width(num_classes, vocab_block) == width
 
 
 @pytest.mark.parametrize(
@@ -111,6 +127,7 @@ def _inputs(seed: int, num_classes: int, with_bias: bool):
     (5 * SLAB, dict(softcap=4.0, with_bias=True)),
     (5 * SLAB, dict(label_smoothing=0.1, z_loss=1e-3, sort_vocab=False)),
     (3 * SLAB, dict(shift=1, with_bias=True)),
+    (320, dict(z_loss=1e-3, with_bias=True)),  # slabs of 64, tiles overlapping by 3 slabs
     (300, dict(label_smoothing=0.2)),  # not a whole number of slabs: "columns"
   ],
 )

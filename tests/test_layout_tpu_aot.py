@@ -83,7 +83,7 @@ def test_dv_layout_costs_what_vd_costs_on_tpu(shape, impl, mode):
   """dv's temp within 5% of vd's; temps far below one classifier (the loss alone needs well
   under 1 MiB) are compared to 1% of the classifier instead, the size of what must not be
   copied."""
-  num_tokens, hidden, num_classes = SHAPES[shape]
+  _, hidden, num_classes = SHAPES[shape]
   classifier_bytes = hidden * num_classes * 2
   vd = _temp_bytes(shape, impl, mode, "vd")
   dv = _temp_bytes(shape, impl, mode, "dv")
@@ -91,5 +91,6 @@ def test_dv_layout_costs_what_vd_costs_on_tpu(shape, impl, mode):
   mib = 2.0**20
   assert abs(dv - vd) < allowed, (
     f"{shape} {impl} {mode}: temp dv {dv / mib:.0f} MiB vs vd {vd / mib:.0f} MiB "
-    f"(allowed difference {allowed / mib:.0f} MiB; the classifier is {classifier_bytes / mib:.0f} MiB)"
+    f"(allowed difference {allowed / mib:.0f} MiB; the classifier is "
+    f"{classifier_bytes / mib:.0f} MiB)"
   )
