@@ -5,8 +5,11 @@ its minor (fastest-varying) dimension. Gathering or scattering single columns of
 single elements of every row, and XLA:TPU does that by transposing the whole of ``c`` into a
 (V, D) temporary first: one more classifier in memory for every call. A slab of
 :data:`SLAB_WIDTH` consecutive columns (one TPU lane width) is a contiguous, aligned piece of
-every row: XLA:TPU gathers and updates such slabs in place. Everything here works on any
-backend; only its memory matters to the TPU.
+every row: XLA:TPU gathers and updates such slabs in place. That holds when V is a whole
+number of lanes (:func:`lane_aligned`; 256000, 128256); for another V (Llama 3's 128256 over 4
+vocabulary shards is 32064) XLA:TPU stores a (D, V) array V-major already, where a column is
+contiguous, and plain column gathers are the ones that need no copy. Everything here works on
+any backend; only its memory matters to the TPU.
 
 * :func:`column_rows`: the columns of given classes, as rows (the target logit's indexed dot);
 * :func:`slab_order`: the vocabulary sort of ``cce_jax.vocab_sort`` by whole slabs;
@@ -21,20 +24,11 @@ import jax.numpy as jnp
 from jax import lax
 
 SLAB_WIDTH = 128
-"""Columns per slab at most: the TPU lane width (a (D, V) array is tiled 8 x 128 in HBM)."""
-
-MIN_SLAB_WIDTH = 32
-"""Columns per slab at least, for the vocabulary tiles (:func:`tile_slab_width`): a narrower
-slab still reads whole 128-lane tiles, SLAB_WIDTH / width times the bytes it uses."""
+"""Columns per slab: the TPU lane width (a (D, V) array is tiled 8 x 128 in HBM)."""
 
 TOKEN_CHUNK = 32
 """Tokens per step of :func:`column_rows`: bounds its (tokens, D, slab) gather if a compiler
 materializes it instead of fusing it into the selection."""
-
-
-def slab_width(num_classes: int) -> int:
-  """The slab width for a classifier of ``num_classes`` columns (all of them when fewer)."""
-  return min(SLAB_WIDTH, num_classes)
 
 
 def _column_slabs(c: jax.Array, starts: jax.Array, width: int) -> jax.Array:
@@ -49,8 +43,9 @@ def _column_slabs(c: jax.Array, starts: jax.Array, width: int) -> jax.Array:
 def column_rows(c: jax.Array, class_ids: jax.Array) -> jax.Array:
   """(n, D): column ``class_ids[i]`` of ``c`` (D, V) as row ``i``, values and dtype of ``c``.
 
-  The same values as ``c[:, class_ids].T``, read as the slab holding each column (a select, so
-  other columns' values, inf or NaN included, never leak in), ``TOKEN_CHUNK`` ids at a time.
+  The same values as ``c[:, class_ids].T``. With a :func:`lane_aligned` V, read as the slab
+  holding each column (a select, so other columns' values, inf or NaN included, never leak
+  in), ``TOKEN_CHUNK`` ids at a time; else by a plain gather of the columns.
 
   Args:
     c: (D, V) any dtype.
@@ -58,8 +53,10 @@ def column_rows(c: jax.Array, class_ids: jax.Array) -> jax.Array:
   """
   hidden, num_classes = c.shape
   (n,) = class_ids.shape
-  width = slab_width(num_classes)
   class_ids = jnp.clip(class_ids.astype(jnp.int32), 0, num_classes - 1)
+  if not lane_aligned(num_classes):
+    return jnp.take(c, class_ids, axis=1).T
+  width = SLAB_WIDTH
   chunk = min(TOKEN_CHUNK, n)
   if chunk == 0:
     return jnp.zeros((0, hidden), c.dtype)
@@ -79,26 +76,29 @@ def column_rows(c: jax.Array, class_ids: jax.Array) -> jax.Array:
   return lax.fori_loop(0, -(-n // chunk), step, rows)
 
 
+def lane_aligned(num_classes: int) -> bool:
+  """Whether XLA:TPU keeps V as the minor axis of a (D, V) array, so that it must be read by
+  slabs: V is a whole number of lanes. (For another V, with D a whole number of lanes, it
+  stores the array V-major, where a column is contiguous and a slab is not.)"""
+  return num_classes % SLAB_WIDTH == 0
+
+
 def tile_slab_width(num_classes: int, vocab_block: int) -> int | None:
   """The slab width of a vocabulary of ``num_classes`` classes in ``vocab_block``-wide
   overlapped tiles (``cce_jax.filtering.overlapped``, the block clamped to the vocabulary)
-  that follow a :func:`slab_order`: the widest power of two up to :data:`SLAB_WIDTH` that
-  divides both, so that every tile starts at a slab; None when that is below
-  :data:`MIN_SLAB_WIDTH`.
+  that follow a :func:`slab_order`: :data:`SLAB_WIDTH` when it divides both (every tile then
+  starts at a slab), else None.
 
   Example:
     >>> from cce_jax.column_slabs import tile_slab_width
-    >>> tile_slab_width(256000, 2048), tile_slab_width(128256 // 4, 2048)
-    (128, 64)
-    >>> tile_slab_width(50257, 2048) is None
+    >>> tile_slab_width(256000, 2048), tile_slab_width(128256, 2048)
+    (128, 128)
+    >>> tile_slab_width(128256 // 4, 2048) is None  # Llama 3's vocabulary over 4 shards
     True
   """
-  width = SLAB_WIDTH
   block = min(vocab_block, num_classes)
-  while width >= MIN_SLAB_WIDTH:
-    if num_classes % width == 0 and block % width == 0:
-      return width
-    width //= 2
+  if lane_aligned(num_classes) and block % SLAB_WIDTH == 0:
+    return SLAB_WIDTH
   return None
 
 

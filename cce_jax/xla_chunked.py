@@ -76,7 +76,7 @@ def classifier_access(num_classes: int, vocab_block: int, opts: LossOptions) -> 
     read and written in place;
   * ``"window"``: (D, V) without the sort: each tile is a window of consecutive columns;
   * ``"columns"``: (D, V) otherwise: single columns gathered and scattered, for which XLA:TPU
-    transposes ``c`` (and dC) once per call (README, "Classifier layout and memory").
+    transposes ``c`` (and dC) once per call (README, "Classifier layout and memory on TPU").
   """
   if opts.vocab_dim == 0:
     return _ROWS

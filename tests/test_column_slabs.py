@@ -18,7 +18,6 @@ from cce_jax.options import LossOptions
 
 HIDDEN = 24
 SLAB = column_slabs.SLAB_WIDTH
-BLOCKS = cce_jax.BlockSizes(token_block=16, vocab_block=2 * SLAB)
 
 
 @pytest.mark.parametrize("num_classes, num_ids", [(50, 7), (300, 70), (5 * SLAB, 33)])
@@ -83,14 +82,16 @@ def test_gather_and_write_slabs_touch_exactly_their_columns():
   "num_classes, vocab_block, width",
   [
     (256000, 2048, 128),
-    (128256 // 4, 2048, 64),  # Llama 3's vocabulary over 4 shards
-    (151936 // 4, 8192, 32),
-    (320, 2048, 64),  # the block clamped to the vocabulary
+    (128256, 8192, 128),
+    (384, 2048, 128),  # the block clamped to the vocabulary
+    (128256 // 4, 2048, None),  # Llama 3's vocabulary over 4 shards: stored V-major on TPU
     (50257, 2048, None),
     (640, 100, None),
   ],
 )
-def test_tile_slab_width_divides_the_vocabulary_and_the_block(num_classes, vocab_block, width):
+def test_tile_slab_width_needs_whole_lanes_in_the_vocabulary_and_block(
+  num_classes, vocab_block, width
+):
   assert column_slabs.tile_slab_width(num_classes, vocab_block) == width
 
 
@@ -127,7 +128,7 @@ def _inputs(seed: int, num_classes: int, with_bias: bool):
     (5 * SLAB, dict(softcap=4.0, with_bias=True)),
     (5 * SLAB, dict(label_smoothing=0.1, z_loss=1e-3, sort_vocab=False)),
     (3 * SLAB, dict(shift=1, with_bias=True)),
-    (320, dict(z_loss=1e-3, with_bias=True)),  # slabs of 64, tiles overlapping by 3 slabs
+    (3 * SLAB, dict(z_loss=1e-3, with_bias=True, vocab_block=SLAB)),
     (300, dict(label_smoothing=0.2)),  # not a whole number of slabs: "columns"
   ],
 )
@@ -135,6 +136,7 @@ def test_dv_matches_the_float64_reference(num_classes, options):
   options = dict(options)
   with_bias = options.pop("with_bias", False)
   sort_vocab = options.pop("sort_vocab", True)
+  blocks = cce_jax.BlockSizes(token_block=16, vocab_block=options.pop("vocab_block", 2 * SLAB))
   e, c, labels, bias = _inputs(num_classes, num_classes, with_bias)
   loss_options = dict(
     ignore_index=-100, softcap=None, reduction="mean", shift=0, z_loss=0.0, label_smoothing=0.0
@@ -152,7 +154,7 @@ def test_dv_matches_the_float64_reference(num_classes, options):
       classifier_layout="dv",
       filter_eps=None,
       sort_vocab=sort_vocab,
-      block_sizes=BLOCKS,
+      block_sizes=blocks,
       **loss_options,
     )
 
