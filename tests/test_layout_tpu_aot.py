@@ -8,7 +8,8 @@ gathers of single columns (the target logit, the vocabulary-sorted tiles) and th
 scatter of dC: "dv" took 1125 MiB (one classifier) more than "vd" at the paper's shape.
 
 Needs libtpu (``pip install -e ".[tpu-aot]"``); skipped without it. By default 12 compiles
-(TIME_DEFAULT); ``--runslow`` adds four loss+grad cases (TIME_SLOW more).
+(2.5 minutes on two busy CPU cores); ``--runslow`` adds four loss+grad cases (about 9 minutes
+more).
 """
 
 from __future__ import annotations
