@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cce_jax import vma
+
 SLAB_WIDTH = 128
 """Columns per slab: the TPU lane width (a (D, V) array is tiled 8 x 128 in HBM)."""
 
@@ -72,7 +74,7 @@ def column_rows(c: jax.Array, class_ids: jax.Array) -> jax.Array:
     ids = lax.dynamic_slice_in_dim(class_ids, start, chunk)
     return lax.dynamic_update_slice_in_dim(rows, rows_of(ids), start, 0)
 
-  rows = jnp.zeros((n, hidden), c.dtype)
+  rows = vma.vary_like(jnp.zeros((n, hidden), c.dtype), c, class_ids)  # under shard_map
   return lax.fori_loop(0, -(-n // chunk), step, rows)
 
 
