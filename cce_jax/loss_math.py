@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cce_jax import column_slabs
 from cce_jax.options import LossOptions
 
 
@@ -110,9 +111,11 @@ def target_logits(
     z_{n t_n} = s \tanh\bigl((e_n \cdot c_{t_n} + b_{t_n}) / s\bigr)
   """
   safe_labels = jnp.maximum(local_labels, 0)
-  rows = jnp.take(c, safe_labels, axis=opts.vocab_dim)  # (n, D) or (D, n)
-  if opts.vocab_dim == 1:
-    rows = rows.T
+  if opts.vocab_dim == 0:
+    rows = jnp.take(c, safe_labels, axis=0)  # (n, D)
+  else:
+    # Columns of (D, V) by whole slabs: a column gather would make XLA:TPU transpose all of c.
+    rows = column_slabs.column_rows(c, safe_labels)  # (n, D)
   x = jnp.sum(e.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
   if bias is not None:
     x = x + bias[safe_labels].astype(jnp.float32)

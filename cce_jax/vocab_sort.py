@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cce_jax import column_slabs
 from cce_jax.options import LossOptions
 
 
@@ -19,6 +20,7 @@ def vocab_order(
   c: jax.Array,  # (V, D) or (D, V)
   bias: jax.Array | None,  # (V,)
   opts: LossOptions,
+  slab_width: int | None = None,
 ) -> jax.Array:
   """The backward's class order, (V,) int32: descending average logit over the tokens.
 
@@ -26,6 +28,10 @@ def vocab_order(
   b_v``, so it is computed exactly, before the forward, with one matrix-vector product. (With
   softcap it is the average of the uncapped logit, which orders the classes alike.) The
   identity when ``opts.sort_vocab`` is False.
+
+  With ``slab_width`` (a (D, V) classifier, V a multiple of it) whole slabs of that many
+  consecutive classes are ordered by their best average logit (``column_slabs.slab_order``),
+  so that a tile is read from ``c`` slab by slab.
   """
   num_classes = c.shape[opts.vocab_dim]
   if not opts.sort_vocab:
@@ -36,4 +42,6 @@ def vocab_order(
   score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
   if bias is not None:
     score = score + bias.astype(jnp.float32)
+  if slab_width is not None:
+    return column_slabs.slab_order(score, slab_width)
   return jnp.argsort(-score, stable=True).astype(jnp.int32)

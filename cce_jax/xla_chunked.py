@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import filtering, loss_math, vma, vocab_sort
+from cce_jax import column_slabs, filtering, loss_math, vma, vocab_sort
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
@@ -60,6 +60,69 @@ def tilings(num_tokens: int, num_classes: int, opts: LossOptions) -> tuple[AxisT
     filtering.overlapped(num_tokens, sizes.token_block),
     filtering.overlapped(num_classes, sizes.vocab_block),
   )
+
+
+# How a tile reads its classes from c and writes them into dC (:func:`classifier_access`).
+_ROWS, _SLABS, _WINDOW, _COLUMNS = "rows", "slabs", "window", "columns"
+
+
+def classifier_access(num_classes: int, vocab_block: int, opts: LossOptions) -> str:
+  """How the tiles of a classifier with ``num_classes`` classes in ``vocab_block``-wide tiles
+  (clamped) are read from ``c`` and written into dC:
+
+  * ``"rows"``: (V, D), rows gathered and scattered by class id;
+  * ``"slabs"``: (D, V) with V and the block multiples of a slab width
+    (``column_slabs.tile_slab_width``): the vocabulary sort orders whole slabs of columns,
+    read and written in place;
+  * ``"window"``: (D, V) without the sort: each tile is a window of consecutive columns;
+  * ``"columns"``: (D, V) otherwise: single columns gathered and scattered, for which XLA:TPU
+    transposes ``c`` (and dC) once per call (README, "Classifier layout and memory on TPU").
+  """
+  if opts.vocab_dim == 0:
+    return _ROWS
+  if column_slabs.tile_slab_width(num_classes, vocab_block) is not None:
+    return _SLABS
+  return _COLUMNS if opts.sort_vocab else _WINDOW
+
+
+def _read_block(
+  c: jax.Array, class_ids: jax.Array, start: jax.Array, size: int, access: str
+) -> jax.Array:
+  """The tile of ``c`` holding classes ``class_ids`` ((v,), the order from ``start``), in the
+  layout of ``c``: (v, D) or (D, v)."""
+  if access == _ROWS:
+    return jnp.take(c, class_ids, axis=0)  # a (v, D) block, never a permuted copy of c
+  if access == _SLABS:
+    width = column_slabs.tile_slab_width(c.shape[1], size)
+    return column_slabs.gather_slabs(c, class_ids, width)
+  if access == _WINDOW:
+    return _slice(c, start, size, axis=1)
+  return jnp.take(c, class_ids, axis=1)
+
+
+def _write_block(
+  d_c: jax.Array,
+  block: jax.Array,
+  class_ids: jax.Array,
+  start: jax.Array,
+  fresh: jax.Array | None,
+  access: str,
+) -> jax.Array:
+  """``d_c`` with the tile ``block`` written at ``class_ids`` (the order from ``start``); the
+  classes that are not ``fresh`` ((v,) bool, an earlier tile wrote them) keep their values."""
+  num_classes = d_c.shape[0 if access == _ROWS else 1]
+  if access == _SLABS:
+    width = column_slabs.tile_slab_width(num_classes, block.shape[1])
+    return column_slabs.write_slabs(d_c, block, class_ids, fresh, width)
+  if access == _WINDOW:
+    if fresh is not None:
+      block = jnp.where(fresh[None, :], block, _slice(d_c, start, block.shape[1], axis=1))
+    return _update(d_c, block, start, axis=1)
+  # Classes an earlier block already wrote get an out-of-range index and are dropped.
+  write_ids = class_ids if fresh is None else jnp.where(fresh, class_ids, num_classes)
+  if access == _ROWS:
+    return d_c.at[write_ids].set(block, mode="drop")
+  return d_c.at[:, write_ids].set(block, mode="drop")
 
 
 def _outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
@@ -107,15 +170,22 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   num_tokens = e.shape[0]
   axis = opts.vocab_dim
   tok, voc = tilings(num_tokens, c.shape[axis], opts)
+  access = classifier_access(c.shape[axis], voc.block, opts)
   want_logit_sum = opts.label_smoothing > 0.0
-  order = vocab_sort.vocab_order(e, c, bias, opts) if for_backward else None
+  order = None
+  if for_backward:
+    slab_width = None
+    if access == _SLABS:
+      slab_width = column_slabs.tile_slab_width(c.shape[axis], voc.block)
+    order = vocab_sort.vocab_order(e, c, bias, opts, slab_width=slab_width)
   want_block_max = for_backward and opts.filters_anything
 
   def classifier_block(v0):
     if order is None:
       return _slice(c, v0, voc.block, axis), None if bias is None else _slice(bias, v0, voc.block)
     class_ids = _slice(order, v0, voc.block)
-    return jnp.take(c, class_ids, axis=axis), None if bias is None else bias[class_ids]
+    c_blk = _read_block(c, class_ids, v0, voc.block, access)
+    return c_blk, None if bias is None else bias[class_ids]
 
   def token_step(i, carry):
     lse_N, target_N, logit_sum_N, block_max_BN = carry
@@ -195,6 +265,7 @@ def backward(
   num_classes = c.shape[opts.vocab_dim]
   axis = opts.vocab_dim
   tok, voc = tilings(num_tokens, num_classes, opts)
+  access = classifier_access(num_classes, voc.block, opts)
   uniform_in_tile = filtering.uniform_in_tile(opts)
   uniform_outside = filtering.uniform_outside(opts)
   product_dtype = filtering.product_dtype(e.dtype)
@@ -222,7 +293,7 @@ def backward(
     p0 = voc.start(j)
     class_ids = _slice(residuals.order, p0, voc.block)  # (v,) int32
     fresh_v = voc.live(j, p0)
-    c_blk = jnp.take(c, class_ids, axis=axis)  # a (v, D) block, never a permuted copy of c
+    c_blk = _read_block(c, class_ids, p0, voc.block, access)  # (v, D) or (D, v)
     c_blk_product = c_blk.astype(product_dtype)
     bias_blk = None if bias is None else bias[class_ids]
 
@@ -277,14 +348,9 @@ def backward(
       d_c_blk = d_c_blk - jnp.expand_dims(uniform.weighted_e, axis)
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk - uniform.gamma_sum
-    # Classes an earlier block already wrote get an out-of-range index and are dropped.
-    write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
-    d_c_blk = d_c_blk.astype(d_c.dtype)
-    if axis == 0:
-      d_c = d_c.at[write_ids].set(d_c_blk, mode="drop")
-    else:
-      d_c = d_c.at[:, write_ids].set(d_c_blk, mode="drop")
+    d_c = _write_block(d_c, d_c_blk.astype(d_c.dtype), class_ids, p0, fresh_v, access)
     if d_bias is not None:
+      write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
       d_bias = d_bias.at[write_ids].set(d_bias_blk, mode="drop")
     return d_e_acc, d_c, d_bias
 
