@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cce_jax import loss_math
+from cce_jax import loss_math, target
 from cce_jax.options import LossOptions
 from cce_jax.tiled import Implementation
 
@@ -202,15 +202,23 @@ def build_options(
 
 def check_backend(implementation: Implementation, backend: str | None = None) -> None:
   """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
-  (default ``jax.default_backend()``), naming ``impl``, the backend and ``interpret=True``,
-  before JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
-  backend = backend or jax.default_backend()
+  (default: the platform being compiled for, :func:`cce_jax.target.platform`: JAX's default
+  backend, or the devices of the mesh in context when compiling ahead of time for another
+  platform), naming ``impl``, the backend and ``interpret=True``, before JAX fails deep in the
+  lowering ("Only interpret mode is supported on CPU backend")."""
+  from_mesh = backend is None and target.device_kind() is not None
+  backend = backend or target.platform()
   backends = implementation.backends
   if backends is None or backend in backends:
     return
+  where = (
+    f"the mesh in context compiles for {backend!r} devices"
+    if from_mesh
+    else f"JAX's default backend is {backend!r}"
+  )
   raise ValueError(
     f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
-    f"backend only, but JAX's default backend is {backend!r}: pass `interpret=True` to run "
+    f"backend only, but {where}: pass `interpret=True` to run "
     "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
   )
 
