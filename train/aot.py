@@ -1,6 +1,7 @@
 """Compile a config's train step ahead of time, with abstract inputs, and check that it fits.
 
-    python -m train.aot CONFIG.yaml [key=value ...] [--devices N | --real-devices]
+    python -m train.aot CONFIG.yaml [key=value ...] [--devices N | --real-devices |
+                                                     --topology [TOPOLOGY]]
 
 Lowers and compiles the jitted train step for ``jax.ShapeDtypeStruct`` inputs carrying their
 shardings (nothing is allocated or run, no data is read) on ``N`` forced CPU host devices
@@ -16,6 +17,16 @@ slice, started on all of them, per the config's ``distributed``) with their own 
 also checks each device's reported memory limit. The CPU compiler's numbers estimate a TPU's or
 GPU's (layouts and fusions differ); leave headroom. The vocabulary of a config without
 ``model.vocab_size`` is ``data.vocab_size`` rounded up to 128.
+
+``--topology v5p:2x2x4`` compiles for a TPU slice that is not attached, on this CPU host, with
+the real XLA:TPU compiler (libtpu: ``pip install -e ".[tpu-aot]"``; see
+:mod:`cce_jax.aot.tpu`), and checks the fit with its memory numbers, which the CPU compiler's
+overstate (it computes bfloat16 in float32). ``--topology`` without a value takes the slice of
+the config's ``hardware`` (``chip: v5p, chips: 16`` -> ``v5p:2x2x4``); a config that names no
+TPU chip needs the topology spelled out. The memory limit is ``hardware.hbm_gib`` when the
+config's chip is the topology's generation, else that generation's HBM
+(``train.hardware.CHIPS``). The TPU compiler's flops and time estimate of the step are printed
+too.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ GIB = 2**30
 # Exit status of a config whose step does not fit its hardware.
 EXIT_DOES_NOT_FIT = 1
 EXIT_BAD_CONFIG = 2
+# --topology given without a value: take the slice from the config's hardware.
+TOPOLOGY_FROM_CONFIG = "from-config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +81,18 @@ def memory_of(compiled: Any) -> tuple[int | None, int | None, int | None, int | 
   return tuple(None if stats is None else int(getattr(stats, f)) for f in fields)
 
 
-def compile_train_step(cfg: config_lib.TrainConfig, batch_size: int | None = None) -> CompiledStep:
+def compile_train_step(
+  cfg: config_lib.TrainConfig,
+  batch_size: int | None = None,
+  devices: Sequence[Any] | None = None,
+) -> CompiledStep:
   """Lowers and compiles ``cfg``'s train step on this host's devices for abstract inputs.
 
   Args:
     cfg: the config (``model.vocab_size`` None: ``data.vocab_size`` rounded up to 128).
     batch_size: compile for this global batch instead of ``cfg.batch_size``.
+    devices: the devices to compile for (default: every device JAX finds), e.g. a TPU
+      topology's (``cce_jax.aot.tpu.tpu_devices``).
 
   Raises:
     ConfigError: a mesh or sharding the config asks for that the devices cannot provide.
@@ -85,7 +104,7 @@ def compile_train_step(cfg: config_lib.TrainConfig, batch_size: int | None = Non
   if batch_size is not None:
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
   cfg = trainer.with_vocab(cfg, cfg.model.vocab_size or cfg.data.vocab_size)
-  mesh = make_mesh(cfg.mesh)
+  mesh = make_mesh(cfg.mesh, devices)
   program = build_program(cfg, mesh)
   compiled = program.lower_train_step().compile()
   return CompiledStep(cfg, dict(mesh.shape), compiled, *memory_of(compiled))
@@ -132,7 +151,53 @@ def _parser() -> argparse.ArgumentParser:
     help="compile for this host's accelerators (on a multi-host slice: start "
     "it on every host) and check their reported memory limit too",
   )
+  devices.add_argument(
+    "--topology",
+    nargs="?",
+    const=TOPOLOGY_FROM_CONFIG,
+    metavar="TOPOLOGY",
+    help="compile for this TPU slice (e.g. v5p:2x2x4) with the TPU compiler, on this CPU host "
+    "(needs libtpu: pip install -e '.[tpu-aot]'); without a value: the slice of the config's "
+    "hardware.chip and hardware.chips",
+  )
   return parser
+
+
+def tpu_topology(cfg: config_lib.TrainConfig, requested: str) -> str:
+  """The TPU topology to compile for: ``requested``, or the config's hardware slice.
+
+  Raises:
+    ConfigError: no topology can be derived from the config, or a malformed one.
+  """
+  from cce_jax.aot import tpu
+
+  hardware = cfg.hardware
+  if requested != TOPOLOGY_FROM_CONFIG:
+    try:
+      tpu.parse_topology(requested)
+    except ValueError as error:
+      raise config_lib.ConfigError(f"--topology: {error}") from None
+    return requested
+  if hardware.chip not in tpu.GENERATIONS:
+    raise config_lib.ConfigError(
+      f"--topology needs a value: hardware.chip is {hardware.chip!r}, not a TPU of "
+      f"{tpu.GENERATIONS}; name the slice, e.g. --topology v5p:2x2x4"
+    )
+  try:
+    return tpu.default_topology(hardware.chip, hardware.chips)
+  except ValueError as error:
+    raise config_lib.ConfigError(f"hardware.chips: {error}") from None
+
+
+def topology_limit_bytes(cfg: config_lib.TrainConfig, topology: str) -> float:
+  """The per-device memory of ``topology``'s chips: ``hardware.hbm_gib`` when the config's
+  chip is that generation and sets it, else the generation's HBM in ``train.hardware.CHIPS``."""
+  from train import hardware as hardware_lib
+
+  generation = topology.split(":")[0]
+  if cfg.hardware.chip == generation and cfg.hardware.hbm_gib is not None:
+    return cfg.hardware.hbm_gib * GIB
+  return hardware_lib.CHIPS[generation].hbm_gib * GIB
 
 
 def force_host_devices(count: int) -> None:
@@ -161,6 +226,21 @@ def force_host_devices(count: int) -> None:
   jax.config.update("jax_num_cpu_devices", count)
 
 
+def tpu_costs(compiled: Any) -> str:
+  """The TPU compiler's cost numbers of a compiled step, as one phrase."""
+  from cce_jax.aot import tpu
+
+  report = tpu.compile_report(compiled)
+  flops = "n/a" if report.flops is None else f"{report.flops / 1e12:.1f} TFLOP"
+  seconds = (
+    "not given" if report.estimated_seconds is None else f"{report.estimated_seconds:.3f} s"
+  )
+  return (
+    f"TPU compiler's cost analysis per device (loop bodies counted once): {flops}, "
+    f"estimated time {seconds}"
+  )
+
+
 def fits(step: CompiledStep, limit_bytes: float | None) -> bool:
   """Whether the step's peak is known and at most ``limit_bytes`` (True without a limit)."""
   if limit_bytes is None or step.peak_bytes is None:
@@ -182,14 +262,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_BAD_CONFIG
   count = args.devices if args.devices is not None else cfg.hardware.chips
   limit = None if cfg.hardware.hbm_gib is None else cfg.hardware.hbm_gib * GIB
+  devices = None
   try:
-    if args.real_devices:
+    if args.topology is not None:
+      from cce_jax.aot import tpu
+
+      topology = tpu_topology(cfg, args.topology)
+      if not tpu.has_libtpu():
+        print(
+          f"--topology {topology}: the TPU compiler (libtpu) is not installed: "
+          f"{tpu.INSTALL_HINT}",
+          file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+      force_host_devices(1)
+      try:
+        devices = tpu.tpu_devices(topology)
+      except ValueError as error:
+        print(f"--topology: {error}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_CONFIG
+      limit = topology_limit_bytes(cfg, topology)
+    elif args.real_devices:
       from train import distributed
 
       distributed.initialize(cfg.distributed)
     elif count is not None:
       force_host_devices(count)
-    step = compile_train_step(cfg)
+    step = compile_train_step(cfg, devices=devices)
   except config_lib.ConfigError as error:
     print(f"{name}: config error: {error}", file=sys.stderr)
     return EXIT_BAD_CONFIG
@@ -202,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device_limit is not None:
       limit = device_limit if limit is None else min(limit, device_limit)
   cfg = step.config
-  devices = jax.devices()
+  devices = devices or jax.devices()
   print(
     f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices; "
     f"mesh {step.mesh_shape}, batch {cfg.batch_size} x {cfg.seq_len} in "
@@ -211,11 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"peak {gib(step.peak_bytes)}",
     flush=True,
   )
+  if args.topology is not None:
+    print(f"{name}: {tpu_costs(step.compiled)}", flush=True)
   if limit is None:
     print(f"{name}: no memory limit to check (the config sets no hardware.hbm_gib)")
     return 0
   hardware = cfg.hardware
   target = f"{hardware.chips} x {hardware.chip}" if hardware.chip else "the devices"
+  if args.topology is not None:
+    target = f"TPU {topology}, TPU compiler"
   if not fits(step, limit):
     print(
       f"{name}: does NOT fit: peak {gib(step.peak_bytes)} per device > {gib(limit)} "
