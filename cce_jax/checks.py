@@ -220,6 +220,12 @@ def check_backend(implementation: Implementation, backend: str | None = None) ->
     f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
     f"backend only, but {where}: pass `interpret=True` to run "
     "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
+    + (
+      ""
+      if from_mesh
+      else " To compile ahead of time for another platform, trace under jax.set_mesh(a mesh "
+      "of its devices) (cce_jax.aot)."
+    )
   )
 
 

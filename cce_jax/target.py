@@ -38,4 +38,3 @@ def device_kind(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = Non
   None when no mesh in context names them (then the host's devices are the target)."""
   device = _abstract_device(mesh)
   return None if device is None else device.device_kind
-

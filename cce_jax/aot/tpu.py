@@ -132,9 +132,7 @@ def tpu_devices(topology: str) -> list[jax.Device]:
       min(n, bound) for n, bound in zip(padded, _HOST_BOUNDS, strict=True)
     )
   try:
-    description = topologies.get_topology_desc(
-      platform="tpu", topology_name=topology, **options
-    )
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
   except jax.errors.JaxRuntimeError as error:
     raise ValueError(f"libtpu rejects TPU topology {topology!r}: {error}") from error
   return list(description.devices)
