@@ -276,7 +276,7 @@ VARIANTS = ("bf16-softcap-bias", "f32-exact-dv-chunked")
 def test_every_pallas_tpu_kernel_compiles_on_every_generation(generation, variant):
   """Forward and loss+grad for one chip of every generation, at sizes that are not multiples
   of the blocks: Mosaic kernels in both programs, more of them with the gradient, and the TPU
-  compiler's cost numbers for them."""
+  compiler's flop count for them."""
   dtype, options, with_bias = _variant(variant)
   hidden, classes, tokens = 640, 1500, 1000
   mesh = jax.make_mesh((1,), ("x",), devices=tpu.tpu_devices(ONE_CHIP[generation]))
@@ -301,7 +301,6 @@ def test_every_pallas_tpu_kernel_compiles_on_every_generation(generation, varian
   assert backward_calls > forward_calls, f"no Mosaic backward kernel on {generation}"
   report = tpu.compile_report(both)
   assert report.flops is not None and report.flops > 2 * tokens * hidden * classes
-  assert report.estimated_seconds is not None and report.estimated_seconds > 0
 
 
 # The paper's shape: Gemma 2 (2B)'s vocabulary and hidden size, 8192 tokens, bfloat16.
