@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import jax
@@ -210,6 +211,7 @@ def check_backend(implementation: Implementation, backend: str | None = None) ->
   backend = backend or target.platform()
   backends = implementation.backends
   if backends is None or backend in backends:
+    _check_device_kind(implementation, target.device_kind() if from_mesh else None, backend)
     return
   where = (
     f"the mesh in context compiles for {backend!r} devices"
@@ -227,6 +229,23 @@ def check_backend(implementation: Implementation, backend: str | None = None) ->
       "of its devices) (cce_jax.aot)."
     )
   )
+
+
+def _check_device_kind(implementation: Implementation, kind: str | None, backend: str) -> None:
+  """Raises ValueError when the device kind compiled for (``kind``; None: that of JAX's first
+  device of ``backend``) is one of ``implementation.unsupported_kinds``."""
+  if not implementation.unsupported_kinds:
+    return
+  if kind is None:
+    try:
+      kind = jax.devices(backend)[0].device_kind
+    except RuntimeError:  # not this host's backend: nothing to compare
+      return
+  if any(re.search(pattern, kind.lower()) for pattern in implementation.unsupported_kinds):
+    raise ValueError(
+      f"`impl`={implementation.name!r} cannot compile its kernels for {kind!r} devices "
+      "(that generation lacks what they need); use impl='xla' (every backend)."
+    )
 
 
 def _label_error(labels: np.ndarray, num_classes: int, ignore_index: int, shift: int) -> str | None:

@@ -14,6 +14,7 @@ backend check of a real CPU run, the command line's errors) need no libtpu.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -150,8 +151,8 @@ def test_compile_report_drops_a_negative_time_estimate():
 # --- the platform the loss is compiled for (no libtpu needed) ---
 
 
-def _abstract_tpu_mesh() -> jax.sharding.AbstractMesh:
-  device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+def _abstract_tpu_mesh(kind: str = "TPU v5 lite") -> jax.sharding.AbstractMesh:
+  device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform="tpu")
   return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
 
 
@@ -187,6 +188,23 @@ def test_pallas_tpu_traces_for_a_tpu_mesh_on_a_cpu_host():
   with jax.sharding.use_abstract_mesh(_abstract_tpu_mesh()):
     traced = jax.jit(_loss_and_grad("pallas_tpu")).trace(*_abstract_inputs())
   assert str(traced.jaxpr).count("pallas_call") >= 2
+
+
+@pytest.mark.parametrize("kind", ["TPU v2", "TPU v3"])
+def test_pallas_tpu_refuses_a_generation_it_cannot_compile_for(kind):
+  """Mosaic cannot compile the kernels' matrix products there (see the libtpu test below):
+  a clear error up front instead of a MosaicError from deep in the compiler."""
+  with (
+    jax.sharding.use_abstract_mesh(_abstract_tpu_mesh(kind)),
+    pytest.raises(ValueError, match=rf"cannot compile its kernels for '{kind}' devices"),
+  ):
+    jax.jit(_loss_and_grad("pallas_tpu")).trace(*_abstract_inputs())
+
+
+@pytest.mark.parametrize("kind", ["TPU v4", "TPU v5", "TPU v6 lite"])
+def test_pallas_tpu_accepts_the_generations_it_claims(kind):
+  with jax.sharding.use_abstract_mesh(_abstract_tpu_mesh(kind)):
+    jax.jit(_loss_and_grad("pallas_tpu")).trace(*_abstract_inputs())
 
 
 @pytest.mark.skipif(jax.default_backend() == "tpu", reason="this host is a TPU")
@@ -301,6 +319,24 @@ def test_every_pallas_tpu_kernel_compiles_on_every_generation(generation, varian
   assert backward_calls > forward_calls, f"no Mosaic backward kernel on {generation}"
   report = tpu.compile_report(both)
   assert report.flops is not None and report.flops > 2 * tokens * hidden * classes
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_v3_really_cannot_compile_the_kernels(monkeypatch):
+  """Why ``pallas_tpu`` refuses TPU v2/v3: without the up-front check, Mosaic fails there."""
+  from jax.experimental import topologies
+
+  import pallas_kernels.tpu
+
+  unchecked = dataclasses.replace(pallas_kernels.tpu.IMPLEMENTATION, unsupported_kinds=())
+  monkeypatch.setattr(pallas_kernels.tpu, "IMPLEMENTATION", unchecked)
+  tpu.tpu_devices("v5e:2x2")  # libtpu loaded as the module does it
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v3:2x2").devices
+  mesh = jax.make_mesh((1,), ("x",), devices=devices[:1])
+  loss = _loss_and_grad("pallas_tpu")
+  with pytest.raises(Exception, match="Mosaic"):
+    _compile(lambda e, c, labels: loss(e, c, labels)[0], _abstract_inputs(), mesh)
 
 
 # The paper's shape: Gemma 2 (2B)'s vocabulary and hidden size, 8192 tokens, bfloat16.

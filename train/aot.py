@@ -232,9 +232,7 @@ def tpu_costs(compiled: Any) -> str:
 
   report = tpu.compile_report(compiled)
   flops = "n/a" if report.flops is None else f"{report.flops / 1e12:.1f} TFLOP"
-  seconds = (
-    "not given" if report.estimated_seconds is None else f"{report.estimated_seconds:.3f} s"
-  )
+  seconds = "not given" if report.estimated_seconds is None else f"{report.estimated_seconds:.3f} s"
   return (
     f"TPU compiler's cost analysis per device (loop bodies counted once): {flops}, "
     f"estimated time {seconds}"
@@ -270,8 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       topology = tpu_topology(cfg, args.topology)
       if not tpu.has_libtpu():
         print(
-          f"--topology {topology}: the TPU compiler (libtpu) is not installed: "
-          f"{tpu.INSTALL_HINT}",
+          f"--topology {topology}: the TPU compiler (libtpu) is not installed: {tpu.INSTALL_HINT}",
           file=sys.stderr,
         )
         return EXIT_BAD_CONFIG
