@@ -198,8 +198,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     loops = " (1 iter.)" if row["has_loops"] else ""
     flops = "-" if row["flops"] is None else f"{row['flops'] / 1e12:.2f} T{loops}"
     moved = "-" if row["bytes_accessed"] is None else f"{row['bytes_accessed'] / 1e9:.2f} GB{loops}"
-    seconds = row["estimated_seconds"]
-    estimate = "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+    seconds = None if row["has_loops"] else row["estimated_seconds"]
+    estimate = (
+      "(loops)" if row["has_loops"] else "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+    )
     lines.append(
       f"{head} {_mib(row['temp_bytes'])} | {_mib(row['peak_bytes'])} | {flops} | {moved} | "
       f"{estimate} |"
@@ -207,8 +209,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def section(rows: list[dict[str, Any]], command: str) -> str:
-  """The RESULTS.md section: what the numbers are, the command, the table."""
+def section(rows: list[dict[str, Any]], commands: Sequence[str]) -> str:
+  """The RESULTS.md section: what the numbers are, the commands, the table."""
   today = datetime.date.today().isoformat()
   return "\n".join(
     [
@@ -220,10 +222,10 @@ def section(rows: list[dict[str, Any]], command: str) -> str:
       "outputs + temporaries) of `memory_analysis()`, flops and HBM bytes of XLA:TPU's cost "
       "analysis, and its own time estimate (`optimal_seconds`), which is a model, not a "
       "measurement. XLA:TPU counts a while loop's body once and gives no estimate for a "
-      'program with loops: "(1 iter.)" marks such numbers (`impl="xla"` loops over '
-      "vocabulary and token blocks). Regenerate with:",
+      'program with loops: "(1 iter.)" marks such numbers and "(loops)" the missing estimate '
+      '(`impl="xla"` loops over vocabulary and token blocks). Regenerate with:',
       "",
-      f"    {command}",
+      *(f"    {command}" for command in commands),
       "",
       markdown(rows),
       END,
@@ -253,6 +255,26 @@ def rewrite_results(path: pathlib.Path, text: str) -> None:
   path.write_text(new)
 
 
+def render(paths: Sequence[pathlib.Path], results: pathlib.Path | None) -> int:
+  """Prints the rows of earlier ``--json`` files as one table; rewrites ``results``' section.
+
+  Returns 2 (with one line) for a file that is missing or not such JSON.
+  """
+  rows, commands = [], []
+  for path in paths:
+    try:
+      saved = json.loads(path.read_text())
+      rows.extend(saved["rows"])
+      commands.append(saved["command"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+      print(f"--render {path}: not a benchmarks/tpu_aot.py --json file ({err})", file=sys.stderr)
+      return 2
+  print(markdown(rows))
+  if results:
+    rewrite_results(results, section(rows, commands))
+  return 0
+
+
 def _list(name: str):
   def parse(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
@@ -276,11 +298,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       help=f"comma-separated, of {', '.join(CHOICES[name])} (default {','.join(default)})",
     )
   parser.add_argument("--full", action="store_true", help="every value of every axis")
+  parser.add_argument(
+    "--render",
+    type=pathlib.Path,
+    nargs="+",
+    metavar="JSON",
+    help="compile nothing: print (and with --results write) the rows of these --json files",
+  )
   parser.add_argument("--json", type=pathlib.Path, help="write the rows as JSON here")
   parser.add_argument(
     "--results", type=pathlib.Path, help="rewrite this file's TPU compiler section (RESULTS.md)"
   )
   args = parser.parse_args(argv)
+  if args.render:
+    return render(args.render, args.results)
   if not tpu.has_libtpu():
     print(f"benchmarks/tpu_aot.py needs libtpu: {tpu.INSTALL_HINT}", file=sys.stderr)
     return 2
@@ -300,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.json:
     args.json.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
   if args.results:
-    rewrite_results(args.results, section(rows, command))
+    rewrite_results(args.results, section(rows, [command]))
   return 1 if any("error" in row for row in rows) else 0
 
 

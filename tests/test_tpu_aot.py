@@ -15,6 +15,7 @@ backend check of a real CPU run, the command line's errors) need no libtpu.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -116,8 +117,11 @@ def test_tpu_devices_without_libtpu_says_how_to_install(monkeypatch):
 class _Compiled:
   """A stand-in for ``jax.stages.Compiled`` with given analyses."""
 
-  def __init__(self, costs):
-    self.costs = costs
+  def __init__(self, costs, hlo="ENTRY %main { ROOT %x = f32[] parameter(0) }"):
+    self.costs, self.hlo = costs, hlo
+
+  def as_text(self):
+    return self.hlo
 
   def cost_analysis(self):
     return self.costs
@@ -146,6 +150,13 @@ def test_compile_report_drops_a_negative_time_estimate():
   """XLA:TPU answers a negative ``optimal_seconds`` for programs it cannot cost."""
   report = tpu.compile_report(_Compiled({"flops": 1.0, "optimal_seconds": -0.99}))
   assert report.estimated_seconds is None and report.flops == 1.0
+
+
+def test_compile_report_gives_no_estimate_for_a_program_that_loops():
+  """Its estimate would be of one iteration of each loop."""
+  hlo = "ENTRY %main { %w = (s32[]) while(%t), condition=%c, body=%b }"
+  report = tpu.compile_report(_Compiled({"flops": 1.0, "optimal_seconds": 0.5}, hlo))
+  assert report.estimated_seconds is None and tpu.has_loops(_Compiled({}, hlo))
 
 
 # --- the platform the loss is compiled for (no libtpu needed) ---
@@ -440,3 +451,59 @@ def test_every_tpu_config_fits_its_slice_on_the_tpu_compiler(config):
   )
   assert run.returncode == 0, run.stderr[-3000:] + run.stdout
   assert "TPU compiler" in run.stdout and f"{config}: fits: peak" in run.stdout
+
+
+# --- benchmarks/tpu_aot.py's output (no libtpu needed) ---
+
+
+def _benchmark_module(monkeypatch):
+  monkeypatch.syspath_prepend(str(train_testing.ROOT / "benchmarks"))
+  import tpu_aot
+
+  return tpu_aot
+
+
+def _row(impl: str, has_loops: bool) -> dict:
+  return {
+    "generation": "v5e",
+    "impl": impl,
+    "mode": "loss+grad",
+    "dtype": "bf16",
+    "softcap": "off",
+    "shape": "paper",
+    "layout": "single",
+    "topology": "v5e:1x1",
+    "temp_bytes": 3 * MIB,
+    "peak_bytes": 5 * MIB,
+    "flops": 4.8e13,
+    "bytes_accessed": 1.25e11,
+    "estimated_seconds": 0.2855,
+    "has_loops": has_loops,
+  }
+
+
+def test_benchmark_rewrites_only_its_own_results_section(tmp_path, monkeypatch):
+  bench = _benchmark_module(monkeypatch)
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Results\n\nearlier text\n")
+  rows = [_row("pallas_tpu", False), _row("xla", True)]
+  bench.rewrite_results(results, bench.section(rows, ["cmd one"]))
+  first = results.read_text()
+  bench.rewrite_results(results, bench.section(rows[:1], ["cmd two"]))
+  second = results.read_text()
+  assert first.startswith("# Results\n\nearlier text\n\n" + bench.BEGIN)
+  assert second.count(bench.BEGIN) == 1 and second.count(bench.END) == 1
+  assert "cmd two" in second and "cmd one" not in second and "earlier text" in second
+  assert "TPU compiler estimates (not runs)" in second
+  # The estimate of a program that loops is not shown; flops and bytes are marked.
+  assert "| 285.5 ms |" in first and "48.00 T (1 iter.)" in first and "| (loops) |" in first
+
+
+def test_benchmark_render_reads_json_files(tmp_path, monkeypatch, capsys):
+  bench = _benchmark_module(monkeypatch)
+  saved = tmp_path / "rows.json"
+  saved.write_text(json.dumps({"command": "cmd", "rows": [_row("pallas_tpu", False)]}))
+  assert bench.main(["--render", str(saved)]) == 0
+  assert "| v5e | v5e:1x1 | pallas_tpu | loss+grad |" in capsys.readouterr().out
+  assert bench.main(["--render", str(tmp_path / "missing.json")]) == 2
+  assert "--render" in capsys.readouterr().err

@@ -232,11 +232,11 @@ def tpu_costs(compiled: Any) -> str:
 
   report = tpu.compile_report(compiled)
   flops = "n/a" if report.flops is None else f"{report.flops / 1e12:.1f} TFLOP"
-  seconds = "not given" if report.estimated_seconds is None else f"{report.estimated_seconds:.3f} s"
-  return (
-    f"TPU compiler's cost analysis per device (loop bodies counted once): {flops}, "
-    f"estimated time {seconds}"
+  seconds = (
+    "" if report.estimated_seconds is None else f", estimated time {report.estimated_seconds:.3f} s"
   )
+  loops = " (the step loops: loop bodies counted once)" if tpu.has_loops(compiled) else ""
+  return f"TPU compiler's cost analysis per device: {flops}{loops}{seconds}"
 
 
 def fits(step: CompiledStep, limit_bytes: float | None) -> bool:

@@ -174,19 +174,27 @@ def cost_numbers(compiled: Any) -> dict[str, float]:
   return total
 
 
+def has_loops(compiled: Any) -> bool:
+  """Whether the compiled program holds a while loop (``lax.scan``, ``fori_loop``, ...)."""
+  return " while(" in compiled.as_text()
+
+
 def compile_report(compiled: Any) -> CompileReport:
   """The per-device memory and cost numbers of a program compiled for TPU.
 
   ``flops`` and ``bytes_accessed`` are XLA:TPU's cost analysis, which counts a while loop's
-  body once (so they understate programs that loop, such as ``impl="xla"``'s);
-  ``estimated_seconds`` is its ``optimal_seconds``, None where the compiler gives none (it
-  reports a negative value for programs it cannot cost, those with loops among them).
+  body once: they understate programs that loop (:func:`has_loops`), such as
+  ``impl="xla"``'s or a scanned train step. ``estimated_seconds`` is its ``optimal_seconds``;
+  None for a program that loops (the estimate would be of one iteration) and where the compiler
+  gives none (a negative value).
   """
   costs = cost_numbers(compiled)
   seconds = costs.get("optimal_seconds")
+  if seconds is not None and (seconds < 0 or has_loops(compiled)):
+    seconds = None
   return dataclasses.replace(
     memory_report(compiled),
     flops=costs.get("flops"),
     bytes_accessed=costs.get("bytes accessed"),
-    estimated_seconds=seconds if seconds is not None and seconds >= 0 else None,
+    estimated_seconds=seconds,
   )
