@@ -25,8 +25,8 @@ overstate (it computes bfloat16 in float32). ``--topology`` without a value take
 the config's ``hardware`` (``chip: v5p, chips: 16`` -> ``v5p:2x2x4``); a config that names no
 TPU chip needs the topology spelled out. The memory limit is ``hardware.hbm_gib`` when the
 config's chip is the topology's generation, else that generation's HBM
-(``train.hardware.CHIPS``). The TPU compiler's flops and time estimate of the step are printed
-too.
+(``train.hardware.CHIPS``). The TPU compiler's flop count of the step is printed too (loop
+bodies, the scanned layers and micro-batches among them, counted once).
 """
 
 from __future__ import annotations
