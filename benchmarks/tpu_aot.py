@@ -37,6 +37,7 @@ import json
 import os
 import pathlib
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -209,21 +210,34 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def section(rows: list[dict[str, Any]], commands: Sequence[str]) -> str:
-  """The RESULTS.md section: what the numbers are, the commands, the table."""
-  today = datetime.date.today().isoformat()
+def versions() -> dict[str, str]:
+  """Today's date and the versions of jax and libtpu, as the JSON and the section record them."""
+  from importlib import metadata
+
+  try:
+    libtpu = metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    libtpu = "not installed"
+  return {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "libtpu": libtpu}
+
+
+def section(rows: list[dict[str, Any]], commands: Sequence[str], made: dict[str, str]) -> str:
+  """The RESULTS.md section: what the numbers are, the commands that made them, the table."""
+  text = (
+    f"{made['date']}, jax {made['jax']}, libtpu {made['libtpu']}, compiled on a CPU host for "
+    "TPU topologies; nothing ran on a TPU. Per device: temporaries and peak (arguments + "
+    "outputs + temporaries) of `memory_analysis()`, flops and HBM bytes of XLA:TPU's cost "
+    "analysis, and its own time estimate (`optimal_seconds`), which is a model, not a "
+    "measurement. XLA:TPU counts a while loop's body once and gives no estimate for a "
+    'program with loops: "(1 iter.)" marks such numbers and "(loops)" the missing estimate '
+    '(`impl="xla"` loops over vocabulary and token blocks). Made by:'
+  )
   return "\n".join(
     [
       BEGIN,
       "## TPU compiler estimates (not runs): `python benchmarks/tpu_aot.py`",
       "",
-      f"{today}, jax {jax.__version__}, libtpu {_libtpu_version()}, compiled on a CPU host for "
-      "TPU topologies; nothing ran on a TPU. Per device: temporaries and peak (arguments + "
-      "outputs + temporaries) of `memory_analysis()`, flops and HBM bytes of XLA:TPU's cost "
-      "analysis, and its own time estimate (`optimal_seconds`), which is a model, not a "
-      "measurement. XLA:TPU counts a while loop's body once and gives no estimate for a "
-      'program with loops: "(1 iter.)" marks such numbers and "(loops)" the missing estimate '
-      '(`impl="xla"` loops over vocabulary and token blocks). Regenerate with:',
+      textwrap.fill(text, width=100),
       "",
       *(f"    {command}" for command in commands),
       "",
@@ -231,15 +245,6 @@ def section(rows: list[dict[str, Any]], commands: Sequence[str]) -> str:
       END,
     ]
   )
-
-
-def _libtpu_version() -> str:
-  from importlib import metadata
-
-  try:
-    return metadata.version("libtpu")
-  except metadata.PackageNotFoundError:
-    return "?"
 
 
 def rewrite_results(path: pathlib.Path, text: str) -> None:
@@ -256,22 +261,28 @@ def rewrite_results(path: pathlib.Path, text: str) -> None:
 
 
 def render(paths: Sequence[pathlib.Path], results: pathlib.Path | None) -> int:
-  """Prints the rows of earlier ``--json`` files as one table; rewrites ``results``' section.
+  """Prints the rows of earlier ``--json`` files as one table (by generation, impl, mode and
+  layout); rewrites ``results``' section.
 
   Returns 2 (with one line) for a file that is missing or not such JSON.
   """
-  rows, commands = [], []
+  rows, commands, made = [], [], {}
   for path in paths:
     try:
       saved = json.loads(path.read_text())
       rows.extend(saved["rows"])
       commands.append(saved["command"])
+      made = {key: saved[key] for key in ("date", "jax", "libtpu")}
     except (OSError, ValueError, KeyError, TypeError) as err:
       print(f"--render {path}: not a benchmarks/tpu_aot.py --json file ({err})", file=sys.stderr)
       return 2
+  order = {"generation": GENERATIONS, "impl": IMPLS, "mode": MODES, "layout": tuple(LAYOUTS)}
+  rows.sort(key=lambda row: tuple(values.index(row[key]) for key, values in order.items()))
   print(markdown(rows))
   if results:
-    rewrite_results(results, section(rows, commands))
+    listed = " ".join(str(path) for path in paths)
+    render_command = f"python benchmarks/tpu_aot.py --render {listed} --results {results}"
+    rewrite_results(results, section(rows, [*commands, render_command], made))
   return 0
 
 
@@ -328,10 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(table)
   argv_text = " ".join(sys.argv[1:] if argv is None else argv)
   command = f"JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py {argv_text}".strip()
+  made = versions()
   if args.json:
-    args.json.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    saved = {"command": command, **made, "rows": rows}
+    args.json.write_text(json.dumps(saved, indent=1) + "\n")
   if args.results:
-    rewrite_results(args.results, section(rows, [command]))
+    rewrite_results(args.results, section(rows, [command], made))
   return 1 if any("error" in row for row in rows) else 0
 
 

@@ -503,9 +503,10 @@ def test_benchmark_rewrites_only_its_own_results_section(tmp_path, monkeypatch):
   results = tmp_path / "RESULTS.md"
   results.write_text("# Results\n\nearlier text\n")
   rows = [_row("pallas_tpu", False), _row("xla", True)]
-  bench.rewrite_results(results, bench.section(rows, ["cmd one"]))
+  made = {"date": "2026-11-29", "jax": "0.10.2", "libtpu": "0.0.42.1"}
+  bench.rewrite_results(results, bench.section(rows, ["cmd one"], made))
   first = results.read_text()
-  bench.rewrite_results(results, bench.section(rows[:1], ["cmd two"]))
+  bench.rewrite_results(results, bench.section(rows[:1], ["cmd two"], made))
   second = results.read_text()
   assert first.startswith("# Results\n\nearlier text\n\n" + bench.BEGIN)
   assert second.count(bench.BEGIN) == 1 and second.count(bench.END) == 1
@@ -518,7 +519,8 @@ def test_benchmark_rewrites_only_its_own_results_section(tmp_path, monkeypatch):
 def test_benchmark_render_reads_json_files(tmp_path, monkeypatch, capsys):
   bench = _benchmark_module(monkeypatch)
   saved = tmp_path / "rows.json"
-  saved.write_text(json.dumps({"command": "cmd", "rows": [_row("pallas_tpu", False)]}))
+  made = {"date": "2026-11-29", "jax": "0.10.2", "libtpu": "0.0.42.1"}
+  saved.write_text(json.dumps({"command": "cmd", **made, "rows": [_row("pallas_tpu", False)]}))
   assert bench.main(["--render", str(saved)]) == 0
   assert "| v5e | v5e:1x1 | pallas_tpu | loss+grad |" in capsys.readouterr().out
   assert bench.main(["--render", str(tmp_path / "missing.json")]) == 2
