@@ -7,9 +7,10 @@ with ``pip install -e ".[test,train,tpu-aot]"`` and::
 
     JAX_PLATFORMS=cpu python -m pytest -q -m tpu_aot tests/test_tpu_aot.py [--runslow]
 
-(``--runslow`` adds the full-size train step of every TPU config in configs/, several minutes of
-CPU each.) The unmarked tests (topology names, the platform the loss is compiled for, the
-backend check of a real CPU run, the command line's errors) need no libtpu.
+(about 1.5 minutes on 2 cores; ``--runslow`` adds the full-size train step of every TPU config
+in configs/, 1-2 minutes each: 3.5 minutes in all.) The unmarked tests (topology names, the
+platform the loss is compiled for, the backend check of a real CPU run, the command line's
+errors, the benchmark's RESULTS.md section) need no libtpu.
 """
 
 from __future__ import annotations
