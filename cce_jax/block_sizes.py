@@ -86,10 +86,11 @@ class BlockSizes:
 
 
 def _default_backend() -> str:
-  """JAX's default backend, "gpu" for CUDA and ROCm."""
-  import jax
+  """The platform being compiled for (:func:`cce_jax.target.platform`: JAX's default backend,
+  or the mesh's in context), "gpu" for CUDA and ROCm."""
+  from cce_jax import target  # imports jax, which this module does not otherwise need
 
-  backend = jax.default_backend()
+  backend = target.platform()
   return _BACKEND_ALIASES.get(backend, backend)
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cce_jax import loss_math
+from cce_jax import loss_math, target
 from cce_jax.options import LossOptions
 from cce_jax.tiled import Implementation
 
@@ -222,19 +223,52 @@ def compile_platform(*arrays: Any) -> str | None:
 def check_backend(
   implementation: Implementation, backend: str | None = None, platform: str | None = None
 ) -> None:
-  """Raises ValueError when ``implementation``'s compiled kernels run neither on ``backend``
-  (default ``jax.default_backend()``) nor on ``platform`` (the one the computation is compiled
-  for, :func:`compile_platform`), naming ``impl``, the backend and ``interpret=True``, before
-  JAX fails deep in the lowering ("Only interpret mode is supported on CPU backend")."""
-  backend = backend or jax.default_backend()
+  """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
+  (default: the platform being compiled for: ``platform``, that of the inputs' shardings
+  (:func:`compile_platform`), when known, else :func:`cce_jax.target.platform`: the devices of
+  the mesh in context when compiling ahead of time for another platform, else JAX's default
+  backend), naming ``impl``, the backend and ``interpret=True``, before JAX fails deep in the
+  lowering ("Only interpret mode is supported on CPU backend")."""
+  from_mesh = backend is None and (platform is not None or target.device_kind() is not None)
+  backend = backend or platform or target.platform()
   backends = implementation.backends
-  if backends is None or backend in backends or platform in backends:
+  if backends is None or backend in backends:
+    _check_device_kind(implementation, target.device_kind() if from_mesh else None, backend)
     return
+  where = (
+    f"the computation is compiled for {backend!r} devices (those of the inputs' shardings or "
+    "of the mesh in context)"
+    if from_mesh
+    else f"JAX's default backend is {backend!r}"
+  )
   raise ValueError(
     f"`impl`={implementation.name!r} compiles its kernels for the {' or '.join(backends)} "
-    f"backend only, but JAX's default backend is {backend!r}: pass `interpret=True` to run "
+    f"backend only, but {where}: pass `interpret=True` to run "
     "them in the Pallas interpreter (slow; for tests), or use impl='xla' (every backend)."
+    + (
+      ""
+      if from_mesh
+      else " To compile ahead of time for another platform, trace under jax.set_mesh(a mesh "
+      "of its devices) (cce_jax.aot)."
+    )
   )
+
+
+def _check_device_kind(implementation: Implementation, kind: str | None, backend: str) -> None:
+  """Raises ValueError when the device kind compiled for (``kind``; None: that of JAX's first
+  device of ``backend``) is one of ``implementation.unsupported_kinds``."""
+  if not implementation.unsupported_kinds:
+    return
+  if kind is None:
+    try:
+      kind = jax.devices(backend)[0].device_kind
+    except RuntimeError:  # not this host's backend: nothing to compare
+      return
+  if any(re.search(pattern, kind.lower()) for pattern in implementation.unsupported_kinds):
+    raise ValueError(
+      f"`impl`={implementation.name!r} cannot compile its kernels for {kind!r} devices "
+      "(that generation lacks what they need); use impl='xla' (every backend)."
+    )
 
 
 def _label_error(labels: np.ndarray, num_classes: int, ignore_index: int, shift: int) -> str | None:

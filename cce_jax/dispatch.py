@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-import jax
-
-from cce_jax import checks, tuned
+from cce_jax import checks, target, tuned
 from cce_jax.tiled import Implementation
 
 # What impl="auto" picks on each backend without a measurement. A Pallas implementation
@@ -29,7 +27,8 @@ _MODULES = {
 
 
 def resolve_impl(impl: str, backend: str | None = None, dtype=None) -> str:
-  """The implementation ``impl`` names on ``backend`` (default: JAX's default backend) for
+  """The implementation ``impl`` names on ``backend`` (default: the platform being compiled
+  for, :func:`cce_jax.target.platform`, JAX's default backend outside an AOT mesh) for
   inputs of ``dtype``.
 
   "auto" is the measured winner for this device kind and ``dtype`` in
@@ -47,7 +46,7 @@ def resolve_impl(impl: str, backend: str | None = None, dtype=None) -> str:
   """
   checks.check_choice("impl", impl, checks.IMPLS)
   if impl == "auto":
-    return _measured_auto(backend, dtype) or AUTO_IMPL.get(backend or jax.default_backend(), "xla")
+    return _measured_auto(backend, dtype) or AUTO_IMPL.get(backend or target.platform(), "xla")
   implementation(impl)  # raises NotImplementedError when it is missing
   return impl
 

@@ -189,6 +189,9 @@ class Implementation:
       ``shard_map`` its interpret mode needs ``check_vma=False``.
     backends: the JAX backends (``jax.default_backend()``) its compiled kernels run on;
       None: every backend. Elsewhere a Pallas implementation needs ``interpret=True``.
+    unsupported_kinds: regular expressions over the lower-case ``jax.Device.device_kind`` of
+      devices of those backends that its compiled kernels cannot support (e.g. older TPU
+      generations), refused up front like another backend.
   """
 
   name: str
@@ -198,6 +201,7 @@ class Implementation:
   resolve_block_sizes: ResolveBlockSizesFn
   is_pallas: bool = False
   backends: tuple[str, ...] | None = None
+  unsupported_kinds: tuple[str, ...] = ()
 
 
 def resolve_block_sizes_of(

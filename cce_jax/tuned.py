@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from cce_jax import target
+
 TABLE_NAME = "tuned.json"
 FORMAT = 1
 
@@ -58,8 +60,11 @@ def shipped_entries() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def device_kind(backend: str | None = None) -> str | None:
-  """``device_kind`` of the first device of ``backend`` (JAX's default when None); None when
-  that backend is not present in this process."""
+  """``device_kind`` of the first device of ``backend``; None when that backend is not present
+  in this process. With ``backend`` None: the device kind being compiled for
+  (:func:`cce_jax.target.device_kind`, the mesh's in context), else JAX's default backend's."""
+  if backend is None and (kind := target.device_kind()) is not None:
+    return kind
   try:
     return jax.devices(backend)[0].device_kind
   except RuntimeError:

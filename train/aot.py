@@ -1,6 +1,7 @@
 """Compile a config's train step ahead of time, with abstract inputs, and check that it fits.
 
-    python -m train.aot CONFIG.yaml [key=value ...] [--devices N | --real-devices]
+    python -m train.aot CONFIG.yaml [key=value ...] [--devices N | --real-devices |
+                                                     --topology [TOPOLOGY]]
     python -m train.aot CONFIG.yaml --gpu [h100] [--devices N]
 
 Lowers and compiles the jitted train step for ``jax.ShapeDtypeStruct`` inputs carrying their
@@ -23,6 +24,16 @@ the real XLA:GPU compiler for ``N`` (``--devices``, else ``hardware.chips``) dev
 of that kind on this host, no GPU needed (``pip install -e ".[gpu-aot]"``; see
 ``cce_jax.aot.gpu``), and checks the peak against the smaller of ``hardware.hbm_gib`` and the
 GPU's memory: XLA:GPU's own numbers, without autotuning.
+
+``--topology v5p:2x2x4`` compiles for a TPU slice that is not attached, on this CPU host, with
+the real XLA:TPU compiler (libtpu: ``pip install -e ".[tpu-aot]"``; see
+:mod:`cce_jax.aot.tpu`), and checks the fit with its memory numbers, which the CPU compiler's
+overstate (it computes bfloat16 in float32). ``--topology`` without a value takes the slice of
+the config's ``hardware`` (``chip: v5p, chips: 16`` -> ``v5p:2x2x4``); a config that names no
+TPU chip needs the topology spelled out. The memory limit is ``hardware.hbm_gib`` when the
+config's chip is the topology's generation, else that generation's HBM
+(``train.hardware.CHIPS``). The TPU compiler's flop count of the step is printed too (loop
+bodies, the scanned layers and micro-batches among them, counted once).
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ GIB = 2**30
 # Exit status of a config whose step does not fit its hardware.
 EXIT_DOES_NOT_FIT = 1
 EXIT_BAD_CONFIG = 2
+# --topology given without a value: take the slice from the config's hardware.
+TOPOLOGY_FROM_CONFIG = "from-config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +98,9 @@ def compile_train_step(
   Args:
     cfg: the config (``model.vocab_size`` None: ``data.vocab_size`` rounded up to 128).
     batch_size: compile for this global batch instead of ``cfg.batch_size``.
-    devices: the mesh's devices (default: all of JAX's), e.g. deviceless GPUs of
-      ``cce_jax.aot.gpu.gpu_devices``.
+    devices: the devices to compile for (default: every device JAX finds), e.g. a TPU
+      topology's (``cce_jax.aot.tpu.tpu_devices``) or deviceless GPUs
+      (``cce_jax.aot.gpu.gpu_devices``).
 
   Raises:
     ConfigError: a mesh or sharding the config asks for that the devices cannot provide.
@@ -159,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     help="compile with XLA:GPU, deviceless, for NAME GPUs (a100, h100, h200; default: the "
     "config's hardware.chip) on this host; combine with --devices N (needs the gpu-aot extra)",
   )
+  devices.add_argument(
+    "--topology",
+    nargs="?",
+    const=TOPOLOGY_FROM_CONFIG,
+    metavar="TOPOLOGY",
+    help="compile for this TPU slice (e.g. v5p:2x2x4) with the TPU compiler, on this CPU host "
+    "(needs libtpu: pip install -e '.[tpu-aot]'); without a value: the slice of the config's "
+    "hardware.chip and hardware.chips",
+  )
   return parser
 
 
@@ -188,6 +211,43 @@ def _gpu_unavailable(error: BaseException) -> bool:
   return module is not None and isinstance(error, module.GpuAotUnavailable)
 
 
+def tpu_topology(cfg: config_lib.TrainConfig, requested: str) -> str:
+  """The TPU topology to compile for: ``requested``, or the config's hardware slice.
+
+  Raises:
+    ConfigError: no topology can be derived from the config, or a malformed one.
+  """
+  from cce_jax.aot import tpu
+
+  hardware = cfg.hardware
+  if requested != TOPOLOGY_FROM_CONFIG:
+    try:
+      tpu.parse_topology(requested)
+    except ValueError as error:
+      raise config_lib.ConfigError(f"--topology: {error}") from None
+    return requested
+  if hardware.chip not in tpu.GENERATIONS:
+    raise config_lib.ConfigError(
+      f"--topology needs a value: hardware.chip is {hardware.chip!r}, not a TPU of "
+      f"{tpu.GENERATIONS}; name the slice, e.g. --topology v5p:2x2x4"
+    )
+  try:
+    return tpu.default_topology(hardware.chip, hardware.chips)
+  except ValueError as error:
+    raise config_lib.ConfigError(f"hardware.chips: {error}") from None
+
+
+def topology_limit_bytes(cfg: config_lib.TrainConfig, topology: str) -> float:
+  """The per-device memory of ``topology``'s chips: ``hardware.hbm_gib`` when the config's
+  chip is that generation and sets it, else the generation's HBM in ``train.hardware.CHIPS``."""
+  from train import hardware as hardware_lib
+
+  generation = topology.split(":")[0]
+  if cfg.hardware.chip == generation and cfg.hardware.hbm_gib is not None:
+    return cfg.hardware.hbm_gib * GIB
+  return hardware_lib.CHIPS[generation].hbm_gib * GIB
+
+
 def force_host_devices(count: int) -> None:
   """Makes JAX (not yet initialized) start with ``count`` CPU devices.
 
@@ -214,6 +274,19 @@ def force_host_devices(count: int) -> None:
   jax.config.update("jax_num_cpu_devices", count)
 
 
+def tpu_costs(compiled: Any) -> str:
+  """The TPU compiler's cost numbers of a compiled step, as one phrase."""
+  from cce_jax.aot import tpu
+
+  report = tpu.compile_report(compiled)
+  flops = "n/a" if report.flops is None else f"{report.flops / 1e12:.1f} TFLOP"
+  seconds = (
+    "" if report.estimated_seconds is None else f", estimated time {report.estimated_seconds:.3f} s"
+  )
+  loops = " (the step loops: loop bodies counted once)" if tpu.has_loops(compiled) else ""
+  return f"TPU compiler's cost analysis per device: {flops}{loops}{seconds}"
+
+
 def fits(step: CompiledStep, limit_bytes: float | None) -> bool:
   """Whether the step's peak is known and at most ``limit_bytes`` (True without a limit)."""
   if limit_bytes is None or step.peak_bytes is None:
@@ -236,23 +309,43 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.gpu is not None and args.real_devices:
     print("--gpu compiles for deviceless GPUs: drop --real-devices", file=sys.stderr)
     return EXIT_BAD_CONFIG
+  if args.gpu is not None and args.topology is not None:
+    print("--gpu and --topology name two targets: pass one of them", file=sys.stderr)
+    return EXIT_BAD_CONFIG
   count = args.devices if args.devices is not None else cfg.hardware.chips
   limit = None if cfg.hardware.hbm_gib is None else cfg.hardware.hbm_gib * GIB
-  gpu_devices = None
+  devices = None
   try:
     if args.gpu is not None:
       from cce_jax.aot import gpu
 
-      gpu_name, gpu_devices = _gpu_devices(args, cfg)
+      gpu_name, devices = _gpu_devices(args, cfg)
       gpu_memory = gpu.target(gpu_name).memory_bytes
       limit = gpu_memory if limit is None else min(limit, gpu_memory)
+    elif args.topology is not None:
+      from cce_jax.aot import tpu
+
+      topology = tpu_topology(cfg, args.topology)
+      if not tpu.has_libtpu():
+        print(
+          f"--topology {topology}: the TPU compiler (libtpu) is not installed: {tpu.INSTALL_HINT}",
+          file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+      force_host_devices(1)
+      try:
+        devices = tpu.tpu_devices(topology)
+      except ValueError as error:
+        print(f"--topology: {error}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_CONFIG
+      limit = topology_limit_bytes(cfg, topology)
     elif args.real_devices:
       from train import distributed
 
       distributed.initialize(cfg.distributed)
     elif count is not None:
       force_host_devices(count)
-    step = compile_train_step(cfg, devices=gpu_devices)
+    step = compile_train_step(cfg, devices=devices)
   except config_lib.ConfigError as error:
     print(f"{name}: config error: {error}", file=sys.stderr)
     return EXIT_BAD_CONFIG
@@ -270,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device_limit is not None:
       limit = device_limit if limit is None else min(limit, device_limit)
   cfg = step.config
-  devices = jax.devices() if gpu_devices is None else gpu_devices
-  how = "" if gpu_devices is None else " (XLA:GPU deviceless, without autotuning)"
+  how = "" if args.gpu is None else " (XLA:GPU deviceless, without autotuning)"
+  devices = devices or jax.devices()
   print(
     f"{name}: compiled for {len(devices)} {devices[0].device_kind} devices{how}; "
     f"mesh {step.mesh_shape}, batch {cfg.batch_size} x {cfg.seq_len} in "
@@ -280,11 +373,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"peak {gib(step.peak_bytes)}",
     flush=True,
   )
+  if args.topology is not None:
+    print(f"{name}: {tpu_costs(step.compiled)}", flush=True)
   if limit is None:
     print(f"{name}: no memory limit to check (the config sets no hardware.hbm_gib)")
     return 0
   hardware = cfg.hardware
   target = f"{hardware.chips} x {hardware.chip}" if hardware.chip else "the devices"
+  if args.topology is not None:
+    target = f"TPU {topology}, TPU compiler"
   if not fits(step, limit):
     print(
       f"{name}: does NOT fit: peak {gib(step.peak_bytes)} per device > {gib(limit)} "

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax.core import spmd as flax_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from train.config import MESH_AXES, ConfigError, MeshConfig
@@ -58,9 +59,14 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   """A (data, fsdp, tensor) mesh with Auto axis types over ``devices`` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
-  return jax.make_mesh(
-    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-  )
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    # A TPU torus that the mesh cannot be laid on in whole physical axes (a v5p-256, 4x4x8, as
+    # data 2 x fsdp 16 x tensor 4): let a mesh axis take part of a physical one.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(rules: Mapping[str, Any]) -> LogicalRules:
