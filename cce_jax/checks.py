@@ -223,14 +223,14 @@ def compile_platform(*arrays: Any) -> str | None:
 def check_backend(
   implementation: Implementation, backend: str | None = None, platform: str | None = None
 ) -> None:
-  """Raises ValueError when ``implementation``'s compiled kernels do not run on ``backend``
-  (default: the platform being compiled for: ``platform``, that of the inputs' shardings
-  (:func:`compile_platform`), when known, else :func:`cce_jax.target.platform`: the devices of
-  the mesh in context when compiling ahead of time for another platform, else JAX's default
+  """Raises ValueError when ``implementation``'s compiled kernels do not run on the platform
+  being compiled for: ``platform``, that of the inputs' shardings (:func:`compile_platform`),
+  when known; else ``backend`` (default :func:`cce_jax.target.platform`: the devices of the
+  mesh in context when compiling ahead of time for another platform, else JAX's default
   backend), naming ``impl``, the backend and ``interpret=True``, before JAX fails deep in the
   lowering ("Only interpret mode is supported on CPU backend")."""
-  from_mesh = backend is None and (platform is not None or target.device_kind() is not None)
-  backend = backend or platform or target.platform()
+  from_mesh = platform is not None or (backend is None and target.device_kind() is not None)
+  backend = platform or backend or target.platform()
   backends = implementation.backends
   if backends is None or backend in backends:
     _check_device_kind(implementation, target.device_kind() if from_mesh else None, backend)
