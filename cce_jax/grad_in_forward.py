@@ -205,13 +205,19 @@ def fused_forward(
     c_blk = jnp.take(c, class_ids, axis=axis)  # a gathered block, never a permuted copy of c
     return v0, class_ids, c_blk, None if bias is None else bias[class_ids]
 
-  def add_classes(acc: jax.Array, block: jax.Array, v0, class_ids, vocab_axis: int):
-    """``acc`` with ``block`` added at the block's classes (entries of dead classes are 0)."""
+  def rows_of(acc: jax.Array, v0, class_ids, vocab_axis: int) -> jax.Array:
+    """The block's classes of ``acc`` (a slice, or a gather in the sorted order)."""
     if order is None:
-      return _update(acc, _slice(acc, v0, voc.block, vocab_axis) + block, v0, vocab_axis)
+      return _slice(acc, v0, voc.block, vocab_axis)
+    return jnp.take(acc, class_ids, axis=vocab_axis)
+
+  def put_rows(acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int) -> jax.Array:
+    """``acc`` with the block's classes replaced by ``rows`` (in place in the loop)."""
+    if order is None:
+      return _update(acc, rows, v0, vocab_axis)
     if vocab_axis == 0:
-      return acc.at[class_ids].add(block)
-    return acc.at[:, class_ids].add(block)
+      return acc.at[class_ids].set(rows, unique_indices=True)
+    return acc.at[:, class_ids].set(rows, unique_indices=True)
 
   def token_step(i, carry):
     loss_N, gamma_N, d_e, d_c, d_bias = carry
@@ -267,42 +273,49 @@ def fused_forward(
       )[0]  # (vocab blocks,)
     rows_live = tok.live(i, t0)
 
-    # Sweep 2 (passes 2 and 3): the softmax gradient of each tile from the kept logits.
+    # Sweep 2 (passes 2 and 3): the softmax gradient of each tile from the kept logits. The
+    # per-tile branch only carries the tile's rows of dE, dC and db: a whole (V, D) operand
+    # of a lax.cond would be copied by XLA on every tile.
     def vocab_backward(j, inner):
-      v0, class_ids, c_blk, bias_blk = classes_of(j)
-      del bias_blk
+      d_e_blk, d_c, d_bias = inner
+      v0, class_ids, c_blk, _ = classes_of(j)
       skip = None if skips is None else skips[j]
 
       def tile_work(state, product_skip):
-        d_e_blk, d_c, d_bias = state
+        d_e_blk, d_c_rows, d_bias_rows = state
         z = _slice(logits, v0, voc.block, axis=1)  # (n, v) f32
         is_target = held_blk[:, None] == class_ids[None, :]
         valid = _live_mask(rows_live, voc.live(j, v0))
         dx = loss_math.softmax_grad_tile(z, lse, is_target, coeffs, valid, opts, uniform_in_tile)
-        if d_bias is not None:
-          d_bias = add_classes(d_bias, jnp.sum(dx, axis=0), v0, class_ids, 0)
+        if d_bias_rows is not None:
+          d_bias_rows = d_bias_rows + jnp.sum(dx, axis=0)
         dx = dx.astype(product_dtype)
         d_e_blk = _unless(
           product_skip if opts.filter_e_grad else None,
           lambda acc: acc + _grad_e(dx, c_blk.astype(product_dtype), axis),
           d_e_blk,
         )
-        d_c = _unless(
+        d_c_rows = _unless(
           product_skip if opts.filter_c_grad else None,
-          lambda acc: add_classes(
-            acc,
-            _grad_c(dx, e_blk.astype(product_dtype), axis),
-            v0,
-            class_ids,
-            axis,
-          ),
-          d_c,
+          lambda acc: acc + _grad_c(dx, e_blk.astype(product_dtype), axis),
+          d_c_rows,
         )
-        return d_e_blk, d_c, d_bias
+        return d_e_blk, d_c_rows, d_bias_rows
 
+      state = (
+        d_e_blk,
+        rows_of(d_c, v0, class_ids, axis),
+        None if d_bias is None else rows_of(d_bias, v0, class_ids, 0),
+      )
       if skip is not None and skip_whole_tile:
-        return _unless(skip, lambda st: tile_work(st, None), inner)
-      return tile_work(inner, skip)
+        state = _unless(skip, lambda st: tile_work(st, None), state)
+      else:
+        state = tile_work(state, skip)
+      d_e_blk, d_c_rows, d_bias_rows = state
+      d_c = put_rows(d_c, d_c_rows, v0, class_ids, axis)
+      if d_bias is not None:
+        d_bias = put_rows(d_bias, d_bias_rows, v0, class_ids, 0)
+      return d_e_blk, d_c, d_bias
 
     # Rows an earlier block already finished keep their values (this block adds 0 to them).
     state = (_slice(d_e, t0, tok.block), d_c, d_bias)
