@@ -11,6 +11,8 @@ it compares the loss and the loss+grad (w.r.t. ``e`` and ``c``) of:
 * ``xla``: ``cce_jax.linear_cross_entropy(e, c, labels, impl="xla")`` (default options);
 * ``xla+weights``: the same with per-token ``weights=`` computed from the labels inside the
   step (``common.token_weights``): the weighted loss keeps the loss's memory bound.
+* ``xla-gif``: ``impl="xla"`` with ``grad_in_forward=True`` (three matrix passes, the
+  gradient computed in the forward; ``cce_jax.grad_in_forward``).
 
 bfloat16 rows are reported twice: as compiled, and compiled in a child process with
 ``--xla_disable_hlo_passes=while-loop-invariant-code-motion``. XLA:CPU has no bfloat16 matrix
@@ -64,7 +66,8 @@ SWEEP_TOKENS = (1024, 4096, 16384, 65536)  # at V=256000, D=2304
 IMPLS = (
   ("baseline", "jax-cce", "xla") if importlib.util.find_spec("jax_cce") else ("baseline", "xla")
 )
-TABLE_IMPLS = (*IMPLS, "xla+weights")  # the table at the paper's shape and the goals
+# The table at the paper's shape and the goals.
+TABLE_IMPLS = (*IMPLS, "xla+weights", "xla-gif")
 MODES = ("loss", "loss+grad")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
@@ -99,8 +102,12 @@ LOSSES: dict[str, LossFn] = {
   "jax-cce": jax_cce_loss,
   "xla": cce_loss("xla"),
   "xla+weights": weighted_cce_loss("xla"),
+  "xla-gif": cce_loss("xla", grad_in_forward=True),
 }
 EXPLICIT_EPS: dict[str, LossFn] = {
+  "xla-gif": lambda e, c, labels: cce_loss(
+    "xla", filter_eps=float(jnp.finfo(e.dtype).eps) / 32.0, grad_in_forward=True
+  )(e, c, labels),
   "xla": xla_loss_explicit_eps,
   "xla+weights": weighted_loss_explicit_eps,
 }
@@ -200,9 +207,10 @@ def print_table(tables: Sequence[dict[str, Any]]) -> None:
 
 
 def check_goals(f32_table: dict[str, Any]) -> list[dict[str, Any]]:
-  """PASS/FAIL of the f32 ``xla`` and ``xla+weights`` temp ratios against ``GOALS``."""
+  """PASS/FAIL of the f32 ``xla``, ``xla+weights`` and ``xla-gif`` temp ratios against
+  ``GOALS``."""
   goals = []
-  for impl in ("xla", "xla+weights"):
+  for impl in ("xla", "xla+weights", "xla-gif"):
     for mode, limit in GOALS.items():
       row = next(r for r in f32_table["rows"] if r["impl"] == impl and r["mode"] == mode)
       goals.append(

@@ -9,6 +9,8 @@ Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. 
 * ``xla``: ``cce_jax.linear_cross_entropy(e, c, labels, impl="xla")`` (default options);
 * ``xla-weights``: the same with per-token ``weights=`` computed from the labels inside the
   step (``common.token_weights``, about one in ten 0): the cost of weighting;
+* ``xla-gif``: the same with ``grad_in_forward=True`` (the gradient computed in the forward:
+  three matrix passes instead of four);
 * with ``--extra``: ``xla-exact`` (``filter_eps=None``) and ``xla-nosort``
   (``sort_vocab=False``).
 
@@ -51,7 +53,7 @@ from common import (
 )
 
 import cce_jax
-from cce_jax import synthetic
+from cce_jax import grad_in_forward, synthetic
 
 DEFAULT_SHAPES = "4096x1024x32768:f32,4096x1024x32768:bf16"
 QUICK_SHAPES = "1024x256x8192:f32,1024x256x8192:bf16"
@@ -61,6 +63,8 @@ DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] 
 }
 # Goals on the loss+grad time: xla / baseline per distribution, and xla <= jax-cce everywhere.
 BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
+# Goals of xla-gif / baseline per (dtype, distribution) (issue 17).
+GIF_GOALS = {("f32", "uniform"): 0.9, ("f32", "trained"): 0.9, ("bf16", "trained"): 0.8}
 
 # name -> (loss function, cce_jax options for filter_stats, or None when not a cce_jax impl).
 IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
@@ -68,6 +72,7 @@ IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
   "jax-cce": (jax_cce_loss, None),
   "xla": (cce_loss("xla"), {}),
   "xla-weights": (weighted_cce_loss("xla"), {"weighted": True}),
+  "xla-gif": (cce_loss("xla", grad_in_forward=True), {"grad_in_forward": True}),
   "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
   "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
 }
@@ -99,6 +104,10 @@ def skipped_fraction(e, c, labels, options: dict[str, Any]) -> float | str:
   options = dict(options)
   if options.pop("weighted", False):
     options["weights"] = token_weights(labels)
+  if options.pop("grad_in_forward", False):
+    # The tiles grad_in_forward=True uses by default (a smaller token block).
+    default = cce_jax.BlockSizes.get_default(e.dtype)
+    options["block_sizes"] = grad_in_forward.default_block_sizes(default, c.shape[0])
   try:
     stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, **options)
     return float(stats["skipped_fraction"])
@@ -310,6 +319,16 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           "passed": ratio is not None and ratio <= limit,
         }
       )
+    gif, gif_limit = by_impl.get("xla-gif"), GIF_GOALS.get((_dtype_key(dtype), dist))
+    if gif is not None and gif_limit is not None and "baseline" in by_impl:
+      ratio = gif["ratio_vs_baseline"]
+      goals.append(
+        {
+          "goal": f"loss+grad xla-gif/baseline <= {gif_limit} ({where})",
+          "value": ratio,
+          "passed": ratio is not None and ratio <= gif_limit,
+        }
+      )
     if "jax-cce" in by_impl:
       ratio = xla["ratio_vs_jax_cce"]
       goals.append(
@@ -320,6 +339,12 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
       )
   return goals
+
+
+def _dtype_key(dtype: str) -> str:
+  """"f32"/"bf16"/"f16" for a row's dtype, however it is spelled."""
+  names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+  return names.get(str(dtype), str(dtype))
 
 
 def environment() -> dict[str, Any]:
@@ -406,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla", "xla-weights"] + (list(EXTRA_IMPLS) if args.extra else [])
+  impls = ["baseline", "jax-cce", "xla", "xla-weights", "xla-gif"] + (list(EXTRA_IMPLS) if args.extra else [])
   print(
     f"impls: {', '.join(impls)}; shapes: "
     f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "

@@ -271,8 +271,8 @@ def linear_cross_entropy(
       included). Costs memory: an f32 (token_block, V) logits buffer (the default tiles keep
       it under 64 MiB) and the f32 gradients of ``e``, ``c`` and ``bias`` held from the
       forward to the backward. For ``reduction`` "mean"/"sum" with ``impl`` "xla" ("auto"
-      picks it) only; ``reduction="none"``, ``return_lse``, ``vocab_axis`` or another
-      ``impl`` raise ValueError naming it, and so does ``jax.vmap`` over the loss. Under
+      picks it) only; ``reduction="none"``, ``return_lse``, a ``vocab_axis`` of more
+      than one device or another ``impl`` raise ValueError naming it, and so does ``jax.vmap`` over the loss. Under
       ``jax.checkpoint``/``nnx.remat`` the forward and its gradient run twice: leave the loss
       outside the checkpoint. Without a gradient only the ordinary forward runs.
 
@@ -318,7 +318,13 @@ def linear_cross_entropy(
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   token_axes = sharding.check_axes("token_axes", token_axes)
   vocab_axes = sharding.check_axes("vocab_axis", vocab_axis)
+  if mesh is not None:
+    sharding.check_mesh_layout(mesh, e, c, labels, layout, token_axes, vocab_axes, shift)
+  elif vocab_axes or token_axes:
+    sharding.check_bound_axes(token_axes, vocab_axes)
   if fused:
+    if vocab_axes and sharding.axes_size(mesh, vocab_axes) == 1:
+      vocab_axes = None  # a vocabulary "split" over one device splits nothing
     fused_grad.check_applies(
       reduction=reduction,
       return_lse=return_lse,
@@ -326,10 +332,6 @@ def linear_cross_entropy(
       vocab_axis=vocab_axes,
       requested_impl=requested_impl,
     )
-  if mesh is not None:
-    sharding.check_mesh_layout(mesh, e, c, labels, layout, token_axes, vocab_axes, shift)
-  elif vocab_axes or token_axes:
-    sharding.check_bound_axes(token_axes, vocab_axes)
   opts, shift = _prepare(
     e,
     c,
