@@ -82,7 +82,7 @@ def _value_and_grads(fused: bool, e, c, labels, bias, **options):
 @pytest.mark.parametrize(
   ("dtype", "trained", "options"),
   [
-    ("float32", False, {"filter_eps": 1e-3}),
+    ("float32", False, {"filter_eps": 0.1}),
     ("float32", True, {"filter_eps": 1e-3, "sort_vocab": False, "reduction": "sum"}),
     ("float32", True, {"filter_eps": 1e-3, "filter_c_grad": False, "z_loss": 1e-3}),
     ("float32", True, {"filter_eps": 1e-3, "filter_e_grad": False, "label_smoothing": 0.1}),
@@ -99,7 +99,7 @@ def test_filtering_equals_four_pass(dtype, trained, options):
   four = _value_and_grads(False, e, c, labels, bias, **options)
   fused = _value_and_grads(True, e, c, labels, bias, **options)
   exact = _value_and_grads(False, e, c, labels, bias, **{**options, "filter_eps": None})
-  assert float(fused[0]) == float(four[0])
+  assert_rel_close("loss", fused[0], four[0], 1e-6)
   for name, got, want, unfiltered in zip(("d_e", "d_c", "d_bias"), fused[1], four[1], exact[1]):
     chex.assert_trees_all_equal_dtypes(got, want)
     assert_rel_close(name, got, want, 1e-6 if dtype == "float32" else 4e-3)
@@ -201,7 +201,7 @@ def _buffers_in(fn, *args) -> int:
   def walk(jaxpr):
     nonlocal count
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "while":
+      if eqn.primitive.name in ("while", "scan"):
         shapes = [tuple(v.aval.shape) for v in eqn.outvars]
         count += (BLOCKS.token_block, V) in shapes
     for sub in jax.extend.core.subjaxprs(jaxpr):
