@@ -342,7 +342,7 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _dtype_key(dtype: str) -> str:
-  """"f32"/"bf16"/"f16" for a row's dtype, however it is spelled."""
+  """ "f32"/"bf16"/"f16" for a row's dtype, however it is spelled."""
   names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
   return names.get(str(dtype), str(dtype))
 
@@ -431,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla", "xla-weights", "xla-gif"] + (list(EXTRA_IMPLS) if args.extra else [])
+  impls = ["baseline", "jax-cce", "xla", "xla-weights", "xla-gif"] + (
+    list(EXTRA_IMPLS) if args.extra else []
+  )
   print(
     f"impls: {', '.join(impls)}; shapes: "
     f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "

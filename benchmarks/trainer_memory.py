@@ -152,8 +152,10 @@ def main() -> int:
       f"({r['peak_cce'] / GIB:.1f} GiB) | **{r['ratio']:.1f}x** |"
     )
   if args.grad_in_forward:
-    print("\n| seq_len | largest batch cce (peak) | largest batch cce-gif (peak) | temp cce | "
-          "temp cce-gif (same batch) |")
+    print(
+      "\n| seq_len | largest batch cce (peak) | largest batch cce-gif (peak) | temp cce | "
+      "temp cce-gif (same batch) |"
+    )
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
       print(

@@ -271,10 +271,11 @@ def linear_cross_entropy(
       included). Costs memory: an f32 (token_block, V) logits buffer (the default tiles keep
       it under 64 MiB) and the f32 gradients of ``e``, ``c`` and ``bias`` held from the
       forward to the backward. For ``reduction`` "mean"/"sum" with ``impl`` "xla" ("auto"
-      picks it) only; ``reduction="none"``, ``return_lse``, a ``vocab_axis`` of more
-      than one device or another ``impl`` raise ValueError naming it, and so does ``jax.vmap`` over the loss. Under
-      ``jax.checkpoint``/``nnx.remat`` the forward and its gradient run twice: leave the loss
-      outside the checkpoint. Without a gradient only the ordinary forward runs.
+      picks it) only: ``reduction="none"``, ``return_lse``, a ``vocab_axis`` of more than
+      one device and another ``impl`` raise ValueError naming it, and so does ``jax.vmap``
+      of the gradient. Under ``jax.checkpoint``/``nnx.remat`` the forward and its gradient
+      run twice: leave the loss outside the checkpoint. Without a gradient only the
+      ordinary forward runs.
 
   Returns:
     The loss, float32: a scalar for ``"mean"``/``"sum"``, shape (..., T - shift) for

@@ -36,13 +36,12 @@ def _grads(inputs, **sharding):
 def test_token_parallel_equals_unsharded(tensor):
   """Tokens over (data, fsdp); with tensor=1 the vocab axis of one device is dropped."""
   inputs = make_inputs(3, CASE, batch=BATCH, num_classes=NUM_CLASSES)
-  mesh = jax.make_mesh((8 // (2 * tensor), 2, tensor), ("data", "fsdp", "tensor"),
-                       axis_types=(AxisType.Explicit,) * 3)
+  mesh = jax.make_mesh(
+    (8 // (2 * tensor), 2, tensor), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3
+  )
   vocab = {"vocab_axis": "tensor"} if tensor == 1 else {}
   expected = _grads(inputs)
-  actual = _grads(
-    inputs, mesh=mesh, token_axes=("data", "fsdp"), grad_in_forward=True, **vocab
-  )
+  actual = _grads(inputs, mesh=mesh, token_axes=("data", "fsdp"), grad_in_forward=True, **vocab)
   assert_rel_close("loss", actual[0], expected[0], 2e-5)
   for name, g, g_ref in zip(("d_e", "d_c", "d_bias"), actual[1], expected[1], strict=True):
     assert_rel_close(name, g, g_ref, 2e-5)
@@ -56,12 +55,22 @@ def test_inside_users_shard_map(check_vma):
 
   def per_device(e, c, bias, labels):
     return cce_jax.linear_cross_entropy(
-      e, c, labels, bias=bias, shift=1, z_loss=0.05, block_sizes=SMALL_BLOCKS,
-      token_axes="data", grad_in_forward=True,
+      e,
+      c,
+      labels,
+      bias=bias,
+      shift=1,
+      z_loss=0.05,
+      block_sizes=SMALL_BLOCKS,
+      token_axes="data",
+      grad_in_forward=True,
     )
 
   sharded = jax.shard_map(
-    per_device, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")), out_specs=P(),
+    per_device,
+    mesh=mesh,
+    in_specs=(P("data"), P(), P(), P("data")),
+    out_specs=P(),
     check_vma=check_vma,
   )
   actual = jax.jit(jax.value_and_grad(lambda e, c, b: sharded(e, c, b, labels), (0, 1, 2)))(
@@ -78,7 +87,12 @@ def test_vocabulary_split_raises():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
   with pytest.raises(ValueError, match="`vocab_axis`"):
     cce_jax.linear_cross_entropy(
-      e, c, labels, mesh=mesh, token_axes=("data", "fsdp"), vocab_axis="tensor",
+      e,
+      c,
+      labels,
+      mesh=mesh,
+      token_axes=("data", "fsdp"),
+      vocab_axis="tensor",
       grad_in_forward=True,
     )
   assert jnp.isfinite(
