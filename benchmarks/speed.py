@@ -22,6 +22,8 @@ Full run (tens of minutes on a small CPU; needs an otherwise idle machine):
   python benchmarks/speed.py --extra --markdown --json benchmarks/speed.json
 Smoke run:
   python benchmarks/speed.py --quick
+Three matrix passes against four (issue 17's goals):
+  python benchmarks/speed.py --impls baseline,xla,xla-gif --repeats 3
 """
 
 from __future__ import annotations
@@ -393,6 +395,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--extra", action="store_true", help="also time xla-exact and xla-nosort")
   parser.add_argument(
+    "--impls",
+    default=None,
+    help=f"comma-separated subset of {list(IMPLS)} to time instead of the default set "
+    "(e.g. baseline,xla,xla-gif)",
+  )
+  parser.add_argument(
     "--repeats", type=int, default=5, help="timed calls per measurement (default: 5)"
   )
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
@@ -415,6 +423,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for dist in args.distributions:
     if dist not in DISTRIBUTIONS:
       parser.error(f"unknown distribution {dist!r}: use {list(DISTRIBUTIONS)}")
+  if args.impls is not None:
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = [name for name in args.impls if name not in IMPLS]
+    if unknown or not args.impls:
+      parser.error(f"--impls: unknown or empty {unknown}; choose from {list(IMPLS)}")
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
   if args.summary_tokens < 1:
@@ -431,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla", "xla-weights", "xla-gif"] + (
+  impls = args.impls or ["baseline", "jax-cce", "xla", "xla-weights", "xla-gif"] + (
     list(EXTRA_IMPLS) if args.extra else []
   )
   print(
