@@ -14,6 +14,8 @@ it compares the loss and the loss+grad (w.r.t. ``e`` and ``c``) of:
 * ``xla+stats``: ``cce_jax.token_stats(impl="xla")`` (lse, entropy, argmax, logprob, correct)
   in an RL-style objective (``common.stats_objective``: mean ``-logprob`` minus an entropy
   bonus): the statistics keep the loss's memory bound, forward and backward.
+* ``xla-gif``: ``impl="xla"`` with ``grad_in_forward=True`` (three matrix passes, the
+  gradient computed in the forward; ``cce_jax.grad_in_forward``).
 
 bfloat16 rows are reported twice: as compiled, and compiled in a child process with
 ``--xla_disable_hlo_passes=while-loop-invariant-code-motion``. XLA:CPU has no bfloat16 matrix
@@ -68,7 +70,8 @@ SWEEP_TOKENS = (1024, 4096, 16384, 65536)  # at V=256000, D=2304
 IMPLS = (
   ("baseline", "jax-cce", "xla") if importlib.util.find_spec("jax_cce") else ("baseline", "xla")
 )
-TABLE_IMPLS = (*IMPLS, "xla+weights", "xla+stats")  # the table at the paper's shape, the goals
+# The table at the paper's shape and the goals.
+TABLE_IMPLS = (*IMPLS, "xla+weights", "xla+stats", "xla-gif")
 MODES = ("loss", "loss+grad")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
@@ -104,8 +107,12 @@ LOSSES: dict[str, LossFn] = {
   "xla": cce_loss("xla"),
   "xla+weights": weighted_cce_loss("xla"),
   "xla+stats": stats_objective("xla"),
+  "xla-gif": cce_loss("xla", grad_in_forward=True),
 }
 EXPLICIT_EPS: dict[str, LossFn] = {
+  "xla-gif": lambda e, c, labels: cce_loss(
+    "xla", filter_eps=float(jnp.finfo(e.dtype).eps) / 32.0, grad_in_forward=True
+  )(e, c, labels),
   "xla": xla_loss_explicit_eps,
   "xla+weights": weighted_loss_explicit_eps,
 }
@@ -205,10 +212,10 @@ def print_table(tables: Sequence[dict[str, Any]]) -> None:
 
 
 def check_goals(f32_table: dict[str, Any]) -> list[dict[str, Any]]:
-  """PASS/FAIL of the f32 ``xla``, ``xla+weights`` and ``xla+stats`` temp ratios against
-  ``GOALS``."""
+  """PASS/FAIL of the f32 ``xla``, ``xla+weights``, ``xla+stats`` and ``xla-gif`` temp ratios
+  against ``GOALS``."""
   goals = []
-  for impl in ("xla", "xla+weights", "xla+stats"):
+  for impl in ("xla", "xla+weights", "xla+stats", "xla-gif"):
     for mode, limit in GOALS.items():
       row = next(r for r in f32_table["rows"] if r["impl"] == impl and r["mode"] == mode)
       goals.append(

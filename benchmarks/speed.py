@@ -13,6 +13,8 @@ Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. 
   correct) in an RL-style objective (``common.stats_objective``); its "loss" column is the
   statistics' forward, which should cost no more than the ``xla`` loss forward (the ratio
   ``loss xla-stats / xla`` is printed and checked per case);
+* ``xla-gif``: the same with ``grad_in_forward=True`` (the gradient computed in the forward:
+  three matrix passes instead of four);
 * with ``--extra``: ``xla-exact`` (``filter_eps=None``) and ``xla-nosort``
   (``sort_vocab=False``).
 
@@ -24,6 +26,8 @@ Full run (tens of minutes on a small CPU; needs an otherwise idle machine):
   python benchmarks/speed.py --extra --markdown --json benchmarks/speed.json
 Smoke run:
   python benchmarks/speed.py --quick
+Three matrix passes against four (issue 17's goals):
+  python benchmarks/speed.py --impls baseline,xla,xla-gif --repeats 3
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from common import (
 )
 
 import cce_jax
-from cce_jax import synthetic
+from cce_jax import grad_in_forward, synthetic
 
 DEFAULT_SHAPES = "4096x1024x32768:f32,4096x1024x32768:bf16"
 QUICK_SHAPES = "1024x256x8192:f32,1024x256x8192:bf16"
@@ -68,6 +72,8 @@ DISTRIBUTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] 
 BASELINE_GOALS = {"uniform": 1.1, "trained": 1.0}
 # Goal on the forward time: token_stats (xla-stats) / the xla loss forward.
 STATS_FORWARD_GOAL = 1.0
+# Goals of xla-gif / baseline per (dtype, distribution) (issue 17).
+GIF_GOALS = {("f32", "uniform"): 0.9, ("f32", "trained"): 0.9, ("bf16", "trained"): 0.8}
 
 # name -> (loss function, cce_jax options for filter_stats, or None when not a cce_jax impl).
 IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
@@ -76,6 +82,7 @@ IMPLS: dict[str, tuple[LossFn, dict[str, Any] | None]] = {
   "xla": (cce_loss("xla"), {}),
   "xla-weights": (weighted_cce_loss("xla"), {"weighted": True}),
   "xla-stats": (stats_objective("xla"), None),
+  "xla-gif": (cce_loss("xla", grad_in_forward=True), {"grad_in_forward": True}),
   "xla-exact": (cce_loss("xla", filter_eps=None), {"filter_eps": None}),
   "xla-nosort": (cce_loss("xla", sort_vocab=False), {"sort_vocab": False}),
 }
@@ -107,6 +114,10 @@ def skipped_fraction(e, c, labels, options: dict[str, Any]) -> float | str:
   options = dict(options)
   if options.pop("weighted", False):
     options["weights"] = token_weights(labels)
+  if options.pop("grad_in_forward", False):
+    # The tiles grad_in_forward=True uses by default (a smaller token block).
+    default = cce_jax.BlockSizes.get_default(e.dtype)
+    options["block_sizes"] = grad_in_forward.default_block_sizes(default, c.shape[0])
   try:
     stats = cce_jax.filter_stats(e, c, labels, ignore_index=IGNORE_INDEX, **options)
     return float(stats["skipped_fraction"])
@@ -336,6 +347,16 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           "passed": ratio <= STATS_FORWARD_GOAL,
         }
       )
+    gif, gif_limit = by_impl.get("xla-gif"), GIF_GOALS.get((_dtype_key(dtype), dist))
+    if gif is not None and gif_limit is not None and "baseline" in by_impl:
+      ratio = gif["ratio_vs_baseline"]
+      goals.append(
+        {
+          "goal": f"loss+grad xla-gif/baseline <= {gif_limit} ({where})",
+          "value": ratio,
+          "passed": ratio is not None and ratio <= gif_limit,
+        }
+      )
     if "jax-cce" in by_impl:
       ratio = xla["ratio_vs_jax_cce"]
       goals.append(
@@ -346,6 +367,12 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
       )
   return goals
+
+
+def _dtype_key(dtype: str) -> str:
+  """ "f32"/"bf16"/"f16" for a row's dtype, however it is spelled."""
+  names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+  return names.get(str(dtype), str(dtype))
 
 
 def environment() -> dict[str, Any]:
@@ -394,6 +421,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--extra", action="store_true", help="also time xla-exact and xla-nosort")
   parser.add_argument(
+    "--impls",
+    default=None,
+    help=f"comma-separated subset of {list(IMPLS)} to time instead of the default set "
+    "(e.g. baseline,xla,xla-gif)",
+  )
+  parser.add_argument(
     "--repeats", type=int, default=5, help="timed calls per measurement (default: 5)"
   )
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
@@ -416,6 +449,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for dist in args.distributions:
     if dist not in DISTRIBUTIONS:
       parser.error(f"unknown distribution {dist!r}: use {list(DISTRIBUTIONS)}")
+  if args.impls is not None:
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = [name for name in args.impls if name not in IMPLS]
+    if unknown or not args.impls:
+      parser.error(f"--impls: unknown or empty {unknown}; choose from {list(IMPLS)}")
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
   if args.summary_tokens < 1:
@@ -432,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     f"CPU count {env['cpu_count']} (usable {env['cpu_affinity']}), python {env['python']}"
   )
   print("Absolute times are only meaningful on this machine; the ratios are what matter.")
-  impls = ["baseline", "jax-cce", "xla", "xla-weights", "xla-stats"]
-  impls += list(EXTRA_IMPLS) if args.extra else []
+  impls = args.impls or ["baseline", "jax-cce", "xla", "xla-weights", "xla-stats", "xla-gif"] + (
+    list(EXTRA_IMPLS) if args.extra else []
+  )
   print(
     f"impls: {', '.join(impls)}; shapes: "
     f"{', '.join(f'{s.label}:{s.dtype}' for s in args.shapes)}; "

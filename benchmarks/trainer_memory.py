@@ -8,6 +8,10 @@ once with ``loss_impl=naive`` (f32 logits through optax), and reads ``memory_ana
 * temp: the step's temporary bytes (activations, gradients, the loss's scratch);
 * peak: arguments + outputs - donated (aliased) buffers + temp, i.e. the device footprint.
 
+With ``--grad-in-forward`` a third variant, ``cce-gif`` (``loss_impl=cce`` with
+``loss.grad_in_forward=true``: the loss's gradient computed in its forward, three matrix
+passes instead of four), is measured alike: what that option costs in largest batch.
+
 For each loss it then searches the largest global batch (sequences per step, no gradient
 accumulation) whose peak fits an 80 GiB device: doubling, then bisection. Both are measured at
 the config's sequence length (8192) and at 2048. The config runs attention in checkpointed
@@ -18,6 +22,7 @@ whole (T, T) scores would otherwise be the largest per-sequence term at T=8192.
   python benchmarks/trainer_memory.py                    # both sequence lengths, a table
   python benchmarks/trainer_memory.py --seq-lens 2048    # one
   python benchmarks/trainer_memory.py --markdown         # the table for benchmarks/RESULTS.md
+  python benchmarks/trainer_memory.py --seq-lens 8192 --grad-in-forward  # adds cce-gif
 
 The exit status is 1 when CCE's largest batch is below 4x naive's at any length measured.
 """
@@ -41,9 +46,18 @@ GIB = 2**30
 SINGLE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "grad_accum_steps=1"]
 
 
+# Variant -> its config overrides.
+VARIANTS = {
+  "naive": ["loss_impl=naive"],
+  "cce": ["loss_impl=cce"],
+  "cce-gif": ["loss_impl=cce", "loss.grad_in_forward=true"],
+}
+
+
 def measure(loss_impl: str, seq_len: int, batch: int) -> dict[str, float]:
-  """Compiled memory (bytes) of one train step of ``batch`` x ``seq_len`` tokens."""
-  cfg = config.load(CONFIG, [*SINGLE_DEVICE, f"loss_impl={loss_impl}", f"seq_len={seq_len}"])
+  """Compiled memory (bytes) of one train step of ``batch`` x ``seq_len`` tokens;
+  ``loss_impl`` names one of ``VARIANTS``."""
+  cfg = config.load(CONFIG, [*SINGLE_DEVICE, *VARIANTS[loss_impl], f"seq_len={seq_len}"])
   step = compile_train_step(cfg, batch_size=batch)
   return {"temp": step.temp_bytes, "peak": step.peak_bytes, "arguments": step.argument_bytes}
 
@@ -72,6 +86,11 @@ def main() -> int:
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 2048])
   parser.add_argument("--markdown", action="store_true", help="print a markdown table")
   parser.add_argument("--json", type=pathlib.Path, help="also write every number as JSON")
+  parser.add_argument(
+    "--grad-in-forward",
+    action="store_true",
+    help="also measure cce with loss.grad_in_forward=true (cce-gif)",
+  )
   args = parser.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before the first JAX call
 
@@ -83,6 +102,20 @@ def main() -> int:
     temp = {impl: measure(impl, seq_len, same)["temp"] for impl in ("naive", "cce")}
     ratio = best["cce"] / max(best["naive"], 1)
     passed &= ratio >= GOAL_RATIO
+    if args.grad_in_forward:
+      gif_best = largest_batch("cce-gif", seq_len, cache)
+      gif = {
+        "largest_cce_gif": gif_best,
+        "temp_cce_gif": measure("cce-gif", seq_len, same)["temp"],
+        "peak_cce_gif": cache["cce-gif", seq_len, max(gif_best, 1)]["peak"],
+      }
+      print(
+        f"seq_len {seq_len}: largest batch cce-gif {gif_best} (cce {best['cce']}); temp at "
+        f"batch {same}: cce-gif {gif['temp_cce_gif'] / GIB:.2f} GiB, cce "
+        f"{temp['cce'] / GIB:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+      )
     rows.append(
       {
         "seq_len": seq_len,
@@ -95,6 +128,7 @@ def main() -> int:
         "peak_naive": cache["naive", seq_len, max(best["naive"], 1)]["peak"],
         "peak_cce": cache["cce", seq_len, max(best["cce"], 1)]["peak"],
         "seconds": time.perf_counter() - start,
+        **(gif if args.grad_in_forward else {}),
       }
     )
     print(
@@ -117,6 +151,18 @@ def main() -> int:
       f"({r['peak_naive'] / GIB:.1f} GiB) | **{r['largest_cce']}** "
       f"({r['peak_cce'] / GIB:.1f} GiB) | **{r['ratio']:.1f}x** |"
     )
+  if args.grad_in_forward:
+    print(
+      "\n| seq_len | largest batch cce (peak) | largest batch cce-gif (peak) | temp cce | "
+      "temp cce-gif (same batch) |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+      print(
+        f"| {r['seq_len']} | {r['largest_cce']} ({r['peak_cce'] / GIB:.1f} GiB) "
+        f"| {r['largest_cce_gif']} ({r['peak_cce_gif'] / GIB:.1f} GiB) "
+        f"| {r['temp_cce'] / GIB:.2f} GiB | {r['temp_cce_gif'] / GIB:.2f} GiB |"
+      )
   if not args.markdown:
     for r in rows:
       verdict = "PASS" if r["ratio"] >= GOAL_RATIO else "FAIL"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cce_jax import checks, differentiable, dispatch, loss_math, sharding
+from cce_jax import grad_in_forward as fused_grad
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.dispatch import resolve_impl
 from cce_jax.options import LossOptions
@@ -47,7 +49,8 @@ def _weighted_mean(total: jax.Array, weight_sum: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-  jax.jit, static_argnames=("opts", "reduction", "shift", "return_lse", "impl", "token_axes")
+  jax.jit,
+  static_argnames=("opts", "reduction", "shift", "return_lse", "impl", "token_axes", "fused"),
 )
 def _linear_cross_entropy(
   e: jax.Array,
@@ -62,8 +65,10 @@ def _linear_cross_entropy(
   return_lse: bool,
   impl: str,
   token_axes: tuple[str, ...] | None = None,
+  fused: bool = False,
 ):
-  """The loss on this device's arrays; sums and counts are psum-ed over ``token_axes``."""
+  """The loss on this device's arrays; sums and counts are psum-ed over ``token_axes``.
+  ``fused``: the gradient computed in the forward (``cce_jax.grad_in_forward``)."""
   batch_shape, seq_len = labels.shape[:-1], labels.shape[-1]
   out_shape = (*batch_shape, seq_len - shift)
   labels = _target_labels(labels, shift, opts.ignore_index)
@@ -78,6 +83,12 @@ def _linear_cross_entropy(
     return (loss, jnp.zeros(out_shape, jnp.float32)) if return_lse else loss
 
   flat_weights = None if weights is None else weights.reshape(-1)
+  if fused:
+    # Tokens past T - shift have ignore_index labels (and weight 0): they add nothing.
+    total = fused_grad.summed_loss(
+      e.reshape(-1, e.shape[-1]), c, labels.reshape(-1), bias, flat_weights, opts
+    )
+    return _reduce(total, counted, weights, reduction, shift, seq_len, token_axes)
   out = differentiable.token_loss(
     e.reshape(-1, e.shape[-1]),
     c,
@@ -93,20 +104,34 @@ def _linear_cross_entropy(
   if reduction == "none":
     loss = token_loss
   else:
-    loss = jnp.sum(token_loss)
-    if weights is None:
-      count = jnp.sum(counted, dtype=jnp.int32)
-    else:
-      count = jnp.sum(weights[..., : seq_len - shift])  # the weight sum of the counted tokens
-    if token_axes:
-      loss, count = lax.psum((loss, count), token_axes)
-    if reduction == "mean" and weights is None:
-      loss = loss / jnp.maximum(count, 1).astype(jnp.float32)
-    elif reduction == "mean":
-      loss = _weighted_mean(loss, count)
+    loss = _reduce(jnp.sum(token_loss), counted, weights, reduction, shift, seq_len, token_axes)
   if return_lse:
     return loss, lse.reshape(*batch_shape, seq_len)[..., : seq_len - shift]
   return loss
+
+
+def _reduce(
+  total: jax.Array,  # () f32: the (weighted) sum of this device's token losses
+  counted: jax.Array,  # (..., T - shift) bool
+  weights: jax.Array | None,  # (..., T) f32, target-shifted
+  reduction: str,
+  shift: int,
+  seq_len: int,
+  token_axes: tuple[str, ...] | None,
+) -> jax.Array:
+  """The "sum" or "mean" (over the counted tokens, or their weight sum) of the token losses,
+  psum-ed over ``token_axes``."""
+  if weights is None:
+    count = jnp.sum(counted, dtype=jnp.int32)
+  else:
+    count = jnp.sum(weights[..., : seq_len - shift])  # the weight sum of the counted tokens
+  if token_axes:
+    total, count = lax.psum((total, count), token_axes)
+  if reduction == "mean" and weights is None:
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
+  if reduction == "mean":
+    return _weighted_mean(total, count)
+  return total
 
 
 def _prepare(
@@ -153,6 +178,7 @@ def linear_cross_entropy(
   vocab_axis: str | tuple[str, ...] | None = None,
   mesh: jax.sharding.Mesh | None = None,
   token_axes: str | tuple[str, ...] | None = None,
+  grad_in_forward: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of the logits ``e @ c.T`` against integer labels, without the logits.
 
@@ -240,6 +266,17 @@ def linear_cross_entropy(
       :mod:`cce_jax.sharding`.
     token_axes: mesh axes that split the tokens (the leading axis of ``e``). Inside
       ``shard_map`` without ``mesh``, "mean"/"sum" are reduced over these axes too (psum).
+    grad_in_forward: compute the gradient in the forward, while the logits are at hand, and
+      only scale it by the cotangent in the backward: three matrix passes over the logits
+      instead of four (``cce_jax.grad_in_forward``). Same loss and gradients (filtering
+      included). Costs memory: an f32 (token_block, V) logits buffer (the default tiles keep
+      it under 64 MiB) and the f32 gradients of ``e``, ``c`` and ``bias`` held from the
+      forward to the backward. For ``reduction`` "mean"/"sum" with ``impl`` "xla" ("auto"
+      picks it) only: ``reduction="none"``, ``return_lse``, a ``vocab_axis`` of more than
+      one device and another ``impl`` raise ValueError naming it, and so does ``jax.vmap``
+      of the gradient. Under ``jax.checkpoint``/``nnx.remat`` the forward and its gradient
+      run twice: leave the loss outside the checkpoint. Without a gradient only the
+      ordinary forward runs.
 
   Returns:
     The loss, float32: a scalar for ``"mean"``/``"sum"``, shape (..., T - shift) for
@@ -275,6 +312,10 @@ def linear_cross_entropy(
   """
   reduction = checks.check_choice("reduction", reduction, checks.REDUCTIONS)
   return_lse = checks.check_bool("return_lse", return_lse)
+  fused = checks.check_bool("grad_in_forward", grad_in_forward)
+  requested_impl = impl
+  # grad_in_forward exists for "xla" only: "auto" means "xla" with it.
+  impl = "xla" if fused and impl == "auto" else impl
   impl = resolve_impl(impl, dtype=getattr(e, "dtype", None))
   layout = checks.check_choice("classifier_layout", classifier_layout, checks.CLASSIFIER_LAYOUTS)
   token_axes = sharding.check_axes("token_axes", token_axes)
@@ -283,6 +324,16 @@ def linear_cross_entropy(
     sharding.check_mesh_layout(mesh, e, c, labels, layout, token_axes, vocab_axes, shift)
   elif vocab_axes or token_axes:
     sharding.check_bound_axes(token_axes, vocab_axes)
+  if fused:
+    if vocab_axes and sharding.axes_size(mesh, vocab_axes) == 1:
+      vocab_axes = None  # a vocabulary "split" over one device splits nothing
+    fused_grad.check_applies(
+      reduction=reduction,
+      return_lse=return_lse,
+      impl=impl,
+      vocab_axis=vocab_axes,
+      requested_impl=requested_impl,
+    )
   opts, shift = _prepare(
     e,
     c,
@@ -304,6 +355,10 @@ def linear_cross_entropy(
     vocab_axis=vocab_axes,
   )
   num_classes = c.shape[opts.vocab_dim]
+  if fused and block_sizes is None:
+    opts = dataclasses.replace(
+      opts, block_sizes=fused_grad.default_block_sizes(opts.block_sizes, num_classes)
+    )
   if vocab_axes and mesh is None:
     # Inside the user's shard_map c is this device's slice; with mesh= it is the global array.
     num_classes *= sharding.axes_size(None, vocab_axes)
@@ -320,6 +375,7 @@ def linear_cross_entropy(
     return_lse=return_lse,
     impl=impl,
     token_axes=token_axes,
+    fused=fused,
   )
   if mesh is None:
     return per_device(e, c, labels, bias, weights)

@@ -108,15 +108,27 @@ def token_loss(
     )
   stats = LocalForward(*_local_stats(e, c, held, bias, filter_weights, opts, impl))
   lse, target, logit_sum = _combine(stats, opts.vocab_axis)[:3]
-  # A label outside [0, V) poisons the gradients (through the lse's cotangent), not only the
-  # masked loss value; the lse returned keeps its true value.
-  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
-  poisoned_lse = lse * jnp.where(kinds.out_of_range, jnp.nan, 1.0)
-  loss = loss_math.token_loss(poisoned_lse, target, logit_sum, num_classes, opts)
-  loss = loss_math.mask_token_loss(loss, labels, num_classes, opts.ignore_index)
+  loss = masked_token_loss(lse, target, logit_sum, labels, num_classes, opts)
   if weights is not None:
     loss = loss * weights
   return (loss, lse) if return_lse else loss
+
+
+def masked_token_loss(
+  lse: jax.Array,  # (N,) f32, over all classes
+  target: jax.Array,  # (N,) f32
+  logit_sum: jax.Array | None,  # (N,) f32, or None without label smoothing
+  labels: jax.Array,  # (N,) int32, global class ids
+  num_classes: int,
+  opts: LossOptions,
+) -> jax.Array:
+  """The unweighted per-token loss from the combined statistics, (N,) f32: 0 at ignored
+  tokens, NaN at out-of-range labels (differentiable; a bad label also poisons the lse's
+  cotangent, so the NaN reaches the gradients, not only the loss value)."""
+  kinds = loss_math.label_kinds(labels, num_classes, opts.ignore_index)
+  poisoned_lse = lse * jnp.where(kinds.out_of_range, jnp.nan, 1.0)
+  loss = loss_math.token_loss(poisoned_lse, target, logit_sum, num_classes, opts)
+  return loss_math.mask_token_loss(loss, labels, num_classes, opts.ignore_index)
 
 
 # ---- the custom_vjp around an implementation ---------------------------------------------------

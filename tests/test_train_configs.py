@@ -273,3 +273,44 @@ def test_cli_reports_config_errors_with_status_2(capsys):
   assert "not found" in capsys.readouterr().err
   assert cli.main(["--help"]) == 0
   assert "usage: python -m train" in capsys.readouterr().out
+
+
+def test_loss_grad_in_forward_reaches_the_loss_call(monkeypatch):
+  """loss.grad_in_forward=true is passed to cce_jax.linear_cross_entropy (default false)."""
+  from train import loss as train_loss
+
+  assert config.load().loss.grad_in_forward is False
+  cfg = config.load(None, ["loss.grad_in_forward=true"])
+  assert cfg.loss.grad_in_forward is True
+  seen = {}
+  monkeypatch.setattr(
+    train_loss.cce_jax, "linear_cross_entropy", lambda *a, **kw: seen.update(kw) or 0.0
+  )
+  layout = train_loss.LossLayout(mesh=None, token_axes=None, vocab_axes=None)
+  train_loss.cce_loss_sum(None, None, "vd", None, cfg.loss, None, layout)
+  assert seen["grad_in_forward"] is True
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    (["loss.grad_in_forward=maybe"], "loss.grad_in_forward: expected true or false"),
+    (
+      ["loss.grad_in_forward=true", "loss.cce_impl=reference"],
+      "loss.grad_in_forward=true needs loss.cce_impl 'auto' or 'xla'",
+    ),
+    (
+      ["loss.grad_in_forward=true", "mesh.tensor=2", "mesh.data=1"],
+      "loss.grad_in_forward=true needs an unsplit vocabulary",
+    ),
+  ],
+)
+def test_loss_grad_in_forward_errors(overrides, message):
+  with pytest.raises(config.ConfigError) as error:
+    config.load(None, overrides)
+  assert message in str(error.value)
+
+
+def test_loss_grad_in_forward_with_an_unsplit_vocabulary_loads():
+  cfg = config.load(None, ["loss.grad_in_forward=true", "mesh.tensor=2", "mesh.rules.vocab=null"])
+  assert cfg.loss.grad_in_forward

@@ -156,11 +156,17 @@ def make_weights(seed: int, case: dict, batch: int = BATCH, seq_len: int = SEQ_L
 
 
 def check_case(
-  impl: str, case: dict, seed: int, block_sizes=SMALL_BLOCKS, interpret: bool = False
+  impl: str,
+  case: dict,
+  seed: int,
+  block_sizes=SMALL_BLOCKS,
+  interpret: bool = False,
+  grad_in_forward: bool = False,
 ) -> None:
   """Loss, lse and gradients of ``impl`` on ``case`` against the float64 reference.
 
-  The Pallas test files call this with their own ``block_sizes`` and ``interpret=True``.
+  The Pallas test files call this with their own ``block_sizes`` and ``interpret=True``;
+  ``tests/test_grad_in_forward.py`` with ``grad_in_forward=True``.
   """
   e, c, labels, bias, loss_weights, lse_weights = make_inputs(seed, case)
   weights = make_weights(seed, case)
@@ -201,6 +207,7 @@ def check_case(
       block_sizes=block_sizes,
       sort_vocab=case["sort_vocab"],
       interpret=interpret,
+      **({"grad_in_forward": True} if grad_in_forward else {}),
       **options,
     )
     loss, lse = out if case["return_lse"] else (out, None)

@@ -148,10 +148,17 @@ class LossConfig:
   # The paper's pretraining recipe: filter dE, never dC (docs/math.md says why).
   filter_e_grad: bool = True
   filter_c_grad: bool = False
+  # Compute the loss's gradient in its forward (cce_jax's grad_in_forward): three matrix
+  # passes instead of four, for a (token_block, V) f32 buffer and the head's f32 gradients.
+  grad_in_forward: bool = False
 
   def __post_init__(self):
     _require(
       self.cce_impl in CCE_IMPLS, f"loss.cce_impl must be one of {CCE_IMPLS}, got {self.cce_impl!r}"
+    )
+    _require(
+      not self.grad_in_forward or self.cce_impl in ("auto", "xla"),
+      f"loss.grad_in_forward=true needs loss.cce_impl 'auto' or 'xla', got {self.cce_impl!r}",
     )
     check_ranges(self, LOSS_RANGES, "loss.", ConfigError)
     _require(
@@ -304,6 +311,16 @@ class TrainConfig:
       f"batch_size={self.batch_size} must be a multiple of "
       f"grad_accum_steps={self.grad_accum_steps}",
     )
+    if self.loss.grad_in_forward:
+      rule = self.mesh.rules.get("vocab")
+      listed = [rule] if rule is None or isinstance(rule, str) else list(rule)
+      split = [a for a in listed if a is not None and getattr(self.mesh, a) != 1]
+      _require(
+        not split,
+        f"loss.grad_in_forward=true needs an unsplit vocabulary, but mesh.rules.vocab={rule!r} "
+        f"splits it over {split} (size -1 or > 1): set mesh.{split[0] if split else ''}=1 or "
+        "mesh.rules.vocab=null, or loss.grad_in_forward=false",
+      )
     chunk = self.model.attention_chunk
     _require(
       chunk is None or chunk >= self.seq_len or self.seq_len % chunk == 0,

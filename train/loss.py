@@ -83,6 +83,7 @@ def cce_loss_sum(
     mesh=sharding.mesh,
     token_axes=sharding.token_axes,
     vocab_axis=sharding.vocab_axes,
+    grad_in_forward=cfg.grad_in_forward,
   )
 
 
