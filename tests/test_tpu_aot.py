@@ -31,6 +31,8 @@ import yaml
 import cce_jax
 from cce_jax import BlockSizes, target
 from cce_jax.aot import tpu
+from pallas_kernels.tpu import TPUBlockSizes
+from pallas_kernels.tpu.block_sizes import resolve
 from train import aot
 
 needs_libtpu = pytest.mark.skipif(
@@ -192,6 +194,28 @@ def test_target_follows_the_mesh_in_context():
       jnp.bfloat16, backend="tpu"
     )
   assert target.platform(_abstract_tpu_mesh()) == "tpu"
+
+
+def test_pallas_tpu_default_tiles_follow_the_chip():
+  """v5e and v6e (128 MiB of VMEM) plan for 96 MiB with 2048-class vocabulary blocks; other
+  chips, and the CPU host, keep the heuristic's default budget."""
+  large = TPUBlockSizes(vmem_budget_bytes=96 * 2**20)
+  for kind in ("TPU v5 lite", "TPU v6 lite", "TPU v5e", "TPU v6e"):
+    assert TPUBlockSizes.get_default(jnp.bfloat16, device_kind=kind) == large
+  for kind in ("TPU v4", "TPU v5", "TPU v5p", "cpu"):
+    assert TPUBlockSizes.get_default(jnp.bfloat16, device_kind=kind) == TPUBlockSizes()
+  assert TPUBlockSizes.get_default(jnp.bfloat16) == TPUBlockSizes()  # this CPU host
+  with jax.sharding.use_abstract_mesh(_abstract_tpu_mesh()):  # a v5e compile target
+    assert TPUBlockSizes.get_default(jnp.bfloat16) == large
+  # 2048-class vocabulary blocks where they fit (clamped to a small V), smaller at a wide D.
+  for n, d, v, vocab_block in (
+    (8192, 2304, 256000, 2048),
+    (8192, 4096, 128256, 2048),
+    (100, 256, 1000, 1000),
+    (8192, 16384, 128256, 512),
+  ):
+    assert resolve(large, n, d, v, jnp.bfloat16).vocab_block == vocab_block, (n, d, v)
+  assert resolve(TPUBlockSizes(), 8192, 2304, 256000, jnp.bfloat16).vocab_block == 512
 
 
 def test_pallas_tpu_traces_for_a_tpu_mesh_on_a_cpu_host():
