@@ -223,21 +223,28 @@ def compile_platform(*arrays: Any) -> str | None:
 def check_backend(
   implementation: Implementation, backend: str | None = None, platform: str | None = None
 ) -> None:
-  """Raises ValueError when ``implementation``'s compiled kernels do not run on the platform
-  being compiled for: ``platform``, that of the inputs' shardings (:func:`compile_platform`),
-  when known; else ``backend`` (default :func:`cce_jax.target.platform`: the devices of the
-  mesh in context when compiling ahead of time for another platform, else JAX's default
-  backend), naming ``impl``, the backend and ``interpret=True``, before JAX fails deep in the
+  """Raises ValueError when ``implementation``'s compiled kernels run neither on ``backend``
+  (default :func:`cce_jax.target.platform`: the devices of the mesh in context when compiling
+  ahead of time for another platform, else JAX's default backend) nor on ``platform`` (that
+  of the inputs' shardings, :func:`compile_platform`, when known) nor on JAX's default
+  backend, naming ``impl``, the backend and ``interpret=True``, before JAX fails deep in the
   lowering ("Only interpret mode is supported on CPU backend")."""
-  from_mesh = platform is not None or (backend is None and target.device_kind() is not None)
-  backend = platform or backend or target.platform()
+  from_mesh = backend is None and target.device_kind() is not None
+  backend = backend or target.platform()
   backends = implementation.backends
   if backends is None or backend in backends:
     _check_device_kind(implementation, target.device_kind() if from_mesh else None, backend)
     return
+  # Never stricter than JAX's default backend alone: the inputs' platform, or the default
+  # backend where a mesh of host devices is in context (a CUDA export from a CPU host on
+  # JAX 0.10), may name what the program is really compiled for.
+  host = jax.default_backend() if from_mesh else None
+  for other in (platform, host):
+    if other in backends:
+      _check_device_kind(implementation, None, other)
+      return
   where = (
-    f"the computation is compiled for {backend!r} devices (those of the inputs' shardings or "
-    "of the mesh in context)"
+    f"the mesh in context compiles for {backend!r} devices"
     if from_mesh
     else f"JAX's default backend is {backend!r}"
   )
