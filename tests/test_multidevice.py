@@ -2,7 +2,8 @@
 
 The number of host devices is fixed when the XLA backend starts, so the multi-device tests get
 their own interpreter with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this file
-runs them there and reports their output. ``--runslow`` is passed on.
+runs them there, one subprocess per file (so that pytest-xdist spreads them over its
+workers), and reports their output. ``--runslow`` is passed on.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).parent
+FILES = sorted(path.name for path in (HERE / "multidevice").glob("test_*.py"))
 
 
-def test_multidevice_suite(request):
+@pytest.mark.parametrize("file", FILES)
+def test_multidevice_suite(request, file):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
     env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -28,7 +33,7 @@ def test_multidevice_suite(request):
     "-q",
     "-p",
     "no:cacheprovider",
-    str(HERE / "multidevice"),
+    str(HERE / "multidevice" / file),
   ]
   if request.config.getoption("--runslow"):
     command.append("--runslow")
