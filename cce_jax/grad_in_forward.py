@@ -134,31 +134,6 @@ def _update(x: jax.Array, block: jax.Array, start: jax.Array, axis: int = 0) -> 
   return lax.dynamic_update_slice_in_dim(x, block, start, axis)
 
 
-def _live_mask(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
-  """The (n, v) mask of two optional 1-D masks; None when both are None (all live)."""
-  if rows is None and cols is None:
-    return None
-  if rows is None:
-    return cols[None, :]
-  if cols is None:
-    return rows[:, None]
-  return rows[:, None] & cols[None, :]
-
-
-def _grad_e(dx: jax.Array, c_blk: jax.Array, vocab_dim: int) -> jax.Array:
-  """(n, v) x classifier block -> (n, D) f32."""
-  dims = (((1,), (vocab_dim,)), ((), ()))
-  return lax.dot_general(dx, c_blk, dims, preferred_element_type=jnp.float32)
-
-
-def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
-  """(n, v) and (n, D) -> the classifier-block gradient in the layout of c, f32."""
-  dims = (((0,), (0,)), ((), ()))
-  if vocab_dim == 0:
-    return lax.dot_general(dx, e_blk, dims, preferred_element_type=jnp.float32)  # (v, D)
-  return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
-
-
 def _unless(skip: jax.Array | None, work, state):
   """``work(state)``, or ``state`` untouched when ``skip``: a real branch, the work not done."""
   if skip is None:
@@ -285,19 +260,19 @@ def fused_forward(
         d_e_blk, d_c_rows, d_bias_rows = state
         z = _slice(logits, v0, voc.block, axis=1)  # (n, v) f32
         is_target = held_blk[:, None] == class_ids[None, :]
-        valid = _live_mask(rows_live, voc.live(j, v0))
+        valid = xla_chunked.outer_and(rows_live, voc.live(j, v0))
         dx = loss_math.softmax_grad_tile(z, lse, is_target, coeffs, valid, opts, uniform_in_tile)
         if d_bias_rows is not None:
           d_bias_rows = d_bias_rows + jnp.sum(dx, axis=0)
         dx = dx.astype(product_dtype)
         d_e_blk = _unless(
           product_skip if opts.filter_e_grad else None,
-          lambda acc: acc + _grad_e(dx, c_blk.astype(product_dtype), axis),
+          lambda acc: acc + xla_chunked.grad_e_tile(dx, c_blk.astype(product_dtype), axis),
           d_e_blk,
         )
         d_c_rows = _unless(
           product_skip if opts.filter_c_grad else None,
-          lambda acc: acc + _grad_c(dx, e_blk.astype(product_dtype), axis),
+          lambda acc: acc + xla_chunked.grad_c_tile(dx, e_blk.astype(product_dtype), axis),
           d_c_rows,
         )
         return d_e_blk, d_c_rows, d_bias_rows

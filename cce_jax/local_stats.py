@@ -201,15 +201,15 @@ def xla_backward(
       e_blk = rows(e)  # (n, D)
       z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
       is_target = rows(local_labels)[:, None] == class_ids[None, :]
-      valid = xla_chunked._outer_and(tok.live(i, t0), live_v)  # (n, v) or None
+      valid = xla_chunked.outer_and(tok.live(i, t0), live_v)  # (n, v) or None
       dx = stats_grad_tile(
         z, rows(lse), rows(entropy), is_target, jax.tree.map(rows, cot), valid, opts
       )
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk + jnp.sum(dx, axis=0)
       dx = dx.astype(product_dtype)
-      d_rows = rows(d_e) + xla_chunked._grad_e(dx, c_product, axis)
-      d_c_blk = d_c_blk + xla_chunked._grad_c(dx, e_blk.astype(product_dtype), axis)
+      d_rows = rows(d_e) + xla_chunked.grad_e_tile(dx, c_product, axis)
+      d_c_blk = d_c_blk + xla_chunked.grad_c_tile(dx, e_blk.astype(product_dtype), axis)
       return lax.dynamic_update_slice_in_dim(d_e, d_rows, t0, 0), d_c_blk, d_bias_blk
 
     init = (

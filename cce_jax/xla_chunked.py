@@ -125,7 +125,7 @@ def _write_block(
   return d_c.at[:, write_ids].set(block, mode="drop")
 
 
-def _outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
+def outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
   """The (n, v) mask of two optional 1-D masks; None when both are None (all True)."""
   if rows is None and cols is None:
     return None
@@ -144,13 +144,13 @@ def _update(x: jax.Array, block: jax.Array, start: jax.Array, axis: int = 0) -> 
   return lax.dynamic_update_slice_in_dim(x, block, start, axis)
 
 
-def _grad_e(dx: jax.Array, c_blk: jax.Array, vocab_dim: int) -> jax.Array:
+def grad_e_tile(dx: jax.Array, c_blk: jax.Array, vocab_dim: int) -> jax.Array:
   """(n, v) x classifier block -> (n, D) f32."""
   dims = (((1,), (vocab_dim,)), ((), ()))
   return lax.dot_general(dx, c_blk, dims, preferred_element_type=jnp.float32)
 
 
-def _grad_c(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
+def grad_c_tile(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
   """(n, v) and (n, D) -> the classifier-block gradient in the layout of c, f32."""
   dims = (((0,), (0,)), ((), ()))
   if vocab_dim == 0:
@@ -308,7 +308,7 @@ def backward(
         rows, c_acc, b_acc = state
         labels_blk = _slice(local_labels, t0, tok.block)
         co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
-        valid = _outer_and(tok.live(i, t0), fresh_v)  # (n, v) or None
+        valid = outer_and(tok.live(i, t0), fresh_v)  # (n, v) or None
         z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
@@ -319,12 +319,12 @@ def backward(
         dx = dx.astype(product_dtype)
         rows = _unless(
           product_skip if opts.filter_e_grad else None,
-          lambda rows: rows + _grad_e(dx, c_blk_product, axis),
+          lambda rows: rows + grad_e_tile(dx, c_blk_product, axis),
           rows,
         )
         c_acc = _unless(
           product_skip if opts.filter_c_grad else None,
-          lambda c_acc: c_acc + _grad_c(dx, e_blk.astype(product_dtype), axis),
+          lambda c_acc: c_acc + grad_c_tile(dx, e_blk.astype(product_dtype), axis),
           c_acc,
         )
         return rows, c_acc, b_acc
