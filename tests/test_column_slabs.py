@@ -169,6 +169,7 @@ def test_dv_matches_the_float64_reference(num_classes, options):
     assert_rel_close("d_bias", d_bias, expected["d_bias"], 2e-5)
 
 
+@pytest.mark.slow
 def test_dv_slab_sort_filters_within_the_skipped_mass():
   """With filtering, the slab-sorted "dv" backward skips tiles and stays within the gradient
   mass it dropped (the same bound as the per-class sort of "vd").

@@ -70,6 +70,9 @@ def _inputs(dtype, seed: int, trained: bool):
   return e, c, labels, bias
 
 
+SLOW = pytest.mark.slow
+
+
 def _value_and_grads(fused: bool, e, c, labels, bias, **options):
   def loss(e, c, bias):
     return cce_jax.linear_cross_entropy(
@@ -85,8 +88,15 @@ def _value_and_grads(fused: bool, e, c, labels, bias, **options):
     ("float32", False, {"filter_eps": 0.1}),
     # Unsorted, a tile skips only without targets in it: most tokens ignored here.
     ("float32", True, {"filter_eps": 1e-2, "sort_vocab": False, "reduction": "sum", "keep": 64}),
-    ("float32", True, {"filter_eps": 1e-3, "filter_c_grad": False, "z_loss": 1e-3}),
-    ("float32", True, {"filter_eps": 1e-3, "filter_e_grad": False, "label_smoothing": 0.1}),
+    pytest.param(
+      "float32", True, {"filter_eps": 1e-3, "filter_c_grad": False, "z_loss": 1e-3}, marks=SLOW
+    ),
+    pytest.param(
+      "float32",
+      True,
+      {"filter_eps": 1e-3, "filter_e_grad": False, "label_smoothing": 0.1},
+      marks=SLOW,
+    ),
     ("bfloat16", True, {}),  # "auto" filter_eps: 2**-12
     ("bfloat16", True, {"classifier_layout": "dv", "softcap": 30.0}),
   ],
@@ -134,6 +144,7 @@ def test_default_tiles_bound_the_logits_buffer():
   assert grad_in_forward.default_block_sizes(base, 10**8).token_block == 8
 
 
+@pytest.mark.slow
 def test_default_tiles_match_the_reference_when_v_forces_small_blocks():
   """V large enough that the default token block drops to 8 rows (ragged N)."""
   rng = np.random.default_rng(5)

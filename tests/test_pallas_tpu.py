@@ -287,7 +287,11 @@ def _skip_table(e, c, labels, opts):
 
 @pytest.mark.parametrize(
   "filter_flags",
-  [(True, True), (False, True), pytest.param((True, False), marks=pytest.mark.slow)],
+  [
+    (True, True),
+    pytest.param((False, True), marks=pytest.mark.slow),
+    pytest.param((True, False), marks=pytest.mark.slow),
+  ],
   ids=["filter_e_and_c", "filter_c_only", "filter_e_only"],
 )
 def test_filtering_drops_exactly_the_skipped_tiles(filter_flags):
