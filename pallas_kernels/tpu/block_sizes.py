@@ -117,7 +117,7 @@ class TPUBlockSizes:
 class Tiles(NamedTuple):
   """The tile sizes one call runs with (:func:`resolve`), clamped to the problem."""
 
-  token_block: int  # bn of the backward: N when N <= the requested block
+  token_block: int  # bn of the backward: N rounded up to 16 rows when N <= the requested block
   vocab_block: int  # bv
   hidden_block: int  # bd of the backward kernel
   num_token_blocks: int
@@ -221,6 +221,18 @@ def _clamp(requested: int, size: int) -> int:
   return size if size <= requested else requested
 
 
+# The backward's token block is a whole number of these rows even when clamped to a smaller N:
+# its dE rows move by DMA into an f32 HBM buffer, whose offsets Mosaic must prove aligned to
+# the (8, 128) tile (16 also covers the packed 16-bit tiles of e's blocks).
+TOKEN_ROW_MULTIPLE = 16
+
+
+def _clamp_backward_tokens(requested: int, num_tokens: int) -> int:
+  """``requested``, or ``num_tokens`` rounded up to ``TOKEN_ROW_MULTIPLE`` when that is less
+  (the rows past N are masked in the kernel and land in dE's padding)."""
+  return min(requested, cdiv(num_tokens, TOKEN_ROW_MULTIPLE) * TOKEN_ROW_MULTIPLE)
+
+
 def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int, dtype) -> Tiles:
   """The tiles of one call: explicit sizes kept, None sizes chosen by the VMEM heuristic.
 
@@ -302,7 +314,7 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
             if d >= forward_bd and fits(b, bv, d, ("forward",))
           )
           forward_bn, forward_bd = next(wider, (forward_bn, forward_bd))
-        bn, forward_bn = _clamp(bn, num_tokens), _clamp(forward_bn, num_tokens)
+        bn, forward_bn = _clamp_backward_tokens(bn, num_tokens), _clamp(forward_bn, num_tokens)
         return Tiles(
           bn,
           bv,
