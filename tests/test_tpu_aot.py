@@ -268,6 +268,10 @@ def test_pallas_tpu_still_refused_on_a_real_cpu_run():
     (["configs/gemma2_2b.yaml", "--topology"], "--topology needs a value: hardware.chip is 'h100'"),
     (["configs/default.yaml", "--topology", "v9:2x2"], "--topology: topology must be"),
     (["configs/llama3_8b_v5p32.yaml", "hardware.chips=12", "--topology"], "hardware.chips: no"),
+    (
+      ["configs/default.yaml", "--topology", "v5e:2x2", "--gpu", "h100"],
+      "--gpu and --topology name two targets",
+    ),
   ],
 )
 def test_aot_topology_errors_are_one_line_and_status_2(args, message, capsys, monkeypatch):
