@@ -211,13 +211,13 @@ def compile_platform(*arrays: Any) -> str | None:
   default backend: a program lowered for the devices of a GPU or TPU topology on a CPU host
   (``cce_jax.aot``) is compiled for that GPU or TPU.
   """
-  meshes = [getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None) for x in arrays]
-  meshes.append(jax.sharding.get_abstract_mesh())
-  for mesh in meshes:
-    device = getattr(mesh, "abstract_device", None)
+  for x in arrays:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    device = None if mesh is None else target.abstract_device(mesh)
     if device is not None:
       return device.platform
-  return None
+  device = target.abstract_device()  # the mesh in context
+  return None if device is None else device.platform
 
 
 def check_backend(

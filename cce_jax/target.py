@@ -14,8 +14,9 @@ from __future__ import annotations
 import jax
 
 
-def _abstract_device(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None):
-  """The ``AbstractDevice`` of ``mesh`` (default: the mesh in context), or None."""
+def abstract_device(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None):
+  """The ``AbstractDevice`` of ``mesh`` (default: the mesh in context), or None where the mesh
+  names none."""
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
   elif isinstance(mesh, jax.sharding.Mesh):
@@ -29,12 +30,12 @@ def platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) 
   That of ``mesh``'s devices when given, else of the mesh in context (``jax.set_mesh``) when
   it has devices, else ``jax.default_backend()``.
   """
-  device = _abstract_device(mesh)
+  device = abstract_device(mesh)
   return jax.default_backend() if device is None else device.platform
 
 
 def device_kind(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> str | None:
   """``jax.Device.device_kind`` of the target's devices (as :func:`platform` finds them), or
   None when no mesh in context names them (then the host's devices are the target)."""
-  device = _abstract_device(mesh)
+  device = abstract_device(mesh)
   return None if device is None else device.device_kind
