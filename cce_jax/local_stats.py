@@ -101,27 +101,70 @@ def stats_grad_tile(
 # ---- "xla": one streamed pass over vocabulary tiles ------------------------------------------
 
 
+# Widest sub-block of a tile's columns whose maxima locate its argmax (_tile_max_argmax).
+ARGMAX_SUB_BLOCK = 128
+# Floor of the centered logits in the entropy numerator: exp(-256) is exactly 0 in f32, so the
+# floor changes no term, and a -inf logit (a masked class) adds 0 * -256 = 0, never 0 * -inf.
+_CENTERED_FLOOR = -256.0
+
+
+def _sub_block_width(num_columns: int) -> int:
+  """The largest power of two <= ARGMAX_SUB_BLOCK dividing ``num_columns`` (1 when odd)."""
+  width = ARGMAX_SUB_BLOCK
+  while num_columns % width:
+    width //= 2
+  return width
+
+
+def _tile_max_argmax(z: jax.Array, first_class: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Row maxima (n,) f32 of an (n, v) tile and the lowest class id holding each, (n,) int32
+  (``first_class`` + column; ``first_class`` for a row of -inf logits).
+
+  One pass over the tile: the maxima of sub-blocks of ``_sub_block_width(v)`` columns; the
+  row maximum and its first sub-block come from those (n, v / w) maxima, and the column from
+  the w entries of that sub-block (a gather of n x w). No (n, v) select or index array is
+  formed: XLA:CPU materialized one and reduced it in a separate, slow loop.
+  """
+  num_rows, num_columns = z.shape
+  width = _sub_block_width(num_columns)
+  blocks = z.reshape(num_rows, num_columns // width, width)  # (n, v / w, w)
+  # The barrier keeps the row max reading the (n, v / w) maxima: XLA would otherwise fold the
+  # two reductions into a second pass over the whole tile.
+  block_max = lax.optimization_barrier(jnp.max(blocks, axis=2))  # (n, v / w)
+  tile_max = jnp.max(block_max, axis=1)  # (n,)
+  block_ids = lax.broadcasted_iota(jnp.int32, block_max.shape, 1)
+  last_block = num_columns // width - 1
+  first_block = jnp.min(jnp.where(block_max == tile_max[:, None], block_ids, last_block), axis=1)
+  entries = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # (n, w)
+  columns = lax.broadcasted_iota(jnp.int32, entries.shape, 1)
+  column = jnp.min(jnp.where(entries == tile_max[:, None], columns, width - 1), axis=1)
+  return tile_max, first_class + first_block * width + column
+
+
 def _online_stats_step(state, z: jax.Array, first_class: jax.Array):
   """Merges one (n, v) tile of logits (non-live entries already -inf) whose first column is
-  class ``first_class`` into the running (max, s, t, argmax)."""
+  class ``first_class`` into the running (max, s, t, argmax).
+
+  Per entry, three reductions read the tile: the sub-block maxima (``_tile_max_argmax``),
+  ``sum exp(z - m)`` and ``sum exp(z - m) (z - m)``. The last two are written as two separate
+  expressions of ``z`` (``z - m`` and ``z + (-m)``, equal in IEEE arithmetic), so that no
+  (n, v) intermediate is shared: XLA:CPU then fuses each whole chain into its reduction and
+  never writes an (n, v) temporary (a shared ``exp`` or ``z - m`` was materialized, and cost
+  more than computing the exp twice).
+  """
   running_max, s, t, argmax = state
-  tile_max = jnp.max(z, axis=1)
+  tile_max, tile_argmax = _tile_max_argmax(z, first_class)
   new_max = jnp.maximum(running_max, tile_max)
-  shift = filtering.exp_shift(new_max)
-  centered = z - shift[:, None]  # (n, v): exactly 0 where z is the new maximum
-  p = jnp.exp(centered)  # 0 at -inf logits
-  tile_t = jnp.sum(jnp.where(p > 0.0, p * centered, 0.0), axis=1)
-  # The tile's argmax matters only where it raises the maximum (tile_max > running_max), and
-  # there its maxima are the entries with centered == 0: the lowest such column. (A min over
-  # a select, where jnp.argmax's variadic reduction is about twice as slow on XLA:CPU.)
-  columns = lax.broadcasted_iota(jnp.int32, z.shape, 1)
-  tile_argmax = jnp.min(jnp.where(centered == 0.0, columns, z.shape[1]), axis=1) + first_class
+  shift = filtering.exp_shift(new_max)  # (n,)
+  tile_s = jnp.sum(jnp.exp(z - shift[:, None]), axis=1)  # 0 at -inf logits
+  centered = jnp.maximum(z + (-shift)[:, None], _CENTERED_FLOOR)  # (n, v)
+  tile_t = jnp.sum(jnp.exp(centered) * centered, axis=1)
   # sum exp(z - m_old)(z - m_old) rescaled to the new max: exp(m_old - m_new) (t + s (m_old -
   # m_new)); nothing to rescale (and -inf - m, a NaN source) while s is 0.
   rescale = jnp.exp(running_max - shift)
   moved = jnp.where(s > 0.0, s * (running_max - shift), 0.0)
   t = rescale * (t + moved) + tile_t
-  s = rescale * s + jnp.sum(p, axis=1)
+  s = rescale * s + tile_s
   # A later block (higher class ids) wins only with a strictly larger maximum.
   argmax = jnp.where(tile_max > running_max, tile_argmax, argmax)
   return new_max, s, t, argmax

@@ -18,6 +18,7 @@ import stats64
 from testing import assert_rel_close
 
 import cce_jax
+from cce_jax import local_stats
 
 # 2 x 13 tokens, V = 203 classes, D = 16: ragged for the 8 x 32 tiles below.
 BATCH, SEQ_LEN, HIDDEN, NUM_CLASSES = 2, 13, 16, 203
@@ -164,6 +165,44 @@ def test_argmax_ties_resolve_to_the_lowest_class_id(impl, dtype):
   expected = np.broadcast_to(np.array([ids[0] for ids in ties])[:, None], (3, 9))
   chex.assert_trees_all_equal(np.asarray(jnp.argmax(logits, axis=-1)), expected)
   chex.assert_trees_all_equal(np.asarray(stats.argmax), expected)
+
+
+@pytest.mark.parametrize("vocab_block", [33, 96, 384])
+def test_argmax_of_integer_logits_with_many_ties(vocab_block):
+  """Small integer e and c give exact integer logits (in f32 too), so that most rows tie at
+  their maximum, often within one sub-block of a tile, across sub-blocks and across tiles:
+  the argmax is numpy's (the lowest id), masked classes never win, and lse and entropy match
+  the float64 reference. V = 1000 and 37 tokens are ragged for every block here."""
+  rng = np.random.default_rng(vocab_block)
+  e = rng.integers(-2, 3, size=(37, 6)).astype(np.float32)
+  c = rng.integers(-2, 3, size=(1000, 6)).astype(np.float32)
+  bias = np.zeros(1000, np.float32)
+  bias[rng.choice(1000, size=100, replace=False)] = -np.inf
+  blocks = cce_jax.BlockSizes(token_block=16, vocab_block=vocab_block)
+  stats = cce_jax.token_stats(
+    jnp.asarray(e), jnp.asarray(c), bias=jnp.asarray(bias), block_sizes=blocks
+  )
+  logits = e.astype(np.int64) @ c.astype(np.int64).T  # (37, 1000), exact
+  logits = np.where(np.isinf(bias), np.iinfo(np.int64).min, logits)
+  tied = np.sum(logits == logits.max(axis=-1, keepdims=True), axis=-1)
+  assert np.mean(tied > 1) > 0.5, "the inputs must tie most rows"
+  chex.assert_trees_all_equal(np.asarray(stats.argmax), logits.argmax(axis=-1).astype(np.int32))
+  expected = stats64.stats(e, c, bias=bias)
+  assert_rel_close("lse", stats.lse, expected["lse"], 2e-5)
+  assert_rel_close("entropy", stats.entropy, expected["entropy"], 2e-4)
+
+
+@pytest.mark.parametrize("num_columns", [1, 7, 8, 96, 384])
+def test_tile_max_argmax_matches_numpy(num_columns):
+  """The per-tile maximum and first argmax (by sub-block maxima) of integer-valued tiles
+  with ties and rows of -inf, against numpy; ``first_class`` offsets the ids."""
+  rng = np.random.default_rng(num_columns)
+  z = rng.integers(-3, 4, size=(11, num_columns)).astype(np.float32)
+  z[rng.random(z.shape) < 0.3] = -np.inf
+  z[4] = -np.inf  # a row without a finite logit: id first_class, like jnp.argmax
+  tile_max, argmax = jax.jit(local_stats._tile_max_argmax)(jnp.asarray(z), jnp.int32(500))
+  chex.assert_trees_all_equal(np.asarray(tile_max), z.max(axis=-1))
+  chex.assert_trees_all_equal(np.asarray(argmax), (500 + z.argmax(axis=-1)).astype(np.int32))
 
 
 def test_ignored_and_out_of_range_labels():
