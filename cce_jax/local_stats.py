@@ -37,9 +37,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cce_jax import filtering, loss_math, vma, xla_chunked
+from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
 from cce_jax.tiled import LocalGrads, TiledInputs
 
@@ -317,6 +319,24 @@ def reference_backward(
     d_c = d_c.T
   d_bias = None if bias is None else jnp.sum(dx, axis=0)
   return LocalGrads(d_e=d_e, d_c=d_c.astype(c.dtype), d_bias=d_bias)
+
+
+# (token_block, vocab_block) of the "xla" forward on CPU when no block_sizes is given, per
+# input bits; measured with benchmarks/speed.py (xla-stats against the xla loss forward). The
+# forward is one streamed pass, and tiles of 1-2 MB keep the three reads of each tile of
+# logits in a core's L2 cache; the loss's CPU tiles (1024 x 2048 for f32) are chosen for its
+# backward's filtering. Smaller than the loss's f32 tile, so within the loss's memory bound.
+CPU_FORWARD_TILES = {16: (1024, 512), 32: (1024, 256)}
+
+
+def forward_block_sizes(dtype, platform: str) -> BlockSizes | None:
+  """The default tiles of the ``"xla"`` statistics forward for inputs of ``dtype`` compiled
+  for ``platform``: ``CPU_FORWARD_TILES`` on ``"cpu"``; None elsewhere (the loss's defaults,
+  ``BlockSizes.get_default``, as the backward always uses)."""
+  if platform != "cpu":
+    return None
+  bits = 16 if np.dtype(dtype).itemsize == 2 else 32
+  return BlockSizes(*CPU_FORWARD_TILES[bits])
 
 
 class StatsImplementation(NamedTuple):

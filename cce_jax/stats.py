@@ -16,6 +16,7 @@ and the argmax is the lowest global class id among the shards holding the global
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -23,7 +24,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import checks, differentiable, dispatch, filtering, loss_math, sharding, vma
+from cce_jax import (
+  checks,
+  differentiable,
+  dispatch,
+  filtering,
+  local_stats,
+  loss_math,
+  sharding,
+  target,
+  vma,
+)
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.local_stats import IMPLEMENTATIONS, LocalStats, StatsCotangents
 from cce_jax.options import LossOptions
@@ -80,18 +91,25 @@ def _first_order_only_jvp(primals, tangents):
   raise NotImplementedError(FIRST_ORDER_ONLY)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _local_stats(e, c, held, bias, opts: LossOptions, impl: str) -> LocalStats:
-  return IMPLEMENTATIONS[impl].forward(TiledInputs(e, c, held, bias), opts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _local_stats(
+  e, c, held, bias, opts: LossOptions, forward_opts: LossOptions, impl: str
+) -> LocalStats:
+  """:class:`LocalStats` by ``impl``'s forward in the tiles of ``forward_opts``; the backward
+  uses those of ``opts`` (they differ only by their block sizes)."""
+  return IMPLEMENTATIONS[impl].forward(TiledInputs(e, c, held, bias), forward_opts)
 
 
-def _local_stats_fwd(e, c, held, bias, opts: LossOptions, impl: str):
+def _local_stats_fwd(e, c, held, bias, opts: LossOptions, forward_opts: LossOptions, impl: str):
   e, c, bias = _first_order_only((e, c, bias))
-  stats = IMPLEMENTATIONS[impl].forward(TiledInputs(e, c, held, bias), opts)
+  stats = IMPLEMENTATIONS[impl].forward(TiledInputs(e, c, held, bias), forward_opts)
   return stats, (e, c, held, bias, stats.lse, stats.entropy)
 
 
-def _local_stats_bwd(opts: LossOptions, impl: str, residuals, cotangents: LocalStats):
+def _local_stats_bwd(
+  opts: LossOptions, forward_opts: LossOptions, impl: str, residuals, cotangents: LocalStats
+):
+  del forward_opts
   residuals, cotangents = _first_order_only((residuals, cotangents))
   e, c, held, bias, lse, entropy = residuals
   # peak and argmax are only compared (stop_gradient in _per_device): no cotangent to pass.
@@ -124,7 +142,7 @@ def _combine(stats: LocalStats, offset, vocab_axis) -> LocalStats:
   return LocalStats(lse, entropy, lax.psum(stats.target, vocab_axis), peak, argmax)
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "shift", "impl", "has_labels"))
+@functools.partial(jax.jit, static_argnames=("opts", "forward_opts", "shift", "impl", "has_labels"))
 def _per_device(
   e: jax.Array,  # (..., T, D)
   c: jax.Array,  # (V_local, D) or (D, V_local)
@@ -132,11 +150,13 @@ def _per_device(
   bias: jax.Array | None,  # (V_local,)
   *,
   opts: LossOptions,
+  forward_opts: LossOptions,
   shift: int,
   impl: str,
   has_labels: bool,
 ) -> TokenStats:
-  """The statistics of this device's tokens (over the classes of every vocabulary shard)."""
+  """The statistics of this device's tokens (over the classes of every vocabulary shard);
+  the forward's tiles are ``forward_opts``'s, the backward's ``opts``'s."""
   batch_shape, seq_len = e.shape[:-2], e.shape[-2]
   out_shape = (*batch_shape, seq_len - shift)
   num_tokens = labels.size
@@ -156,7 +176,7 @@ def _per_device(
   # Under shard_map the gradients of e and c differ per shard: cast them to vary along every
   # axis any input varies along, so that the transpose of the cast sums them (as the loss).
   flat_e, c, bias = vma.vary_like((flat_e, c, bias), flat_e, c, bias, held)
-  local = _local_stats(flat_e, c, held, bias, opts, impl)
+  local = _local_stats(flat_e, c, held, bias, opts, forward_opts, impl)
   local = local._replace(peak=lax.stop_gradient(local.peak))
   stats = _combine(local, offset, opts.vocab_axis)
 
@@ -226,7 +246,10 @@ def token_stats(
       ``"reference"`` (materialized f32 logits). The Pallas implementations of the loss do
       not compute these statistics: they raise NotImplementedError.
     classifier_layout: ``"vd"`` or ``"dv"``.
-    block_sizes: :class:`BlockSizes` of the tiles (default ``BlockSizes.get_default``).
+    block_sizes: :class:`BlockSizes` of the tiles, forward and backward. Default: the
+      loss's (``BlockSizes.get_default``), except for the forward on CPU, whose one streamed
+      pass is fastest in tiles of 1-2 MB (``local_stats.CPU_FORWARD_TILES``: 1024 x 256 for
+      f32, 1024 x 512 for 16-bit inputs).
     check_labels: raise ValueError for a label outside [0, V) that is not ``ignore_index``
       (as :func:`linear_cross_entropy`).
     vocab_axis, mesh, token_axes: as :func:`linear_cross_entropy`: inside ``jax.shard_map``
@@ -300,8 +323,18 @@ def token_stats(
     if checks.check_bool("check_labels", check_labels):
       checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
     labels = checks.labels_as_int32(labels, num_classes)
+  forward_opts = opts
+  if block_sizes is None:
+    forward_sizes = local_stats.forward_block_sizes(e.dtype, target.platform(mesh))
+    if forward_sizes is not None:
+      forward_opts = dataclasses.replace(opts, block_sizes=forward_sizes)
   per_device = functools.partial(
-    _per_device, opts=opts, shift=shift, impl=impl, has_labels=has_labels
+    _per_device,
+    opts=opts,
+    forward_opts=forward_opts,
+    shift=shift,
+    impl=impl,
+    has_labels=has_labels,
   )
   if mesh is None:
     return per_device(e, c, labels, bias)

@@ -205,6 +205,35 @@ def test_tile_max_argmax_matches_numpy(num_columns):
   chex.assert_trees_all_equal(np.asarray(argmax), (500 + z.argmax(axis=-1)).astype(np.int32))
 
 
+def test_cpu_forward_tiles_by_default_only():
+  """Without block_sizes the CPU forward uses CPU_FORWARD_TILES (other platforms: the loss's
+  defaults); the fields match the float64 reference with 1100 tokens and V = 700, ragged for
+  those tiles, and the gradients too (the backward keeps the loss's tiles)."""
+  assert local_stats.forward_block_sizes(jnp.float32, "cpu") == cce_jax.BlockSizes(1024, 256)
+  assert local_stats.forward_block_sizes(jnp.bfloat16, "cpu") == cce_jax.BlockSizes(1024, 512)
+  assert local_stats.forward_block_sizes(jnp.float32, "tpu") is None
+  assert local_stats.forward_block_sizes(jnp.bfloat16, "gpu") is None
+  rng = np.random.default_rng(11)
+  e = jnp.asarray(rng.normal(size=(1100, 8)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(700, 8)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 700, size=1100), jnp.int32)
+  stats = cce_jax.token_stats(e, c, labels)
+  expected = stats64.stats(e, c, labels)
+  assert_rel_close("lse", stats.lse, expected["lse"], 2e-5)
+  assert_rel_close("entropy", stats.entropy, expected["entropy"], 2e-4)
+  assert_rel_close("logprob", stats.logprob, expected["logprob"], 2e-5)
+  _check_argmax("argmax", stats.argmax, expected["z"], atol=1e-3)
+  entropy_sum = lambda e: jnp.sum(cce_jax.token_stats(e, c).entropy)
+  tiled = jnp.sum(cce_jax.token_stats(e, c, block_sizes=BLOCKS).entropy)
+  assert_rel_close("entropy sum", entropy_sum(e), tiled, 1e-5)
+  assert_rel_close(
+    "entropy grad",
+    jax.grad(entropy_sum)(e),
+    jax.grad(lambda e: jnp.sum(cce_jax.token_stats(e, c, impl="reference").entropy))(e),
+    1e-4,
+  )
+
+
 def test_ignored_and_out_of_range_labels():
   e, c, labels, _ = _inputs(51)
   labels = labels.at[0, 4].set(7).at[1, 9].set(8)  # no -100: out of range with ignore_index=3
