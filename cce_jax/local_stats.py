@@ -15,8 +15,10 @@ Two implementations, registered in :data:`IMPLEMENTATIONS`:
   ``cce_jax.xla_chunked`` (overlapped ragged blocks, nothing padded). Per token it keeps a
   running maximum ``m``, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)`` (rescaled
   when ``m`` grows), so that ``H = log s - t / s`` is formed without cancelling against ``m``;
-  and a running argmax that a later block replaces only with a strictly larger maximum.
-  Nothing of size N x V is allocated.
+  and a running argmax that a later block replaces only with a strictly larger maximum. Each
+  tile is read by three fused reductions (sub-block maxima for the max and argmax, ``s``,
+  ``t``) and no temporary of its size is written. Nothing of size N x V is allocated. On CPU
+  the forward's default tiles are :data:`CPU_FORWARD_TILES`.
 * ``"reference"``: the materialized (N, V) f32 logits.
 
 The backward (:func:`xla_backward`, :func:`reference_backward`) takes the cotangents
