@@ -37,6 +37,9 @@ DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
 LARGE_VMEM_KINDS = ("tpu v5 lite", "tpu v5e", "tpu v6 lite", "tpu v6e")
 LARGE_VMEM_BUDGET = 96 * 1024 * 1024
 LARGE_VMEM_VOCAB_BLOCK = 2048
+# Classes per group of the vocabulary sort: 1 (class by class, on a sorted copy of c) or
+# whole groups of 16 rows (one bf16 HBM tile) up to a lane width, read in place by DMA.
+VOCAB_SORT_GROUPS = (1, 16, 32, 64, 128)
 # The fraction of the budget the counted buffers may fill.
 VMEM_HEADROOM = 0.75
 # The hidden chunk is not cut below this width while a smaller tile could keep it wider.
@@ -58,30 +61,43 @@ class TPUBlockSizes:
     vmem_budget_bytes: the VMEM the heuristic plans for, passed to Mosaic as
       ``vmem_limit_bytes``; the default fits the default scoped limit of every generation.
       Raising it (up to the chip's VMEM: 128 MiB on v5e/v6e) allows larger tiles.
+    vocab_sort_group: classes per group of the vocabulary sort (when it is on): one of
+      ``VOCAB_SORT_GROUPS``. A group of 16 or more consecutive classes is read from ``c`` by
+      DMA in the sorted order (no copy of ``c``; the default, 16); 1 sorts class by class on a
+      temporary sorted copy of ``c`` (more tiles skipped, one (V, D) copy and three gathers
+      more: ``docs/tpu_backend.md``).
 
   Raises:
     TypeError: a size that is not an int (or None).
-    ValueError: a block that is not a positive multiple of 128, or a budget below 1 MiB.
+    ValueError: a block that is not a positive multiple of 128, a budget below 1 MiB, or a
+      ``vocab_sort_group`` not in ``VOCAB_SORT_GROUPS``.
   """
 
   token_block: int | None = None
   vocab_block: int | None = None
   hidden_block: int | None = None
   vmem_budget_bytes: int = DEFAULT_VMEM_BUDGET
+  vocab_sort_group: int = 16
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value is None and field.name != "vmem_budget_bytes":
+      if value is None and field.name not in ("vmem_budget_bytes", "vocab_sort_group"):
         continue
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
           f"`TPUBlockSizes.{field.name}` must be an int"
-          f"{'' if field.name == 'vmem_budget_bytes' else ' or None'}, got "
+          f"{'' if field.name in ('vmem_budget_bytes', 'vocab_sort_group') else ' or None'}, got "
           f"{type(value).__name__} ({value!r})."
         )
       value = int(value)
-      if field.name == "vmem_budget_bytes":
+      if field.name == "vocab_sort_group":
+        if value not in VOCAB_SORT_GROUPS:
+          raise ValueError(
+            f"`TPUBlockSizes.vocab_sort_group` must be one of {VOCAB_SORT_GROUPS} (1: sort "
+            f"class by class on a copy of c; else whole (16, 128) tiles of rows), got {value}."
+          )
+      elif field.name == "vmem_budget_bytes":
         if value < 1024 * 1024:
           raise ValueError(
             f"`TPUBlockSizes.vmem_budget_bytes` must be at least 1 MiB, got {value}."
