@@ -74,7 +74,11 @@ def geometry(e: jax.Array, c: jax.Array, opts: LossOptions) -> Geometry:
   """Sizes and tiles of a call (raises ValueError when the tiles do not fit VMEM)."""
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_dim]
-  tiles = resolve(opts.block_sizes, num_tokens, hidden, num_classes, e.dtype)
+  group = opts.block_sizes.vocab_sort_group
+  grouped = (  # the kernels may read c by groups (sort_group decides once the tiles are known)
+    sorts_vocabulary(opts) and opts.vocab_dim == 0 and group > 1 and num_classes % group == 0
+  )
+  tiles = resolve(opts.block_sizes, num_tokens, hidden, num_classes, e.dtype, grouped)
   return Geometry(num_tokens, num_classes, hidden, opts.vocab_dim, tiles)
 
 
@@ -118,22 +122,32 @@ def sort_group(geo: Geometry, opts: LossOptions) -> int | None:
   return group
 
 
-def group_order(order: jax.Array, geo: Geometry) -> jax.Array:
-  """(vocab blocks * bv / GROUP_ROWS,) int32: the ``kernels.GROUP_ROWS``-row groups of ``c``
-  in the visiting ``order`` (a :func:`cce_jax.column_slabs.slab_order` of a multiple of
-  ``GROUP_ROWS``), zero-padded to whole vocabulary blocks (the kernels copy no padding)."""
-  t = geo.tiles
-  groups = order[:: kernels.GROUP_ROWS] // kernels.GROUP_ROWS  # (V / GROUP_ROWS,)
-  positions = t.num_vocab_blocks * t.vocab_block // kernels.GROUP_ROWS
-  return jnp.pad(groups, (0, positions - groups.shape[0])).astype(jnp.int32)
+def group_order(order: jax.Array) -> jax.Array:
+  """(V / GROUP_ROWS,) int32: the ``kernels.GROUP_ROWS``-row groups of ``c`` in the visiting
+  ``order`` (a :func:`cce_jax.column_slabs.slab_order` of a multiple of ``GROUP_ROWS``)."""
+  return (order[:: kernels.GROUP_ROWS] // kernels.GROUP_ROWS).astype(jnp.int32)
 
 
-def _visit(c, bias, order, group: int | None, geo: Geometry, opts: LossOptions):
+def _visit(c, bias, order, group: int | None, opts: LossOptions):
   """(c, bias, group order) for the kernels: a grouped sort leaves ``c`` in place (the kernels
   read it by groups) and permutes only ``bias``; the per-class sort copies both."""
   if order is None or group is None:
     return (*_sorted(c, bias, order, opts), None)
-  return c, None if bias is None else bias[order], group_order(order, geo)
+  return c, None if bias is None else bias[order], group_order(order)
+
+
+def backward_block_max(block_max: jax.Array, geo: Geometry) -> jax.Array:
+  """(N, vocab blocks) f32: the forward's block maxima (N, forward vocabulary blocks), merged
+  into the backward's vocabulary blocks (each a whole number of the forward's)."""
+  t = geo.tiles
+  forward = t.for_forward()
+  per_block = t.vocab_block // forward.vocab_block
+  if per_block == 1:
+    return block_max
+  num_tokens = block_max.shape[0]
+  pad = t.num_vocab_blocks * per_block - forward.num_vocab_blocks
+  block_max = jnp.pad(block_max, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  return jnp.max(block_max.reshape(num_tokens, t.num_vocab_blocks, per_block), axis=2)
 
 
 def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> LocalForward:
@@ -155,7 +169,7 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
     if for_backward and sorts_vocabulary(opts)
     else None
   )
-  c_run, bias_run, groups = _visit(c, bias, order, group, geo, opts)
+  c_run, bias_run, groups = _visit(c, bias, order, group, opts)
   lse, logit_sum, block_max = kernels.forward_stats(
     e,
     c_run,
@@ -167,6 +181,8 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
     interpret=opts.interpret,
     group_order=groups,
   )
+  if block_max is not None:
+    block_max = backward_block_max(block_max, geo)
   target = loss_math.target_logits(e, c, local_labels, bias, opts)
   return LocalForward(
     lse=lse,
@@ -208,7 +224,7 @@ def backward(
   geo = geometry(e, c, opts)
   math = _math(e, bias, opts)
   order = None if residuals is None else residuals.order
-  c_run, bias_run, groups = _visit(c, bias, order, sort_group(geo, opts), geo, opts)
+  c_run, bias_run, groups = _visit(c, bias, order, sort_group(geo, opts), opts)
   tile_labels = filtering.tile_columns(local_labels, order)  # (N,) positions in the order
   uniform_outside = filtering.uniform_outside(opts)
   uniform = filtering.uniform_terms(e, c, coeffs.gamma, opts) if uniform_outside else None

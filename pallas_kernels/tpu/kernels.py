@@ -222,17 +222,25 @@ def _full_width(geo: Geometry) -> int:
   return geo.hidden if t.num_hidden_blocks == 1 else t.num_hidden_blocks * t.hidden_block
 
 
-def _check_grouped(c: jax.Array, group_order: jax.Array, geo: Geometry) -> None:
-  """Raises ValueError unless ``c`` can be read by groups (``grouped_reads_supported``)."""
+def _padded_groups(c: jax.Array, group_order: jax.Array, geo: Geometry) -> jax.Array:
+  """``group_order`` (V / GROUP_ROWS,) zero-padded to whole vocabulary blocks of ``geo`` (the
+  kernels copy no padding).
+
+  Raises:
+    ValueError: ``c`` cannot be read by groups (``grouped_reads_supported``), or
+      ``group_order`` is not (V / GROUP_ROWS,).
+  """
   t = geo.tiles
-  positions = t.num_vocab_blocks * t.vocab_block // GROUP_ROWS
-  if not grouped_reads_supported(geo) or group_order.shape != (positions,):
+  groups = geo.num_classes // GROUP_ROWS
+  if not grouped_reads_supported(geo) or group_order.shape != (groups,):
     raise ValueError(
       f"`group_order` of shape {group_order.shape} for c of shape {c.shape}: reading c by "
       f"groups of {GROUP_ROWS} rows needs a (V, D) c with V a multiple of {GROUP_ROWS}, a "
       f"vocabulary block a multiple of {GROUP_ROWS}, D a multiple of {LANES} when it is cut "
-      f"into chunks, and ({positions},) group ids."
+      f"into chunks, and ({groups},) group ids."
     )
+  positions = t.num_vocab_blocks * t.vocab_block // GROUP_ROWS
+  return jnp.pad(group_order.astype(jnp.int32), (0, positions - groups))
 
 
 def grouped_reads_supported(geo: Geometry) -> bool:
@@ -360,9 +368,10 @@ def forward_stats(
   with_logit_sum: bool,
   with_block_max: bool,
   interpret: bool,
-  group_order: jax.Array | None = None,  # (vocab blocks * bv / GROUP_ROWS,) int32
+  group_order: jax.Array | None = None,  # (V / GROUP_ROWS,) int32
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-  """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, vocab blocks) f32 or None.
+  """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, forward vocabulary blocks)
+  f32 or None.
 
   ``block_max[n, j] = max over the classes v of vocabulary block j of z_nv``. Runs with the
   forward's hidden chunk (``Tiles.forward_hidden_block``).
@@ -378,7 +387,7 @@ def forward_stats(
   grouped = group_order is not None
   grid = (t.num_token_blocks, nv, t.num_hidden_blocks)
   if grouped:
-    _check_grouped(c, group_order, geo)
+    group_order = _padded_groups(c, group_order, geo)
     c_spec = pl.BlockSpec(memory_space=pl.ANY)
   else:
     c_spec = _c_block_spec(geo, lambda i, j, k: (j, k))
@@ -743,7 +752,7 @@ def grads(
   geo: Geometry,
   math: Math,
   interpret: bool,
-  group_order: jax.Array | None = None,  # (vocab blocks * bv / GROUP_ROWS,) int32
+  group_order: jax.Array | None = None,  # (V / GROUP_ROWS,) int32
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """dE = sum_v dx_nv c_v ((N, D) f32), dC_v = sum_n dx_nv e_n - class_offset (layout and dtype
   of ``c``) and dbias_v = sum_n dx_nv ((V,) f32, None without bias), in one kernel that
@@ -765,7 +774,7 @@ def grads(
   t = geo.tiles
   grouped = group_order is not None
   if grouped:
-    _check_grouped(c, group_order, geo)
+    group_order = _padded_groups(c, group_order, geo)
   nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
   nt, nv = t.num_token_blocks, t.num_vocab_blocks
   hidden_padded = nk * t.hidden_block
