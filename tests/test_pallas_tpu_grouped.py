@@ -165,9 +165,7 @@ def test_backward_block_max_merges_forward_blocks():
   geo = implementation.Geometry(40, 1100, 64, 0, tiles)
   block_max = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
   merged = np.asarray(implementation.backward_block_max(jnp.asarray(block_max), geo))
-  expected = np.stack(
-    [block_max[:, 0:2].max(1), block_max[:, 2:4].max(1), block_max[:, 4]], axis=1
-  )
+  expected = np.stack([block_max[:, 0:2].max(1), block_max[:, 2:4].max(1), block_max[:, 4]], axis=1)
   np.testing.assert_array_equal(merged, expected)
   same = geo._replace(tiles=tiles._replace(forward_vocab_block=512, num_forward_vocab_blocks=3))
   unchanged = implementation.backward_block_max(jnp.asarray(merged), same)
@@ -202,7 +200,7 @@ def test_forward_vocab_block_merges_into_the_backward(monkeypatch):
   np.testing.assert_array_equal(np.asarray(block_max), np.asarray(expected_max))
   np.testing.assert_array_equal(np.asarray(skip), np.asarray(expected_skip))
   assert 0.0 < float(np.mean(np.asarray(skip))) < 1.0  # some tiles skipped, not all
-  for actual, expected in zip(grads, expected_grads):
+  for actual, expected in zip(grads, expected_grads, strict=True):
     assert_rel_close("grad", actual, expected, 1e-6)
 
 

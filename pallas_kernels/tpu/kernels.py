@@ -299,7 +299,8 @@ def _forward_kernel(
 
     def copies(block, block_slot, wait):
       rows = _vmem_rows(c_rows, geo.hidden, block_slot)
-      _group_copies(order_ref, block, geo, c_ref, rows, sems.at[block_slot], to_hbm=False, wait=wait)
+      sem = sems.at[block_slot]
+      _group_copies(order_ref, block, geo, c_ref, rows, sem, to_hbm=False, wait=wait)
 
     @pl.when(k == 0)
     def _():
@@ -307,10 +308,7 @@ def _forward_kernel(
       copies(j, slot, wait=True)
       pl.when(j + 1 < nv)(lambda: copies(j + 1, 1 - slot, wait=False))
 
-    if nk == 1:
-      c_blk = c_rows[slot]
-    else:
-      c_blk = c_rows[slot, :, _chunk(k, tiles)]
+    c_blk = c_rows[slot] if nk == 1 else c_rows[slot, :, _chunk(k, tiles)]
   else:
     c_blk = c_ref[...]
   part = _logits_part(e_ref[...], c_blk, k, geo, math.precision)  # (bn, bv) f32
