@@ -89,15 +89,29 @@ def pallas_details(e, c, labels, options: dict[str, Any], interpret: bool) -> di
   """Tiles, VMEM estimates and the skipped fraction of ``pallas_tpu`` with ``options``."""
   blocks = options.get("block_sizes", TPUBlockSizes())
   num_tokens, hidden = e.shape
-  tiles = resolve(blocks, num_tokens, hidden, c.shape[0], e.dtype)
-  vmem = kernel_vmem_bytes(
-    tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden, e.dtype.itemsize
-  )
-  forward = tiles.for_forward()  # the forward's own token block and hidden chunk
-  vmem["forward"] = kernel_vmem_bytes(
-    forward.token_block, forward.vocab_block, forward.hidden_block, hidden, e.dtype.itemsize
-  )["forward"]
   filter_eps = options.get("filter_eps", cce_jax.default_filter_eps(e.dtype))
+  # c is read by groups of rows when the sort runs on a (V, D) c of whole groups.
+  group = blocks.vocab_sort_group
+  grouped = (
+    filter_eps is not None
+    and options.get("sort_vocab", True)
+    and options.get("classifier_layout", "vd") == "vd"
+    and group > 1
+    and c.shape[0] % group == 0
+  )
+  tiles = resolve(blocks, num_tokens, hidden, c.shape[0], e.dtype, grouped)
+  vmem = kernel_vmem_bytes(
+    tiles.token_block, tiles.vocab_block, tiles.hidden_block, hidden, e.dtype.itemsize, grouped
+  )
+  forward = tiles.for_forward()  # the forward's own token and vocabulary blocks, hidden chunk
+  vmem["forward"] = kernel_vmem_bytes(
+    forward.token_block,
+    forward.vocab_block,
+    forward.hidden_block,
+    hidden,
+    e.dtype.itemsize,
+    grouped,
+  )["forward"]
   stats = cce_jax.filter_stats(
     e,
     c,

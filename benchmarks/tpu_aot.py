@@ -230,7 +230,9 @@ def section(rows: list[dict[str, Any]], commands: Sequence[str], made: dict[str,
     "analysis, and its own time estimate (`optimal_seconds`), which is a model, not a "
     "measurement. XLA:TPU counts a while loop's body once and gives no estimate for a "
     'program with loops: "(1 iter.)" marks such numbers and "(loops)" the missing estimate '
-    '(`impl="xla"` loops over vocabulary and token blocks). Made by:'
+    '(`impl="xla"` loops over vocabulary and token blocks). "-" is an estimate that came out '
+    "negative, as it does for some programs with two Mosaic kernels (`pallas_tpu`'s loss+grad "
+    "on one chip; `docs/tpu_backend.md` adds up the kernels' own estimates). Made by:"
   )
   return "\n".join(
     [

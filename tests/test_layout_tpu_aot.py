@@ -70,7 +70,8 @@ def _temp_bytes(shape: str, impl: str, mode: str, layout: str) -> int:
 
 
 # Loss+grad compiles take minutes each on two CPU cores: the case this issue fixed runs by
-# default, the others with --runslow (pallas_tpu sorts into a copy of c in either layout).
+# default, the others with --runslow. pallas_tpu's loss+grad reads a (V, D) c in place by groups
+# of 16 rows and sorts a (D, V) c into a copy: dv costs one classifier more there.
 _SLOW = pytest.mark.slow
 CASES = [
   ("paper", "xla", "loss"),
@@ -95,6 +96,9 @@ def test_dv_layout_costs_what_vd_costs_on_tpu(shape, impl, mode):
   classifier_bytes = hidden * num_classes * 2
   vd = _temp_bytes(shape, impl, mode, "vd")
   dv = _temp_bytes(shape, impl, mode, "dv")
+  if impl == "pallas_tpu" and mode == "grad":  # the (D, V) layout's sorted copy of c
+    assert 0.9 * classifier_bytes <= dv - vd <= 1.1 * classifier_bytes, (dv, vd)
+    return
   allowed = max(0.05 * vd, 0.01 * classifier_bytes)
   mib = 2.0**20
   assert abs(dv - vd) < allowed, (

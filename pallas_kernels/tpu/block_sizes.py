@@ -31,12 +31,19 @@ LANES = 128
 # The default VMEM budget: the default scoped VMEM limit of TPU v4 and v5e (v5p and v6e: 32 MiB).
 DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
 # TPU v5e and v6e have 128 MiB of VMEM per core. There the default plans for 96 MiB with
-# 2048-class vocabulary blocks: by the TPU compiler's own estimates at the paper's shape (bf16,
-# loss+grad, docs/tpu_backend.md) that halves the backward's HBM traffic (162.7 -> 72.8 GB)
-# and on v6e its estimated time (99.3 -> 60.2 ms); a compiler estimate, not yet a measurement.
+# 4096-class vocabulary blocks in the backward (its dE traffic, 8 N D bytes per vocabulary
+# block, falls with them) and up to 4 x 512 tokens in the forward (its reads of c fall with
+# them): by the TPU compiler's own estimates at the paper's shape (bf16, loss+grad,
+# docs/tpu_backend.md) that brings the HBM bytes under the materialized baseline's; a compiler
+# estimate, not yet a measurement.
 LARGE_VMEM_KINDS = ("tpu v5 lite", "tpu v5e", "tpu v6 lite", "tpu v6e")
 LARGE_VMEM_BUDGET = 96 * 1024 * 1024
 LARGE_VMEM_VOCAB_BLOCK = 2048
+LARGE_VMEM_GROUPED_VOCAB_BLOCK = 4096  # with c read by groups: no dC output blocks in VMEM
+LARGE_FORWARD_TOKEN_FACTOR = 4
+# Classes per group of the vocabulary sort: 1 (class by class, on a sorted copy of c) or
+# whole groups of 16 rows (one bf16 HBM tile) up to a lane width, read in place by DMA.
+VOCAB_SORT_GROUPS = (1, 16, 32, 64, 128)
 # The fraction of the budget the counted buffers may fill.
 VMEM_HEADROOM = 0.75
 # The hidden chunk is not cut below this width while a smaller tile could keep it wider.
@@ -58,30 +65,43 @@ class TPUBlockSizes:
     vmem_budget_bytes: the VMEM the heuristic plans for, passed to Mosaic as
       ``vmem_limit_bytes``; the default fits the default scoped limit of every generation.
       Raising it (up to the chip's VMEM: 128 MiB on v5e/v6e) allows larger tiles.
+    vocab_sort_group: classes per group of the vocabulary sort (when it is on): one of
+      ``VOCAB_SORT_GROUPS``. A group of 16 or more consecutive classes is read from ``c`` by
+      DMA in the sorted order (no copy of ``c``; the default, 16); 1 sorts class by class on a
+      temporary sorted copy of ``c`` (more tiles skipped, one (V, D) copy and three gathers
+      more: ``docs/tpu_backend.md``).
 
   Raises:
     TypeError: a size that is not an int (or None).
-    ValueError: a block that is not a positive multiple of 128, or a budget below 1 MiB.
+    ValueError: a block that is not a positive multiple of 128, a budget below 1 MiB, or a
+      ``vocab_sort_group`` not in ``VOCAB_SORT_GROUPS``.
   """
 
   token_block: int | None = None
   vocab_block: int | None = None
   hidden_block: int | None = None
   vmem_budget_bytes: int = DEFAULT_VMEM_BUDGET
+  vocab_sort_group: int = 16
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value is None and field.name != "vmem_budget_bytes":
+      if value is None and field.name not in ("vmem_budget_bytes", "vocab_sort_group"):
         continue
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
           f"`TPUBlockSizes.{field.name}` must be an int"
-          f"{'' if field.name == 'vmem_budget_bytes' else ' or None'}, got "
+          f"{'' if field.name in ('vmem_budget_bytes', 'vocab_sort_group') else ' or None'}, got "
           f"{type(value).__name__} ({value!r})."
         )
       value = int(value)
-      if field.name == "vmem_budget_bytes":
+      if field.name == "vocab_sort_group":
+        if value not in VOCAB_SORT_GROUPS:
+          raise ValueError(
+            f"`TPUBlockSizes.vocab_sort_group` must be one of {VOCAB_SORT_GROUPS} (1: sort "
+            f"class by class on a copy of c; else whole (16, 128) tiles of rows), got {value}."
+          )
+      elif field.name == "vmem_budget_bytes":
         if value < 1024 * 1024:
           raise ValueError(
             f"`TPUBlockSizes.vmem_budget_bytes` must be at least 1 MiB, got {value}."
@@ -129,18 +149,26 @@ class Tiles(NamedTuple):
   # bn of the forward (>= token_block: the forward holds no whole-width block); None: bn.
   forward_token_block: int | None = None
   num_forward_token_blocks: int | None = None
+  # bv of the forward, vocab_block / 2**s (its block maxima are combined into the backward's
+  # blocks: a smaller vocabulary block leaves VMEM for more tokens); None: bv.
+  forward_vocab_block: int | None = None
+  num_forward_vocab_blocks: int | None = None
 
   def for_forward(self) -> Tiles:
-    """These tiles with the forward's token block and hidden chunk as ``token_block`` and
-    ``hidden_block``."""
+    """These tiles with the forward's token block, vocabulary block and hidden chunk as
+    ``token_block``, ``vocab_block`` and ``hidden_block``."""
     tiles = self._replace(
       hidden_block=self.forward_hidden_block, num_hidden_blocks=self.num_forward_hidden_blocks
     )
-    if self.forward_token_block is None:
-      return tiles
-    return tiles._replace(
-      token_block=self.forward_token_block, num_token_blocks=self.num_forward_token_blocks
-    )
+    if self.forward_token_block is not None:
+      tiles = tiles._replace(
+        token_block=self.forward_token_block, num_token_blocks=self.num_forward_token_blocks
+      )
+    if self.forward_vocab_block is not None:
+      tiles = tiles._replace(
+        vocab_block=self.forward_vocab_block, num_vocab_blocks=self.num_forward_vocab_blocks
+      )
+    return tiles
 
 
 def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
@@ -150,7 +178,12 @@ def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
 
 
 def kernel_vmem_bytes(
-  token_block: int, vocab_block: int, hidden_block: int, hidden: int, itemsize: int
+  token_block: int,
+  vocab_block: int,
+  hidden_block: int,
+  hidden: int,
+  itemsize: int,
+  grouped: bool = False,
 ) -> dict[str, int]:
   """Estimated VMEM bytes of each kernel at these tiles (the heuristic's model).
 
@@ -163,6 +196,9 @@ def kernel_vmem_bytes(
     token_block, vocab_block, hidden_block: bn, bv, bd (already clamped to the problem).
     hidden: D.
     itemsize: bytes per element of ``e`` and ``c`` (2 or 4).
+    grouped: the kernels read ``c`` by groups of rows (``kernels.GROUP_ROWS``, the grouped
+      vocabulary sort): the forward holds two whole-width slots of ``c`` instead of two
+      chunks, and the backward writes dC by DMA from its ``c`` buffer (no dC output blocks).
 
   Returns:
     ``{"forward": bytes, "backward": bytes}``.
@@ -171,7 +207,8 @@ def kernel_vmem_bytes(
   nk = cdiv(hidden, bd)
   hidden_padded = nk * bd
   f32 = 4
-  inputs = 2 * (_tile_bytes(bn, bd, itemsize) + _tile_bytes(bv, bd, itemsize))
+  c_block = _tile_bytes(bv, hidden_padded if grouped else bd, itemsize)
+  inputs = 2 * (_tile_bytes(bn, bd, itemsize) + c_block)
   inputs += 2 * _tile_bytes(1, bv, f32)  # bias
   logit_temps = 4 * _tile_bytes(bn, bv, f32)
   chunked = nk > 1
@@ -193,7 +230,7 @@ def kernel_vmem_bytes(
     + logit_temps
     + logit_acc
     + grad_scratch
-    + 2 * _tile_bytes(bv, bd, itemsize)
+    + (0 if grouped else 2 * _tile_bytes(bv, bd, itemsize))
     + 2 * _tile_bytes(1, bv, f32)  # dC, dbias outputs
     + 2 * _tile_bytes(1, bd, f32)  # class offset
     + _tile_bytes(bv, hidden_padded, f32)
@@ -233,7 +270,14 @@ def _clamp_backward_tokens(requested: int, num_tokens: int) -> int:
   return min(requested, cdiv(num_tokens, TOKEN_ROW_MULTIPLE) * TOKEN_ROW_MULTIPLE)
 
 
-def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int, dtype) -> Tiles:
+def resolve(
+  sizes: TPUBlockSizes,
+  num_tokens: int,
+  hidden: int,
+  num_classes: int,
+  dtype,
+  grouped: bool = False,
+) -> Tiles:
   """The tiles of one call: explicit sizes kept, None sizes chosen by the VMEM heuristic.
 
   Heuristic: start from (token, vocab) = (512, 512) for 16-bit inputs and (256, 512) for
@@ -250,19 +294,31 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
   one down, with which it fits with its hidden chunk (its traffic, ``c`` read once per token
   block, falls with the token block): ``Tiles.forward_token_block``.
 
+  From ``LARGE_VMEM_BUDGET`` up the vocabulary block starts at ``LARGE_VMEM_VOCAB_BLOCK``
+  (``LARGE_VMEM_GROUPED_VOCAB_BLOCK`` when ``grouped``), and
+  the forward may take up to ``LARGE_FORWARD_TOKEN_FACTOR`` times the starting token block with
+  a vocabulary block of the backward's halved up to twice (``Tiles.forward_vocab_block``; the
+  most tokens first, then the widest vocabulary block).
+
+  ``grouped``: the kernels will read ``c`` by groups of rows (``kernel_vmem_bytes``'s
+  ``grouped``; the backward's count only where its hidden chunk lets it:
+  ``kernels.grouped_reads_supported``).
+
   Raises:
     ValueError: the explicit sizes, or even the smallest free ones, do not fit the budget
       (the message names the sizes and the estimate).
   """
   itemsize = np.dtype(dtype).itemsize
   budget = int(sizes.vmem_budget_bytes * VMEM_HEADROOM)
+  large = sizes.vmem_budget_bytes >= LARGE_VMEM_BUDGET
   token_block = start_token_block = sizes.token_block or (512 if itemsize == 2 else 256)
-  vocab_block = sizes.vocab_block or (
-    LARGE_VMEM_VOCAB_BLOCK if sizes.vmem_budget_bytes >= LARGE_VMEM_BUDGET else 512
-  )
+  large_vocab_block = LARGE_VMEM_GROUPED_VOCAB_BLOCK if grouped else LARGE_VMEM_VOCAB_BLOCK
+  vocab_block = sizes.vocab_block or (large_vocab_block if large else 512)
 
   def fits(bn, bv, bd, kernels=("forward", "backward")):
-    need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)
+    need = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize, grouped)
+    if grouped and bd < hidden and hidden % LANES:  # the backward copies c through its blocks
+      need["backward"] = kernel_vmem_bytes(bn, bv, bd, hidden, itemsize)["backward"]
     return max(need[k] for k in kernels) <= budget
 
   def first_fit(bn, bv, min_hidden_block):
@@ -305,15 +361,21 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
             if b <= bd or fits(bn, bv, b, ("forward",))
           ),
         )
+        forward_bv = bv
         if sizes.token_block is None:
+          first = start_token_block * (LARGE_FORWARD_TOKEN_FACTOR if large else 1)
+          forward_vocab_blocks = [bv]
+          if large:  # halved, while a whole number of lanes
+            forward_vocab_blocks += [bv >> s for s in (1, 2) if (bv >> s) % LANES == 0]
           wider = (
-            (b, d)
-            for b in (start_token_block >> s for s in range(8))
+            (b, fv, d)
+            for b in (first >> s for s in range(10))
             if b > bn
+            for fv in forward_vocab_blocks
             for d in _hidden_blocks(hidden, sizes.hidden_block)
-            if d >= forward_bd and fits(b, bv, d, ("forward",))
+            if d >= forward_bd and fits(b, fv, d, ("forward",))
           )
-          forward_bn, forward_bd = next(wider, (forward_bn, forward_bd))
+          forward_bn, forward_bv, forward_bd = next(wider, (forward_bn, bv, forward_bd))
         bn, forward_bn = _clamp_backward_tokens(bn, num_tokens), _clamp(forward_bn, num_tokens)
         return Tiles(
           bn,
@@ -327,6 +389,8 @@ def resolve(sizes: TPUBlockSizes, num_tokens: int, hidden: int, num_classes: int
           cdiv(hidden, forward_bd),
           forward_bn,
           cdiv(num_tokens, forward_bn),
+          forward_bv,
+          cdiv(num_classes, forward_bv),
         )
   bn, bv = candidates[-1]
   bd = min(sizes.hidden_block or LANES, hidden)

@@ -5,13 +5,16 @@ the target logit (an indexed dot, ``loss_math.target_logits``), the vocabulary s
 ``cce_jax.filtering``'s skip table (packed into bits, :func:`pack_skip_table`) and exact
 label-smoothing term. Both axes use the "mask" tiling (``cce_jax.filtering.AxisTiling``).
 
-Vocabulary sort: Mosaic cannot gather rows inside a kernel, so when a backward will filter
-(``opts.sort_vocab`` and ``opts.filters_anything``) the forward and the backward each gather
-``c`` (and ``bias``) into the order of :func:`cce_jax.vocab_sort.vocab_order` and run the
-kernels on that temporary copy; the dC kernel writes dC in that order and one gather by the
-inverse permutation (``cce_jax.filtering.positions``) puts it back. That is one (V, D) array in
-c's dtype at peak, nothing of that size kept from forward to backward, and nothing copied
-without filtering (why, and its measured cost: ``benchmarks/RESULTS.md``).
+Vocabulary sort (when a backward will filter: ``opts.sort_vocab`` and
+``opts.filters_anything``): by default (``TPUBlockSizes.vocab_sort_group`` = 16) the classes
+are sorted by aligned groups of 16 rows of ``c`` (:func:`cce_jax.vocab_sort.vocab_order` with
+``slab_width``), which the kernels read from ``c`` in HBM by DMA, and dC is written back to the
+same rows: no copy of ``c``. Mosaic can move only whole (16, 128) tiles of rows, so a per-class
+order (``vocab_sort_group=1``; also where groups cannot be read: a (D, V) classifier, V not a
+multiple of the group) instead gathers ``c`` (and ``bias``) into a temporary sorted copy in the
+forward and the backward, and gathers dC back by the inverse permutation
+(``cce_jax.filtering.positions``): one (V, D) array in c's dtype at peak. ``docs/tpu_backend.md``
+compares the two.
 """
 
 from __future__ import annotations
@@ -71,7 +74,11 @@ def geometry(e: jax.Array, c: jax.Array, opts: LossOptions) -> Geometry:
   """Sizes and tiles of a call (raises ValueError when the tiles do not fit VMEM)."""
   num_tokens, hidden = e.shape
   num_classes = c.shape[opts.vocab_dim]
-  tiles = resolve(opts.block_sizes, num_tokens, hidden, num_classes, e.dtype)
+  group = opts.block_sizes.vocab_sort_group
+  grouped = (  # the kernels may read c by groups (sort_group decides once the tiles are known)
+    sorts_vocabulary(opts) and opts.vocab_dim == 0 and group > 1 and num_classes % group == 0
+  )
+  tiles = resolve(opts.block_sizes, num_tokens, hidden, num_classes, e.dtype, grouped)
   return Geometry(num_tokens, num_classes, hidden, opts.vocab_dim, tiles)
 
 
@@ -105,6 +112,44 @@ def sorts_vocabulary(opts: LossOptions) -> bool:
   return opts.sort_vocab and opts.filters_anything
 
 
+def sort_group(geo: Geometry, opts: LossOptions) -> int | None:
+  """Classes per group of the grouped vocabulary sort (``TPUBlockSizes.vocab_sort_group``), or
+  None for the per-class sort on a sorted copy of ``c``: also where the kernels cannot read
+  ``c`` by groups (``kernels.grouped_reads_supported``) or V is not a multiple of the group."""
+  group = opts.block_sizes.vocab_sort_group
+  if group == 1 or geo.num_classes % group or not kernels.grouped_reads_supported(geo):
+    return None
+  return group
+
+
+def group_order(order: jax.Array) -> jax.Array:
+  """(V / GROUP_ROWS,) int32: the ``kernels.GROUP_ROWS``-row groups of ``c`` in the visiting
+  ``order`` (a :func:`cce_jax.column_slabs.slab_order` of a multiple of ``GROUP_ROWS``)."""
+  return (order[:: kernels.GROUP_ROWS] // kernels.GROUP_ROWS).astype(jnp.int32)
+
+
+def _visit(c, bias, order, group: int | None, opts: LossOptions):
+  """(c, bias, group order) for the kernels: a grouped sort leaves ``c`` in place (the kernels
+  read it by groups) and permutes only ``bias``; the per-class sort copies both."""
+  if order is None or group is None:
+    return (*_sorted(c, bias, order, opts), None)
+  return c, None if bias is None else bias[order], group_order(order)
+
+
+def backward_block_max(block_max: jax.Array, geo: Geometry) -> jax.Array:
+  """(N, vocab blocks) f32: the forward's block maxima (N, forward vocabulary blocks), merged
+  into the backward's vocabulary blocks (each a whole number of the forward's)."""
+  t = geo.tiles
+  forward = t.for_forward()
+  per_block = t.vocab_block // forward.vocab_block
+  if per_block == 1:
+    return block_max
+  num_tokens = block_max.shape[0]
+  pad = t.num_vocab_blocks * per_block - forward.num_vocab_blocks
+  block_max = jnp.pad(block_max, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  return jnp.max(block_max.reshape(num_tokens, t.num_vocab_blocks, per_block), axis=2)
+
+
 def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> LocalForward:
   """Per-token lse, target logit and logit sum (``cce_jax.tiled.LocalForward``).
 
@@ -118,10 +163,13 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
   check_inputs(e, c, opts)
   geo = geometry(e, c, opts)
   want_block_max = for_backward and opts.filters_anything
+  group = sort_group(geo, opts)
   order = (
-    vocab_sort.vocab_order(e, c, bias, opts) if for_backward and sorts_vocabulary(opts) else None
+    vocab_sort.vocab_order(e, c, bias, opts, slab_width=group)
+    if for_backward and sorts_vocabulary(opts)
+    else None
   )
-  c_run, bias_run = _sorted(c, bias, order, opts)
+  c_run, bias_run, groups = _visit(c, bias, order, group, opts)
   lse, logit_sum, block_max = kernels.forward_stats(
     e,
     c_run,
@@ -131,7 +179,10 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
     with_logit_sum=opts.label_smoothing > 0.0,
     with_block_max=want_block_max,
     interpret=opts.interpret,
+    group_order=groups,
   )
+  if block_max is not None:
+    block_max = backward_block_max(block_max, geo)
   target = loss_math.target_logits(e, c, local_labels, bias, opts)
   return LocalForward(
     lse=lse,
@@ -173,7 +224,7 @@ def backward(
   geo = geometry(e, c, opts)
   math = _math(e, bias, opts)
   order = None if residuals is None else residuals.order
-  c_run, bias_run = _sorted(c, bias, order, opts)
+  c_run, bias_run, groups = _visit(c, bias, order, sort_group(geo, opts), opts)
   tile_labels = filtering.tile_columns(local_labels, order)  # (N,) positions in the order
   uniform_outside = filtering.uniform_outside(opts)
   uniform = filtering.uniform_terms(e, c, coeffs.gamma, opts) if uniform_outside else None
@@ -214,10 +265,12 @@ def backward(
     geo,
     math,
     opts.interpret,
+    group_order=groups,
   )
   if order is not None:
     positions = filtering.positions(order)  # (V,) the inverse permutation
-    d_c = jnp.take(d_c, positions, axis=opts.vocab_dim)
+    if groups is None:  # read by groups, dC was written back to c's own rows
+      d_c = jnp.take(d_c, positions, axis=opts.vocab_dim)
     d_bias = None if d_bias is None else d_bias[positions]
   if uniform_outside:
     # The uniform smoothing term, exactly (docs/math.md).

@@ -166,29 +166,152 @@ def _c_block_spec(geo: Geometry, index) -> pl.BlockSpec:
   return pl.BlockSpec((t.hidden_block, t.vocab_block), lambda *ids: index(*ids)[::-1])
 
 
+# ---- reading c by groups of rows ------------------------------------------------------------
+
+GROUP_ROWS = 16
+"""Rows of ``c`` (V, D) per DMA of the grouped vocabulary sort: one (16, 128) HBM tile of
+bfloat16 rows (two (8, 128) tiles of float32), the smallest row count Mosaic lets a DMA start at
+and move (``docs/tpu_backend.md``)."""
+
+
+def _group_copies(order_ref, block, geo: Geometry, hbm, vmem, sem, *, to_hbm: bool, wait: bool):
+  """Starts (or waits for) the DMAs of vocabulary block ``block``'s groups of ``c``'s rows.
+
+  Position ``p`` of the block holds group ``order_ref[block * bv / G + p]``: rows
+  ``[G g, G g + G)`` of the (V, D) array ``hbm`` (``c``, or dC when ``to_hbm``), rows
+  ``[G p, G p + G)`` of the VMEM buffer ``vmem`` (``vmem`` is a callable: row slice -> ref view;
+  its columns past D are not touched). Positions past the last group copy nothing. Every copy
+  signals ``sem``; a wait takes one group's bytes, so each started copy is waited for once.
+  """
+  per_block = geo.tiles.vocab_block // GROUP_ROWS
+  num_groups = geo.num_classes // GROUP_ROWS
+
+  def body(p, carry):
+    position = block * per_block + p
+
+    @pl.when(position < num_groups)
+    def _():
+      group = order_ref[position]
+      hbm_rows = hbm.at[pl.ds(pl.multiple_of(group * GROUP_ROWS, GROUP_ROWS), GROUP_ROWS)]
+      vmem_rows = vmem(pl.ds(pl.multiple_of(p * GROUP_ROWS, GROUP_ROWS), GROUP_ROWS))
+      src, dst = (vmem_rows, hbm_rows) if to_hbm else (hbm_rows, vmem_rows)
+      copy = pltpu.make_async_copy(src, dst, sem)
+      if wait:
+        copy.wait()
+      else:
+        copy.start()
+
+    return carry
+
+  lax.fori_loop(0, per_block, body, 0)
+
+
+def _vmem_rows(buffer, hidden: int, slot=None):
+  """``rows -> buffer[(slot,) rows, :hidden]``: a row slice of a (maybe slotted) VMEM buffer,
+  the whole buffer width when it is ``hidden``."""
+  width = buffer.shape[-1]
+  cols = () if width == hidden else (pl.ds(0, hidden),)
+  lead = () if slot is None else (slot,)
+  return lambda rows: buffer.at[(*lead, rows, *cols)]
+
+
+def _full_width(geo: Geometry) -> int:
+  """Columns of a whole-width VMEM block of ``e`` or ``c``: D, or D rounded up to whole hidden
+  chunks when there are several (the chunks are sliced from it)."""
+  t = geo.tiles
+  return geo.hidden if t.num_hidden_blocks == 1 else t.num_hidden_blocks * t.hidden_block
+
+
+def _padded_groups(c: jax.Array, group_order: jax.Array, geo: Geometry) -> jax.Array:
+  """``group_order`` (V / GROUP_ROWS,) zero-padded to whole vocabulary blocks of ``geo`` (the
+  kernels copy no padding).
+
+  Raises:
+    ValueError: ``c`` cannot be read by groups (``grouped_reads_supported``), or
+      ``group_order`` is not (V / GROUP_ROWS,).
+  """
+  t = geo.tiles
+  groups = geo.num_classes // GROUP_ROWS
+  if not grouped_reads_supported(geo) or group_order.shape != (groups,):
+    raise ValueError(
+      f"`group_order` of shape {group_order.shape} for c of shape {c.shape}: reading c by "
+      f"groups of {GROUP_ROWS} rows needs a (V, D) c with V a multiple of {GROUP_ROWS}, a "
+      f"vocabulary block a multiple of {GROUP_ROWS}, D a multiple of {LANES} when it is cut "
+      f"into chunks, and ({groups},) group ids."
+    )
+  positions = t.num_vocab_blocks * t.vocab_block // GROUP_ROWS
+  return jnp.pad(group_order.astype(jnp.int32), (0, positions - groups))
+
+
+def grouped_reads_supported(geo: Geometry) -> bool:
+  """Whether the kernels can read ``c`` by groups of ``GROUP_ROWS`` rows at these tiles: a
+  (V, D) layout, V and the vocabulary block multiples of ``GROUP_ROWS``, and D a whole number
+  of lanes when the forward or the backward cuts it into chunks (a DMA moves whole rows into
+  the first D columns of a chunk-padded buffer)."""
+  t = geo.tiles
+  chunked = t.num_hidden_blocks > 1 or t.num_forward_hidden_blocks > 1
+  return (
+    geo.vocab_dim == 0
+    and geo.num_classes % GROUP_ROWS == 0
+    and t.vocab_block % GROUP_ROWS == 0
+    and (not chunked or geo.hidden % LANES == 0)
+  )
+
+
 # ---- forward --------------------------------------------------------------------------------
 
 
 def _forward_kernel(
-  e_ref, c_ref, *refs, geo: Geometry, math: Math, with_logit_sum: bool, with_block_max: bool
+  *refs,
+  geo: Geometry,
+  math: Math,
+  with_logit_sum: bool,
+  with_block_max: bool,
+  grouped: bool,
 ):
   """One grid step (i, j, k) of :func:`forward_stats`.
 
-  refs: [bias (1, bv) f32], stats out (bn, 128) f32, [block max out (bn, 128) f32],
-  [logit accumulator (bn, bv) f32 when nk > 1], running max, running sum, logit sum scratch
-  (bn, 1) f32 each.
+  refs: [group order (SMEM, scalar-prefetched) when ``grouped``], e block (bn, bd), c block
+  (bv, bd) or (bd, bv) (``grouped``: the whole (V, D) array in HBM), [bias (1, bv) f32], stats
+  out (bn, 128) f32, [block max out (bn, 128) f32], [logit accumulator (bn, bv) f32 when
+  nk > 1], running max, running sum, logit sum scratch (bn, 1) f32 each, and when ``grouped``:
+  c's rows (2, bv, nk * bd) in c's dtype (two slots) and their DMA semaphores (2,).
+
+  ``grouped``: vocabulary block j's groups of rows are DMA'd into slot ``j % 2`` while block
+  ``j - 1`` computes (block 0 of each token block loads without overlap), whole width, at
+  k = 0; hidden chunk k is sliced from the slot.
   """
   refs = list(refs)
+  order_ref = refs.pop(0) if grouped else None
+  e_ref, c_ref = refs.pop(0), refs.pop(0)
   bias_ref = refs.pop(0) if math.with_bias else None
   stats_ref = refs.pop(0)
   block_max_ref = refs.pop(0) if with_block_max else None
   tiles = geo.tiles
   nk, nv = tiles.num_hidden_blocks, tiles.num_vocab_blocks
   acc_ref = refs.pop(0) if nk > 1 else None
-  max_ref, sum_ref, logit_sum_ref = refs
+  max_ref, sum_ref, logit_sum_ref = refs[:3]
   j, k = pl.program_id(1), pl.program_id(2)
 
-  part = _logits_part(e_ref[...], c_ref[...], k, geo, math.precision)  # (bn, bv) f32
+  if grouped:
+    c_rows, sems = refs[3:]
+    slot = lax.rem(j, 2)
+
+    def copies(block, block_slot, wait):
+      rows = _vmem_rows(c_rows, geo.hidden, block_slot)
+      sem = sems.at[block_slot]
+      _group_copies(order_ref, block, geo, c_ref, rows, sem, to_hbm=False, wait=wait)
+
+    @pl.when(k == 0)
+    def _():
+      pl.when(j == 0)(lambda: copies(j, slot, wait=False))
+      copies(j, slot, wait=True)
+      pl.when(j + 1 < nv)(lambda: copies(j + 1, 1 - slot, wait=False))
+
+    c_blk = c_rows[slot] if nk == 1 else c_rows[slot, :, _chunk(k, tiles)]
+  else:
+    c_blk = c_ref[...]
+  part = _logits_part(e_ref[...], c_blk, k, geo, math.precision)  # (bn, bv) f32
   if nk > 1:
 
     @pl.when(k == 0)
@@ -243,48 +366,70 @@ def forward_stats(
   with_logit_sum: bool,
   with_block_max: bool,
   interpret: bool,
+  group_order: jax.Array | None = None,  # (V / GROUP_ROWS,) int32
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-  """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, vocab blocks) f32 or None.
+  """lse (N,) f32, logit sum (N,) f32 or None, and block maxima (N, forward vocabulary blocks)
+  f32 or None.
 
   ``block_max[n, j] = max over the classes v of vocabulary block j of z_nv``. Runs with the
   forward's hidden chunk (``Tiles.forward_hidden_block``).
+
+  ``group_order`` (a (V, D) ``c`` with V a multiple of ``GROUP_ROWS``): the classes are visited
+  in groups of ``GROUP_ROWS`` rows, position p of the visit holding the rows of group
+  ``group_order[p]`` (entries past V / GROUP_ROWS are not read); the kernel DMAs them from
+  ``c`` in HBM, so no sorted copy of ``c`` is made. ``bias`` is then in the visiting order.
   """
   geo = geo._replace(tiles=geo.tiles.for_forward())
   t = geo.tiles
   nv = t.num_vocab_blocks
+  grouped = group_order is not None
   grid = (t.num_token_blocks, nv, t.num_hidden_blocks)
-  in_specs = [
-    pl.BlockSpec((t.token_block, t.hidden_block), lambda i, j, k: (i, k)),
-    _c_block_spec(geo, lambda i, j, k: (j, k)),
-  ]
+  if grouped:
+    group_order = _padded_groups(c, group_order, geo)
+    c_spec = pl.BlockSpec(memory_space=pl.ANY)
+  else:
+    c_spec = _c_block_spec(geo, lambda i, j, k: (j, k))
+  in_specs = [pl.BlockSpec((t.token_block, t.hidden_block), lambda i, j, k, *_: (i, k)), c_spec]
   args = [e, c]
   if math.with_bias:
-    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda i, j, k: (0, j)))
+    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda i, j, k, *_: (0, j)))
     args.append(bias.astype(jnp.float32).reshape(1, -1))
   out_shape = [jax.ShapeDtypeStruct((geo.num_tokens, LANES), jnp.float32)]
-  out_specs = [pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, 0))]
+  out_specs = [pl.BlockSpec((t.token_block, LANES), lambda i, j, k, *_: (i, 0))]
   if with_block_max:
     block_max_cols = cdiv(nv, LANES) * LANES
     out_shape.append(jax.ShapeDtypeStruct((geo.num_tokens, block_max_cols), jnp.float32))
-    out_specs.append(pl.BlockSpec((t.token_block, LANES), lambda i, j, k: (i, lax.div(j, LANES))))
+    out_specs.append(
+      pl.BlockSpec((t.token_block, LANES), lambda i, j, k, *_: (i, lax.div(j, LANES)))
+    )
   scratch = [pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32)] * (t.num_hidden_blocks > 1)
   scratch += [pltpu.VMEM((t.token_block, 1), jnp.float32)] * 3
+  if grouped:
+    scratch += [
+      pltpu.VMEM((2, t.vocab_block, _full_width(geo)), c.dtype),
+      pltpu.SemaphoreType.DMA((2,)),
+    ]
   kernel = functools.partial(
     _forward_kernel,
     geo=geo,
     math=math,
     with_logit_sum=with_logit_sum,
     with_block_max=with_block_max,
+    grouped=grouped,
   )
   itemsize = e.dtype.itemsize
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
-  outs = pl.pallas_call(
-    kernel,
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=int(grouped),
     grid=grid,
     in_specs=in_specs,
     out_specs=out_specs,
-    out_shape=out_shape,
     scratch_shapes=scratch,
+  )
+  outs = pl.pallas_call(
+    kernel,
+    grid_spec=grid_spec,
+    out_shape=out_shape,
     compiler_params=_compiler_params(geo, ("parallel", "arbitrary", "arbitrary")),
     cost_estimate=pl.CostEstimate(
       flops=2 * n * v * d,
@@ -293,7 +438,7 @@ def forward_stats(
     ),
     interpret=interpret_params(interpret),
     name="cce_forward",
-  )(*args)
+  )(*([group_order] if grouped else []), *args)
   stats = outs[0]
   lse = stats[:, STAT_LSE]
   logit_sum = stats[:, STAT_LOGIT_SUM] if with_logit_sum else None
@@ -354,14 +499,13 @@ def _when(cond):
 
 def _grads_kernel(
   skip_ref,
-  e_ref,
-  c_ref,
   *refs,
   geo: Geometry,
   math: Math,
   filter_e: bool,
   filter_c: bool,
   with_offset: bool,
+  grouped: bool,
 ):
   """One grid step (j, i, k) of :func:`grads`: tile (token block i, vocabulary block j).
 
@@ -374,6 +518,12 @@ def _grads_kernel(
 
   ``c_ref`` holds the whole width of vocabulary block j (resident over the token blocks),
   ``e_ref`` the whole width of token block i.
+
+  ``grouped``: a group order (SMEM) follows ``skip_ref``; ``c`` and dC are the whole (V, D)
+  arrays in HBM; the last scratch buffers are c's rows (bv, nk * bd) in c's dtype and two DMA
+  semaphores (load, store). Block j's groups are DMA'd into the buffer at its first step
+  (one buffer: the copy stalls once per vocabulary block), and at its last step dC goes
+  through the same buffer back to the groups' rows.
   Steps: with one hidden chunk, one step per tile; else steps ``k < nk`` accumulate the logits
   over the chunks of D, step ``nk - 1`` forms the softmax gradient, and step ``nk + q`` does
   both products for hidden chunk q. The dE chunk of the tile is a read-modify-write of HBM by
@@ -381,6 +531,10 @@ def _grads_kernel(
   token block.
   """
   refs = list(refs)
+  order_ref = refs.pop(0) if grouped else None
+  e_ref, c_ref = refs.pop(0), refs.pop(0)
+  if grouped:
+    c_hbm, c_ref, group_sems = c_ref, refs.pop(-2), refs.pop(-1)
   bias_ref = refs.pop(0) if math.with_bias else None
   tok_ref, label_ref = refs.pop(0), refs.pop(0)
   offset_ref = refs.pop(0) if with_offset else None
@@ -399,6 +553,19 @@ def _grads_kernel(
   # The hidden chunk of the products of this step (0 in the logit steps).
   q = k if nk == 1 else jnp.maximum(k - nk, 0)
   product_step = True if nk == 1 else k >= nk
+
+  if grouped:
+
+    def copies(to_hbm, wait):
+      hbm = d_c_out if to_hbm else c_hbm
+      rows = _vmem_rows(c_ref, geo.hidden)
+      sem = group_sems.at[int(to_hbm)]
+      _group_copies(order_ref, j, geo, hbm, rows, sem, to_hbm=to_hbm, wait=wait)
+
+    @pl.when((i == 0) & (k == 0))
+    def _():
+      copies(to_hbm=False, wait=False)
+      copies(to_hbm=False, wait=True)
 
   @pl.when((i == 0) & (k == 0))
   def _():
@@ -540,6 +707,21 @@ def _grads_kernel(
   last_step = (j == pl.num_programs(0) - 1) & (i == nt - 1) & (k == pl.num_programs(2) - 1)
   pl.when(last_step)(finish_write)
 
+  if grouped:
+    # dC of the block, through c's buffer (no longer read) to its groups' rows in HBM.
+    @pl.when((i == nt - 1) & (k == pl.num_programs(2) - 1))
+    def _():
+      block = d_c_ref[...]
+      if offset_ref is not None:
+        block = block - offset_ref[...]
+      c_ref[...] = block.astype(c_ref.dtype)
+      copies(to_hbm=True, wait=False)
+      copies(to_hbm=True, wait=True)
+      if d_bias_out is not None:
+        d_bias_out[...] = d_bias_ref[...]
+
+    return
+
   @_when(_and(product_step, i == nt - 1))
   def _():
     if nk == 1:
@@ -568,6 +750,7 @@ def grads(
   geo: Geometry,
   math: Math,
   interpret: bool,
+  group_order: jax.Array | None = None,  # (V / GROUP_ROWS,) int32
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """dE = sum_v dx_nv c_v ((N, D) f32), dC_v = sum_n dx_nv e_n - class_offset (layout and dtype
   of ``c``) and dbias_v = sum_n dx_nv ((V,) f32, None without bias), in one kernel that
@@ -580,28 +763,36 @@ def grads(
   (bn, D) share of dE to an f32 HBM buffer padded to whole blocks, by DMA. Deterministic: the
   order of every sum is fixed. A tile skipped on both sides (``filter_e`` and ``filter_c``)
   costs neither logits nor products.
+
+  ``group_order`` (see :func:`forward_stats`): ``c`` is read by groups of ``GROUP_ROWS`` rows
+  in that order, by DMA, and dC is written back by DMA to the same rows, so dC comes out in
+  the original order with no sorted copy of either; ``bias``, ``labels`` and dbias are in the
+  visiting order.
   """
   t = geo.tiles
+  grouped = group_order is not None
+  if grouped:
+    group_order = _padded_groups(c, group_order, geo)
   nk, phases = t.num_hidden_blocks, _backward_phase_count(geo)
   nt, nv = t.num_token_blocks, t.num_vocab_blocks
   hidden_padded = nk * t.hidden_block
   c_width = geo.hidden if nk == 1 else hidden_padded  # e and c blocks are full width
-  in_specs = [pl.BlockSpec((t.token_block, c_width), lambda j, i, k, s: (i, 0))]
+  in_specs = [pl.BlockSpec((t.token_block, c_width), lambda j, i, k, *_: (i, 0))]
   # The block of c changes once per vocabulary block: one buffer (its copy stalls the grid
   # once per vocabulary block, for 1 / (token blocks) of the time) instead of two.
   single = pl.Buffered(1)
   if geo.vocab_dim == 0:
-    c_spec = pl.BlockSpec((t.vocab_block, c_width), lambda j, i, k, s: (j, 0), single)
+    c_spec = pl.BlockSpec((t.vocab_block, c_width), lambda j, i, k, *_: (j, 0), single)
   else:
-    c_spec = pl.BlockSpec((c_width, t.vocab_block), lambda j, i, k, s: (0, j), single)
-  in_specs.append(c_spec)
+    c_spec = pl.BlockSpec((c_width, t.vocab_block), lambda j, i, k, *_: (0, j), single)
+  in_specs.append(pl.BlockSpec(memory_space=pl.ANY) if grouped else c_spec)
   if math.with_bias:
-    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
-  in_specs += _token_specs(t, lambda j, i, k, s: i)
+    in_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, *_: (0, j)))
+  in_specs += _token_specs(t, lambda j, i, k, *_: i)
   if nk == 1:
-    chunk_index = lambda j, i, k, s: 0
+    chunk_index = lambda j, i, k, *_: 0
   else:
-    chunk_index = lambda j, i, k, s: jnp.where(i == nt - 1, jnp.maximum(k - nk, 0), 0)
+    chunk_index = lambda j, i, k, *_: jnp.where(i == nt - 1, jnp.maximum(k - nk, 0), 0)
   vocab_major = geo.vocab_dim == 0
   filtering = skip_bits is not None and (filter_e or filter_c)
   args = _backward_args(
@@ -614,7 +805,11 @@ def grads(
     math,
   )
   if class_offset is not None:
-    if vocab_major:
+    if grouped:  # subtracted from the whole block at once
+      offset = jnp.pad(class_offset.astype(jnp.float32), (0, c_width - geo.hidden))
+      in_specs.append(pl.BlockSpec((1, c_width), lambda *ids: (0, 0)))
+      args.append(offset.reshape(1, -1))
+    elif vocab_major:
       in_specs.append(pl.BlockSpec((1, t.hidden_block), lambda *ids: (0, chunk_index(*ids))))
       args.append(class_offset.astype(jnp.float32).reshape(1, -1))
     else:
@@ -627,13 +822,15 @@ def grads(
   ]
   out_specs = [
     pl.BlockSpec(memory_space=pl.ANY),
-    _c_block_spec(geo, lambda *ids: (ids[0], chunk_index(*ids))),
+    pl.BlockSpec(memory_space=pl.ANY)
+    if grouped
+    else _c_block_spec(geo, lambda *ids: (ids[0], chunk_index(*ids))),
   ]
   acc_shape = (t.vocab_block, hidden_padded) if vocab_major else (hidden_padded, t.vocab_block)
   scratch = [pltpu.VMEM(acc_shape, jnp.float32)]
   if math.with_bias:
     out_shape.append(jax.ShapeDtypeStruct((1, geo.num_classes), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, s: (0, j)))
+    out_specs.append(pl.BlockSpec((1, t.vocab_block), lambda j, i, k, *_: (0, j)))
     scratch.append(pltpu.VMEM((1, t.vocab_block), jnp.float32))
   scratch += [
     pltpu.VMEM((t.token_block, t.hidden_block), jnp.float32),
@@ -645,6 +842,8 @@ def grads(
       pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32),
       pltpu.VMEM((t.token_block, t.vocab_block), e.dtype),
     ]
+  if grouped:
+    scratch += [pltpu.VMEM((t.vocab_block, c_width), c.dtype), pltpu.SemaphoreType.DMA((2,))]
   kernel = functools.partial(
     _grads_kernel,
     geo=geo,
@@ -652,7 +851,10 @@ def grads(
     filter_e=filtering and filter_e,
     filter_c=filtering and filter_c,
     with_offset=class_offset is not None,
+    grouped=grouped,
   )
+  if grouped:
+    args.insert(1, group_order)
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
   itemsize = e.dtype.itemsize
   e_reads = nv * n * d  # e streams through once per vocabulary block
@@ -660,7 +862,7 @@ def grads(
   outs = pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
+      num_scalar_prefetch=1 + int(grouped),
       grid=(nv, nt, phases),
       in_specs=in_specs,
       out_specs=out_specs,
