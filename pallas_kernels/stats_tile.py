@@ -65,10 +65,8 @@ def tile_argmax(
 ) -> jax.Array:
   """The lowest class id of each row holding the tile's maximum, dtype of ``class_ids``."""
   ids = jnp.broadcast_to(class_ids, z_live.shape)
-  if jnp.issubdtype(ids.dtype, jnp.integer):
-    none = jnp.iinfo(ids.dtype).max
-  else:
-    none = jnp.inf
+  integer = jnp.issubdtype(ids.dtype, jnp.integer)
+  none = jnp.iinfo(ids.dtype).max if integer else jnp.inf
   hits = z_live == _column(tile_max, keepdims)
   return jnp.min(jnp.where(hits, ids, none), axis=1, keepdims=keepdims)
 

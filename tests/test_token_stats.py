@@ -127,7 +127,7 @@ def test_pallas_fields_match_the_float64_reference(impl, dtype, layout, softcap)
 @pytest.mark.parametrize(
   ("impl", "layout", "softcap"),
   [
-    *[(impl, layout, softcap) for impl in IMPLS for layout in ("vd", "dv") for softcap in (None, 3.0)],
+    *[(impl, layout, cap) for impl in IMPLS for layout in ("vd", "dv") for cap in (None, 3.0)],
     ("pallas_tpu", "dv", None),
     pytest.param("pallas_gpu", "vd", 3.0, marks=pytest.mark.slow),
     pytest.param("pallas_gpu", "dv", None, marks=pytest.mark.slow),
