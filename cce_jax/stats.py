@@ -33,7 +33,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import checks, differentiable, dispatch, filtering, loss_math, sharding, vma
+from cce_jax import (
+  checks,
+  differentiable,
+  dispatch,
+  filtering,
+  loss_math,
+  sharding,
+  stats_folding,
+  vma,
+)
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.local_stats import (
   IMPLEMENTATIONS,
@@ -112,14 +121,17 @@ def _xla_tiles_backward(
   return xla_backward(inputs, lse, entropy, cot, xla_opts)
 
 
+@functools.cache
 def stats_implementation(impl: str) -> StatsImplementation:
   """The forward and backward of ``impl`` (resolved: not "auto"): ``"xla"`` and
   ``"reference"`` from :data:`cce_jax.local_stats.IMPLEMENTATIONS`; a Pallas ``impl``'s forward
-  kernel with the ``"xla"`` tiled backward (see the module docstring)."""
+  kernel (one call over every example's tokens under ``jax.vmap``,
+  :func:`cce_jax.stats_folding.fold_examples`) with the ``"xla"`` tiled backward (see the
+  module docstring)."""
   if impl in IMPLEMENTATIONS:
     return IMPLEMENTATIONS[impl]
   module = importlib.import_module(_PALLAS_FORWARDS[impl])
-  return StatsImplementation(module.forward, _xla_tiles_backward)
+  return StatsImplementation(stats_folding.fold_examples(module.forward), _xla_tiles_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

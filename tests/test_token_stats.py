@@ -254,9 +254,13 @@ def test_two_dimensional_e_and_a_single_token():
   assert_rel_close("entropy", one.entropy, expected["entropy"], 2e-4)
 
 
-def test_vmap_and_jit_match_the_plain_call():
+@pytest.mark.parametrize("impl", ("xla", *SLOW_PALLAS))
+def test_vmap_and_jit_match_the_plain_call(impl):
+  """Under vmap a Pallas forward runs once over every example's tokens (TPU interpret mode
+  cannot run a vmapped kernel)."""
   e, c, labels, bias = _inputs(81)
-  call = lambda e, labels: cce_jax.token_stats(e, c, labels, bias=bias, block_sizes=BLOCKS)
+  options = _impl_options(impl)
+  call = lambda e, labels: cce_jax.token_stats(e, c, labels, bias=bias, **options)
   mapped = jax.jit(jax.vmap(call))(e, labels)
   chex.assert_trees_all_close(mapped, call(e, labels), rtol=1e-6, atol=1e-6)
 
@@ -273,6 +277,28 @@ def test_mosaic_gpu_impl_raises_naming_the_supported_ones():
   supported = r"'auto', 'xla', 'reference', 'pallas_gpu', 'pallas_tpu'"
   with pytest.raises(NotImplementedError, match=rf"`impl`='pallas_mosaic_gpu'.*{supported}"):
     cce_jax.token_stats(e, c, labels, impl="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize(
+  ("impl", "map_c"),
+  [
+    ("pallas_tpu", False),
+    pytest.param("pallas_gpu", False, marks=pytest.mark.slow),
+    *[pytest.param(impl, True, marks=pytest.mark.slow) for impl in PALLAS_BLOCKS],
+  ],
+)
+def test_pallas_forward_under_vmap(impl, map_c):
+  """The examples folded into one kernel call; with a classifier mapped per example, one
+  after another. Both equal the unmapped call."""
+  e, c, labels, bias = _inputs(82)
+  options = _impl_options(impl)
+  plain = cce_jax.token_stats(e, c, labels, bias=bias, **options)
+  call = lambda e, c, labels: cce_jax.token_stats(e, c, labels, bias=bias, **options)
+  if map_c:
+    mapped = jax.vmap(call)(e, jnp.stack([c, c]), labels)
+  else:
+    mapped = jax.vmap(call, in_axes=(0, None, 0))(e, c, labels)
+  chex.assert_trees_all_close(mapped, plain, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", list(PALLAS_BLOCKS))
