@@ -344,3 +344,12 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
   kwargs = {"labels": labels, **kwargs}
   with pytest.raises(error, match=match):
     cce_jax.token_stats(e, c, **kwargs)
+
+
+def test_pallas_tpu_refuses_more_classes_than_its_f32_argmax_holds():
+  """The TPU kernel carries the argmax as f32: exact below 2**24 classes per device."""
+  e = jax.ShapeDtypeStruct((8, 128), jnp.bfloat16)
+  c = jax.ShapeDtypeStruct((2**24 + 1, 128), jnp.bfloat16)
+  call = lambda e, c: cce_jax.token_stats(e, c, impl="pallas_tpu", interpret=True)
+  with pytest.raises(ValueError, match=r"impl='pallas_tpu' token statistics take at most 16777216"):
+    jax.eval_shape(call, e, c)
