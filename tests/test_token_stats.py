@@ -191,8 +191,14 @@ def test_masked_classes_give_finite_entropy_and_zero_gradients(impl):
   chex.assert_trees_all_equal(np.asarray(d_bias)[masked], np.zeros((masked.size,)))
 
 
-@pytest.mark.parametrize("impl", IMPLS + tuple(PALLAS_BLOCKS))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+  ("impl", "dtype"),
+  [
+    *[(impl, dtype) for impl in IMPLS for dtype in ("float32", "bfloat16")],
+    *[(impl, "float32") for impl in PALLAS_BLOCKS],
+    *[pytest.param(impl, "bfloat16", marks=pytest.mark.slow) for impl in PALLAS_BLOCKS],
+  ],
+)
 def test_argmax_ties_resolve_to_the_lowest_class_id(impl, dtype):
   """Classes with identical rows of c (and bias) have bit-identical logits; the winner is the
   lowest id, within a tile, across tiles and in the overlapped last tile, like jnp.argmax
@@ -214,7 +220,9 @@ def test_argmax_ties_resolve_to_the_lowest_class_id(impl, dtype):
   chex.assert_trees_all_equal(np.asarray(stats.argmax), expected)
 
 
-@pytest.mark.parametrize("impl", ("xla", *PALLAS_BLOCKS))
+@pytest.mark.parametrize(
+  "impl", ["xla", "pallas_gpu", pytest.param("pallas_tpu", marks=pytest.mark.slow)]
+)
 def test_ignored_and_out_of_range_labels(impl):
   e, c, labels, _ = _inputs(51)
   labels = labels.at[0, 4].set(7).at[1, 9].set(8)  # no -100: out of range with ignore_index=3
