@@ -12,12 +12,21 @@ log-sum-exp ``L_k``, local entropy ``H_k`` and ``w_k = exp(L_k - L)``:
   L = \log \sum_k e^{L_k}, \qquad H = \sum_k w_k (H_k - \log w_k),
 
 and the argmax is the lowest global class id among the shards holding the global maximum.
+
+Implementations (:func:`stats_implementation`): ``"xla"`` and ``"reference"`` of
+:mod:`cce_jax.local_stats`, and the Pallas forwards of ``pallas_kernels.gpu.token_stats`` and
+``pallas_kernels.tpu.token_stats`` (imported on first use). The Pallas backward kernels take the
+softmax gradient in the per-token factor form ``alpha p - beta [v = t]`` (``cce_jax.tiled``),
+which the entropy term ``-b p (log p + H)`` does not fit; so a Pallas ``impl`` differentiates
+with the ``"xla"`` tiled backward (:func:`cce_jax.local_stats.xla_backward`, on the ``"xla"``
+default tiles): forward in the kernel, backward by XLA.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import NamedTuple
 
 import jax
@@ -32,16 +41,28 @@ from cce_jax import (
   local_stats,
   loss_math,
   sharding,
+  stats_folding,
   target,
   vma,
 )
 from cce_jax.block_sizes import BlockSizes
-from cce_jax.local_stats import IMPLEMENTATIONS, LocalStats, StatsCotangents
+from cce_jax.local_stats import (
+  IMPLEMENTATIONS,
+  LocalStats,
+  StatsCotangents,
+  StatsImplementation,
+  xla_backward,
+)
 from cce_jax.options import LossOptions
-from cce_jax.tiled import TiledInputs
+from cce_jax.tiled import LocalGrads, TiledInputs
 
 # The implementations of token_stats; impl="auto" means "xla".
-STATS_IMPLS = ("auto", "xla", "reference")
+STATS_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+# impl -> module whose ``forward(inputs, opts) -> LocalStats`` is the Pallas forward.
+_PALLAS_FORWARDS = {
+  "pallas_gpu": "pallas_kernels.gpu.token_stats",
+  "pallas_tpu": "pallas_kernels.tpu.token_stats",
+}
 
 FIRST_ORDER_ONLY = (
   "cce_jax.token_stats supports first-order reverse-mode differentiation only (jax.grad, "
@@ -91,18 +112,42 @@ def _first_order_only_jvp(primals, tangents):
   raise NotImplementedError(FIRST_ORDER_ONLY)
 
 
+def _xla_tiles_backward(
+  inputs: TiledInputs, lse: jax.Array, entropy: jax.Array, cot: StatsCotangents, opts: LossOptions
+) -> LocalGrads:
+  """The backward of the Pallas implementations: :func:`cce_jax.local_stats.xla_backward`
+  on the ``"xla"`` implementation's default tiles for ``inputs.e.dtype``."""
+  xla_opts = dataclasses.replace(
+    opts, block_sizes=BlockSizes.get_default(inputs.e.dtype), interpret=False
+  )
+  return xla_backward(inputs, lse, entropy, cot, xla_opts)
+
+
+@functools.cache
+def stats_implementation(impl: str) -> StatsImplementation:
+  """The forward and backward of ``impl`` (resolved: not "auto"): ``"xla"`` and
+  ``"reference"`` from :data:`cce_jax.local_stats.IMPLEMENTATIONS`; a Pallas ``impl``'s forward
+  kernel (one call over every example's tokens under ``jax.vmap``,
+  :func:`cce_jax.stats_folding.fold_examples`) with the ``"xla"`` tiled backward (see the
+  module docstring)."""
+  if impl in IMPLEMENTATIONS:
+    return IMPLEMENTATIONS[impl]
+  module = importlib.import_module(_PALLAS_FORWARDS[impl])
+  return StatsImplementation(stats_folding.fold_examples(module.forward), _xla_tiles_backward)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _local_stats(
   e, c, held, bias, opts: LossOptions, forward_opts: LossOptions, impl: str
 ) -> LocalStats:
   """:class:`LocalStats` by ``impl``'s forward in the tiles of ``forward_opts``; the backward
   uses those of ``opts`` (they differ only by their block sizes)."""
-  return IMPLEMENTATIONS[impl].forward(TiledInputs(e, c, held, bias), forward_opts)
+  return stats_implementation(impl).forward(TiledInputs(e, c, held, bias), forward_opts)
 
 
 def _local_stats_fwd(e, c, held, bias, opts: LossOptions, forward_opts: LossOptions, impl: str):
   e, c, bias = _first_order_only((e, c, bias))
-  stats = IMPLEMENTATIONS[impl].forward(TiledInputs(e, c, held, bias), forward_opts)
+  stats = stats_implementation(impl).forward(TiledInputs(e, c, held, bias), forward_opts)
   return stats, (e, c, held, bias, stats.lse, stats.entropy)
 
 
@@ -114,7 +159,7 @@ def _local_stats_bwd(
   e, c, held, bias, lse, entropy = residuals
   # peak and argmax are only compared (stop_gradient in _per_device): no cotangent to pass.
   cot = StatsCotangents(cotangents.lse, cotangents.entropy, cotangents.target)
-  grads = IMPLEMENTATIONS[impl].backward(
+  grads = stats_implementation(impl).backward(
     TiledInputs(e, c, held, bias), filtering.exp_shift(lse), entropy, cot, opts
   )
   d_bias = None if bias is None else grads.d_bias.astype(bias.dtype)
@@ -205,6 +250,7 @@ def token_stats(
   softcap: float | None = None,
   shift: int | bool = 0,
   impl: str = "auto",
+  interpret: bool = False,
   classifier_layout: str = "vd",
   block_sizes: BlockSizes | None = None,
   check_labels: bool = False,
@@ -242,14 +288,21 @@ def token_stats(
     softcap: logit soft-capping value, or None.
     shift: position ``i`` is scored against ``labels[..., i + shift]``; outputs have
       ``T - shift`` positions (also without labels).
-    impl: ``"auto"`` (= ``"xla"``), ``"xla"`` (streamed tiles, every backend) or
-      ``"reference"`` (materialized f32 logits). The Pallas implementations of the loss do
-      not compute these statistics: they raise NotImplementedError.
+    impl: ``"auto"`` (= ``"xla"``), ``"xla"`` (streamed tiles, every backend),
+      ``"reference"`` (materialized f32 logits), ``"pallas_gpu"`` or ``"pallas_tpu"`` (the
+      loss's forward kernel with an online entropy and argmax; float32 or bfloat16 inputs
+      (``"pallas_gpu"`` also float16), ``block_sizes`` of that kernel's type). A Pallas
+      ``impl`` differentiates with the ``"xla"`` tiled backward on the ``"xla"`` default
+      tiles: its backward kernels take the gradient in a per-token factor form that the
+      entropy term does not fit. ``"pallas_mosaic_gpu"`` raises NotImplementedError.
+    interpret: run a Pallas ``impl``'s kernel in interpret mode (on any backend; slow, for
+      tests); ignored by the others.
     classifier_layout: ``"vd"`` or ``"dv"``.
-    block_sizes: :class:`BlockSizes` of the tiles, forward and backward. Default: the
-      loss's (``BlockSizes.get_default``), except for the forward on CPU, whose one streamed
-      pass is fastest in tiles of 1-2 MB (``local_stats.CPU_FORWARD_TILES``: 1024 x 256 for
-      f32, 1024 x 512 for 16-bit inputs).
+    block_sizes: the tiles, forward and backward (default: the implementation's):
+      :class:`BlockSizes` for ``"xla"``, ``GPUBlockSizes`` / ``TPUBlockSizes`` for the Pallas
+      forwards. The ``"xla"`` default is the loss's (``BlockSizes.get_default``), except for
+      the forward on CPU, whose one streamed pass is fastest in tiles of 1-2 MB
+      (``local_stats.CPU_FORWARD_TILES``: 1024 x 256 for f32, 1024 x 512 for 16-bit inputs).
     check_labels: raise ValueError for a label outside [0, V) that is not ``ignore_index``
       (as :func:`linear_cross_entropy`).
     vocab_axis, mesh, token_axes: as :func:`linear_cross_entropy`: inside ``jax.shard_map``
@@ -263,8 +316,8 @@ def token_stats(
 
   Raises:
     TypeError, ValueError: as :func:`linear_cross_entropy` (the message names the argument).
-    NotImplementedError: a Pallas ``impl``; and a derivative of the gradient (second order)
-      or a forward-mode derivative.
+    NotImplementedError: ``impl="pallas_mosaic_gpu"``; a derivative of the gradient (second
+      order) or a forward-mode derivative.
 
   Example:
     >>> import jax, jax.numpy as jnp, cce_jax
@@ -281,7 +334,7 @@ def token_stats(
   impl = checks.check_choice("impl", impl, checks.IMPLS)
   if impl not in STATS_IMPLS:
     raise NotImplementedError(
-      f"`impl`={impl!r}: cce_jax.token_stats has no Pallas kernels; use one of {STATS_IMPLS} "
+      f"`impl`={impl!r}: cce_jax.token_stats has no kernel for it; use one of {STATS_IMPLS} "
       "(impl='xla' streams the vocabulary on every backend)."
     )
   impl = "xla" if impl == "auto" else impl
@@ -308,7 +361,9 @@ def token_stats(
     classifier_layout=layout,
     block_sizes=block_sizes,
     implementation=dispatch.implementation(impl),
+    interpret=interpret,
     vocab_axis=vocab_axes,
+    platform=checks.compile_platform(e, c),
   )
   if not has_labels:
     labels = jnp.full(e.shape[:-1], opts.ignore_index, jnp.int32)
@@ -324,7 +379,7 @@ def token_stats(
       checks.check_label_values(labels, num_classes, opts.ignore_index, shift)
     labels = checks.labels_as_int32(labels, num_classes)
   forward_opts = opts
-  if block_sizes is None:
+  if block_sizes is None and impl == "xla":
     forward_sizes = local_stats.forward_block_sizes(e.dtype, target.platform(mesh))
     if forward_sizes is not None:
       forward_opts = dataclasses.replace(opts, block_sizes=forward_sizes)
@@ -350,4 +405,7 @@ def token_stats(
     vocab_dim=opts.vocab_dim,
     per_token=True,
     return_lse=False,
+    # Pallas implementations run with check_vma off (their interpret mode cannot track
+    # varying axes), as in linear_cross_entropy.
+    check_vma=not dispatch.implementation(impl).is_pallas,
   )

@@ -3,7 +3,9 @@
 Every field (lse, entropy, argmax, logprob, correct) and the gradients of lse, entropy and
 logprob, for "xla" (streamed tiles) and "reference", on sizes that no block divides, with bias,
 masked classes, softcap, shift, ignored and out-of-range labels, both classifier layouts, exact
-argmax ties, ``jax.jit`` and ``jax.vmap``. (``mesh=`` over 8 host devices:
+argmax ties, ``jax.jit`` and ``jax.vmap``; the same checks for "pallas_gpu" and "pallas_tpu"
+in interpret mode (slow: most of their cases are marked so; their CUDA and TPU lowerings:
+``tests/test_token_stats_pallas.py``). (``mesh=`` over 8 host devices:
 ``tests/multidevice/test_token_stats_shard.py``.)
 """
 
@@ -19,12 +21,29 @@ from testing import assert_rel_close
 
 import cce_jax
 from cce_jax import local_stats
+from pallas_kernels.gpu import GPUBlockSizes
+from pallas_kernels.tpu import TPUBlockSizes
 
 # 2 x 13 tokens, V = 203 classes, D = 16: ragged for the 8 x 32 tiles below.
 BATCH, SEQ_LEN, HIDDEN, NUM_CLASSES = 2, 13, 16, 203
 BLOCKS = cce_jax.BlockSizes(token_block=8, vocab_block=32)
 IMPLS = ("xla", "reference")
+# The Pallas forwards in interpret mode, on tiles that V, N and D do not fill: GPU 16 tokens x
+# 32 classes x 16 hidden in 2 vocabulary splits (the last class block overlapping); TPU the
+# smallest tiles, 128 x 128 (two vocabulary blocks, the second ragged).
+PALLAS_BLOCKS = {
+  "pallas_gpu": GPUBlockSizes(token_block=16, vocab_block=32, hidden_block=16, vocab_splits=2),
+  "pallas_tpu": TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=128),
+}
+SLOW_PALLAS = tuple(pytest.param(impl, marks=pytest.mark.slow) for impl in PALLAS_BLOCKS)
+SEEDS = {"xla": 0, "reference": 1, "pallas_gpu": 100, "pallas_tpu": 200}
 TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-4}
+
+
+def _impl_options(impl: str) -> dict:
+  """``impl``, its test tiles and ``interpret`` for a Pallas one."""
+  pallas = impl in PALLAS_BLOCKS
+  return dict(impl=impl, block_sizes=PALLAS_BLOCKS.get(impl, BLOCKS), interpret=pallas)
 
 
 def _inputs(seed: int, dtype: str = "float32", layout: str = "vd", masked=None):
@@ -72,15 +91,11 @@ def _check_fields(stats, expected, labels, shift: int, tol: float, ignore_index:
   assert np.asarray(stats.correct).dtype == np.bool_
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("layout", ["vd", "dv"])
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_fields_match_the_float64_reference(impl, dtype, layout, softcap):
-  seed = IMPLS.index(impl) + 2 * (dtype == "bfloat16") + 4 * (layout == "dv") + 8 * bool(softcap)
+def _fields_match_the_float64_reference(impl, dtype, layout, softcap):
+  seed = SEEDS[impl] + 2 * (dtype == "bfloat16") + 4 * (layout == "dv") + 8 * bool(softcap)
   e, c, labels, bias = _inputs(seed, dtype, layout)
   options = dict(softcap=softcap, shift=1, classifier_layout=layout)
-  stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, **options)
+  stats = cce_jax.token_stats(e, c, labels, bias=bias, **_impl_options(impl), **options)
   expected = stats64.stats(e, c, labels, bias, **options)
   chex.assert_shape(list(stats), (BATCH, SEQ_LEN - 1))
   chex.assert_type([stats.lse, stats.entropy, stats.logprob], jnp.float32)
@@ -89,18 +104,47 @@ def test_fields_match_the_float64_reference(impl, dtype, layout, softcap):
   assert np.all(entropy >= -1e-5) and np.all(entropy <= np.log(NUM_CLASSES) + 1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + SLOW_PALLAS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fields_match_the_float64_reference(impl, dtype, layout, softcap):
+  _fields_match_the_float64_reference(impl, dtype, layout, softcap)
+
+
+@pytest.mark.parametrize(
+  ("impl", "dtype", "layout", "softcap"),
+  [
+    ("pallas_gpu", "float32", "vd", None),
+    ("pallas_tpu", "float32", "dv", 3.0),
+    pytest.param("pallas_gpu", "bfloat16", "dv", 3.0, marks=pytest.mark.slow),
+  ],
+)
+def test_pallas_fields_match_the_float64_reference(impl, dtype, layout, softcap):
+  """One case of the (slow) matrix above per Pallas forward in the default suite."""
+  _fields_match_the_float64_reference(impl, dtype, layout, softcap)
+
+
+@pytest.mark.parametrize(
+  ("impl", "layout", "softcap"),
+  [
+    *[(impl, layout, cap) for impl in IMPLS for layout in ("vd", "dv") for cap in (None, 3.0)],
+    ("pallas_tpu", "dv", None),
+    pytest.param("pallas_gpu", "vd", 3.0, marks=pytest.mark.slow),
+    pytest.param("pallas_gpu", "dv", None, marks=pytest.mark.slow),
+    pytest.param("pallas_tpu", "vd", 3.0, marks=pytest.mark.slow),
+  ],
+)
 def test_gradients_match_the_float64_reference(impl, layout, softcap):
-  """The gradient of a weighted sum of lse, entropy and logprob w.r.t. e, c and bias."""
-  e, c, labels, bias = _inputs(20 + IMPLS.index(impl) + 2 * (layout == "dv"), layout=layout)
+  """The gradient of a weighted sum of lse, entropy and logprob w.r.t. e, c and bias (for a
+  Pallas impl: its forward kernel, then the "xla" tiled backward)."""
+  e, c, labels, bias = _inputs(20 + SEEDS[impl] + 2 * (layout == "dv"), layout=layout)
   options = dict(softcap=softcap, shift=1, classifier_layout=layout)
   rng = np.random.default_rng(7)
   weights = {k: rng.normal(size=(BATCH, SEQ_LEN - 1)) for k in ("lse", "entropy", "logprob")}
 
   def objective(e, c, bias):
-    stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, **options)
+    stats = cce_jax.token_stats(e, c, labels, bias=bias, **_impl_options(impl), **options)
     return sum(jnp.sum(weights[k] * getattr(stats, k)) for k in weights)
 
   grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(e, c, bias)
@@ -124,19 +168,22 @@ def test_entropy_gradient_alone_is_minus_p_times_centered_logits():
   assert_rel_close("d_c", d_c, expected["d_c"], 1e-4)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + SLOW_PALLAS)
 def test_masked_classes_give_finite_entropy_and_zero_gradients(impl):
   """A -inf bias over whole vocabulary tiles (and scattered classes): p = 0 adds 0 to the
-  entropy (never 0 * -inf), the argmax avoids them, their gradients are exactly 0."""
-  masked = np.r_[0:70, 101, 150, 202]
+  entropy (never 0 * -inf), the argmax avoids them, their gradients are exactly 0. (Classes
+  0-129 are whole tiles of every impl: the first vocabulary split of "pallas_gpu" and the
+  first block of "pallas_tpu" hold no finite logit.)"""
+  masked = np.r_[0:130, 150, 202]
   e, c, labels, bias = _inputs(41, masked=masked)
-  stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, shift=2)
+  options = _impl_options(impl)
+  stats = cce_jax.token_stats(e, c, labels, bias=bias, **options, shift=2)
   expected = stats64.stats(e, c, labels, bias, shift=2)
   _check_fields(stats, expected, labels, shift=2, tol=2e-5)
   assert not np.isin(np.asarray(stats.argmax), masked).any()
 
   def objective(c, bias):
-    stats = cce_jax.token_stats(e, c, labels, bias=bias, impl=impl, block_sizes=BLOCKS, shift=2)
+    stats = cce_jax.token_stats(e, c, labels, bias=bias, **options, shift=2)
     return jnp.sum(stats.entropy) + jnp.sum(stats.logprob) + 0.5 * jnp.sum(stats.lse)
 
   d_c, d_bias = jax.grad(objective, argnums=(0, 1))(c, bias)
@@ -145,11 +192,18 @@ def test_masked_classes_give_finite_entropy_and_zero_gradients(impl):
   chex.assert_trees_all_equal(np.asarray(d_bias)[masked], np.zeros((masked.size,)))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+  ("impl", "dtype"),
+  [
+    *[(impl, dtype) for impl in IMPLS for dtype in ("float32", "bfloat16")],
+    *[(impl, "float32") for impl in PALLAS_BLOCKS],
+    *[pytest.param(impl, "bfloat16", marks=pytest.mark.slow) for impl in PALLAS_BLOCKS],
+  ],
+)
 def test_argmax_ties_resolve_to_the_lowest_class_id(impl, dtype):
   """Classes with identical rows of c (and bias) have bit-identical logits; the winner is the
-  lowest id, within a tile, across tiles and in the overlapped last tile, like jnp.argmax."""
+  lowest id, within a tile, across tiles and in the overlapped last tile, like jnp.argmax
+  (for "pallas_gpu" also across its two vocabulary splits: 3 and 99 against 200)."""
   rng = np.random.default_rng(5)
   e = rng.normal(size=(3, 9, HIDDEN))
   c = rng.normal(size=(NUM_CLASSES, HIDDEN)) * 0.1
@@ -160,7 +214,7 @@ def test_argmax_ties_resolve_to_the_lowest_class_id(impl, dtype):
     c[list(ids)] = 3.0 * direction
     e[group] = e[group] * 0.1 + direction
   e, c = jnp.asarray(e, dtype), jnp.asarray(c, dtype)
-  stats = cce_jax.token_stats(e, c, impl=impl, block_sizes=BLOCKS)
+  stats = cce_jax.token_stats(e, c, **_impl_options(impl))
   logits = jnp.einsum("btd,vd->btv", e, c, preferred_element_type=jnp.float32)
   expected = np.broadcast_to(np.array([ids[0] for ids in ties])[:, None], (3, 9))
   chex.assert_trees_all_equal(np.asarray(jnp.argmax(logits, axis=-1)), expected)
@@ -234,11 +288,14 @@ def test_cpu_forward_tiles_by_default_only():
   )
 
 
-def test_ignored_and_out_of_range_labels():
+@pytest.mark.parametrize(
+  "impl", ["xla", "pallas_gpu", pytest.param("pallas_tpu", marks=pytest.mark.slow)]
+)
+def test_ignored_and_out_of_range_labels(impl):
   e, c, labels, _ = _inputs(51)
   labels = labels.at[0, 4].set(7).at[1, 9].set(8)  # no -100: out of range with ignore_index=3
   labels = labels.at[0, 2].set(NUM_CLASSES).at[1, 1].set(-7).at[1, 5].set(3)
-  stats = cce_jax.token_stats(e, c, labels, ignore_index=3, block_sizes=BLOCKS)
+  stats = cce_jax.token_stats(e, c, labels, ignore_index=3, **_impl_options(impl))
   logprob, correct = np.asarray(stats.logprob), np.asarray(stats.correct)
   assert np.isnan(logprob[0, 2]) and np.isnan(logprob[1, 1])  # bad labels: NaN, never plausible
   assert logprob[1, 5] == 0.0 and not correct[1, 5]  # ignore_index=3
@@ -273,9 +330,13 @@ def test_two_dimensional_e_and_a_single_token():
   assert_rel_close("entropy", one.entropy, expected["entropy"], 2e-4)
 
 
-def test_vmap_and_jit_match_the_plain_call():
+@pytest.mark.parametrize("impl", ("xla", *SLOW_PALLAS))
+def test_vmap_and_jit_match_the_plain_call(impl):
+  """Under vmap a Pallas forward runs once over every example's tokens (TPU interpret mode
+  cannot run a vmapped kernel)."""
   e, c, labels, bias = _inputs(81)
-  call = lambda e, labels: cce_jax.token_stats(e, c, labels, bias=bias, block_sizes=BLOCKS)
+  options = _impl_options(impl)
+  call = lambda e, labels: cce_jax.token_stats(e, c, labels, bias=bias, **options)
   mapped = jax.jit(jax.vmap(call))(e, labels)
   chex.assert_trees_all_close(mapped, call(e, labels), rtol=1e-6, atol=1e-6)
 
@@ -287,10 +348,41 @@ def test_vmap_and_jit_match_the_plain_call():
   chex.assert_trees_all_close(per_example, jax.grad(entropy_sum)(e, labels), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu"])
-def test_pallas_impl_raises_naming_the_supported_ones(impl):
+def test_mosaic_gpu_impl_raises_naming_the_supported_ones():
   e, c, labels, _ = _inputs(91)
-  with pytest.raises(NotImplementedError, match=rf"`impl`='{impl}'.*'auto', 'xla', 'reference'"):
+  supported = r"'auto', 'xla', 'reference', 'pallas_gpu', 'pallas_tpu'"
+  with pytest.raises(NotImplementedError, match=rf"`impl`='pallas_mosaic_gpu'.*{supported}"):
+    cce_jax.token_stats(e, c, labels, impl="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize(
+  ("impl", "map_c"),
+  [
+    ("pallas_tpu", False),
+    pytest.param("pallas_gpu", False, marks=pytest.mark.slow),
+    *[pytest.param(impl, True, marks=pytest.mark.slow) for impl in PALLAS_BLOCKS],
+  ],
+)
+def test_pallas_forward_under_vmap(impl, map_c):
+  """The examples folded into one kernel call; with a classifier mapped per example, one
+  after another. Both equal the unmapped call."""
+  e, c, labels, bias = _inputs(82)
+  options = _impl_options(impl)
+  plain = cce_jax.token_stats(e, c, labels, bias=bias, **options)
+  call = lambda e, c, labels: cce_jax.token_stats(e, c, labels, bias=bias, **options)
+  if map_c:
+    mapped = jax.vmap(call)(e, jnp.stack([c, c]), labels)
+  else:
+    mapped = jax.vmap(call, in_axes=(0, None, 0))(e, c, labels)
+  chex.assert_trees_all_close(mapped, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", list(PALLAS_BLOCKS))
+def test_pallas_impl_without_interpret_on_cpu_names_interpret(impl):
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the refusal on a CPU backend")
+  e, c, labels, _ = _inputs(91)
+  with pytest.raises(ValueError, match=rf"`impl`='{impl}'.*`interpret=True`"):
     cce_jax.token_stats(e, c, labels, impl=impl)
 
 
@@ -328,3 +420,12 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
   kwargs = {"labels": labels, **kwargs}
   with pytest.raises(error, match=match):
     cce_jax.token_stats(e, c, **kwargs)
+
+
+def test_pallas_tpu_refuses_more_classes_than_its_f32_argmax_holds():
+  """The TPU kernel carries the argmax as f32: exact below 2**24 classes per device."""
+  e = jax.ShapeDtypeStruct((8, 128), jnp.bfloat16)
+  c = jax.ShapeDtypeStruct((2**24 + 1, 128), jnp.bfloat16)
+  call = lambda e, c: cce_jax.token_stats(e, c, impl="pallas_tpu", interpret=True)
+  with pytest.raises(ValueError, match=r"impl='pallas_tpu' token statistics take at most 16777216"):
+    jax.eval_shape(call, e, c)

@@ -81,11 +81,7 @@ def forward(
     want_logit_sum=opts.label_smoothing > 0.0,
     want_block_max=want_block_max,
   )
-  cfg = _with_bias(cfg, bias)
-  blocks = cfg.classes.count
-  per_split = filtering.cdiv(blocks, min(opts.block_sizes.vocab_splits, blocks))
-  splits = filtering.cdiv(blocks, per_split)  # no split is empty
-  cfg = _replace(cfg, blocks_per_split=per_split)
+  cfg, splits = with_vocab_splits(_with_bias(cfg, bias), opts)
   order = vocab_sort.vocab_order(e, c, bias, opts) if gathered else None
   out = kernels.forward_call(
     e, c, local_labels.astype(jnp.int32), bias, order, cfg, splits, debug=debug
@@ -96,6 +92,16 @@ def forward(
   if for_backward:
     residuals = Residuals(order, out.block_max if want_block_max else None)
   return LocalForward(lse, out.target, logit_sum, residuals)
+
+
+def with_vocab_splits(
+  cfg: kernels.KernelConfig, opts: LossOptions
+) -> tuple[kernels.KernelConfig, int]:
+  """``cfg`` with the forward's vocabulary blocks per split, and the number of splits (none
+  empty), from ``opts.block_sizes.vocab_splits``."""
+  blocks = cfg.classes.count
+  per_split = filtering.cdiv(blocks, min(opts.block_sizes.vocab_splits, blocks))
+  return _replace(cfg, blocks_per_split=per_split), filtering.cdiv(blocks, per_split)
 
 
 def backward(

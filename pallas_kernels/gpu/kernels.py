@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 from cce_jax import filtering, loss_math, vma
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
+from pallas_kernels import stats_tile
 from pallas_kernels.gpu import tile_math
 
 
@@ -57,6 +58,8 @@ class KernelConfig:
     blocks_per_split: vocabulary blocks per forward program.
     want_logit_sum: the forward accumulates ``sum_v z_nv``.
     want_block_max: the forward writes per-block row maxima.
+    want_token_stats: the forward also keeps, per split, ``t = sum exp(z - max) (z - max)``
+      and the argmax (``cce_jax.token_stats``; :mod:`pallas_kernels.stats_tile`).
     skip_group: class blocks per column of the skip table (the dC kernel's blocks are
       ``skip_group`` times smaller than the forward's, and nest in them).
     grad_c_programs: the dC kernel runs this many persistent programs, each accumulating one
@@ -75,6 +78,7 @@ class KernelConfig:
   blocks_per_split: int = 1
   want_logit_sum: bool = False
   want_block_max: bool = False
+  want_token_stats: bool = False
   skip_group: int = 1
   grad_c_programs: int | None = None
 
@@ -250,6 +254,8 @@ def forward_kernel(
   logit_sum_ref,
   target_ref,
   block_max_ref,
+  t_ref,
+  argmax_ref,
   *,
   cfg: KernelConfig,
 ):
@@ -258,7 +264,9 @@ def forward_kernel(
   Refs: e (N, D); c (V, D) or (D, V); labels (N,) int32 local labels (-1: none); bias (V,) or
   a dummy; order (V,) int32 or a dummy. Outputs, f32: max and sum (S, N) (the split's running
   max and sum of ``exp(z - max)``), logit_sum (S, N) or a dummy, target (N,) (written by split
-  0), block_max (vocabulary blocks, N) or a dummy.
+  0), block_max (vocabulary blocks, N) or a dummy; with ``cfg.want_token_stats`` t (S, N) f32
+  (the split's ``sum exp(z - max) (z - max)``) and argmax (S, N) int32 (the lowest class id
+  holding the split's max), else dummies.
   """
   i, split = pl.program_id(0), pl.program_id(1)
   n0, rows_ok = tile_math.masked_rows(i, cfg.tokens)
@@ -267,26 +275,41 @@ def forward_kernel(
   last = jnp.minimum(first + cfg.blocks_per_split, cfg.classes.count)
 
   def vocab_step(j, carry):
-    running_max, running_sum, logit_sum = carry
+    running_max, running_sum, logit_sum, *stats = carry  # stats: [t, argmax] when wanted
     blk = class_block(j, order_ref, cfg)
     z = tile_logits(e_ref, c_ref, bias_ref, n0, rows_ok, blk, cfg)  # (bn, bv)
     live = None if blk.fresh is None else blk.fresh[None, :]
-    running_max, running_sum, tile_max = filtering.online_lse_step(
-      running_max, running_sum, z, live
-    )
+    if cfg.want_token_stats:
+      z_live = z if live is None else jnp.where(live, z, -jnp.inf)
+      old_max = running_max
+      t, argmax = stats
+      running_max, running_sum, t, tile_max = stats_tile.online_step(
+        running_max, running_sum, t, z_live, keepdims=False
+      )
+      tile_arg = stats_tile.tile_argmax(z_live, tile_max, blk.ids[None, :], keepdims=False)
+      stats = [t, stats_tile.pick_argmax(old_max, argmax, tile_max, tile_arg)]
+    else:
+      running_max, running_sum, tile_max = filtering.online_lse_step(
+        running_max, running_sum, z, live
+      )
     if cfg.want_logit_sum:
       logit_sum = logit_sum + jnp.sum(z if live is None else jnp.where(live, z, 0.0), axis=1)
     if cfg.want_block_max:
       store_token_vector(block_max_ref, j, n0, rows_ok, tile_max, cfg)
-    return running_max, running_sum, logit_sum
+    return running_max, running_sum, logit_sum, *stats
 
   zeros = jnp.zeros((bn,), jnp.float32)
   init = (jnp.full((bn,), -jnp.inf, jnp.float32), zeros, zeros)
-  running_max, running_sum, logit_sum = lax.fori_loop(first, last, vocab_step, init)
+  if cfg.want_token_stats:
+    init = (*init, zeros, jnp.zeros((bn,), jnp.int32))
+  running_max, running_sum, logit_sum, *stats = lax.fori_loop(first, last, vocab_step, init)
   store_token_vector(max_ref, split, n0, rows_ok, running_max, cfg)
   store_token_vector(sum_ref, split, n0, rows_ok, running_sum, cfg)
   if cfg.want_logit_sum:
     store_token_vector(logit_sum_ref, split, n0, rows_ok, logit_sum, cfg)
+  if cfg.want_token_stats:
+    store_token_vector(t_ref, split, n0, rows_ok, stats[0], cfg)
+    store_token_vector(argmax_ref, split, n0, rows_ok, stats[1], cfg)
 
   @pl.when(split == 0)
   def _target():
@@ -326,6 +349,8 @@ class ForwardOutputs(NamedTuple):
   logit_sum_SN: jax.Array  # (S, N) f32 or a (1, 1) dummy
   target: jax.Array  # (N,) f32
   block_max: jax.Array  # (vocab blocks, N) f32 or a (1, 1) dummy
+  t_SN: jax.Array  # (S, N) f32 or a (1, 1) dummy
+  argmax_SN: jax.Array  # (S, N) int32 or a (1, 1) dummy
 
 
 def _compiler_params(cfg: KernelConfig) -> plgpu.CompilerParams:
@@ -376,6 +401,8 @@ def forward_call(
     logit_sum_SN=((splits, num_tokens) if cfg.want_logit_sum else (1, 1), f32),
     target=((num_tokens,), f32),
     block_max=((cfg.classes.count, num_tokens) if cfg.want_block_max else (1, 1), f32),
+    t_SN=((splits, num_tokens) if cfg.want_token_stats else (1, 1), f32),
+    argmax_SN=((splits, num_tokens) if cfg.want_token_stats else (1, 1), jnp.int32),
   )
   outs = _launch(
     forward_kernel,

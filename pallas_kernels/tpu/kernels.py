@@ -44,13 +44,16 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cce_jax import filtering, loss_math
 from cce_jax.filtering import cdiv
+from pallas_kernels import stats_tile
 from pallas_kernels.tpu.block_sizes import LANES, Tiles
 
 # Per-token inputs of the backward kernels, the columns of one (N, 4) f32 array.
 TOKEN_LSE, TOKEN_ALPHA, TOKEN_BETA, TOKEN_GAMMA = range(4)
 NUM_TOKEN_COLUMNS = 4
-# Columns of the forward's (N, 128) f32 statistics output.
-STAT_LSE, STAT_LOGIT_SUM = 0, 1
+# Columns of the forward's (N, 128) f32 statistics output (the last three with token stats).
+STAT_LSE, STAT_LOGIT_SUM, STAT_ENTROPY, STAT_PEAK, STAT_ARGMAX = range(5)
+# The argmax travels as an f32 lane of that output: exact for class ids below 2**24.
+MAX_STATS_CLASSES = 2**24
 SKIP_BITS = 32  # tiles per word of the packed skip table
 
 
@@ -268,14 +271,16 @@ def _forward_kernel(
   with_logit_sum: bool,
   with_block_max: bool,
   grouped: bool,
+  with_token_stats: bool = False,
 ):
-  """One grid step (i, j, k) of :func:`forward_stats`.
+  """One grid step (i, j, k) of :func:`forward_stats` (and :func:`forward_token_stats`).
 
   refs: [group order (SMEM, scalar-prefetched) when ``grouped``], e block (bn, bd), c block
   (bv, bd) or (bd, bv) (``grouped``: the whole (V, D) array in HBM), [bias (1, bv) f32], stats
   out (bn, 128) f32, [block max out (bn, 128) f32], [logit accumulator (bn, bv) f32 when
-  nk > 1], running max, running sum, logit sum scratch (bn, 1) f32 each, and when ``grouped``:
-  c's rows (2, bv, nk * bd) in c's dtype (two slots) and their DMA semaphores (2,).
+  nk > 1], running max, running sum, logit sum scratch (bn, 1) f32 each, [with token stats:
+  running ``t`` and argmax scratch (bn, 1) f32 each], and when ``grouped``: c's rows
+  (2, bv, nk * bd) in c's dtype (two slots) and their DMA semaphores (2,).
 
   ``grouped``: vocabulary block j's groups of rows are DMA'd into slot ``j % 2`` while block
   ``j - 1`` computes (block 0 of each token block loads without overlap), whole width, at
@@ -291,10 +296,11 @@ def _forward_kernel(
   nk, nv = tiles.num_hidden_blocks, tiles.num_vocab_blocks
   acc_ref = refs.pop(0) if nk > 1 else None
   max_ref, sum_ref, logit_sum_ref = refs[:3]
+  t_ref, argmax_ref = refs[3:5] if with_token_stats else (None, None)
   j, k = pl.program_id(1), pl.program_id(2)
 
   if grouped:
-    c_rows, sems = refs[3:]
+    c_rows, sems = refs[-2:]
     slot = lax.rem(j, 2)
 
     def copies(block, block_slot, wait):
@@ -332,13 +338,29 @@ def _forward_kernel(
       max_ref[...] = jnp.full_like(max_ref, -jnp.inf)
       sum_ref[...] = jnp.zeros_like(sum_ref)
       logit_sum_ref[...] = jnp.zeros_like(logit_sum_ref)
+      if with_token_stats:
+        t_ref[...] = jnp.zeros_like(t_ref)
+        argmax_ref[...] = jnp.zeros_like(argmax_ref)
 
     old_max = max_ref[...]
-    new_max = jnp.maximum(old_max, tile_max)
-    shift = filtering.exp_shift(new_max)  # 0 while every class so far is masked (-inf)
-    sum_ref[...] = sum_ref[...] * jnp.exp(old_max - shift) + jnp.sum(
-      jnp.exp(z_live - shift), axis=1, keepdims=True
-    )
+    if with_token_stats:
+      # Class ids as f32 (exact below MAX_STATS_CLASSES): an f32 min reduction.
+      class_ids = (j * tiles.vocab_block + lax.broadcasted_iota(jnp.int32, z.shape, 1)).astype(
+        jnp.float32
+      )
+      tile_arg = stats_tile.tile_argmax(z_live, tile_max, class_ids, keepdims=True)
+      argmax_ref[...] = stats_tile.pick_argmax(old_max, argmax_ref[...], tile_max, tile_arg)
+      new_max, new_sum, new_t, _ = stats_tile.online_step(
+        old_max, sum_ref[...], t_ref[...], z_live, keepdims=True
+      )
+      sum_ref[...] = new_sum
+      t_ref[...] = new_t
+    else:
+      new_max = jnp.maximum(old_max, tile_max)
+      shift = filtering.exp_shift(new_max)  # 0 while every class so far is masked (-inf)
+      sum_ref[...] = sum_ref[...] * jnp.exp(old_max - shift) + jnp.sum(
+        jnp.exp(z_live - shift), axis=1, keepdims=True
+      )
     max_ref[...] = new_max
     if with_logit_sum:
       logit_sum_ref[...] += jnp.sum(_zero_outside(z, valid_cols), axis=1, keepdims=True)
@@ -354,6 +376,11 @@ def _forward_kernel(
       stats = jnp.where(lanes == STAT_LSE, lse, 0.0)
       if with_logit_sum:
         stats = jnp.where(lanes == STAT_LOGIT_SUM, logit_sum_ref[...], stats)
+      if with_token_stats:
+        entropy = stats_tile.entropy(sum_ref[...], t_ref[...])
+        stats = jnp.where(lanes == STAT_ENTROPY, entropy, stats)
+        stats = jnp.where(lanes == STAT_PEAK, max_ref[...], stats)
+        stats = jnp.where(lanes == STAT_ARGMAX, argmax_ref[...], stats)
       stats_ref[...] = stats
 
 
@@ -379,6 +406,57 @@ def forward_stats(
   ``group_order[p]`` (entries past V / GROUP_ROWS are not read); the kernel DMAs them from
   ``c`` in HBM, so no sorted copy of ``c`` is made. ``bias`` is then in the visiting order.
   """
+  outs = _forward_call(
+    e, c, bias, geo, math, with_logit_sum, with_block_max, False, interpret, group_order
+  )
+  stats = outs[0]
+  lse = stats[:, STAT_LSE]
+  logit_sum = stats[:, STAT_LOGIT_SUM] if with_logit_sum else None
+  nv = geo.tiles.for_forward().num_vocab_blocks
+  block_max = outs[1][:, :nv] if with_block_max else None
+  return lse, logit_sum, block_max
+
+
+def forward_token_stats(
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  geo: Geometry,
+  math: Math,
+  interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """lse, entropy, peak (the largest logit), each (N,) f32, and argmax (N,) int32 (the lowest
+  class id holding the peak; 0 for a token without a finite logit), of ``cce_jax.token_stats``
+  in one pass over the vocabulary: the forward kernel with its online entropy and argmax
+  (:mod:`pallas_kernels.stats_tile`).
+
+  Raises:
+    ValueError: more than ``MAX_STATS_CLASSES`` classes (the argmax travels as f32).
+  """
+  if geo.num_classes > MAX_STATS_CLASSES:
+    raise ValueError(
+      f"impl='pallas_tpu' token statistics take at most {MAX_STATS_CLASSES} classes per "
+      f"device, got V={geo.num_classes}; use impl='xla' or shard the vocabulary (vocab_axis)."
+    )
+  stats = _forward_call(e, c, bias, geo, math, False, False, True, interpret)[0]
+  argmax = stats[:, STAT_ARGMAX].astype(jnp.int32)
+  return stats[:, STAT_LSE], stats[:, STAT_ENTROPY], stats[:, STAT_PEAK], argmax
+
+
+def _forward_call(
+  e: jax.Array,  # (N, D)
+  c: jax.Array,  # (V, D) or (D, V)
+  bias: jax.Array | None,  # (V,)
+  geo: Geometry,
+  math: Math,
+  with_logit_sum: bool,
+  with_block_max: bool,
+  with_token_stats: bool,
+  interpret: bool,
+  group_order: jax.Array | None = None,  # (V / GROUP_ROWS,) int32
+) -> list[jax.Array]:
+  """The forward ``pallas_call``: [stats (N, 128) f32, block maxima (N, 128 k) f32 when
+  ``with_block_max``]; ``group_order`` as in :func:`forward_stats`."""
   geo = geo._replace(tiles=geo.tiles.for_forward())
   t = geo.tiles
   nv = t.num_vocab_blocks
@@ -403,7 +481,7 @@ def forward_stats(
       pl.BlockSpec((t.token_block, LANES), lambda i, j, k, *_: (i, lax.div(j, LANES)))
     )
   scratch = [pltpu.VMEM((t.token_block, t.vocab_block), jnp.float32)] * (t.num_hidden_blocks > 1)
-  scratch += [pltpu.VMEM((t.token_block, 1), jnp.float32)] * 3
+  scratch += [pltpu.VMEM((t.token_block, 1), jnp.float32)] * (3 + 2 * with_token_stats)
   if grouped:
     scratch += [
       pltpu.VMEM((2, t.vocab_block, _full_width(geo)), c.dtype),
@@ -416,6 +494,7 @@ def forward_stats(
     with_logit_sum=with_logit_sum,
     with_block_max=with_block_max,
     grouped=grouped,
+    with_token_stats=with_token_stats,
   )
   itemsize = e.dtype.itemsize
   n, v, d = geo.num_tokens, geo.num_classes, geo.hidden
@@ -437,13 +516,9 @@ def forward_stats(
       bytes_accessed=itemsize * (v * d * t.num_token_blocks + n * d),
     ),
     interpret=interpret_params(interpret),
-    name="cce_forward",
+    name="cce_token_stats" if with_token_stats else "cce_forward",
   )(*([group_order] if grouped else []), *args)
-  stats = outs[0]
-  lse = stats[:, STAT_LSE]
-  logit_sum = stats[:, STAT_LOGIT_SUM] if with_logit_sum else None
-  block_max = outs[1][:, :nv] if with_block_max else None
-  return lse, logit_sum, block_max
+  return list(outs)
 
 
 # ---- backward -------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Run through tests/test_multidevice.py. The combined lse, entropy, argmax, logprob and correct
 and the gradients must equal the float64 reference; argmax ties between vocabulary shards go
-to the lowest global class id; a whole masked shard adds nothing.
+to the lowest global class id; a whole masked shard adds nothing. Also the Pallas forwards
+(interpret mode) under ``mesh=``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from jax.sharding import AxisType
 from testing import assert_rel_close
 
 import cce_jax
+from pallas_kernels.gpu import GPUBlockSizes
+from pallas_kernels.tpu import TPUBlockSizes
 
 assert jax.device_count() == 8, "run through tests/test_multidevice.py"
 
@@ -132,3 +135,42 @@ def test_inside_shard_map_with_vocab_axis():
     (lse, entropy, logprob), (plain.lse, plain.entropy, plain.logprob), rtol=1e-5, atol=1e-5
   )
   chex.assert_trees_all_equal((argmax, correct), (plain.argmax, plain.correct))
+
+
+# "pallas_tpu" first: its interpreter's cross-device barrier (io_callbacks that run JAX ops)
+# has been seen to deadlock on 8 host devices when run after the "pallas_gpu" case in the same
+# process, and to pass run first (JAX 0.10.2).
+PALLAS_BLOCKS = {
+  "pallas_tpu": TPUBlockSizes(token_block=128, vocab_block=128, hidden_block=128),
+  # 19 classes per shard: one class block of 16 and an overlapping one.
+  "pallas_gpu": GPUBlockSizes(token_block=16, vocab_block=16, hidden_block=16),
+}
+
+
+@pytest.mark.parametrize(  # 13 s and 3 s
+  "impl", [pytest.param("pallas_tpu", marks=pytest.mark.slow), "pallas_gpu"]
+)
+def test_pallas_forwards_under_a_mesh(impl):
+  """The Pallas forwards (interpret mode) per shard, combined over the vocabulary axis, with a
+  whole masked shard; the gradients through the "xla" tiled backward."""
+  masked = np.r_[2 * SHARD : 3 * SHARD, 7]
+  e, c, labels, bias = _inputs(23, masked)
+  options = dict(shift=1, impl=impl, interpret=True, block_sizes=PALLAS_BLOCKS[impl])
+  sharding = dict(token_axes="data", vocab_axis="tensor", mesh=_mesh())
+  rng = np.random.default_rng(29)
+  weights = {k: rng.normal(size=(BATCH, SEQ_LEN - 1)) for k in ("lse", "entropy", "logprob")}
+
+  def objective(e, c, bias):
+    out = cce_jax.token_stats(e, c, labels, bias=bias, **options, **sharding)
+    return sum(jnp.sum(weights[k] * getattr(out, k)) for k in weights), out
+
+  grads, stats = jax.jit(jax.grad(objective, argnums=(0, 1, 2), has_aux=True))(e, c, bias)
+  expected = stats64.stats(e, c, labels, bias, shift=1)
+  assert_rel_close("lse", stats.lse, expected["lse"], 2e-5)
+  assert_rel_close("entropy", stats.entropy, expected["entropy"], 1e-4)
+  assert_rel_close("logprob", stats.logprob, expected["logprob"], 2e-5)
+  chex.assert_trees_all_equal(np.asarray(stats.argmax), expected["z"].argmax(-1).astype(np.int32))
+  expected_grads = stats64.stats_grads(e, c, labels, bias, weights, ignore_index=-100, shift=1)
+  for name, grad in zip(("d_e", "d_c", "d_bias"), grads, strict=True):
+    assert_rel_close(name, grad, expected_grads[name], 1e-4)
+  chex.assert_trees_all_equal(np.asarray(grads[2])[masked], np.zeros((masked.size,)))

@@ -1,0 +1,59 @@
+"""Token statistics of a Pallas forward under ``jax.vmap``: the examples folded into one call.
+
+A ``pallas_call`` is not batched the same way by every backend's interpreter (TPU interpret
+mode cannot run a vmapped one), and one call over every example's tokens is also the fast way
+on a device. :func:`fold_examples` wraps a ``cce_jax.local_stats`` forward so that, under
+``jax.vmap``, the mapped axis of ``e`` and the labels is folded into the token axis, as
+``cce_jax.tiled.fold_examples`` does for the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap, sequential_vmap
+
+from cce_jax.local_stats import LocalStats
+from cce_jax.options import LossOptions
+from cce_jax.tiled import TiledInputs
+
+StatsForward = Callable[[TiledInputs, LossOptions], LocalStats]
+
+
+def fold_examples(forward: StatsForward) -> StatsForward:
+  """``forward`` that, under ``jax.vmap``, runs once over every example's tokens (each
+  :class:`LocalStats` field (N,) per example); a classifier or bias mapped per example cannot
+  be folded: the examples then run one after another."""
+
+  @functools.cache
+  def folded(opts: LossOptions):
+    @custom_vmap
+    def call(e, c, local_labels, bias):
+      return forward(TiledInputs(e, c, local_labels, bias), opts)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, e, c, local_labels, bias):
+      e_batched, c_batched, labels_batched, bias_batched = in_batched
+      if c_batched or bias_batched:
+        in_axes = tuple(0 if batched else None for batched in in_batched)
+        one_example = lambda *arrays: forward(TiledInputs(*arrays), opts)
+        out = jax.vmap(sequential_vmap(one_example), in_axes=in_axes)(e, c, local_labels, bias)
+        return out, jax.tree.map(lambda _: True, out)
+      if not e_batched:
+        e = jnp.broadcast_to(e, (axis_size, *e.shape))
+      if not labels_batched:
+        local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
+      num_tokens, hidden = e.shape[1:]
+      out = call(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)  # (B N,) each
+      out = jax.tree.map(lambda x: x.reshape(axis_size, num_tokens), out)
+      return out, jax.tree.map(lambda _: True, out)
+
+    return call
+
+  def folded_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
+    return folded(opts)(*inputs)
+
+  return folded_forward
