@@ -429,3 +429,19 @@ def test_pallas_tpu_refuses_more_classes_than_its_f32_argmax_holds():
   call = lambda e, c: cce_jax.token_stats(e, c, impl="pallas_tpu", interpret=True)
   with pytest.raises(ValueError, match=r"impl='pallas_tpu' token statistics take at most 16777216"):
     jax.eval_shape(call, e, c)
+
+
+@pytest.mark.parametrize("num_classes", [203, 4099])
+def test_softcap_argmax_with_default_tiles(num_classes):
+  """With a softcap and the default tiles (one tile wider than V at V = 203), the argmax is
+  a class id in [0, V) holding the largest capped logit of the float64 reference. (It once
+  compared the tile's maximum and its logits computed in two fusions that rounded tanh apart,
+  matched no column, and returned V.)"""
+  rng = np.random.default_rng(num_classes)
+  e = rng.normal(size=(2, 13, 16)).astype(np.float32)
+  c = rng.normal(size=(num_classes, 16)).astype(np.float32)
+  stats = cce_jax.token_stats(jnp.asarray(e), jnp.asarray(c), softcap=3.0)
+  expected = stats64.stats(e, c, softcap=3.0)
+  assert int(np.max(stats.argmax)) < num_classes, "argmax out of range"
+  _check_argmax("argmax", stats.argmax, expected["z"], atol=1e-5)
+  assert_rel_close("entropy", stats.entropy, expected["entropy"], 2e-4)
