@@ -13,12 +13,11 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
-from jax.custom_batching import custom_vmap, sequential_vmap
+from jax.custom_batching import custom_vmap
 
 from cce_jax.local_stats import LocalStats
 from cce_jax.options import LossOptions
-from cce_jax.tiled import TiledInputs
+from cce_jax.tiled import TiledInputs, fold_or_sequence
 
 StatsForward = Callable[[TiledInputs, LossOptions], LocalStats]
 
@@ -36,19 +35,11 @@ def fold_examples(forward: StatsForward) -> StatsForward:
 
     @call.def_vmap
     def rule(axis_size, in_batched, e, c, local_labels, bias):
-      e_batched, c_batched, labels_batched, bias_batched = in_batched
-      if c_batched or bias_batched:
-        in_axes = tuple(0 if batched else None for batched in in_batched)
-        one_example = lambda *arrays: forward(TiledInputs(*arrays), opts)
-        out = jax.vmap(sequential_vmap(one_example), in_axes=in_axes)(e, c, local_labels, bias)
-        return out, jax.tree.map(lambda _: True, out)
-      if not e_batched:
-        e = jnp.broadcast_to(e, (axis_size, *e.shape))
-      if not labels_batched:
-        local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
-      num_tokens, hidden = e.shape[1:]
-      out = call(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)  # (B N,) each
-      out = jax.tree.map(lambda x: x.reshape(axis_size, num_tokens), out)
+      inputs = TiledInputs(e, c, local_labels, bias)
+      one_call = lambda inputs: forward(inputs, opts)
+      out, num_tokens = fold_or_sequence(call, one_call, axis_size, in_batched, inputs)
+      if num_tokens is not None:  # (B N,) each
+        out = jax.tree.map(lambda x: x.reshape(axis_size, num_tokens), out)
       return out, jax.tree.map(lambda _: True, out)
 
     return call

@@ -225,6 +225,34 @@ def resolve_block_sizes_of(
   return resolve
 
 
+def fold_or_sequence(
+  call: Callable[..., Any],
+  one_call: Callable[[TiledInputs], Any],
+  axis_size: int,
+  in_batched: tuple[bool, ...],
+  inputs: TiledInputs,
+) -> tuple[Any, int | None]:
+  """The shared part of a ``custom_vmap`` rule that folds examples into the token axis.
+
+  With ``c`` or ``bias`` mapped per example, ``one_call`` runs on the examples one after
+  another and its per-example outputs come back with ``None`` tokens. Otherwise ``e`` (B, N,
+  D) and the labels (B, N) are broadcast over the batch where unmapped and ``call`` runs once
+  on the (B N, D) tokens: its outputs are per folded token, returned with N.
+  """
+  e, c, local_labels, bias = inputs
+  e_batched, c_batched, labels_batched, bias_batched = in_batched
+  if c_batched or bias_batched:
+    in_axes = tuple(0 if b else None for b in in_batched)
+    one_example = lambda *arrays: one_call(TiledInputs(*arrays))
+    return jax.vmap(sequential_vmap(one_example), in_axes=in_axes)(*inputs), None
+  if not e_batched:
+    e = jnp.broadcast_to(e, (axis_size, *e.shape))
+  if not labels_batched:
+    local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
+  num_tokens, hidden = e.shape[1:]
+  return call(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias), num_tokens
+
+
 def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
   """``forward`` that, under ``jax.vmap``, folds the mapped axis into the token axis: one call
   over every example's tokens, as if the batch were given as leading dimensions.
@@ -244,18 +272,10 @@ def fold_examples(forward: ForwardFn, block_max_token_axis: int) -> ForwardFn:
 
     @call.def_vmap
     def rule(axis_size, in_batched, e, c, local_labels, bias):
-      e_batched, c_batched, labels_batched, bias_batched = in_batched
-      if c_batched or bias_batched:
-        in_axes = tuple(0 if b else None for b in in_batched)
-        one_example = lambda *arrays: one_call(TiledInputs(*arrays))
-        out = jax.vmap(sequential_vmap(one_example), in_axes=in_axes)(e, c, local_labels, bias)
+      inputs = TiledInputs(e, c, local_labels, bias)
+      out, num_tokens = fold_or_sequence(call, one_call, axis_size, in_batched, inputs)
+      if num_tokens is None:
         return out, jax.tree.map(lambda _: True, out)
-      if not e_batched:
-        e = jnp.broadcast_to(e, (axis_size, *e.shape))
-      if not labels_batched:
-        local_labels = jnp.broadcast_to(local_labels, (axis_size, *local_labels.shape))
-      num_tokens, hidden = e.shape[1:]
-      out = call(e.reshape(-1, hidden), c, local_labels.reshape(-1), bias)
       per_example = lambda x: None if x is None else x.reshape(axis_size, num_tokens)
       residuals = out.residuals
       if residuals is not None and residuals.block_max is not None:
