@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from cce_jax import column_slabs, tile_dot
 from cce_jax.options import LossOptions

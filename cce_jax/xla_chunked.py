@@ -144,17 +144,13 @@ def _update(x: jax.Array, block: jax.Array, start: jax.Array, axis: int = 0) -> 
   return lax.dynamic_update_slice_in_dim(x, block, start, axis)
 
 
-def grad_e_tile(
-  dx: jax.Array, c_blk: jax.Array, vocab_dim: int, upcast: bool = False
-) -> jax.Array:
+def grad_e_tile(dx: jax.Array, c_blk: jax.Array, vocab_dim: int, upcast: bool = False) -> jax.Array:
   """(n, v) x classifier block -> (n, D) f32 (``upcast``: see ``tile_dot.tile_dot``)."""
   dims = (((1,), (vocab_dim,)), ((), ()))
   return tile_dot.tile_dot(dx, c_blk, dims, upcast)
 
 
-def grad_c_tile(
-  dx: jax.Array, e_blk: jax.Array, vocab_dim: int, upcast: bool = False
-) -> jax.Array:
+def grad_c_tile(dx: jax.Array, e_blk: jax.Array, vocab_dim: int, upcast: bool = False) -> jax.Array:
   """(n, v) and (n, D) -> the classifier-block gradient in the layout of c, f32 (``upcast``:
   see ``tile_dot.tile_dot``)."""
   dims = (((0,), (0,)), ((), ()))
