@@ -18,6 +18,9 @@ the logits are at hand and the backward only scales it by ``s``:
   ``dC[classes] += G.T @ E_blk`` (**pass 3**), skipping a negligible tile's products exactly as
   the four-pass backward does.
 
+Each tile's dC and db updates are scatter-added into the accumulators (dropped for a skipped
+tile); the tile products go through ``cce_jax.tile_dot`` like the four-pass path's.
+
 The four-pass path (``cce_jax.xla_chunked``) instead recomputes every logit in its backward.
 
 Memory: the ``(n, V)`` f32 buffer (:data:`ROW_BUFFER_BYTES` bounds it for the default tiles),
@@ -177,15 +180,17 @@ def fused_forward(
       return v0, v0 + lax.iota(jnp.int32, voc.block)
     return v0, _slice(order, v0, voc.block)
 
-  def classifier_block(v0, class_ids):
-    """The tile's classifier block (layout of ``c``) and bias block."""
+  def classifier_block(v0, class_ids) -> tuple[jax.Array, jax.Array | None]:
+    """The tile's classifier block ((v, D) or (D, v), dtype of ``c``) and bias block (v,)."""
     if order is None:
       c_blk = _slice(c, v0, voc.block, axis)
       return c_blk, None if bias is None else _slice(bias, v0, voc.block)
     c_blk = jnp.take(c, class_ids, axis=axis)  # a gathered block, never a permuted copy of c
     return c_blk, None if bias is None else bias[class_ids]
 
-  def add_rows(acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int, skip):
+  def add_rows(
+    acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int, skip: jax.Array | None
+  ) -> jax.Array:
     """``acc`` plus ``rows`` at the block's classes (in place in the loop); nothing is added
     where ``skip`` (then ``rows`` are zeros)."""
     if order is None:

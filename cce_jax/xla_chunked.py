@@ -16,6 +16,9 @@ size N x V is ever allocated: the temporaries are a few f32 tiles of ``token_blo
 vocab_block``, an f32 (N, D) accumulator for dE, an f32 (vocab_block, D) accumulator for one
 block of dC, and the (vocab blocks, N) block maxima.
 
+Every tile product goes through ``cce_jax.tile_dot.tile_dot``: compiled for CPU, bfloat16 and
+float16 tiles are multiplied in f32 (the same products, XLA:CPU's fast matrix product).
+
 Sizes that are not a multiple of a block are handled without padding: both axes use the
 "overlap" tiling of :class:`cce_jax.filtering.AxisTiling` (the last block starts early, at
 ``min(i * block, size - block)``, and the entries that an earlier block already covered are
