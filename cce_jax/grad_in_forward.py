@@ -264,6 +264,11 @@ def fused_forward(
     # by XLA on every tile. A skipped tile reads nothing of c and adds nothing to dC.
     c_shape = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
 
+    def zero_updates():
+      """Zero updates of dC and db, varying (under shard_map) like those of a tile."""
+      zeros_v = None if d_bias is None else jnp.zeros((voc.block,), jnp.float32)
+      return vma.vary_like((jnp.zeros(c_shape, jnp.float32), zeros_v), e, c, bias, labels, weights)
+
     def vocab_backward(j, inner):
       d_e_blk, d_c, d_bias = inner
       v0, class_ids = classes_of(j)
@@ -285,14 +290,13 @@ def fused_forward(
         )
         grad_c = lambda: xla_chunked.grad_c_tile(dx, e_product, axis, upcast)
         if product_skip is not None and opts.filter_c_grad:
-          d_c_rows = lax.cond(product_skip, lambda: jnp.zeros(c_shape, jnp.float32), grad_c)
+          d_c_rows = lax.cond(product_skip, lambda: zero_updates()[0], grad_c)
         else:
           d_c_rows = grad_c()  # (v, D) or (D, v) f32
         return d_e_blk, d_c_rows, d_bias_rows
 
       def skipped(d_e_blk):
-        zeros_v = None if d_bias is None else jnp.zeros((voc.block,), jnp.float32)
-        return d_e_blk, jnp.zeros(c_shape, jnp.float32), zeros_v
+        return d_e_blk, *zero_updates()
 
       dropped = None
       if skip is not None and skip_whole_tile:
