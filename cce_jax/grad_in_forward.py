@@ -18,6 +18,9 @@ the logits are at hand and the backward only scales it by ``s``:
   ``dC[classes] += G.T @ E_blk`` (**pass 3**), skipping a negligible tile's products exactly as
   the four-pass backward does.
 
+Each tile's dC and db updates are scatter-added into the accumulators (dropped for a skipped
+tile); the tile products go through ``cce_jax.tile_dot`` like the four-pass path's.
+
 The four-pass path (``cce_jax.xla_chunked``) instead recomputes every logit in its backward.
 
 Memory: the ``(n, V)`` f32 buffer (:data:`ROW_BUFFER_BYTES` bounds it for the default tiles),
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from cce_jax import differentiable, filtering, loss_math, vma, vocab_sort, xla_chunked
+from cce_jax import differentiable, filtering, loss_math, tile_dot, vma, vocab_sort, xla_chunked
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
@@ -167,32 +170,37 @@ def fused_forward(
   want_logit_sum = opts.label_smoothing > 0.0
   uniform_in_tile = filtering.uniform_in_tile(opts)
   product_dtype = filtering.product_dtype(e.dtype)
+  upcast = tile_dot.upcasts_16bit(e, c)
   one_block = AxisTiling(tok.block, tok.block, "overlap")  # the skip-table rows of one block
 
   def classes_of(j):
-    """(start in the visiting order, (v,) class ids, classifier block, bias block)."""
+    """(start in the visiting order, (v,) class ids)."""
     v0 = voc.start(j)
     if order is None:
-      class_ids = v0 + lax.iota(jnp.int32, voc.block)
+      return v0, v0 + lax.iota(jnp.int32, voc.block)
+    return v0, _slice(order, v0, voc.block)
+
+  def classifier_block(v0, class_ids) -> tuple[jax.Array, jax.Array | None]:
+    """The tile's classifier block ((v, D) or (D, v), dtype of ``c``) and bias block (v,)."""
+    if order is None:
       c_blk = _slice(c, v0, voc.block, axis)
-      return v0, class_ids, c_blk, None if bias is None else _slice(bias, v0, voc.block)
-    class_ids = _slice(order, v0, voc.block)
+      return c_blk, None if bias is None else _slice(bias, v0, voc.block)
     c_blk = jnp.take(c, class_ids, axis=axis)  # a gathered block, never a permuted copy of c
-    return v0, class_ids, c_blk, None if bias is None else bias[class_ids]
+    return c_blk, None if bias is None else bias[class_ids]
 
-  def rows_of(acc: jax.Array, v0, class_ids, vocab_axis: int) -> jax.Array:
-    """The block's classes of ``acc`` (a slice, or a gather in the sorted order)."""
+  def add_rows(
+    acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int, skip: jax.Array | None
+  ) -> jax.Array:
+    """``acc`` plus ``rows`` at the block's classes (in place in the loop); nothing is added
+    where ``skip`` (then ``rows`` are zeros)."""
     if order is None:
-      return _slice(acc, v0, voc.block, vocab_axis)
-    return jnp.take(acc, class_ids, axis=vocab_axis)
-
-  def put_rows(acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int) -> jax.Array:
-    """``acc`` with the block's classes replaced by ``rows`` (in place in the loop)."""
-    if order is None:
-      return _update(acc, rows, v0, vocab_axis)
+      return _update(acc, _slice(acc, v0, voc.block, vocab_axis) + rows, v0, vocab_axis)
+    if skip is not None:
+      # Distinct out-of-range ids: a skipped tile's (zero) update is dropped, not written.
+      class_ids = jnp.where(skip, num_classes + lax.iota(jnp.int32, voc.block), class_ids)
     if vocab_axis == 0:
-      return acc.at[class_ids].set(rows, unique_indices=True)
-    return acc.at[:, class_ids].set(rows, unique_indices=True)
+      return acc.at[class_ids].add(rows, mode="drop", unique_indices=True)
+    return acc.at[:, class_ids].add(rows, mode="drop", unique_indices=True)
 
   def token_step(i, carry):
     loss_N, gamma_N, d_e, d_c, d_bias = carry
@@ -204,8 +212,9 @@ def fused_forward(
     # Sweep 1 (pass 1): the block's logits over the vocabulary, kept; the online lse.
     def vocab_forward(j, inner):
       running_max, running_sum, logit_sum, block_max, logits = inner
-      v0, _, c_blk, bias_blk = classes_of(j)
-      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      v0, class_ids = classes_of(j)
+      c_blk, bias_blk = classifier_block(v0, class_ids)
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts, upcast)  # (n, v) f32
       fresh_v = voc.live(j, v0)
       new_max, running_sum, tile_max = filtering.online_lse_step(
         running_max, running_sum, z, None if fresh_v is None else fresh_v[None, :]
@@ -247,49 +256,59 @@ def fused_forward(
         block_max, lse, scale, held_blk, order, one_block, voc, opts.filter_eps, 1
       )[0]  # (vocab blocks,)
     rows_live = tok.live(i, t0)
+    e_product = e_blk.astype(jnp.float32 if upcast else product_dtype)  # exact
 
     # Sweep 2 (passes 2 and 3): the softmax gradient of each tile from the kept logits. The
-    # per-tile branch only carries the tile's rows of dE, dC and db: a whole (V, D) operand
-    # of a lax.cond would be copied by XLA on every tile.
+    # per-tile branch carries only the block's rows of dE and returns the tile's updates of dC
+    # and db, which are added after it: a whole (V, D) operand of a lax.cond would be copied
+    # by XLA on every tile. A skipped tile reads nothing of c and adds nothing to dC.
+    c_shape = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
+
+    def zero_updates():
+      """Zero updates of dC and db, varying (under shard_map) like those of a tile."""
+      zeros_v = None if d_bias is None else jnp.zeros((voc.block,), jnp.float32)
+      return vma.vary_like((jnp.zeros(c_shape, jnp.float32), zeros_v), e, c, bias, labels, weights)
+
     def vocab_backward(j, inner):
       d_e_blk, d_c, d_bias = inner
-      v0, class_ids, c_blk, _ = classes_of(j)
+      v0, class_ids = classes_of(j)
       skip = None if skips is None else skips[j]
 
-      def tile_work(state, product_skip):
-        d_e_blk, d_c_rows, d_bias_rows = state
+      def tile_work(d_e_blk, product_skip):
+        c_blk, _ = classifier_block(v0, class_ids)
+        c_product = c_blk.astype(jnp.float32 if upcast else product_dtype)  # exact
         z = _slice(logits, v0, voc.block, axis=1)  # (n, v) f32
         is_target = held_blk[:, None] == class_ids[None, :]
         valid = xla_chunked.outer_and(rows_live, voc.live(j, v0))
         dx = loss_math.softmax_grad_tile(z, lse, is_target, coeffs, valid, opts, uniform_in_tile)
-        if d_bias_rows is not None:
-          d_bias_rows = d_bias_rows + jnp.sum(dx, axis=0)
+        d_bias_rows = None if d_bias is None else jnp.sum(dx, axis=0)  # (v,)
         dx = dx.astype(product_dtype)
         d_e_blk = _unless(
           product_skip if opts.filter_e_grad else None,
-          lambda acc: acc + xla_chunked.grad_e_tile(dx, c_blk.astype(product_dtype), axis),
+          lambda acc: acc + xla_chunked.grad_e_tile(dx, c_product, axis, upcast),
           d_e_blk,
         )
-        d_c_rows = _unless(
-          product_skip if opts.filter_c_grad else None,
-          lambda acc: acc + xla_chunked.grad_c_tile(dx, e_blk.astype(product_dtype), axis),
-          d_c_rows,
-        )
+        grad_c = lambda: xla_chunked.grad_c_tile(dx, e_product, axis, upcast)
+        if product_skip is not None and opts.filter_c_grad:
+          d_c_rows = lax.cond(product_skip, lambda: zero_updates()[0], grad_c)
+        else:
+          d_c_rows = grad_c()  # (v, D) or (D, v) f32
         return d_e_blk, d_c_rows, d_bias_rows
 
-      state = (
-        d_e_blk,
-        rows_of(d_c, v0, class_ids, axis),
-        None if d_bias is None else rows_of(d_bias, v0, class_ids, 0),
-      )
+      def skipped(d_e_blk):
+        return d_e_blk, *zero_updates()
+
+      dropped = None
       if skip is not None and skip_whole_tile:
-        state = _unless(skip, lambda st: tile_work(st, None), state)
+        d_e_blk, d_c_rows, d_bias_rows = lax.cond(
+          skip, skipped, lambda acc: tile_work(acc, None), d_e_blk
+        )
+        dropped = skip
       else:
-        state = tile_work(state, skip)
-      d_e_blk, d_c_rows, d_bias_rows = state
-      d_c = put_rows(d_c, d_c_rows, v0, class_ids, axis)
+        d_e_blk, d_c_rows, d_bias_rows = tile_work(d_e_blk, skip)
+      d_c = add_rows(d_c, d_c_rows, v0, class_ids, axis, dropped)
       if d_bias is not None:
-        d_bias = put_rows(d_bias, d_bias_rows, v0, class_ids, 0)
+        d_bias = add_rows(d_bias, d_bias_rows, v0, class_ids, 0, dropped)
       return d_e_blk, d_c, d_bias
 
     # Rows an earlier block already finished keep their values (this block adds 0 to them).

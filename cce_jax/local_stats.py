@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cce_jax import filtering, loss_math, vma, xla_chunked
+from cce_jax import filtering, loss_math, tile_dot, vma, xla_chunked
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.options import LossOptions
 from cce_jax.tiled import LocalGrads, TiledInputs
@@ -179,6 +179,7 @@ def xla_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
   e, c, local_labels, bias = inputs  # (N, D), (V, D) or (D, V), (N,), (V,) or None
   axis = opts.vocab_dim
   tok, voc = xla_chunked.tilings(e.shape[0], c.shape[axis], opts)
+  upcast = tile_dot.upcasts_16bit(e, c)
 
   def token_step(i, carry):
     t0 = tok.start(i)
@@ -190,7 +191,7 @@ def xla_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
       v0 = voc.start(j)
       c_blk = lax.dynamic_slice_in_dim(c, v0, voc.block, axis)
       bias_blk = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, voc.block)
-      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts, upcast)  # (n, v) f32
       live = voc.live(j, v0)  # classes an earlier (overlapped) block did not cover
       if live is not None:
         z = jnp.where(live[None, :], z, -jnp.inf)
@@ -230,6 +231,7 @@ def xla_backward(
   axis = opts.vocab_dim
   tok, voc = xla_chunked.tilings(num_tokens, c.shape[axis], opts)
   product_dtype = filtering.product_dtype(e.dtype)
+  upcast = tile_dot.upcasts_16bit(e, c)
   block_shape_c = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
 
   def vocab_step(j, carry):
@@ -246,7 +248,7 @@ def xla_backward(
       t0 = tok.start(i)
       rows = lambda x: lax.dynamic_slice_in_dim(x, t0, tok.block)
       e_blk = rows(e)  # (n, D)
-      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts, upcast)  # (n, v) f32
       is_target = rows(local_labels)[:, None] == class_ids[None, :]
       valid = xla_chunked.outer_and(tok.live(i, t0), live_v)  # (n, v) or None
       dx = stats_grad_tile(
@@ -255,8 +257,8 @@ def xla_backward(
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk + jnp.sum(dx, axis=0)
       dx = dx.astype(product_dtype)
-      d_rows = rows(d_e) + xla_chunked.grad_e_tile(dx, c_product, axis)
-      d_c_blk = d_c_blk + xla_chunked.grad_c_tile(dx, e_blk.astype(product_dtype), axis)
+      d_rows = rows(d_e) + xla_chunked.grad_e_tile(dx, c_product, axis, upcast)
+      d_c_blk = d_c_blk + xla_chunked.grad_c_tile(dx, e_blk.astype(product_dtype), axis, upcast)
       return lax.dynamic_update_slice_in_dim(d_e, d_rows, t0, 0), d_c_blk, d_bias_blk
 
     init = (

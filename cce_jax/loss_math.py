@@ -22,9 +22,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from cce_jax import column_slabs
+from cce_jax import column_slabs, tile_dot
 from cce_jax.options import LossOptions
 
 
@@ -84,14 +83,17 @@ def capped_logits(
   c: jax.Array,  # (v, D) or (D, v): rows of the classifier, in opts.classifier_layout
   bias: jax.Array | None,  # (v,)
   opts: LossOptions,
+  upcast: bool = False,
 ) -> jax.Array:
   r"""The soft-capped logits of a tile, (n, v) f32, the products accumulated in f32:
 
   .. math::
     z_{nv} = s \tanh\bigl((e_n \cdot c_v + b_v) / s\bigr)
+
+  ``upcast``: 16-bit tiles multiplied in f32 (``tile_dot.tile_dot``; the same products).
   """
   dims = (((1,), (1 - opts.vocab_dim,)), ((), ()))
-  x = lax.dot_general(e, c, dims, preferred_element_type=jnp.float32)
+  x = tile_dot.tile_dot(e, c, dims, upcast)
   if bias is not None:
     x = x + bias.astype(jnp.float32)
   return apply_softcap(x, opts.softcap)

@@ -16,6 +16,9 @@ size N x V is ever allocated: the temporaries are a few f32 tiles of ``token_blo
 vocab_block``, an f32 (N, D) accumulator for dE, an f32 (vocab_block, D) accumulator for one
 block of dC, and the (vocab blocks, N) block maxima.
 
+Every tile product goes through ``cce_jax.tile_dot.tile_dot``: compiled for CPU, bfloat16 and
+float16 tiles are multiplied in f32 (the same products, XLA:CPU's fast matrix product).
+
 Sizes that are not a multiple of a block are handled without padding: both axes use the
 "overlap" tiling of :class:`cce_jax.filtering.AxisTiling` (the last block starts early, at
 ``min(i * block, size - block)``, and the entries that an earlier block already covered are
@@ -35,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import column_slabs, filtering, loss_math, vma, vocab_sort
+from cce_jax import column_slabs, filtering, loss_math, tile_dot, vma, vocab_sort
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.filtering import AxisTiling
 from cce_jax.options import LossOptions
@@ -144,18 +147,19 @@ def _update(x: jax.Array, block: jax.Array, start: jax.Array, axis: int = 0) -> 
   return lax.dynamic_update_slice_in_dim(x, block, start, axis)
 
 
-def grad_e_tile(dx: jax.Array, c_blk: jax.Array, vocab_dim: int) -> jax.Array:
-  """(n, v) x classifier block -> (n, D) f32."""
+def grad_e_tile(dx: jax.Array, c_blk: jax.Array, vocab_dim: int, upcast: bool = False) -> jax.Array:
+  """(n, v) x classifier block -> (n, D) f32 (``upcast``: see ``tile_dot.tile_dot``)."""
   dims = (((1,), (vocab_dim,)), ((), ()))
-  return lax.dot_general(dx, c_blk, dims, preferred_element_type=jnp.float32)
+  return tile_dot.tile_dot(dx, c_blk, dims, upcast)
 
 
-def grad_c_tile(dx: jax.Array, e_blk: jax.Array, vocab_dim: int) -> jax.Array:
-  """(n, v) and (n, D) -> the classifier-block gradient in the layout of c, f32."""
+def grad_c_tile(dx: jax.Array, e_blk: jax.Array, vocab_dim: int, upcast: bool = False) -> jax.Array:
+  """(n, v) and (n, D) -> the classifier-block gradient in the layout of c, f32 (``upcast``:
+  see ``tile_dot.tile_dot``)."""
   dims = (((0,), (0,)), ((), ()))
   if vocab_dim == 0:
-    return lax.dot_general(dx, e_blk, dims, preferred_element_type=jnp.float32)  # (v, D)
-  return lax.dot_general(e_blk, dx, dims, preferred_element_type=jnp.float32)  # (D, v)
+    return tile_dot.tile_dot(dx, e_blk, dims, upcast)  # (v, D)
+  return tile_dot.tile_dot(e_blk, dx, dims, upcast)  # (D, v)
 
 
 def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> LocalForward:
@@ -179,6 +183,7 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
       slab_width = column_slabs.tile_slab_width(c.shape[axis], voc.block)
     order = vocab_sort.vocab_order(e, c, bias, opts, slab_width=slab_width)
   want_block_max = for_backward and opts.filters_anything
+  upcast = tile_dot.upcasts_16bit(e, c)
 
   def classifier_block(v0):
     if order is None:
@@ -197,7 +202,7 @@ def forward(inputs: TiledInputs, opts: LossOptions, for_backward: bool) -> Local
       running_max, running_sum, logit_sum, block_max = inner
       v0 = voc.start(j)
       c_blk, bias_blk = classifier_block(v0)
-      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts, upcast)  # (n, v) f32
       fresh_v = voc.live(j, v0)  # (v,) or None
       new_max, running_sum, tile_max = filtering.online_lse_step(
         running_max, running_sum, z, None if fresh_v is None else fresh_v[None, :]
@@ -269,6 +274,7 @@ def backward(
   uniform_in_tile = filtering.uniform_in_tile(opts)
   uniform_outside = filtering.uniform_outside(opts)
   product_dtype = filtering.product_dtype(e.dtype)
+  upcast = tile_dot.upcasts_16bit(e, c)
   skips = None
   if filter_scale is not None:
     skips = filtering.skip_table(
@@ -294,7 +300,9 @@ def backward(
     class_ids = _slice(residuals.order, p0, voc.block)  # (v,) int32
     fresh_v = voc.live(j, p0)
     c_blk = _read_block(c, class_ids, p0, voc.block, access)  # (v, D) or (D, v)
-    c_blk_product = c_blk.astype(product_dtype)
+    if upcast:
+      c_blk = c_blk.astype(jnp.float32)  # exact; once per block for the products of its tiles
+    c_blk_product = c_blk if upcast else c_blk.astype(product_dtype)
     bias_blk = None if bias is None else bias[class_ids]
 
     def token_step(i, inner):
@@ -309,7 +317,7 @@ def backward(
         labels_blk = _slice(local_labels, t0, tok.block)
         co = jax.tree.map(lambda x: _slice(x, t0, tok.block), coeffs)
         valid = outer_and(tok.live(i, t0), fresh_v)  # (n, v) or None
-        z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts)  # (n, v) f32
+        z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts, upcast)  # (n, v) f32
         is_target = labels_blk[:, None] == class_ids[None, :]
         dx = loss_math.softmax_grad_tile(
           z, _slice(lse, t0, tok.block), is_target, co, valid, opts, uniform_in_tile
@@ -319,12 +327,12 @@ def backward(
         dx = dx.astype(product_dtype)
         rows = _unless(
           product_skip if opts.filter_e_grad else None,
-          lambda rows: rows + grad_e_tile(dx, c_blk_product, axis),
+          lambda rows: rows + grad_e_tile(dx, c_blk_product, axis, upcast),
           rows,
         )
         c_acc = _unless(
           product_skip if opts.filter_c_grad else None,
-          lambda c_acc: c_acc + grad_c_tile(dx, e_blk.astype(product_dtype), axis),
+          lambda c_acc: c_acc + grad_c_tile(dx, e_blk.astype(product_dtype), axis, upcast),
           c_acc,
         )
         return rows, c_acc, b_acc
