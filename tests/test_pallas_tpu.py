@@ -287,8 +287,8 @@ def _skip_table(e, c, labels, opts):
 
 @pytest.mark.parametrize(
   "filter_flags",
-  [
-    (True, True),
+  [  # all slow: the per-class sort (the grouped default: test_pallas_tpu_grouped.py)
+    pytest.param((True, True), marks=pytest.mark.slow),
     pytest.param((False, True), marks=pytest.mark.slow),
     pytest.param((True, False), marks=pytest.mark.slow),
   ],
@@ -356,6 +356,7 @@ def test_filtering_drops_exactly_the_skipped_tiles(filter_flags):
   ) + 1e-5 * np.linalg.norm(dx.T @ e64)
 
 
+@pytest.mark.slow  # the per-class sort; the grouped default: test_pallas_tpu_grouped.py
 def test_sort_makes_tiles_skippable():
   """On trained-like bf16 inputs the sorted vocabulary lets whole tiles go, the id order
   almost none; the per-class sort's count agrees with the "xla" implementation's skip table."""

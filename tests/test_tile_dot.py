@@ -145,7 +145,7 @@ def _grads(fn, e, c, labels, monkeypatch, upcast: bool):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU upcast")
-@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("grad_in_forward", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_loss_and_grads_with_the_upcast_match_float64(grad_in_forward, monkeypatch):
   e, c, labels = _inputs(11 + grad_in_forward)
   # Exact (no filtering) so that the two runs multiply the same tiles.
