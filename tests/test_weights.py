@@ -158,7 +158,16 @@ def _blocks(impl: str):
   return SMALL_BLOCKS
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize(
+  "impl",
+  [
+    "xla",
+    "reference",
+    # Slow in interpret mode (run with --runslow); the xla case checks the rule by default.
+    pytest.param("pallas_gpu", marks=pytest.mark.slow),
+    pytest.param("pallas_tpu", marks=pytest.mark.slow),
+  ],
+)
 def test_filtering_scales_with_the_weight(inputs, impl):
   """The rule is |w_n| sigma_n p < eps: uniform weights 1/4 with eps skip the tiles of weight 1
   with 4 eps, and give a quarter of their filtered gradient."""

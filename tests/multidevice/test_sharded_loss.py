@@ -112,10 +112,10 @@ def assert_same(case, actual, expected):
 
 
 def _mode_cases():
-  """Every case in the combined mode; the other modes get three cases unless --runslow."""
+  """Every case in the combined mode; the other modes get two cases unless --runslow."""
   for mode in MODES:
     for i, case in enumerate(CASES):
-      marks = () if mode == "token+vocab" or i in (0, 1, len(CASES) - 2) else pytest.mark.slow
+      marks = () if mode == "token+vocab" or i in (0, len(CASES) - 2) else pytest.mark.slow
       yield pytest.param(mode, case, id=f"{mode}-{case_id(case)}", marks=marks)
 
 
