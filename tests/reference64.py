@@ -104,6 +104,24 @@ def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, weight
     }
 
 
+def plain_mean(e, c, labels):
+  """:func:`reference` of the plain loss: mean over the counted tokens (ignore_index -100), no
+  bias, softcap, shift, z-loss or smoothing, a (V, D) classifier."""
+  return reference(
+    e,
+    c,
+    labels,
+    None,
+    ignore_index=-100,
+    softcap=None,
+    reduction="mean",
+    shift=0,
+    z_loss=0.0,
+    label_smoothing=0.0,
+    classifier_layout="vd",
+  )
+
+
 def small_entry_bounds(e, c, labels, label_smoothing: float, eps: float):
   """Per row of dE (N,) and of dC (V,), the float64 sum of what filtering may drop from the
   mean loss's gradient: ``||dE_n(filtered) - dE_n|| <= sum_v small_nv ||c_v||`` and likewise
