@@ -104,14 +104,11 @@ def reference(e, c, labels, bias, *, loss_weights=None, lse_weights=None, weight
     }
 
 
-def plain_mean(e, c, labels):
-  """:func:`reference` of the plain loss: mean over the counted tokens (ignore_index -100), no
-  bias, softcap, shift, z-loss or smoothing, a (V, D) classifier."""
-  return reference(
-    e,
-    c,
-    labels,
-    None,
+def mean_reference(e, c, labels, bias=None, **options):
+  """:func:`reference` of the plain loss, with any option overridden by ``options``: by
+  default the mean over the counted tokens (ignore_index -100), no softcap, shift, z-loss or
+  smoothing, a (V, D) classifier."""
+  plain = dict(
     ignore_index=-100,
     softcap=None,
     reduction="mean",
@@ -120,6 +117,7 @@ def plain_mean(e, c, labels):
     label_smoothing=0.0,
     classifier_layout="vd",
   )
+  return reference(e, c, labels, bias, **{**plain, **options})
 
 
 def small_entry_bounds(e, c, labels, label_smoothing: float, eps: float):
