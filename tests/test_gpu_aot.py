@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 import train_testing
+from testing import require_gpu_aot
 
 from cce_jax import checks, dispatch
 from cce_jax.aot import gpu
@@ -32,15 +33,6 @@ sys.path.insert(0, str(train_testing.ROOT / "benchmarks"))
 import gpu_aot
 
 GIB = 2**30
-
-
-def _require_plugin() -> None:
-  try:
-    gpu.require_plugin()
-  except gpu.GpuAotUnavailable as error:
-    pytest.skip(str(error))
-  if jax.default_backend() != "cpu":
-    pytest.skip("deviceless GPU compiles run with JAX_PLATFORMS=cpu")
 
 
 # --- everywhere -------------------------------------------------------------------------------
@@ -226,7 +218,7 @@ def test_pallas_kernels_compile_to_cubins_within_shared_memory(name, shape):
   """Every Pallas kernel that impl="pallas_gpu" lowers to (loss + gradient) is built for the
   GPU's architecture, with its launch's shared memory within the GPU's per-block limit, and
   its PTX assembles to a cubin."""
-  _require_plugin()
+  require_gpu_aot()
   target = gpu.target(name)
   softcap = 30.0 if shape == "paper" else None  # Gemma 2 softcaps; Llama 3 does not
   with tempfile.TemporaryDirectory() as dump:
@@ -254,7 +246,7 @@ def test_pallas_kernels_compile_to_cubins_within_shared_memory(name, shape):
   ],
 )
 def test_xla_loss_grad_temp_is_a_small_fraction_of_the_baseline(shape, bound):
-  _require_plugin()
+  require_gpu_aot()
   temps = {}
   for impl in ("baseline", "xla"):
     compiled = gpu.compile_lowered(_lowered_loss("h100", shape, impl, True, None))
@@ -268,7 +260,7 @@ def test_xla_loss_grad_temp_is_a_small_fraction_of_the_baseline(shape, bound):
 def test_compile_report_counts_the_baseline_matmul():
   """The generic cost model's flops of the materialized loss: at least the logits' matmul
   2 N D V (XLA's own count, against the formula)."""
-  _require_plugin()
+  require_gpu_aot()
   compiled = gpu.compile_lowered(_lowered_loss("h100", "llama3", "baseline", False, None))
   report = gpu.compile_report(compiled)
   n, d, v = gpu_aot.SHAPES["llama3"]
@@ -293,7 +285,7 @@ def test_there_is_a_gpu_config():
 @pytest.mark.slow  # about 2 minutes: the full-size train step
 @pytest.mark.parametrize("name", _gpu_configs())
 def test_train_aot_gpu_fits_every_gpu_config(name):
-  _require_plugin()
+  require_gpu_aot()
   result = _train_aot(f"configs/{name}", "--gpu")
   assert result.returncode == 0, result.stdout + result.stderr
   chip = config_lib.load(str(train_testing.ROOT / "configs" / name), []).hardware.chip

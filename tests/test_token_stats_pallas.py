@@ -23,6 +23,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import pytest
+from testing import require_gpu_aot
 
 import cce_jax
 from cce_jax.aot import gpu, tpu
@@ -116,12 +117,7 @@ def test_pallas_tpu_token_stats_compile_for_v5e(dtype, layout, with_bias, softca
 def test_pallas_gpu_token_stats_compile_to_a_cubin_for_h100():
   """XLA:GPU compiles the statistics and their gradient for an H100: the one Triton kernel is
   built for sm_90a within the shared-memory limit, and its PTX assembles to a cubin."""
-  try:
-    gpu.require_plugin()
-  except gpu.GpuAotUnavailable as error:
-    pytest.skip(str(error))
-  if jax.default_backend() != "cpu":
-    pytest.skip("deviceless GPU compiles run with JAX_PLATFORMS=cpu")
+  require_gpu_aot()
   target = gpu.target("h100")
   mesh = gpu.gpu_mesh("h100", {"x": 1})
   args = _args(jnp.bfloat16, "vd", True, jax.sharding.NamedSharding(mesh, P()))

@@ -15,6 +15,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import reference64
 
 import cce_jax
@@ -253,3 +254,16 @@ FULL_CROSS_PRODUCT = [
   dict(zip(OPTION_SPACE, values, strict=True))
   for values in itertools.product(*OPTION_SPACE.values())
 ]
+
+
+def require_gpu_aot() -> None:
+  """Skips the calling test unless deviceless GPU compiles can run here: the CUDA plugin and
+  its tools installed (the `gpu-aot` extra; the skip says what is missing) and JAX on CPU."""
+  from cce_jax.aot import gpu
+
+  try:
+    gpu.require_plugin()
+  except gpu.GpuAotUnavailable as error:
+    pytest.skip(str(error))
+  if jax.default_backend() != "cpu":
+    pytest.skip("deviceless GPU compiles run with JAX_PLATFORMS=cpu")
