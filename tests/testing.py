@@ -267,3 +267,26 @@ def require_gpu_aot() -> None:
     pytest.skip(str(error))
   if jax.default_backend() != "cpu":
     pytest.skip("deviceless GPU compiles run with JAX_PLATFORMS=cpu")
+
+
+def skipped_softmax_grad(e, c, labels, skip, order, tile: int):
+  """The float64 softmax gradient of the "sum" loss (unit cotangent) and which of its
+  entries a skip table drops.
+
+  Args:
+    e: (N, D), c: (V, D), labels: (N,) int, all classes in range.
+    skip: (token blocks, vocabulary blocks) bool, the skip table of ``tile x tile`` tiles.
+    order: (V,) the classes in the order the tiles visit them (tile column = position // tile).
+
+  Returns:
+    ``(dx, dropped)``: dx (N, V) float64 = p - onehot(labels); dropped (N, V) bool.
+  """
+  num_tokens = e.shape[0]
+  column_of_class = np.argsort(np.asarray(order))  # the visit position of each class
+  dropped = skip[np.arange(num_tokens)[:, None] // tile, column_of_class[None, :] // tile]
+  z = np.asarray(e, np.float64) @ np.asarray(c, np.float64).T
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  dx = p.copy()
+  dx[np.arange(num_tokens), np.asarray(labels)] -= 1.0
+  return dx, dropped
