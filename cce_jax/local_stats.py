@@ -112,6 +112,27 @@ ARGMAX_SUB_BLOCK = 128
 _CENTERED_FLOOR = -256.0
 
 
+def rescaled_sums(
+  s: jax.Array, t: jax.Array, old_max: jax.Array, new_shift: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """The running sums ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)`` of one row
+  moved from the shift ``old_max`` to ``new_shift`` (same shapes, f32): ``exp(m - m') s`` and
+  ``exp(m - m') (t + s (m - m'))``. Nothing is moved (and ``-inf - m``, a NaN source, never
+  formed) while ``s`` is 0. Shared by every token-statistics forward and the GPU kernel's
+  merge of its vocabulary splits."""
+  rescale = jnp.exp(old_max - new_shift)
+  moved = jnp.where(s > 0.0, s * (old_max - new_shift), 0.0)
+  return rescale * s, rescale * (t + moved)
+
+
+def entropy_from_sums(s: jax.Array, t: jax.Array) -> jax.Array:
+  """The softmax entropy ``log s - t / s`` from a row's sums (:func:`rescaled_sums`), 0 where
+  ``s`` is 0 (no finite logit)."""
+  has_mass = s > 0.0
+  safe_s = jnp.where(has_mass, s, 1.0)
+  return jnp.where(has_mass, jnp.log(safe_s) - t / safe_s, 0.0)
+
+
 def _sub_block_width(num_columns: int) -> int:
   """The largest power of two <= ARGMAX_SUB_BLOCK dividing ``num_columns`` (1 when odd)."""
   width = ARGMAX_SUB_BLOCK
@@ -163,12 +184,8 @@ def _online_stats_step(state, z: jax.Array, first_class: jax.Array):
   tile_s = jnp.sum(jnp.exp(z - shift[:, None]), axis=1)  # 0 at -inf logits
   centered = jnp.maximum(z + (-shift)[:, None], _CENTERED_FLOOR)  # (n, v)
   tile_t = jnp.sum(jnp.exp(centered) * centered, axis=1)
-  # sum exp(z - m_old)(z - m_old) rescaled to the new max: exp(m_old - m_new) (t + s (m_old -
-  # m_new)); nothing to rescale (and -inf - m, a NaN source) while s is 0.
-  rescale = jnp.exp(running_max - shift)
-  moved = jnp.where(s > 0.0, s * (running_max - shift), 0.0)
-  t = rescale * (t + moved) + tile_t
-  s = rescale * s + tile_s
+  s, t = rescaled_sums(s, t, running_max, shift)
+  s, t = s + tile_s, t + tile_t
   # A later block (higher class ids) wins only with a strictly larger maximum.
   argmax = jnp.where(tile_max > running_max, tile_argmax, argmax)
   return new_max, s, t, argmax
@@ -202,10 +219,7 @@ def xla_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
     init = (*init, jnp.zeros((tok.block,), jnp.int32))
     init = vma.vary_like(init, e, c, bias)
     peak, s, t, argmax = lax.fori_loop(0, voc.count, vocab_step, init)
-    has_mass = s > 0.0
-    safe_s = jnp.where(has_mass, s, 1.0)
-    entropy = jnp.where(has_mass, jnp.log(safe_s) - t / safe_s, 0.0)
-    block = LocalStats(peak + jnp.log(s), entropy, target, peak, argmax)
+    block = LocalStats(peak + jnp.log(s), entropy_from_sums(s, t), target, peak, argmax)
     # Rows shared with the previous (overlapped) block are recomputed identically.
     return jax.tree.map(lambda acc, x: lax.dynamic_update_slice_in_dim(acc, x, t0, 0), carry, block)
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cce_jax import filtering
+from cce_jax.local_stats import entropy_from_sums, rescaled_sums
 
 
 def _column(x: jax.Array, keepdims: bool) -> jax.Array:
@@ -48,13 +49,8 @@ def online_step(
   centered = z_live - _column(shift, keepdims)  # (n, v), -inf at masked classes
   p = jnp.exp(centered)  # 0 at masked classes
   tile_t = jnp.sum(jnp.where(p > 0.0, p * centered, 0.0), axis=1, keepdims=keepdims)
-  # sum exp(z - m_old)(z - m_old) moved to the new max: exp(m_old - m_new) (t + s (m_old -
-  # m_new)); nothing to move (and -inf - m, a NaN source) while s is 0.
-  rescale = jnp.exp(running_max - shift)
-  moved = jnp.where(s > 0.0, s * (running_max - shift), 0.0)
-  t = rescale * (t + moved) + tile_t
-  s = rescale * s + jnp.sum(p, axis=1, keepdims=keepdims)
-  return new_max, s, t, tile_max
+  s, t = rescaled_sums(s, t, running_max, shift)
+  return new_max, s + jnp.sum(p, axis=1, keepdims=keepdims), t + tile_t, tile_max
 
 
 def tile_argmax(
@@ -81,13 +77,6 @@ def pick_argmax(
   return jnp.where(wins, tile_arg, argmax)
 
 
-def entropy(s: jax.Array, t: jax.Array) -> jax.Array:
-  """``log s - t / s``, 0 where ``s`` is 0 (no finite logit)."""
-  has_mass = s > 0.0
-  safe_s = jnp.where(has_mass, s, 1.0)
-  return jnp.where(has_mass, jnp.log(safe_s) - t / safe_s, 0.0)
-
-
 def merge_splits(
   max_SN: jax.Array,  # (S, N) f32 per-split running max
   s_SN: jax.Array,  # (S, N) f32
@@ -99,11 +88,9 @@ def merge_splits(
   hold the overall maximum."""
   peak = jnp.max(max_SN, axis=0)  # (N,)
   shift = filtering.exp_shift(peak)
-  weight = jnp.exp(max_SN - shift[None, :])  # (S, N), 0 for a masked split
-  moved = jnp.where(s_SN > 0.0, s_SN * (max_SN - shift[None, :]), 0.0)
-  s = jnp.sum(weight * s_SN, axis=0)
-  t = jnp.sum(weight * (t_SN + moved), axis=0)
+  s_SN, t_SN = rescaled_sums(s_SN, t_SN, max_SN, shift[None, :])  # 0 for a masked split
+  s, t = jnp.sum(s_SN, axis=0), jnp.sum(t_SN, axis=0)
   candidates = jnp.where(max_SN == peak[None, :], argmax_SN, jnp.iinfo(jnp.int32).max)
   argmax = jnp.min(candidates, axis=0).astype(jnp.int32)
   lse = shift + jnp.log(s)
-  return lse, entropy(s, t), peak, argmax
+  return lse, entropy_from_sums(s, t), peak, argmax

@@ -44,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cce_jax import filtering, loss_math
 from cce_jax.filtering import cdiv
+from cce_jax.local_stats import entropy_from_sums
 from pallas_kernels import stats_tile
 from pallas_kernels.tpu.block_sizes import LANES, Tiles
 
@@ -377,7 +378,7 @@ def _forward_kernel(
       if with_logit_sum:
         stats = jnp.where(lanes == STAT_LOGIT_SUM, logit_sum_ref[...], stats)
       if with_token_stats:
-        entropy = stats_tile.entropy(sum_ref[...], t_ref[...])
+        entropy = entropy_from_sums(sum_ref[...], t_ref[...])
         stats = jnp.where(lanes == STAT_ENTROPY, entropy, stats)
         stats = jnp.where(lanes == STAT_PEAK, max_ref[...], stats)
         stats = jnp.where(lanes == STAT_ARGMAX, argmax_ref[...], stats)
