@@ -84,14 +84,15 @@ class TPUBlockSizes:
   vocab_sort_group: int = 16
 
   def __post_init__(self):
+    required = ("vmem_budget_bytes", "vocab_sort_group")  # the fields None does not leave open
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value is None and field.name not in ("vmem_budget_bytes", "vocab_sort_group"):
+      if value is None and field.name not in required:
         continue
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(
           f"`TPUBlockSizes.{field.name}` must be an int"
-          f"{'' if field.name in ('vmem_budget_bytes', 'vocab_sort_group') else ' or None'}, got "
+          f"{'' if field.name in required else ' or None'}, got "
           f"{type(value).__name__} ({value!r})."
         )
       value = int(value)
