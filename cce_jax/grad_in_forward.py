@@ -16,10 +16,12 @@ the logits are at hand and the backward only scales it by ``s``:
 * sweep 2 reads the logits back from the buffer (no matrix product), forms each tile's
   softmax gradient and accumulates ``dE_blk += G @ C_blk`` (**pass 2**) and
   ``dC[classes] += G.T @ E_blk`` (**pass 3**), skipping a negligible tile's products exactly as
-  the four-pass backward does.
+  the four-pass backward does. With both products filtered it loops over the list of the
+  block's tiles that are not skipped, so a skipped tile costs nothing (no branch, no zero
+  update).
 
-Each tile's dC and db updates are scatter-added into the accumulators (dropped for a skipped
-tile); the tile products go through ``cce_jax.tile_dot`` like the four-pass path's.
+Each tile's dC and db updates are scatter-added into the accumulators; the tile products go
+through ``cce_jax.tile_dot`` like the four-pass path's.
 
 The four-pass path (``cce_jax.xla_chunked``) instead recomputes every logit in its backward.
 
@@ -54,6 +56,12 @@ from cce_jax.tiled import TiledInputs
 ROW_BUFFER_BYTES = 64 * 2**20
 # The smallest default token block (a multiple of 8 rows), whatever V.
 MIN_TOKEN_BLOCK = 8
+# The default tiles for 16-bit inputs on CPU (before the buffer bound), measured with
+# benchmarks/speed.py (bf16, N=4096, D=1024, V=32768, trained-like inputs; RESULTS.md): the
+# second sweep costs only its tiles that are not skipped, so narrow vocabulary blocks (more of
+# them skipped) win, and 512 rows keep XLA:CPU's products efficient. The four-pass path keeps
+# its own (BlockSizes.get_default): its backward is slower with these.
+CPU_16BIT_TILES = BlockSizes(token_block=512, vocab_block=128)
 
 VMAP_ERROR = (
   "`grad_in_forward=True` does not run under jax.vmap: its forward computes the gradient "
@@ -91,10 +99,15 @@ def check_applies(
     )
 
 
-def default_block_sizes(block_sizes: BlockSizes, num_classes: int) -> BlockSizes:
-  """``block_sizes`` (the four-pass default) with the token block lowered, to a multiple of 8
-  rows and at least :data:`MIN_TOKEN_BLOCK`, so that a (token_block, V) f32 buffer fits in
-  :data:`ROW_BUFFER_BYTES` (64 rows at V = 256000)."""
+def default_block_sizes(
+  block_sizes: BlockSizes, num_classes: int, cpu_16bit: bool = False
+) -> BlockSizes:
+  """The default tiles: ``block_sizes`` (the four-pass default), or :data:`CPU_16BIT_TILES`
+  when ``cpu_16bit`` (16-bit inputs compiled for CPU), with the token block lowered, to a
+  multiple of 8 rows and at least :data:`MIN_TOKEN_BLOCK`, so that a (token_block, V) f32
+  buffer fits in :data:`ROW_BUFFER_BYTES` (64 rows at V = 256000)."""
+  if cpu_16bit:
+    block_sizes = CPU_16BIT_TILES
   rows = ROW_BUFFER_BYTES // (4 * num_classes)
   rows = max(MIN_TOKEN_BLOCK, rows // 8 * 8)
   return dataclasses.replace(block_sizes, token_block=min(block_sizes.token_block, rows))
@@ -165,12 +178,12 @@ def fused_forward(
   tok, voc = xla_chunked.tilings(num_tokens, num_classes, opts)
   held = differentiable.local_labels(labels, 0, num_classes, num_classes, opts)
   order = vocab_sort.vocab_order(e, c, bias, opts) if opts.sort_vocab else None
-  filters = opts.filters_anything
   skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   want_logit_sum = opts.label_smoothing > 0.0
   uniform_in_tile = filtering.uniform_in_tile(opts)
   product_dtype = filtering.product_dtype(e.dtype)
   upcast = tile_dot.upcasts_16bit(e, c)
+  filters = opts.filters_anything
   one_block = AxisTiling(tok.block, tok.block, "overlap")  # the skip-table rows of one block
 
   def classes_of(j):
@@ -180,24 +193,22 @@ def fused_forward(
       return v0, v0 + lax.iota(jnp.int32, voc.block)
     return v0, _slice(order, v0, voc.block)
 
-  def classifier_block(v0, class_ids) -> tuple[jax.Array, jax.Array | None]:
-    """The tile's classifier block ((v, D) or (D, v), dtype of ``c``) and bias block (v,)."""
+  def classifier_block(v0, class_ids) -> jax.Array:
+    """The tile's classifier block, (v, D) or (D, v), dtype of ``c``."""
     if order is None:
-      c_blk = _slice(c, v0, voc.block, axis)
-      return c_blk, None if bias is None else _slice(bias, v0, voc.block)
-    c_blk = jnp.take(c, class_ids, axis=axis)  # a gathered block, never a permuted copy of c
-    return c_blk, None if bias is None else bias[class_ids]
+      return _slice(c, v0, voc.block, axis)
+    return jnp.take(c, class_ids, axis=axis)  # a gathered block, never a permuted copy of c
 
-  def add_rows(
-    acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int, skip: jax.Array | None
-  ) -> jax.Array:
-    """``acc`` plus ``rows`` at the block's classes (in place in the loop); nothing is added
-    where ``skip`` (then ``rows`` are zeros)."""
+  def bias_block(v0, class_ids) -> jax.Array | None:
+    """The tile's bias block (v,), or None without bias."""
+    if bias is None:
+      return None
+    return _slice(bias, v0, voc.block) if order is None else bias[class_ids]
+
+  def add_rows(acc: jax.Array, rows: jax.Array, v0, class_ids, vocab_axis: int) -> jax.Array:
+    """``acc`` plus ``rows`` at the block's classes (in place in the loop)."""
     if order is None:
       return _update(acc, _slice(acc, v0, voc.block, vocab_axis) + rows, v0, vocab_axis)
-    if skip is not None:
-      # Distinct out-of-range ids: a skipped tile's (zero) update is dropped, not written.
-      class_ids = jnp.where(skip, num_classes + lax.iota(jnp.int32, voc.block), class_ids)
     if vocab_axis == 0:
       return acc.at[class_ids].add(rows, mode="drop", unique_indices=True)
     return acc.at[:, class_ids].add(rows, mode="drop", unique_indices=True)
@@ -209,12 +220,14 @@ def fused_forward(
     held_blk = _slice(held, t0, tok.block)
     target = loss_math.target_logits(e_blk, c, held_blk, bias, opts)  # (n,)
 
-    # Sweep 1 (pass 1): the block's logits over the vocabulary, kept; the online lse.
+    # Sweep 1 (pass 1): the block's logits over the vocabulary, tile by tile in the visiting
+    # order, kept in the (n, V) f32 buffer in that order; the online lse and the tile maxima.
     def vocab_forward(j, inner):
       running_max, running_sum, logit_sum, block_max, logits = inner
       v0, class_ids = classes_of(j)
-      c_blk, bias_blk = classifier_block(v0, class_ids)
-      z = loss_math.capped_logits(e_blk, c_blk, bias_blk, opts, upcast)  # (n, v) f32
+      z = loss_math.capped_logits(
+        e_blk, classifier_block(v0, class_ids), bias_block(v0, class_ids), opts, upcast
+      )  # (n, v) f32
       fresh_v = voc.live(j, v0)
       new_max, running_sum, tile_max = filtering.online_lse_step(
         running_max, running_sum, z, None if fresh_v is None else fresh_v[None, :]
@@ -258,62 +271,55 @@ def fused_forward(
     rows_live = tok.live(i, t0)
     e_product = e_blk.astype(jnp.float32 if upcast else product_dtype)  # exact
 
-    # Sweep 2 (passes 2 and 3): the softmax gradient of each tile from the kept logits. The
-    # per-tile branch carries only the block's rows of dE and returns the tile's updates of dC
-    # and db, which are added after it: a whole (V, D) operand of a lax.cond would be copied
-    # by XLA on every tile. A skipped tile reads nothing of c and adds nothing to dC.
-    c_shape = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
-
-    def zero_updates():
-      """Zero updates of dC and db, varying (under shard_map) like those of a tile."""
-      zeros_v = None if d_bias is None else jnp.zeros((voc.block,), jnp.float32)
-      return vma.vary_like((jnp.zeros(c_shape, jnp.float32), zeros_v), e, c, bias, labels, weights)
-
-    def vocab_backward(j, inner):
-      d_e_blk, d_c, d_bias = inner
+    # Sweep 2 (passes 2 and 3): the softmax gradient of each tile from the kept logits, its
+    # products and its dC and db updates. With both products filtered, only the tiles that are
+    # not skipped are visited (a loop over their list): a skipped tile costs nothing.
+    def tile_work(j, state, product_skip):
+      d_e_blk, d_c, d_bias = state
       v0, class_ids = classes_of(j)
-      skip = None if skips is None else skips[j]
-
-      def tile_work(d_e_blk, product_skip):
-        c_blk, _ = classifier_block(v0, class_ids)
-        c_product = c_blk.astype(jnp.float32 if upcast else product_dtype)  # exact
-        z = _slice(logits, v0, voc.block, axis=1)  # (n, v) f32
-        is_target = held_blk[:, None] == class_ids[None, :]
-        valid = xla_chunked.outer_and(rows_live, voc.live(j, v0))
-        dx = loss_math.softmax_grad_tile(z, lse, is_target, coeffs, valid, opts, uniform_in_tile)
-        d_bias_rows = None if d_bias is None else jnp.sum(dx, axis=0)  # (v,)
-        dx = dx.astype(product_dtype)
-        d_e_blk = _unless(
-          product_skip if opts.filter_e_grad else None,
-          lambda acc: acc + xla_chunked.grad_e_tile(dx, c_product, axis, upcast),
-          d_e_blk,
-        )
-        grad_c = lambda: xla_chunked.grad_c_tile(dx, e_product, axis, upcast)
-        if product_skip is not None and opts.filter_c_grad:
-          d_c_rows = lax.cond(product_skip, lambda: zero_updates()[0], grad_c)
-        else:
-          d_c_rows = grad_c()  # (v, D) or (D, v) f32
-        return d_e_blk, d_c_rows, d_bias_rows
-
-      def skipped(d_e_blk):
-        return d_e_blk, *zero_updates()
-
-      dropped = None
-      if skip is not None and skip_whole_tile:
-        d_e_blk, d_c_rows, d_bias_rows = lax.cond(
-          skip, skipped, lambda acc: tile_work(acc, None), d_e_blk
-        )
-        dropped = skip
-      else:
-        d_e_blk, d_c_rows, d_bias_rows = tile_work(d_e_blk, skip)
-      d_c = add_rows(d_c, d_c_rows, v0, class_ids, axis, dropped)
+      c_blk = classifier_block(v0, class_ids)
+      c_product = c_blk.astype(jnp.float32 if upcast else product_dtype)  # exact
+      z = _slice(logits, v0, voc.block, axis=1)  # (n, v) f32
+      is_target = held_blk[:, None] == class_ids[None, :]
+      valid = xla_chunked.outer_and(rows_live, voc.live(j, v0))
+      dx = loss_math.softmax_grad_tile(z, lse, is_target, coeffs, valid, opts, uniform_in_tile)
       if d_bias is not None:
-        d_bias = add_rows(d_bias, d_bias_rows, v0, class_ids, 0, dropped)
+        d_bias = add_rows(d_bias, jnp.sum(dx, axis=0), v0, class_ids, 0)  # (v,)
+      dx = dx.astype(product_dtype)
+      d_e_blk = _unless(
+        product_skip if opts.filter_e_grad else None,
+        lambda acc: acc + xla_chunked.grad_e_tile(dx, c_product, axis, upcast),
+        d_e_blk,
+      )
+      grad_c = lambda: xla_chunked.grad_c_tile(dx, e_product, axis, upcast)
+      if product_skip is not None and opts.filter_c_grad:
+        d_c_rows = lax.cond(product_skip, zero_rows, grad_c)
+      else:
+        d_c_rows = grad_c()  # (v, D) or (D, v) f32
+      d_c = add_rows(d_c, d_c_rows, v0, class_ids, axis)
       return d_e_blk, d_c, d_bias
+
+    def zero_rows():
+      """A zero dC update, varying (under shard_map) like a tile's."""
+      c_shape = (voc.block, hidden) if axis == 0 else (hidden, voc.block)
+      return vma.vary_like(jnp.zeros(c_shape, jnp.float32), e, c, bias, labels, weights)
 
     # Rows an earlier block already finished keep their values (this block adds 0 to them).
     state = (_slice(d_e, t0, tok.block), d_c, d_bias)
-    d_e_blk, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_backward, state)
+    if skips is not None and skip_whole_tile:
+      kept = jnp.nonzero(~skips, size=voc.count, fill_value=0)[0]  # (count,) in visiting order
+      num_kept = voc.count - jnp.sum(skips, dtype=jnp.int32)
+
+      def kept_step(carry):
+        k, state = carry
+        return k + 1, tile_work(kept[k], state, None)
+
+      _, state = lax.while_loop(lambda carry: carry[0] < num_kept, kept_step, (0, state))
+    else:
+      state = lax.fori_loop(
+        0, voc.count, lambda j, st: tile_work(j, st, None if skips is None else skips[j]), state
+      )
+    d_e_blk, d_c, d_bias = state
     return (
       _update(loss_N, loss, t0),
       _update(gamma_N, coeffs.gamma, t0),
