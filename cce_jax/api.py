@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import checks, differentiable, dispatch, loss_math, sharding, tile_dot
+from cce_jax import checks, differentiable, dispatch, loss_math, sharding
 from cce_jax import grad_in_forward as fused_grad
 from cce_jax.block_sizes import BlockSizes
 from cce_jax.dispatch import resolve_impl
@@ -356,9 +356,8 @@ def linear_cross_entropy(
   )
   num_classes = c.shape[opts.vocab_dim]
   if fused and block_sizes is None:
-    cpu_16bit = tile_dot.upcasts_16bit(e, c) and jnp.dtype(e.dtype) in tile_dot.SIXTEEN_BIT_FLOATS
     opts = dataclasses.replace(
-      opts, block_sizes=fused_grad.default_block_sizes(opts.block_sizes, num_classes, cpu_16bit)
+      opts, block_sizes=fused_grad.default_block_sizes(opts.block_sizes, num_classes)
     )
   if vocab_axes and mesh is None:
     # Inside the user's shard_map c is this device's slice; with mesh= it is the global array.

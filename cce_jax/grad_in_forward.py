@@ -56,12 +56,6 @@ from cce_jax.tiled import TiledInputs
 ROW_BUFFER_BYTES = 64 * 2**20
 # The smallest default token block (a multiple of 8 rows), whatever V.
 MIN_TOKEN_BLOCK = 8
-# The default tiles for 16-bit inputs on CPU (before the buffer bound), measured with
-# benchmarks/speed.py (bf16, N=4096, D=1024, V=32768, trained-like inputs; RESULTS.md): the
-# second sweep costs only its tiles that are not skipped, so narrow vocabulary blocks (more of
-# them skipped) win, and 512 rows keep XLA:CPU's products efficient. The four-pass path keeps
-# its own (BlockSizes.get_default): its backward is slower with these.
-CPU_16BIT_TILES = BlockSizes(token_block=512, vocab_block=128)
 
 VMAP_ERROR = (
   "`grad_in_forward=True` does not run under jax.vmap: its forward computes the gradient "
@@ -99,15 +93,10 @@ def check_applies(
     )
 
 
-def default_block_sizes(
-  block_sizes: BlockSizes, num_classes: int, cpu_16bit: bool = False
-) -> BlockSizes:
-  """The default tiles: ``block_sizes`` (the four-pass default), or :data:`CPU_16BIT_TILES`
-  when ``cpu_16bit`` (16-bit inputs compiled for CPU), with the token block lowered, to a
-  multiple of 8 rows and at least :data:`MIN_TOKEN_BLOCK`, so that a (token_block, V) f32
-  buffer fits in :data:`ROW_BUFFER_BYTES` (64 rows at V = 256000)."""
-  if cpu_16bit:
-    block_sizes = CPU_16BIT_TILES
+def default_block_sizes(block_sizes: BlockSizes, num_classes: int) -> BlockSizes:
+  """``block_sizes`` (the four-pass default) with the token block lowered, to a multiple of 8
+  rows and at least :data:`MIN_TOKEN_BLOCK`, so that a (token_block, V) f32 buffer fits in
+  :data:`ROW_BUFFER_BYTES` (64 rows at V = 256000)."""
   rows = ROW_BUFFER_BYTES // (4 * num_classes)
   rows = max(MIN_TOKEN_BLOCK, rows // 8 * 8)
   return dataclasses.replace(block_sizes, token_block=min(block_sizes.token_block, rows))

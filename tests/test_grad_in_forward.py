@@ -142,36 +142,6 @@ def test_default_tiles_bound_the_logits_buffer():
   assert grad_in_forward.default_block_sizes(base, 32_768).token_block == 512
   assert grad_in_forward.default_block_sizes(base, 1000) == base
   assert grad_in_forward.default_block_sizes(base, 10**8).token_block == 8
-  cpu_16bit = grad_in_forward.default_block_sizes(base, 256_000, cpu_16bit=True)
-  assert cpu_16bit == cce_jax.BlockSizes(token_block=64, vocab_block=128)
-  assert grad_in_forward.default_block_sizes(base, 32_768, cpu_16bit=True) == (
-    grad_in_forward.CPU_16BIT_TILES
-  )
-
-
-def test_cpu_16bit_default_tiles_are_the_fused_paths_own():
-  """bf16 on CPU without block_sizes: the fused path runs CPU_16BIT_TILES (its gradients are
-  the four-pass path's with those tiles, bit for bit), not the four-pass default tiles, whose
-  filtering drops other entries."""
-  assert jax.default_backend() == "cpu"
-  n, d, v = 1100, 48, 3001  # ragged against both tilings
-  e, c, labels = synthetic.trained_like_inputs(jax.random.key(11), n, d, v, dtype=jnp.bfloat16)
-
-  def grads(fused, block_sizes):
-    loss = lambda e, c: cce_jax.linear_cross_entropy(
-      e, c, labels, reduction="sum", grad_in_forward=fused, block_sizes=block_sizes
-    )
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(e, c)
-
-  fused = grads(True, None)
-  same_tiles = grads(False, grad_in_forward.CPU_16BIT_TILES)
-  four_pass_tiles = grads(False, None)
-  for got, want in zip(fused, same_tiles, strict=True):
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  assert any(
-    not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    for a, b in zip(fused, four_pass_tiles, strict=True)
-  ), "both tilings dropped the same entries: the test cannot tell them apart"
 
 
 @pytest.mark.slow
