@@ -340,11 +340,11 @@ def reference_backward(
 
 
 # (token_block, vocab_block) of the "xla" forward on CPU when no block_sizes is given, per
-# input bits; measured with benchmarks/speed.py (xla-stats against the xla loss forward). The
-# forward is one streamed pass, and tiles of 1-2 MB keep the three reads of each tile of
-# logits in a core's L2 cache; the loss's CPU tiles (1024 x 2048 for f32) are chosen for its
-# backward's filtering. Smaller than the loss's f32 tile, so within the loss's memory bound.
-CPU_FORWARD_TILES = {16: (1024, 512), 32: (1024, 256)}
+# input bits; measured with benchmarks/speed.py (xla-stats against the xla loss forward, two
+# threads). The forward is one streamed pass: tall tiles keep XLA:CPU's products efficient
+# (2048 x 512 f32 beat the earlier 1024 x 256, picked single-threaded, by 7-14% at D = 1024
+# and 2048), and a 4 MB f32 tile is half the loss's (1024 x 2048), so within its memory bound.
+CPU_FORWARD_TILES = {16: (1024, 512), 32: (2048, 512)}
 
 
 def forward_block_sizes(dtype, platform: str) -> BlockSizes | None:

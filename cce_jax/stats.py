@@ -302,7 +302,7 @@ def token_stats(
       :class:`BlockSizes` for ``"xla"``, ``GPUBlockSizes`` / ``TPUBlockSizes`` for the Pallas
       forwards. The ``"xla"`` default is the loss's (``BlockSizes.get_default``), except for
       the forward on CPU, whose one streamed pass is fastest in tiles of 1-2 MB
-      (``local_stats.CPU_FORWARD_TILES``: 1024 x 256 for f32, 1024 x 512 for 16-bit inputs).
+      (``local_stats.CPU_FORWARD_TILES``: 2048 x 512 for f32, 1024 x 512 for 16-bit inputs).
     check_labels: raise ValueError for a label outside [0, V) that is not ``ignore_index``
       (as :func:`linear_cross_entropy`).
     vocab_axis, mesh, token_axes: as :func:`linear_cross_entropy`: inside ``jax.shard_map``

@@ -263,7 +263,7 @@ def test_cpu_forward_tiles_by_default_only():
   """Without block_sizes the CPU forward uses CPU_FORWARD_TILES (other platforms: the loss's
   defaults); the fields match the float64 reference with 1100 tokens and V = 700, ragged for
   those tiles, and the gradients too (the backward keeps the loss's tiles)."""
-  assert local_stats.forward_block_sizes(jnp.float32, "cpu") == cce_jax.BlockSizes(1024, 256)
+  assert local_stats.forward_block_sizes(jnp.float32, "cpu") == cce_jax.BlockSizes(2048, 512)
   assert local_stats.forward_block_sizes(jnp.bfloat16, "cpu") == cce_jax.BlockSizes(1024, 512)
   assert local_stats.forward_block_sizes(jnp.float32, "tpu") is None
   assert local_stats.forward_block_sizes(jnp.bfloat16, "gpu") is None
