@@ -340,10 +340,10 @@ def reference_backward(
 
 
 # (token_block, vocab_block) of the "xla" forward on CPU when no block_sizes is given, per
-# input bits; measured with benchmarks/speed.py (xla-stats against the xla loss forward, two
-# threads). The forward is one streamed pass: tall tiles keep XLA:CPU's products efficient
-# (2048 x 512 f32 beat the earlier 1024 x 256, picked single-threaded, by 7-14% at D = 1024
-# and 2048), and a 4 MB f32 tile is half the loss's (1024 x 2048), so within its memory bound.
+# input bits, timed against the xla loss forward with two threads (benchmarks/speed.py's
+# xla-stats row; RESULTS.md, 2026-11-30). The forward is one streamed pass: tall tiles keep
+# XLA:CPU's products efficient (2048 x 512 f32 replaced 1024 x 256, which had been picked in
+# single-threaded runs), and a 4 MB f32 tile is half the loss's (1024 x 2048).
 CPU_FORWARD_TILES = {16: (1024, 512), 32: (2048, 512)}
 
 
