@@ -167,12 +167,12 @@ def fused_forward(
   tok, voc = xla_chunked.tilings(num_tokens, num_classes, opts)
   held = differentiable.local_labels(labels, 0, num_classes, num_classes, opts)
   order = vocab_sort.vocab_order(e, c, bias, opts) if opts.sort_vocab else None
+  filters = opts.filters_anything
   skip_whole_tile = opts.filter_e_grad and opts.filter_c_grad
   want_logit_sum = opts.label_smoothing > 0.0
   uniform_in_tile = filtering.uniform_in_tile(opts)
   product_dtype = filtering.product_dtype(e.dtype)
   upcast = tile_dot.upcasts_16bit(e, c)
-  filters = opts.filters_anything
   one_block = AxisTiling(tok.block, tok.block, "overlap")  # the skip-table rows of one block
 
   def classes_of(j):

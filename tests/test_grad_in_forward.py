@@ -136,6 +136,22 @@ def test_skipped_tiles_equal_four_pass_bitwise():
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_skipped_tiles_cost_no_branch():
+  """With both products filtered, the second sweep loops over the list of kept tiles: the
+  compiled step holds no per-tile branch (the four-pass backward's lax.cond) and no work for
+  a skipped tile; the filtered gradients are checked against the four-pass path above."""
+  e, c, labels, _ = _inputs("bfloat16", 3, trained=True)
+
+  def lowered(fused):
+    loss = lambda e, c: cce_jax.linear_cross_entropy(
+      e, c, labels, block_sizes=BLOCKS, grad_in_forward=fused, reduction="sum"
+    )
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(e, c).as_text()
+
+  assert "stablehlo.case" in lowered(False)  # the four-pass backward's per-tile branch
+  assert "stablehlo.case" not in lowered(True)
+
+
 def test_default_tiles_bound_the_logits_buffer():
   base = cce_jax.BlockSizes(token_block=1024, vocab_block=2048)
   assert grad_in_forward.default_block_sizes(base, 256_000).token_block == 64
