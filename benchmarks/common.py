@@ -94,9 +94,10 @@ def stats_objective(impl: str, **options: Any) -> LossFn:
 
 def products_floor(e: jax.Array, c: jax.Array, labels: jax.Array) -> jax.Array:
   """Half the mean square of the materialized f32 logits: not a loss, a floor. Its loss+grad
-  is the three (N, V)-sized f32 products an exact cross-entropy gradient needs (the logits,
-  dE = dZ @ C, dC = dZ.T @ E) with the cheapest elementwise work between them, so no exact
-  loss+grad on the same machine can take less time."""
+  is the three (N, V)-sized f32 products an exact cross-entropy gradient needs too (the
+  logits, dE = dZ @ C, dC = dZ.T @ E), run whole, with the cheapest elementwise work between
+  them: an exact loss+grad that skips no work can beat it only by running the same products
+  faster in tiles, never by much."""
   del labels
   logits = jnp.dot(e.astype(jnp.float32), c.astype(jnp.float32).T)
   return 0.5 * jnp.mean(jnp.square(logits))
