@@ -261,16 +261,16 @@ def test_tile_max_argmax_matches_numpy(num_columns):
 
 def test_cpu_forward_tiles_by_default_only():
   """Without block_sizes the CPU forward uses CPU_FORWARD_TILES (other platforms: the loss's
-  defaults); the fields match the float64 reference with 1100 tokens and V = 700, ragged for
+  defaults); the fields match the float64 reference with 2100 tokens and V = 700, ragged for
   those tiles, and the gradients too (the backward keeps the loss's tiles)."""
   assert local_stats.forward_block_sizes(jnp.float32, "cpu") == cce_jax.BlockSizes(2048, 512)
   assert local_stats.forward_block_sizes(jnp.bfloat16, "cpu") == cce_jax.BlockSizes(1024, 512)
   assert local_stats.forward_block_sizes(jnp.float32, "tpu") is None
   assert local_stats.forward_block_sizes(jnp.bfloat16, "gpu") is None
   rng = np.random.default_rng(11)
-  e = jnp.asarray(rng.normal(size=(1100, 8)), jnp.float32)
+  e = jnp.asarray(rng.normal(size=(2100, 8)), jnp.float32)
   c = jnp.asarray(rng.normal(size=(700, 8)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 700, size=1100), jnp.int32)
+  labels = jnp.asarray(rng.integers(0, 700, size=2100), jnp.int32)
   stats = cce_jax.token_stats(e, c, labels)
   expected = stats64.stats(e, c, labels)
   assert_rel_close("lse", stats.lse, expected["lse"], 2e-5)

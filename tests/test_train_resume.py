@@ -70,6 +70,7 @@ def test_resume_after_sigterm_is_exact(base, tmp_path):
   assert train_testing.losses(tmp_path) == train_testing.reference_losses(base, STEPS)
 
 
+@pytest.mark.slow  # the SIGTERM test above covers the same handler by default
 def test_sigint_saves_and_stops_like_sigterm(base, tmp_path):
   logged, returncode, output = _interrupted_run(base, tmp_path, signal.SIGINT)
   assert returncode == 0, output
