@@ -166,7 +166,7 @@ def _tile_max_argmax(z: jax.Array, first_class: jax.Array) -> tuple[jax.Array, j
   return tile_max, first_class + first_block * width + column
 
 
-def _online_stats_step(state, z: jax.Array, first_class: jax.Array):
+def online_stats_step(state, z: jax.Array, first_class: jax.Array):
   """Merges one (n, v) tile of logits (non-live entries already -inf) whose first column is
   class ``first_class`` into the running (max, s, t, argmax).
 
@@ -212,7 +212,7 @@ def xla_forward(inputs: TiledInputs, opts: LossOptions) -> LocalStats:
       live = voc.live(j, v0)  # classes an earlier (overlapped) block did not cover
       if live is not None:
         z = jnp.where(live[None, :], z, -jnp.inf)
-      return _online_stats_step(state, z, v0)
+      return online_stats_step(state, z, v0)
 
     zeros = jnp.zeros((tok.block,), jnp.float32)
     init = (jnp.full((tok.block,), -jnp.inf, jnp.float32), zeros, zeros)
