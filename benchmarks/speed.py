@@ -24,7 +24,8 @@ Compares, in one run and on the same inputs, the loss and the loss+grad (w.r.t. 
   (``sort_vocab=False``).
 
 Each time is the median of ``--repeats`` calls after one warm-up call (compilation excluded);
-the timed calls go round-robin over the implementations.
+the timed calls go round-robin over the implementations, and the goal lines also print the
+ratio of each round's two adjacent calls.
 Absolute times only mean something per machine; the ratios are what matter on CPU.
 
 Full run (tens of minutes on a small CPU; needs an otherwise idle machine):
@@ -326,8 +327,20 @@ def format_table(rows: list[dict[str, Any]], markdown: bool) -> str:
   return "\n".join(lines)
 
 
+def per_round_ratios(
+  numerator: dict[str, Any], denominator: dict[str, Any], key: str
+) -> list[float]:
+  """The ratio of each round's two calls (``key``: ``"loss_times_ms"`` or
+  ``"loss_grad_times_ms"``): adjacent in time, so a drift of the machine's speed between
+  rounds cancels, which the ratio of the two medians does not guarantee."""
+  return [a / b for a, b in zip(numerator[key], denominator[key], strict=True)]
+
+
 def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """PASS/FAIL of each goal on each (shape, dtype, distribution) that has the needed impls."""
+  """PASS/FAIL of each goal on each (shape, dtype, distribution) that has the needed impls.
+
+  A goal is judged on the ratio of the medians; the stats and ``xla-gif`` goals also carry
+  ``rounds``, the per-round ratios (:func:`per_round_ratios`), printed beside the verdict."""
   cases: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
   for row in rows:
     cases.setdefault((row["shape"], row["dtype"], row["distribution"]), {})[row["impl"]] = row
@@ -354,12 +367,15 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           "goal": f"forward xla-stats/xla loss <= {STATS_FORWARD_GOAL} ({where})",
           "value": ratio,
           "passed": ratio <= STATS_FORWARD_GOAL,
+          "rounds": per_round_ratios(by_impl["xla-stats"], xla, "loss_times_ms"),
         }
       )
     gif, gif_limit = by_impl.get("xla-gif"), GIF_GOALS.get((_dtype_key(dtype), dist))
-    if gif is not None and gif_limit is not None and "baseline" in by_impl:
+    base = by_impl.get("baseline")
+    if gif is not None and gif_limit is not None and base is not None:
       ratio = gif["ratio_vs_baseline"]
       products = by_impl.get("products")
+      timed = "error" not in gif and "error" not in base
       goals.append(
         {
           "goal": f"loss+grad xla-gif/baseline <= {gif_limit} ({where})",
@@ -367,6 +383,7 @@ def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           "passed": ratio is not None and ratio <= gif_limit,
           # The three products alone / baseline: where no tile is skipped, the floor.
           "floor": None if products is None else products.get("ratio_vs_baseline"),
+          "rounds": per_round_ratios(gif, base, "loss_grad_times_ms") if timed else None,
         }
       )
     if "jax-cce" in by_impl:
@@ -506,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     value = "not measured (an impl raised)" if goal["value"] is None else f"{goal['value']:.3f}"
     floor = goal.get("floor")
     floor = "" if floor is None else f" (floor, the three products alone: {floor:.3f})"
-    print(f"{'PASS' if goal['passed'] else 'FAIL'}  {goal['goal']}: {value}{floor}")
+    rounds = goal.get("rounds")
+    rounds = "" if not rounds else "; per round " + ", ".join(f"{r:.3f}" for r in rounds)
+    print(f"{'PASS' if goal['passed'] else 'FAIL'}  {goal['goal']}: {value}{floor}{rounds}")
   if goals:
     passed = sum(goal["passed"] for goal in goals)
     print(f"{passed}/{len(goals)} goals passed")
