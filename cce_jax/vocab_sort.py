@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax import column_slabs
+from cce_jax import column_slabs, tile_dot
 from cce_jax.options import LossOptions
 
 
@@ -37,9 +37,24 @@ def vocab_order(
   if not opts.sort_vocab:
     return jnp.arange(num_classes, dtype=jnp.int32)
   mean_e = jnp.mean(e.astype(jnp.float32), axis=0)  # (D,)
-  dims = (((1 - opts.vocab_dim,), (0,)), ((), ()))
   # mean_e is rounded to c's dtype (an f32 copy of c would cost V x D): fine for an ordering.
-  score = lax.dot_general(c, mean_e.astype(c.dtype), dims, preferred_element_type=jnp.float32)
+  mean_e = mean_e.astype(c.dtype)
+  hidden_dim = 1 - opts.vocab_dim
+
+  def product_score(c, mean_e):  # (V,) f32
+    dims = (((hidden_dim,), (0,)), ((), ()))
+    return lax.dot_general(c, mean_e, dims, preferred_element_type=jnp.float32)
+
+  def reduced_score(c, mean_e):  # (V,) f32: the same f32 products, in one fused reduction
+    expanded = jnp.expand_dims(mean_e, opts.vocab_dim).astype(jnp.float32)
+    return jnp.sum(c.astype(jnp.float32) * expanded, axis=hidden_dim)
+
+  if jnp.dtype(c.dtype) in tile_dot.SIXTEEN_BIT_FLOATS:
+    # XLA:CPU has no 16-bit matrix product: for one it would convert all of c to f32
+    # (V x D x 4 bytes). Decided where the program is lowered, also for jax.export.
+    score = lax.platform_dependent(c, mean_e, cpu=reduced_score, default=product_score)
+  else:
+    score = product_score(c, mean_e)
   if bias is not None:
     score = score + bias.astype(jnp.float32)
   if slab_width is not None:

@@ -111,8 +111,9 @@ def _write_block(
   fresh: jax.Array | None,
   access: str,
 ) -> jax.Array:
-  """``d_c`` with the tile ``block`` written at ``class_ids`` (the order from ``start``); the
-  classes that are not ``fresh`` ((v,) bool, an earlier tile wrote them) keep their values."""
+  """``d_c`` with the tile ``block`` (same dtype) written at ``class_ids`` (the order from
+  ``start``); the classes that are not ``fresh`` ((v,) bool, an earlier tile wrote them) keep
+  their values."""
   num_classes = d_c.shape[0 if access == _ROWS else 1]
   if access == _SLABS:
     width = column_slabs.tile_slab_width(num_classes, block.shape[1])
@@ -126,6 +127,27 @@ def _write_block(
   if access == _ROWS:
     return d_c.at[write_ids].set(block, mode="drop")
   return d_c.at[:, write_ids].set(block, mode="drop")
+
+
+def grad_c_storage(c: jax.Array, compiled_for_cpu: bool) -> jnp.dtype:
+  """The dtype the backward's dC (dtype of ``c``) is held in while its blocks are written:
+  ``uint16`` (the same bits) for a 16-bit float ``c`` compiled for CPU, else ``c.dtype``.
+
+  XLA:CPU has no 16-bit float scatter: it converted the whole (V, D) dC to f32 and back
+  around every block's scatter, two passes over V x D per vocabulary block (quadratic in V;
+  a quarter of the bfloat16 loss+grad's time at V = 32768). Integers of the same width are
+  scattered in place, and a write moves bits, so the values are identical. Other compile
+  targets scatter 16-bit floats natively."""
+  if compiled_for_cpu and jnp.dtype(c.dtype) in tile_dot.SIXTEEN_BIT_FLOATS:
+    return jnp.dtype(jnp.uint16)
+  return jnp.dtype(c.dtype)
+
+
+def _to_storage(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+  """``x`` as ``storage`` (:func:`grad_c_storage`): a bitcast for same-width integers."""
+  if x.dtype == storage:
+    return x
+  return lax.bitcast_convert_type(x, storage)
 
 
 def outer_and(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
@@ -356,7 +378,8 @@ def backward(
       d_c_blk = d_c_blk - jnp.expand_dims(uniform.weighted_e, axis)
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk - uniform.gamma_sum
-    d_c = _write_block(d_c, d_c_blk.astype(d_c.dtype), class_ids, p0, fresh_v, access)
+    d_c_blk = _to_storage(d_c_blk.astype(c.dtype), d_c.dtype)
+    d_c = _write_block(d_c, d_c_blk, class_ids, p0, fresh_v, access)
     if d_bias is not None:
       write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
       d_bias = d_bias.at[write_ids].set(d_bias_blk, mode="drop")
@@ -364,11 +387,12 @@ def backward(
 
   init = (
     jnp.zeros((num_tokens, hidden), jnp.float32),
-    jnp.zeros_like(c),
+    jnp.zeros(c.shape, grad_c_storage(c, upcast)),
     None if bias is None else jnp.zeros((num_classes,), jnp.float32),
   )
   init = vma.vary_like(init, e, c, bias, coeffs)
   d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
+  d_c = _to_storage(d_c, jnp.dtype(c.dtype))  # the bits back as c's float dtype
   if uniform_outside:
     d_e = d_e - coeffs.gamma[:, None] * uniform.class_sum[None, :]
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)

@@ -186,3 +186,28 @@ def test_token_stats_with_the_upcast_match_float64(monkeypatch):
 def _objective_all(e, c, labels):
   stats = cce_jax.token_stats(e, c, labels, impl="xla", block_sizes=BLOCKS)
   return jnp.sum(stats.lse) + jnp.sum(stats.entropy) + jnp.sum(stats.logprob)
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_vocab_order_of_a_16bit_classifier_on_cpu_is_exact_without_a_product(layout, dtype):
+  """Lowered for CPU, the sort's score of a 16-bit classifier is a fused reduction (no matrix
+  product, which XLA:CPU would run on an f32 copy of c): the order is still the float64 one.
+  (Lowered for GPU the score stays a product: test_pallas_gpu's paper-shape buffer test.)"""
+  from cce_jax import vocab_sort
+  from cce_jax.options import LossOptions
+
+  rng = np.random.default_rng(11)
+  n, d, v = 37, 40, 517
+  e = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  c_vd = jnp.asarray(rng.normal(size=(v, d)), dtype)
+  bias = jnp.asarray(rng.normal(size=(v,)), jnp.float32)
+  c = c_vd if layout == "vd" else c_vd.T
+  opts = LossOptions(classifier_layout=layout)
+  order = jax.jit(lambda e, c, b: vocab_sort.vocab_order(e, c, b, opts))(e, c, bias)
+
+  mean_e = np.asarray(jnp.mean(e.astype(jnp.float32), axis=0).astype(dtype), np.float64)
+  score64 = np.asarray(c_vd, np.float64) @ mean_e + np.asarray(bias, np.float64)
+  np.testing.assert_array_equal(np.asarray(order), np.argsort(-score64, kind="stable"))
+  lowered = jax.jit(lambda e, c, b: vocab_sort.vocab_order(e, c, b, opts)).lower(e, c, bias)
+  assert "dot_general" not in lowered.as_text()
