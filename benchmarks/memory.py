@@ -83,8 +83,9 @@ EXPLANATION = """
 'no LICM': compiled with XLA_FLAGS={flag}.
   XLA:CPU has no bf16 matmul: it converts c to f32, and loop-invariant code motion hoists
   that convert out of the loop as one (V, D) f32 copy; GPUs and TPUs do not make it.
-  On XLA:CPU the bf16 'xla' loss+grad keeps one more (V, D) f32 buffer even without LICM:
-  the bf16 scatter that writes each dC block (d_c.at[ids].set) is upcast to f32 as a whole.
+  XLA:CPU has no bf16 scatter either: compiled for CPU, the bf16 'xla' backward holds dC as
+  uint16 bits while it writes the blocks, and the bits -> bf16 step at the end is a copy:
+  one (V, D) 16-bit buffer even without LICM, which GPUs and TPUs do not need.
 jax-cce has no ignore_index (its mean is over all tokens); the others mask labels == -100.
 """
 
