@@ -11,11 +11,11 @@ of logits into running per-token values:
 The script times, per tile and at each tile shape, three loops over ``--tiles`` tiles: the
 tile product alone (``cce_jax.tile_dot.tile_dot``, float32 accumulation, kept alive by a row
 maximum), and each forward's reductions alone over stored f32 tiles of the same logits, read
-from the cache as a tile the product has just written. Timed
-apart, the reductions' few percent are not lost in the product's run-to-run spread.
-``(product + token_stats) / (product + loss)`` is then the ratio the two streamed forwards
-reach when nothing else differs: the price of the entropy's second sum (``benchmarks/speed.py``
-times the whole forwards: ``xla-stats`` against ``xla``)::
+from the cache as a tile the product has just written. Timed apart, the reductions' few
+percent are not lost in the product's run-to-run spread. ``(product + token_stats) /
+(product + loss)`` is then the ratio the two streamed forwards reach when nothing else
+differs: the price of the entropy's second sum (``benchmarks/speed.py`` times the whole
+forwards: ``xla-stats`` against ``xla``)::
 
   python benchmarks/tile_reductions.py
   python benchmarks/tile_reductions.py --tiles-nv 1024x2048,2048x512 --dtype bf16
@@ -106,9 +106,10 @@ def measure(token_block: int, vocab_block: int, args: argparse.Namespace) -> dic
   e_blk = jax.random.normal(key_e, (token_block, args.hidden), jnp.float32).astype(dtype)
   num_classes = args.tiles * vocab_block
   c = (jax.random.normal(key_c, (num_classes, args.hidden), jnp.float32) / 8).astype(dtype)
-  z = tile_dot.tile_dot(e_blk, c, LOGITS_DIMS, tile_dot.upcasts_16bit(e_blk, c))  # (n, V)
+  upcast = tile_dot.upcasts_16bit(e_blk, c)
+  z = tile_dot.tile_dot(e_blk, c, LOGITS_DIMS, upcast)  # (n, V) f32
   z_tiles = z.reshape(token_block, args.tiles, vocab_block).transpose(1, 0, 2)[:2]  # (2, n, v)
-  calls = {"product": (product_loop(vocab_block, tile_dot.upcasts_16bit(e_blk, c)), (e_blk, c))}
+  calls = {"product": (product_loop(vocab_block, upcast), (e_blk, c))}
   for name, (reduce_tile, init) in REDUCTIONS.items():
     calls[name] = (reduction_loop(reduce_tile, init, args.tiles), (z_tiles,))
   for fn, fn_args in calls.values():
