@@ -283,8 +283,9 @@ def xla_backward(
     init = vma.vary_like(init, e, c, bias, cot)
     d_e, d_c_blk, d_bias_blk = lax.fori_loop(0, tok.count, token_step, init)
     # Classes an earlier block covered got zeros in this one (not live): adding is exact.
-    old = lax.dynamic_slice_in_dim(d_c, v0, voc.block, axis)
-    d_c = lax.dynamic_update_slice_in_dim(d_c, (old + d_c_blk).astype(d_c.dtype), v0, axis)
+    old = xla_chunked.to_storage(lax.dynamic_slice_in_dim(d_c, v0, voc.block, axis), c.dtype)
+    new = xla_chunked.to_storage((old + d_c_blk).astype(c.dtype), d_c.dtype)
+    d_c = lax.dynamic_update_slice_in_dim(d_c, new, v0, axis)
     if d_bias is not None:
       old_bias = lax.dynamic_slice_in_dim(d_bias, v0, voc.block)
       d_bias = lax.dynamic_update_slice_in_dim(d_bias, old_bias + d_bias_blk, v0, 0)
@@ -292,12 +293,12 @@ def xla_backward(
 
   init = (
     jnp.zeros((num_tokens, hidden), jnp.float32),
-    jnp.zeros_like(c),
+    jnp.zeros(c.shape, xla_chunked.grad_c_storage(c, upcast)),  # bits while blocks are written
     None if bias is None else jnp.zeros((c.shape[axis],), jnp.float32),
   )
   init = vma.vary_like(init, e, c, bias, cot)
   d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
-  return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)
+  return LocalGrads(d_e=d_e, d_c=xla_chunked.to_storage(d_c, c.dtype), d_bias=d_bias)
 
 
 # ---- "reference": the materialized logits ---------------------------------------------------

@@ -130,20 +130,21 @@ def _write_block(
 
 
 def grad_c_storage(c: jax.Array, compiled_for_cpu: bool) -> jnp.dtype:
-  """The dtype the backward's dC (dtype of ``c``) is held in while its blocks are written:
-  ``uint16`` (the same bits) for a 16-bit float ``c`` compiled for CPU, else ``c.dtype``.
+  """The dtype a backward's dC (dtype of ``c``) is held in while its blocks are written (this
+  module's and ``local_stats``'): ``uint16`` (the same bits) for a 16-bit float ``c``
+  compiled for CPU, else ``c.dtype``.
 
-  XLA:CPU has no 16-bit float scatter: it converted the whole (V, D) dC to f32 and back
-  around every block's scatter, two passes over V x D per vocabulary block (quadratic in V;
-  a quarter of the bfloat16 loss+grad's time at V = 32768). Integers of the same width are
-  scattered in place, and a write moves bits, so the values are identical. Other compile
-  targets scatter 16-bit floats natively."""
+  XLA:CPU has no 16-bit float scatter, and it moves a 16-bit dynamic-update-slice to f32 too:
+  it converted the whole (V, D) dC to f32 and back around every block's write, two passes
+  over V x D per vocabulary block (quadratic in V; a quarter of the bfloat16 loss+grad's time
+  at V = 32768). Integers of the same width are written in place, and a write moves bits, so
+  the values are identical. Other compile targets write 16-bit floats natively."""
   if compiled_for_cpu and jnp.dtype(c.dtype) in tile_dot.SIXTEEN_BIT_FLOATS:
     return jnp.dtype(jnp.uint16)
   return jnp.dtype(c.dtype)
 
 
-def _to_storage(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+def to_storage(x: jax.Array, storage: jnp.dtype) -> jax.Array:
   """``x`` as ``storage`` (:func:`grad_c_storage`): a bitcast for same-width integers."""
   if x.dtype == storage:
     return x
@@ -378,7 +379,7 @@ def backward(
       d_c_blk = d_c_blk - jnp.expand_dims(uniform.weighted_e, axis)
       if d_bias_blk is not None:
         d_bias_blk = d_bias_blk - uniform.gamma_sum
-    d_c_blk = _to_storage(d_c_blk.astype(c.dtype), d_c.dtype)
+    d_c_blk = to_storage(d_c_blk.astype(c.dtype), d_c.dtype)
     d_c = _write_block(d_c, d_c_blk, class_ids, p0, fresh_v, access)
     if d_bias is not None:
       write_ids = class_ids if fresh_v is None else jnp.where(fresh_v, class_ids, num_classes)
@@ -392,7 +393,7 @@ def backward(
   )
   init = vma.vary_like(init, e, c, bias, coeffs)
   d_e, d_c, d_bias = lax.fori_loop(0, voc.count, vocab_step, init)
-  d_c = _to_storage(d_c, jnp.dtype(c.dtype))  # the bits back as c's float dtype
+  d_c = to_storage(d_c, jnp.dtype(c.dtype))  # the bits back as c's float dtype
   if uniform_outside:
     d_e = d_e - coeffs.gamma[:, None] * uniform.class_sum[None, :]
   return LocalGrads(d_e=d_e, d_c=d_c, d_bias=d_bias)

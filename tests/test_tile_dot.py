@@ -211,3 +211,26 @@ def test_vocab_order_of_a_16bit_classifier_on_cpu_is_exact_without_a_product(lay
   np.testing.assert_array_equal(np.asarray(order), np.argsort(-score64, kind="stable"))
   lowered = jax.jit(lambda e, c, b: vocab_sort.vocab_order(e, c, b, opts)).lower(e, c, bias)
   assert "dot_general" not in lowered.as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU lowering")
+@pytest.mark.parametrize("objective", ["loss", "token_stats"])
+def test_cpu_backward_writes_bf16_dc_blocks_without_an_f32_dc(objective):
+  """XLA:CPU moves a 16-bit scatter or dynamic-update-slice to f32, converting the whole of
+  dC to f32 and back around every block's write (quadratic in V). Compiled for CPU, the
+  four-pass and token-statistics backwards write their bf16 dC blocks into 16-bit bits: no
+  write of the compiled program has an f32 (V, D) result."""
+  e, c, labels = _inputs(0)
+
+  def fn(e, c):
+    if objective == "loss":
+      return cce_jax.linear_cross_entropy(e, c, labels, block_sizes=BLOCKS)
+    stats = cce_jax.token_stats(e, c, labels, block_sizes=BLOCKS)
+    return jnp.sum(stats.logprob) + jnp.sum(stats.entropy)
+
+  hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(e, c).compile().as_text()
+  writes = [
+    line for line in hlo.splitlines() if re.search(r"(scatter|dynamic-update-slice)\(", line)
+  ]
+  assert any(f"u16[{V},{D}]" in line for line in writes), writes  # the test sees the writes
+  assert not any(f"f32[{V},{D}]" in line for line in writes), writes
